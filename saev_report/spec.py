@@ -1,0 +1,690 @@
+"""The YAML spec: every declarative input of a saev-report build.
+
+Every type here is a pydantic model whose attribute docstrings are the field
+documentation: they become the README's spec reference (`saev-report schema
+--markdown`) and the JSON schema editors use (`saev-report schema`).
+
+`load_spec(path)` parses YAML, validates it and checks cross references
+(a head naming an undeclared model, say). Every problem is reported as a
+`SpecIssue` carrying file, line, column and the dotted field path, so the CLI
+can print `spec.yaml:12:5: models.dino.layers.0: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# --------------------------------------------------------------------------- base
+
+
+class SpecModel(BaseModel):
+    """Strict base: unknown fields are errors, docstrings document fields."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+# --------------------------------------------------------------------------- run
+
+
+class RunSpec(SpecModel):
+    """Where and how a build runs."""
+
+    name: Name
+    """Run name; outputs go to `<out_dir>/<name>/`."""
+    out_dir: Path = Path("runs")
+    """Directory holding runs, relative to the current directory."""
+    seed: int = 0
+    """Global seed for data order, initialisation and sampling."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Torch device; `auto` picks CUDA, then MPS, then CPU."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads for torch; default: all cores."""
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class _DatasetBase(SpecModel):
+    max_images: int | None = Field(default=None, gt=0)
+    """Use at most this many images (a deterministic subset); default all."""
+
+
+class DemoDataset(_DatasetBase):
+    """The offline demo set: real photo cut-outs (Debian tuxpaint-stamps) composited
+    onto real background photos, with class labels and exact segmentation masks.
+    Built on first use under the run's cache; never committed."""
+
+    kind: Literal["demo"]
+    n_images: int = Field(default=600, gt=0)
+    """Number of composite images to generate."""
+    categories: list[str] | None = None
+    """Stamp categories used as classes (e.g. `animals/birds`); default: a fixed set of 8."""
+    size: int = Field(default=256, ge=32)
+    """Side of the square composite images in pixels."""
+    split: Literal["train", "val", "all"] = "all"
+    """Deterministic split of the generated set (80 % train / 20 % val)."""
+    seed: int = 0
+    """Seed of the composition (object placement, scale, background)."""
+
+
+class ImageFolderDataset(_DatasetBase):
+    """Images under `root`; with `labels: folder` each sub-folder is a class (ImageNet layout)."""
+
+    kind: Literal["image_folder"]
+    root: Path
+    """Folder of images (searched recursively)."""
+    labels: Literal["folder", "none"] = "folder"
+    """Take the class from the first-level sub-folder name, or use no labels."""
+    n_images: int | None = Field(default=None, gt=0)
+    """Known image count, used by `plan` before the folder is available."""
+
+
+class SegFolderDataset(_DatasetBase):
+    """Images with same-stem single-channel PNG masks whose pixel values are class ids."""
+
+    kind: Literal["seg_folder"]
+    images: Path
+    """Folder of images."""
+    masks: Path
+    """Folder of masks; `masks/<stem>.png` belongs to `images/<stem>.*`."""
+    classes: list[str] | None = None
+    """Class names by id; default `class_<id>`."""
+    ignore_index: int = 255
+    """Mask value that is not a class (unlabelled pixels)."""
+
+
+class Cub200Dataset(_DatasetBase):
+    """CUB-200-2011 in its released layout (`images.txt`, `train_test_split.txt`, `images/`)."""
+
+    kind: Literal["cub200"]
+    root: Path
+    """The `CUB_200_2011` folder."""
+    split: Literal["train", "test"] = "train"
+    """Official split."""
+
+
+class Ade20kDataset(_DatasetBase):
+    """ADE20K SceneParsing (ADEChallengeData2016): 150 classes, 0 = unlabelled."""
+
+    kind: Literal["ade20k"]
+    root: Path
+    """The `ADEChallengeData2016` folder."""
+    split: Literal["training", "validation"] = "training"
+    """Official split."""
+
+
+DatasetSpec = Annotated[
+    Union[DemoDataset, ImageFolderDataset, SegFolderDataset, Cub200Dataset, Ade20kDataset],
+    Field(discriminator="kind"),
+]
+
+# Sizes of well-known datasets, for `plan` estimates before data is present.
+KNOWN_DATASET_SIZES: dict[tuple[str, str], int] = {
+    ("cub200", "train"): 5994,
+    ("cub200", "test"): 5794,
+    ("ade20k", "training"): 20210,
+    ("ade20k", "validation"): 2000,
+}
+
+# --------------------------------------------------------------------------- models
+
+Family = Literal["hf", "timm", "open_clip", "imgfocus"]
+TokenKind = Literal["cls", "registers", "patches"]
+
+
+class ModelSpec(SpecModel):
+    """A vision transformer to study."""
+
+    family: Family
+    """Adapter family: `hf` (transformers CLIPVisionModel / Dinov2Model / SiglipVisionModel),
+    `timm` (VisionTransformer), `open_clip`, or `imgfocus` (the offline DINOv2 ViT-S/14)."""
+    source: str | None = None
+    """Hub id (`facebook/dinov2-base`), open_clip `ARCH/PRETRAINED` (`ViT-B-16/openai`), timm
+    name, or a local directory. Not used by `imgfocus`."""
+    random_init: bool = False
+    """Same architecture with random weights (seeded): a control model."""
+    layers: list[int] = Field(min_length=1)
+    """Residual-stream layers to record, counted like HF `hidden_states`: layer L is the output of
+    block L (1-based), so `11` on a 12-block ViT is the second-to-last block."""
+    tokens: list[TokenKind] = Field(default_factory=lambda: ["patches"], min_length=1)
+    """Token kinds to record; SAEs train on every recorded token."""
+    image_size: int | None = Field(default=None, ge=14)
+    """Input side in pixels (resize shorter side to size·8/7, centre-crop); default: the model's own."""
+    n_layers: int | None = Field(default=None, ge=1)
+    """Number of blocks, if the adapter cannot know it before loading weights."""
+    label: str | None = None
+    """Display name on the site (default: the model key), e.g. `DINOv2`."""
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_positive(cls, layers: list[int]) -> list[int]:
+        for layer in layers:
+            if layer < 1:
+                raise ValueError(f"layer {layer} < 1; layers count blocks from 1")
+        if len(set(layers)) != len(layers):
+            raise ValueError("layers repeat")
+        return layers
+
+    @model_validator(mode="after")
+    def _source_needed(self) -> "ModelSpec":
+        if self.family != "imgfocus" and not self.source:
+            raise ValueError(f"family {self.family!r} needs a `source`")
+        return self
+
+
+# Known depths, so `validate` can range-check layers without loading weights.
+KNOWN_DEPTHS: dict[str, int] = {
+    "imgfocus": 12,
+    "openai/clip-vit-base-patch16": 12,
+    "openai/clip-vit-base-patch32": 12,
+    "openai/clip-vit-large-patch14": 24,
+    "facebook/dinov2-small": 12,
+    "facebook/dinov2-base": 12,
+    "facebook/dinov2-large": 24,
+    "facebook/dinov2-with-registers-base": 12,
+    "google/siglip-base-patch16-224": 12,
+    "ViT-B-16/openai": 12,
+    "ViT-B-32/openai": 12,
+    "ViT-L-14/openai": 24,
+    "vit_base_patch16_224": 12,
+    "vit_small_patch16_224": 12,
+    "vit_base_patch14_dinov2": 12,
+}
+
+
+def model_depth(model: ModelSpec) -> int | None:
+    """Number of blocks if known without loading the model."""
+    if model.n_layers:
+        return model.n_layers
+    if model.family == "imgfocus":
+        return KNOWN_DEPTHS["imgfocus"]
+    return KNOWN_DEPTHS.get(model.source or "")
+
+
+# --------------------------------------------------------------------------- recording
+
+
+class RecordSpec(SpecModel):
+    """Recording residual-stream activations to the shard store."""
+
+    dataset: str
+    """Dataset key whose images are recorded (SAEs train on these)."""
+    dtype: Dtype = "float16"
+    """Storage dtype of activations; fp16 halves disk against the paper's fp32."""
+    batch_size: int = Field(default=32, gt=0)
+    """Images per forward pass."""
+    shard_mb: int = Field(default=256, gt=0)
+    """Target shard size in MiB; a killed recording resumes at shard granularity."""
+    models: list[str] | None = None
+    """Models to record (default: all)."""
+
+
+# --------------------------------------------------------------------------- SAEs
+
+
+class SAESpec(SpecModel):
+    """The SAE sweep: one SAE per combination of the list-valued fields, for every recorded
+    (model, layer). All SAEs of a (model, layer) train in one pass over the activations."""
+
+    kind: Literal["relu", "topk", "batchtopk"] = "relu"
+    """`relu` (the paper: ReLU + L1), `topk`, or `batchtopk` (saved with a fixed threshold)."""
+    expansion: list[int] = Field(default_factory=lambda: [32], min_length=1)
+    """Dictionary width as a multiple of the model width (paper: 32 → 24,576 for d=768)."""
+    l1_coeff: list[float] = Field(default_factory=lambda: [4e-4], min_length=1)
+    """Sparsity coefficient λ on ‖f‖₁ (relu only; paper 4e-4)."""
+    k: list[int] = Field(default_factory=lambda: [64], min_length=1)
+    """Active features per patch (topk) or mean per patch (batchtopk)."""
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """Initialisation seeds; two seeds measure dictionary stability."""
+    lr: float = Field(default=4e-4, gt=0)
+    """Adam learning rate (paper 4e-4)."""
+    lr_warmup_steps: int = Field(default=500, ge=0)
+    """Linear learning-rate warm-up steps (paper 500)."""
+    l1_warmup_steps: int = Field(default=500, ge=0)
+    """Linear λ warm-up steps (paper 500)."""
+    batch_size: int = Field(default=16384, gt=0)
+    """Patches per step (paper 16,384)."""
+    n_patches: int = Field(default=100_000_000, gt=0)
+    """Training budget in patches (paper 100M); the store is cycled if smaller."""
+    normalize: bool = True
+    """Subtract the mean activation and scale to unit mean norm before training (paper)."""
+    sparse_backward: bool = True
+    """Decode and back-propagate through active features only (faster; same maths)."""
+    log_every: int = Field(default=20, gt=0)
+    """Steps between rows of the `train_log` table."""
+
+    @field_validator("expansion", "k")
+    @classmethod
+    def _positive_ints(cls, values: list[int]) -> list[int]:
+        for value in values:
+            if value <= 0:
+                raise ValueError(f"{value} must be positive")
+        return values
+
+    @field_validator("l1_coeff")
+    @classmethod
+    def _non_negative(cls, values: list[float]) -> list[float]:
+        for value in values:
+            if value < 0 or not math.isfinite(value):
+                raise ValueError(f"{value} must be a finite number >= 0")
+        return values
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+class AnalysisSpec(SpecModel):
+    """Per-feature statistics and exemplars."""
+
+    top_k: int = Field(default=16, gt=0)
+    """Exemplar images kept per feature (each image at most once per feature)."""
+    dense_threshold: float = Field(default=0.01, gt=0, lt=1)
+    """A feature firing on more than this fraction of patches is `dense` (reference code: 1 %)."""
+    histogram_bins: int = Field(default=24, gt=1)
+    """Bins of the per-feature log10 activation histogram."""
+    batch_size: int = Field(default=4096, gt=0)
+    """Patches per analysis step."""
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class HeadSpec(SpecModel):
+    """A frozen-backbone linear probe on final-layer tokens (paper §10–11)."""
+
+    task: Literal["classification", "segmentation"]
+    """`classification` reads the CLS token; `segmentation` reads every patch token."""
+    model: str
+    """Model key."""
+    train: str
+    """Dataset key to train on (needs labels, or masks for segmentation)."""
+    val: str | None = None
+    """Dataset key to select hyper-parameters on; default: 20 % of `train` held out."""
+    lrs: list[float] = Field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], min_length=1)
+    """AdamW learning rates swept."""
+    weight_decays: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1], min_length=1)
+    """AdamW weight decays swept."""
+    epochs: int = Field(default=20, gt=0)
+    """Training epochs."""
+    batch_size: int = Field(default=512, gt=0)
+    """Examples per step."""
+
+
+# --------------------------------------------------------------------------- edits
+
+Action = Literal["set", "scale", "clamp", "add", "suppress"]
+
+
+class ExplicitEdit(SpecModel):
+    """Edit named features on one image."""
+
+    image: int | str
+    """Image index in the edit dataset, or a path relative to it."""
+    features: list[int] = Field(min_length=1)
+    """Feature ids to modify."""
+    patches: list[int] | Literal["all"] = "all"
+    """Patch indices (row-major over the grid) to modify, or `all`."""
+
+
+class GeneratedEdits(SpecModel):
+    """Edits generated from the analysis tables."""
+
+    top_purity: int = Field(default=8, gt=0)
+    """Take this many features with the highest label purity (non-dense, alive)."""
+    images_per_feature: int = Field(default=4, gt=0)
+    """Edit this many images of the feature's top label (from the edit dataset)."""
+    patches: Literal["all", "active"] = "all"
+    """Modify every patch, or only the patches where the feature fires."""
+
+
+class EditSpec(SpecModel):
+    """An intervention: encode, modify features, decode + error, resume the forward, run the head."""
+
+    name: Name
+    """Edit name (used in addresses)."""
+    model: str
+    """Model key."""
+    head: str
+    """Head key (its model must be this model)."""
+    layer: int | None = None
+    """Layer of the SAE to edit with; default: the model's first recorded layer."""
+    sae: int = Field(default=0, ge=0)
+    """Which SAE of the sweep (index in sweep order) to edit with."""
+    dataset: str | None = None
+    """Dataset of images to edit; default: the head's validation data."""
+    action: Action = "suppress"
+    """`suppress` (set to 0), `set` to value, `scale` by value, `clamp` to at most value,
+    `add` value."""
+    value: float = 0.0
+    """Argument of the action."""
+    explicit: list[ExplicitEdit] = Field(default_factory=list)
+    """Explicit edits."""
+    generate: GeneratedEdits | None = None
+    """Generated edits."""
+    random_control: bool = True
+    """Also run each edit on a frequency-matched random feature (specificity control)."""
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "EditSpec":
+        if not self.explicit and self.generate is None:
+            raise ValueError("an edit needs `explicit` edits or `generate`")
+        return self
+
+
+# --------------------------------------------------------------------------- compare
+
+
+class CompareSpec(SpecModel):
+    """Match features of the SAEs of two models over the same images."""
+
+    a: str
+    """First model key."""
+    b: str
+    """Second model key."""
+    min_score: float = Field(default=0.5, ge=-1, le=1)
+    """A feature whose best match correlates below this has no counterpart."""
+
+
+class StabilitySpec(SpecModel):
+    """Match a model's SAE to the same SAE trained with another seed."""
+
+    model: str
+    """Model key; the SAE sweep must list at least two seeds."""
+
+
+# --------------------------------------------------------------------------- report
+
+
+class ReportSpec(SpecModel):
+    """The static site."""
+
+    title: str = "saev-report"
+    """Site title."""
+    exemplars_shown: int = Field(default=12, gt=0)
+    """Exemplars on each feature page."""
+    feature_pages: int | None = Field(default=None, gt=0)
+    """Render pages for at most this many features per SAE (by max activation); default all alive."""
+    thumbnail_px: int = Field(default=160, ge=32)
+    """Thumbnail side in pixels."""
+
+
+# --------------------------------------------------------------------------- top level
+
+
+class Spec(SpecModel):
+    """A saev-report build."""
+
+    run: RunSpec
+    """Run settings."""
+    datasets: dict[Name, DatasetSpec] = Field(min_length=1)
+    """Image sets by key."""
+    models: dict[Name, ModelSpec] = Field(min_length=1)
+    """Vision transformers by key."""
+    record: RecordSpec
+    """Activation recording."""
+    sae: SAESpec = SAESpec()
+    """SAE sweep."""
+    analysis: AnalysisSpec = AnalysisSpec()
+    """Feature statistics and exemplars."""
+    heads: dict[Name, HeadSpec] = Field(default_factory=dict)
+    """Task heads by key."""
+    edits: list[EditSpec] = Field(default_factory=list)
+    """Interventions."""
+    compare: list[CompareSpec] = Field(default_factory=list)
+    """Cross-model comparisons."""
+    stability: list[StabilitySpec] = Field(default_factory=list)
+    """Seed-stability comparisons."""
+    report: ReportSpec = ReportSpec()
+    """Site options."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.out_dir / self.run.name
+
+    def recorded_models(self) -> list[str]:
+        return list(self.record.models or self.models)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One located problem in a spec file."""
+
+    file: str
+    line: int
+    column: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; carries every located issue."""
+
+    def __init__(self, issues: list[SpecIssue]):
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _locate(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int, int]:
+    """1-based line/column of the YAML node at pydantic location `loc` (nearest ancestor)."""
+    if root is None:
+        return 1, 1
+    node: yaml.Node = root
+    for i, part in enumerate(loc):
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    # A field's own line is its key; descend into values on the way there.
+                    child = key_node if i == len(loc) - 1 else value_node
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+        if child is None:
+            continue  # discriminator tags and missing fields: stay at the parent
+        node = child
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _field_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """Drop pydantic's union-tag elements (e.g. `demo` in datasets.x.demo.size)."""
+    path: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, dict) and node.get("kind") == part:
+            continue
+        else:
+            path.append(part)
+            node = None
+    return tuple(path)
+
+
+def _issue(file: str, root: yaml.Node | None, loc: tuple[Any, ...], message: str) -> SpecIssue:
+    line, column = _locate(root, loc)
+    return SpecIssue(file, line, column, ".".join(str(p) for p in loc), message)
+
+
+def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True) -> Spec:
+    """Parse and validate spec YAML; raise SpecError with located issues."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise SpecError([SpecIssue(file, line, column, "", f"invalid YAML: {exc.problem or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([SpecIssue(file, 1, 1, "", f"invalid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError([SpecIssue(file, 1, 1, "", "a spec is a YAML mapping with `run`, `datasets`, `models`, `record`, ...")])
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        issues = []
+        for error in exc.errors():
+            loc = _field_path(tuple(error["loc"]), data)
+            issues.append(_issue(file, root, loc, error["msg"]))
+        raise SpecError(issues) from None
+    issues = [_issue(file, root, loc, message) for loc, message in cross_check(spec, check_paths)]
+    if issues:
+        raise SpecError(issues)
+    return spec
+
+
+def load_spec(path: str | os.PathLike[str], check_paths: bool = True) -> Spec:
+    """Load a spec file. Relative dataset/model paths resolve against the current directory."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([SpecIssue(str(path), 1, 1, "", f"cannot read spec: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise SpecError([SpecIssue(str(path), 1, 1, "", "spec is not UTF-8 text")]) from None
+    return parse_spec_text(text, file=str(path), check_paths=check_paths)
+
+
+def cross_check(spec: Spec, check_paths: bool = True) -> list[tuple[tuple[Any, ...], str]]:
+    """References between sections, layer ranges and (optionally) paths on disk."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    models, datasets = set(spec.models), set(spec.datasets)
+
+    def need(kind: str, names: set[str], value: str | None, loc: tuple[Any, ...]) -> None:
+        if value is not None and value not in names:
+            known = ", ".join(sorted(names)) or "none"
+            problems.append((loc, f"{kind} {value!r} is not declared (declared: {known})"))
+
+    for key, model in spec.models.items():
+        depth = model_depth(model)
+        for i, layer in enumerate(model.layers):
+            if depth is not None and layer > depth:
+                problems.append((("models", key, "layers", i), f"layer {layer} is out of range: {model.source or key} has {depth} blocks"))
+    need("dataset", datasets, spec.record.dataset, ("record", "dataset"))
+    for i, name in enumerate(spec.record.models or []):
+        need("model", models, name, ("record", "models", i))
+    for key, head in spec.heads.items():
+        need("model", models, head.model, ("heads", key, "model"))
+        need("dataset", datasets, head.train, ("heads", key, "train"))
+        need("dataset", datasets, head.val, ("heads", key, "val"))
+        for field_name in ("train", "val"):
+            ds_key = getattr(head, field_name)
+            ds = spec.datasets.get(ds_key) if ds_key else None
+            if ds is not None and head.task == "segmentation" and ds.kind not in ("demo", "seg_folder", "ade20k"):
+                problems.append((("heads", key, field_name), f"segmentation needs masks; dataset {ds_key!r} ({ds.kind}) has none"))
+    recorded = set(spec.recorded_models())
+    for i, edit in enumerate(spec.edits):
+        need("model", models, edit.model, ("edits", i, "model"))
+        need("head", set(spec.heads), edit.head, ("edits", i, "head"))
+        need("dataset", datasets, edit.dataset, ("edits", i, "dataset"))
+        if edit.model in models and edit.model not in recorded:
+            problems.append((("edits", i, "model"), f"model {edit.model!r} is not recorded, so it has no SAE"))
+        head = spec.heads.get(edit.head)
+        if head is not None and head.model != edit.model:
+            problems.append((("edits", i, "head"), f"head {edit.head!r} reads model {head.model!r}, not {edit.model!r}"))
+        model = spec.models.get(edit.model)
+        if model is not None and edit.layer is not None and edit.layer not in model.layers:
+            problems.append((("edits", i, "layer"), f"layer {edit.layer} is not recorded for {edit.model!r} (layers {model.layers})"))
+        n_saes = len(sae_sweep(spec.sae))
+        if edit.sae >= n_saes:
+            problems.append((("edits", i, "sae"), f"the sweep has {n_saes} SAE(s); index {edit.sae} is out of range"))
+    for i, cmp in enumerate(spec.compare):
+        need("model", recorded, cmp.a, ("compare", i, "a"))
+        need("model", recorded, cmp.b, ("compare", i, "b"))
+        if cmp.a == cmp.b:
+            problems.append((("compare", i, "b"), "compare needs two different models (use `stability` for seeds)"))
+    for i, stab in enumerate(spec.stability):
+        need("model", recorded, stab.model, ("stability", i, "model"))
+        if len(spec.sae.seeds) < 2:
+            problems.append((("stability", i, "model"), "stability needs `sae.seeds` to list at least two seeds"))
+    if check_paths:
+        for key, ds in spec.datasets.items():
+            for field_name in ("root", "images", "masks"):
+                value = getattr(ds, field_name, None)
+                if value is not None and not Path(value).exists():
+                    problems.append((("datasets", key, field_name), f"path {str(value)!r} does not exist"))
+        for key, model in spec.models.items():
+            if model.source and _looks_local(model.source) and not Path(model.source).exists():
+                problems.append((("models", key, "source"), f"local model path {model.source!r} does not exist"))
+    return problems
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~"))
+
+
+# --------------------------------------------------------------------------- derived
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """One SAE of the sweep, resolved."""
+
+    index: int
+    kind: str
+    expansion: int
+    l1_coeff: float
+    k: int
+    seed: int
+
+    @property
+    def tag(self) -> str:
+        sparsity = f"l1_{self.l1_coeff:g}" if self.kind == "relu" else f"k{self.k}"
+        return f"{self.kind}-x{self.expansion}-{sparsity}-s{self.seed}"
+
+
+def sae_sweep(sae: SAESpec) -> list[SAEConfig]:
+    """Expand the sweep lists in a fixed order (expansion, sparsity, seed)."""
+    sparsities: list[tuple[float, int]] = (
+        [(l1, 0) for l1 in sae.l1_coeff] if sae.kind == "relu" else [(0.0, k) for k in sae.k]
+    )
+    configs = []
+    for expansion in sae.expansion:
+        for l1, k in sparsities:
+            for seed in sae.seeds:
+                configs.append(SAEConfig(len(configs), sae.kind, expansion, l1, k, seed))
+    return configs
+
+
+def content_hash(*parts: Any) -> str:
+    """Stable short hash of JSON-able parts (pydantic models are dumped in JSON mode)."""
+
+    def plain(part: Any) -> Any:
+        if isinstance(part, BaseModel):
+            return part.model_dump(mode="json")
+        if isinstance(part, Path):
+            return str(part)
+        return part
+
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the spec, for editors (yaml-language-server)."""
+    return Spec.model_json_schema()

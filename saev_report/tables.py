@@ -1,0 +1,339 @@
+"""Parquet tables and the read-only DuckDB views over them.
+
+Every table a build writes is declared here with its columns and their meaning;
+the README's table reference is generated from `TABLES`. Stages write parts of
+tables (`write_table`) inside their own cached output directories; the
+pipeline's publish step links the current parts into `<run>/tables/<table>/`,
+and `connect(run_dir)` exposes each folder as a DuckDB view.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from saev_report import __version__
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    doc: str
+
+
+@dataclass(frozen=True)
+class TableDef:
+    name: str
+    doc: str
+    columns: tuple[Column, ...]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([pa.field(c.name, c.type) for c in self.columns])
+
+
+def _table(name: str, doc: str, *columns: tuple[str, pa.DataType, str]) -> TableDef:
+    return TableDef(name, doc, tuple(Column(*c) for c in columns))
+
+
+TABLES: dict[str, TableDef] = {
+    t.name: t
+    for t in [
+        _table(
+            "images",
+            "One row per image of every dataset a build reads.",
+            ("dataset", pa.string(), "Dataset key in the spec."),
+            ("image_idx", pa.int64(), "Index of the image within its dataset."),
+            ("path", pa.string(), "Absolute path of the image file."),
+            ("label", pa.string(), "Class label, or null for unlabelled data."),
+            ("mask_path", pa.string(), "Absolute path of the segmentation mask, or null."),
+            ("width", pa.int32(), "Width in pixels of the original file."),
+            ("height", pa.int32(), "Height in pixels of the original file."),
+            ("status", pa.string(), "`ok`, or why the image was skipped (`corrupt: ...`, `too small: ...`)."),
+        ),
+        _table(
+            "saes",
+            "One row per trained SAE with its hyper-parameters and evaluation metrics.",
+            ("sae_id", pa.string(), "`<model>/L<layer>/<tag>`, e.g. `dino/L10/relu-x16-l1_0.0004-s0`."),
+            ("model", pa.string(), "Model key."),
+            ("layer", pa.int32(), "Residual-stream layer (block output, 1-based)."),
+            ("kind", pa.string(), "`relu`, `topk` or `batchtopk`."),
+            ("d_model", pa.int32(), "Activation width d."),
+            ("n_features", pa.int32(), "Dictionary width F."),
+            ("expansion", pa.int32(), "F / d."),
+            ("l1_coeff", pa.float64(), "Sparsity coefficient λ (relu)."),
+            ("k", pa.int32(), "k (topk, batchtopk); 0 for relu."),
+            ("seed", pa.int32(), "Initialisation seed."),
+            ("n_patches_trained", pa.int64(), "Patches seen in training."),
+            ("n_patches_eval", pa.int64(), "Patches in the evaluation pass."),
+            ("mse", pa.float64(), "Mean over patches of ‖x−x̂‖² / d, in the normalised space the SAE trains in."),
+            ("l0", pa.float64(), "Mean number of active features per patch."),
+            ("fvu", pa.float64(), "Σ‖x−x̂‖² / Σ‖x−x̄‖² over all patches (centred fraction of variance unexplained)."),
+            ("n_dead", pa.int64(), "Features that never fire on the evaluation set."),
+            ("n_dense", pa.int64(), "Features firing on more than `analysis.dense_threshold` of patches."),
+        ),
+        _table(
+            "train_log",
+            "SAE training curves, one row every `sae.log_every` steps.",
+            ("sae_id", pa.string(), "SAE id."),
+            ("step", pa.int64(), "Optimiser step."),
+            ("n_patches", pa.int64(), "Patches seen so far."),
+            ("loss", pa.float64(), "Total loss (MSE + λ·L1, or MSE for topk)."),
+            ("mse", pa.float64(), "Reconstruction MSE (normalised space)."),
+            ("l1", pa.float64(), "Mean ‖f‖₁ per patch."),
+            ("l0", pa.float64(), "Mean active features per patch."),
+            ("dead_frac", pa.float64(), "Fraction of features that have not fired in the last 10M patches (or since the start)."),
+            ("lr", pa.float64(), "Learning rate at this step."),
+            ("l1_coeff", pa.float64(), "λ at this step (after warm-up)."),
+            ("seconds", pa.float64(), "Wall-clock seconds since training began."),
+        ),
+        _table(
+            "features",
+            "Per-feature statistics over every recorded patch.",
+            ("sae_id", pa.string(), "SAE id."),
+            ("feature", pa.int32(), "Feature index."),
+            ("n_fire", pa.int64(), "Patches where the feature is > 0."),
+            ("freq", pa.float64(), "n_fire / patches: firing frequency."),
+            ("log10_freq", pa.float64(), "log10(freq), null if dead."),
+            ("mean_act", pa.float64(), "Mean activation over the patches where it fires (0 if dead)."),
+            ("log10_mean_act", pa.float64(), "log10(mean_act), null if dead."),
+            ("max_act", pa.float64(), "Maximum activation."),
+            ("dead", pa.bool_(), "Never fires."),
+            ("dense", pa.bool_(), "freq > dense threshold."),
+            ("hist_counts", pa.list_(pa.int64()), "Histogram of log10 activation over firing patches."),
+            ("hist_edges", pa.list_(pa.float64()), "Bin edges of `hist_counts` (log10 activation)."),
+            ("top_label", pa.string(), "Most common label among the exemplar images (null without labels)."),
+            ("label_purity", pa.float64(), "Fraction of exemplar images carrying `top_label`."),
+            ("label_entropy", pa.float64(), "Entropy (bits) of the exemplar label distribution."),
+        ),
+        _table(
+            "exemplars",
+            "Top-activating images per feature, with the patch activation map.",
+            ("sae_id", pa.string(), "SAE id."),
+            ("feature", pa.int32(), "Feature index."),
+            ("rank", pa.int32(), "0 = highest-activating image."),
+            ("dataset", pa.string(), "Dataset key of the image."),
+            ("image_idx", pa.int64(), "Image index within its dataset."),
+            ("act", pa.float64(), "Maximum activation of the feature over the image's patches."),
+            ("patch", pa.int32(), "Row-major index of the maximising patch."),
+            ("grid_h", pa.int32(), "Patch-grid rows."),
+            ("grid_w", pa.int32(), "Patch-grid columns."),
+            ("patch_acts", pa.list_(pa.float32()), "Activation of the feature at every patch (grid_h·grid_w, row-major)."),
+        ),
+        _table(
+            "heads",
+            "Trained task heads (linear probes) and their validation scores.",
+            ("head", pa.string(), "Head key."),
+            ("model", pa.string(), "Model key."),
+            ("task", pa.string(), "`classification` or `segmentation`."),
+            ("classes", pa.list_(pa.string()), "Class names by output index."),
+            ("lr", pa.float64(), "Selected learning rate."),
+            ("weight_decay", pa.float64(), "Selected weight decay."),
+            ("val_accuracy", pa.float64(), "Validation accuracy (classification) or pixel accuracy (segmentation)."),
+            ("val_miou", pa.float64(), "Validation mIoU with logits bilinearly upsampled (segmentation; null otherwise)."),
+            ("n_train", pa.int64(), "Training images."),
+            ("n_val", pa.int64(), "Validation images."),
+        ),
+        _table(
+            "edits",
+            "One row per intervention (and per random-feature control).",
+            ("edit", pa.string(), "Edit name from the spec."),
+            ("edit_id", pa.string(), "Unique id `<edit>/<n>` (controls: `<edit>/<n>/control`)."),
+            ("sae_id", pa.string(), "SAE used."),
+            ("head", pa.string(), "Head key."),
+            ("task", pa.string(), "`classification` or `segmentation`."),
+            ("dataset", pa.string(), "Dataset of the edited image."),
+            ("image_idx", pa.int64(), "Edited image."),
+            ("features", pa.list_(pa.int32()), "Modified features."),
+            ("action", pa.string(), "Action (`suppress`, `set`, `scale`, `clamp`, `add`)."),
+            ("value", pa.float64(), "Action argument."),
+            ("patches", pa.list_(pa.int32()), "Modified patches (row-major)."),
+            ("is_control", pa.bool_(), "True for the frequency-matched random-feature control."),
+            ("target_class", pa.string(), "Class the edit is expected to lower (the feature's top label)."),
+            ("before_top", pa.list_(pa.string()), "Classification: top-5 classes before."),
+            ("before_probs", pa.list_(pa.float64()), "Classification: their probabilities."),
+            ("after_top", pa.list_(pa.string()), "Classification: top-5 classes after."),
+            ("after_probs", pa.list_(pa.float64()), "Classification: their probabilities."),
+            ("before_pixels", pa.list_(pa.int64()), "Segmentation: pixels per class before (by class index)."),
+            ("after_pixels", pa.list_(pa.int64()), "Segmentation: pixels per class after."),
+            ("target_delta", pa.float64(), "Change of the target class (probability, or pixel fraction)."),
+            ("other_delta", pa.float64(), "Mean absolute change over the other classes."),
+            ("specificity", pa.float64(), "|target_delta| / (other_delta + 1e-9)."),
+            ("flipped", pa.bool_(), "The top prediction (classification) changed, or any patch's class changed (segmentation)."),
+            ("flip_frac", pa.float64(), "Fraction of patches whose predicted class changed (segmentation; 0/1 for classification)."),
+            ("before_map", pa.list_(pa.int32()), "Segmentation: predicted class per patch before."),
+            ("after_map", pa.list_(pa.int32()), "Segmentation: predicted class per patch after."),
+        ),
+        _table(
+            "matches",
+            "Best match of every feature of one SAE among the features of another.",
+            ("comparison", pa.string(), "`<a>~<b>` for models, `<model>~seeds` for stability."),
+            ("sae_a", pa.string(), "SAE id of the source feature."),
+            ("feature_a", pa.int32(), "Source feature."),
+            ("sae_b", pa.string(), "SAE id searched."),
+            ("feature_b", pa.int32(), "Best-matching feature."),
+            ("score", pa.float64(), "Pearson correlation of the two activation maps over shared images and positions."),
+            ("matched", pa.bool_(), "score ≥ the comparison's `min_score`."),
+            ("mutual", pa.bool_(), "The match is best in both directions."),
+        ),
+    ]
+}
+
+# --------------------------------------------------------------------------- writing
+
+
+def _metadata(spec_hash: str, extra: Mapping[str, str] | None = None) -> dict[bytes, bytes]:
+    meta = {"saev_report.version": __version__, "saev_report.spec_hash": spec_hash, **(extra or {})}
+    return {k.encode(): str(v).encode() for k, v in meta.items()}
+
+
+def to_arrow(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]] | pa.Table) -> pa.Table:
+    """Build a table of the declared schema from row dicts, a column dict or an arrow table."""
+    schema = TABLES[table].schema
+    if isinstance(rows, pa.Table):
+        return rows.select(schema.names).cast(schema)
+    if isinstance(rows, Mapping):
+        return pa.table({name: pa.array(rows[name], type=schema.field(name).type) for name in schema.names}, schema=schema)
+    return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
+
+
+def write_table(path: Path, table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]] | pa.Table, spec_hash: str) -> Path:
+    """Write one part of `table` to `path` atomically, with version and spec hash in its metadata."""
+    arrow = to_arrow(table, rows)
+    arrow = arrow.replace_schema_metadata(_metadata(spec_hash, {"saev_report.table": table}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(arrow, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
+
+
+# --------------------------------------------------------------------------- querying
+
+
+class QueryError(Exception):
+    """A query that cannot run (a write attempt, bad SQL, no tables)."""
+
+
+def tables_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "tables"
+
+
+def table_parts(run_dir: Path) -> dict[str, list[Path]]:
+    """Published Parquet parts per table name."""
+    root = tables_dir(run_dir)
+    parts: dict[str, list[Path]] = {}
+    if root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = sorted(folder.glob("*.parquet"))
+            if files:
+                parts[folder.name] = files
+    return parts
+
+
+def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
+    """In-memory DuckDB with one view per published table; nothing on disk can be written."""
+    parts = table_parts(run_dir)
+    if not parts:
+        raise QueryError(f"no tables under {tables_dir(run_dir)}: run `saev-report build` first")
+    con = duckdb.connect(":memory:")
+    for name, files in parts.items():
+        file_list = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM read_parquet([{file_list}], union_by_name = true)')
+    for name, table_def in TABLES.items():
+        if name not in parts:  # empty view with the declared columns, so queries never fail on absence
+            cols = ", ".join(f'CAST(NULL AS {_duck_type(c.type)}) AS "{c.name}"' for c in table_def.columns)
+            con.execute(f'CREATE VIEW "{name}" AS SELECT {cols} WHERE false')
+    # SQL may read the published tables and nothing else: COPY ... TO, ATTACH, read_csv('/etc/..') fail.
+    allowed = "'" + str(tables_dir(run_dir).resolve()).replace("'", "''") + "/'"
+    con.execute(f"SET allowed_directories = [{allowed}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _duck_type(dtype: pa.DataType) -> str:
+    if pa.types.is_list(dtype):
+        return _duck_type(dtype.value_type) + "[]"
+    return {
+        pa.string(): "VARCHAR",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.float32(): "FLOAT",
+        pa.float64(): "DOUBLE",
+        pa.bool_(): "BOOLEAN",
+    }[dtype]
+
+
+def fetch_arrow(result: duckdb.DuckDBPyRelation | duckdb.DuckDBPyConnection) -> pa.Table:
+    """Arrow result across DuckDB 1.x (`fetch_arrow_table`) and 2.x (`to_arrow_table`)."""
+    fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+    return fetch()
+
+
+_READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse anything but one SELECT-like statement, using DuckDB's own parser."""
+    try:
+        statements = duckdb.connect(":memory:").extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(f"SQL does not parse: {str(exc).strip()}") from None
+    if len(statements) != 1:
+        raise QueryError(f"one statement at a time, got {len(statements)}")
+    kind = statements[0].type.name
+    if kind not in _READ_STATEMENTS:
+        raise QueryError(f"{kind} statements are refused: the tables are read-only (use SELECT, WITH, DESCRIBE, SUMMARIZE or EXPLAIN)")
+
+
+def query(run_dir: Path, sql: str) -> pa.Table:
+    """Run one read-only statement over a run's tables."""
+    check_read_only(sql)
+    con = connect(run_dir)
+    try:
+        return fetch_arrow(con.sql(sql))
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).strip()) from None
+    finally:
+        con.close()
+
+
+def read_table(run_dir: Path, table: str, where: str = "") -> pa.Table:
+    """A whole published table (optionally filtered) as arrow."""
+    con = connect(run_dir)
+    try:
+        return fetch_arrow(con.sql(f'SELECT * FROM "{table}" {where}'))
+    finally:
+        con.close()
+
+
+def table_reference_markdown(tables: Iterable[TableDef] | None = None) -> str:
+    """README section documenting every table and column."""
+    out = []
+    for t in tables or TABLES.values():
+        out.append(f"### `{t.name}`\n\n{t.doc}\n\n| column | type | meaning |\n|---|---|---|")
+        for c in t.columns:
+            out.append(f"| `{c.name}` | {c.type} | {c.doc} |")
+        out.append("")
+    return "\n".join(out)
