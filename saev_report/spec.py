@@ -67,6 +67,7 @@ class DemoDataset(_DatasetBase):
     Built on first use under the run's cache; never committed."""
 
     kind: Literal["demo"]
+    """Dataset kind: `demo`."""
     n_images: int = Field(default=600, gt=0)
     """Number of composite images to generate."""
     categories: list[str] | None = None
@@ -83,6 +84,7 @@ class ImageFolderDataset(_DatasetBase):
     """Images under `root`; with `labels: folder` each sub-folder is a class (ImageNet layout)."""
 
     kind: Literal["image_folder"]
+    """Dataset kind: `image_folder`."""
     root: Path
     """Folder of images (searched recursively)."""
     labels: Literal["folder", "none"] = "folder"
@@ -95,6 +97,7 @@ class SegFolderDataset(_DatasetBase):
     """Images with same-stem single-channel PNG masks whose pixel values are class ids."""
 
     kind: Literal["seg_folder"]
+    """Dataset kind: `seg_folder`."""
     images: Path
     """Folder of images."""
     masks: Path
@@ -109,6 +112,7 @@ class Cub200Dataset(_DatasetBase):
     """CUB-200-2011 in its released layout (`images.txt`, `train_test_split.txt`, `images/`)."""
 
     kind: Literal["cub200"]
+    """Dataset kind: `cub200`."""
     root: Path
     """The `CUB_200_2011` folder."""
     split: Literal["train", "test"] = "train"
@@ -119,6 +123,7 @@ class Ade20kDataset(_DatasetBase):
     """ADE20K SceneParsing (ADEChallengeData2016): 150 classes, 0 = unlabelled."""
 
     kind: Literal["ade20k"]
+    """Dataset kind: `ade20k`."""
     root: Path
     """The `ADEChallengeData2016` folder."""
     split: Literal["training", "validation"] = "training"
@@ -487,23 +492,26 @@ class SpecError(Exception):
 
 
 def _locate(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[int, int]:
-    """1-based line/column of the YAML node at pydantic location `loc` (nearest ancestor)."""
+    """1-based line/column of the YAML node at pydantic location `loc`.
+
+    A field's own line is its key. A missing field points at its parent's key,
+    and discriminator tags that are not in the YAML are skipped.
+    """
     if root is None:
         return 1, 1
     node: yaml.Node = root
+    anchor: yaml.Node = root  # the key (or item) naming `node`
     for i, part in enumerate(loc):
-        child = None
+        last = i == len(loc) - 1
         if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                if key_node.value == str(part):
-                    # A field's own line is its key; descend into values on the way there.
-                    child = key_node if i == len(loc) - 1 else value_node
-                    break
+            entry = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if entry is None:
+                if last:
+                    node = anchor
+                continue
+            anchor, node = entry[0], (entry[0] if last else entry[1])
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            child = node.value[part]
-        if child is None:
-            continue  # discriminator tags and missing fields: stay at the parent
-        node = child
+            anchor = node = node.value[part]
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
@@ -550,6 +558,8 @@ def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True) -
         issues = []
         for error in exc.errors():
             loc = _field_path(tuple(error["loc"]), data)
+            if error["type"] == "union_tag_invalid":
+                loc = (*loc, "kind")
             issues.append(_issue(file, root, loc, error["msg"]))
         raise SpecError(issues) from None
     issues = [_issue(file, root, loc, message) for loc, message in cross_check(spec, check_paths)]
@@ -656,6 +666,11 @@ class SAEConfig:
     def tag(self) -> str:
         sparsity = f"l1_{self.l1_coeff:g}" if self.kind == "relu" else f"k{self.k}"
         return f"{self.kind}-x{self.expansion}-{sparsity}-s{self.seed}"
+
+
+def sae_id(model_key: str, layer: int, config: SAEConfig) -> str:
+    """Stable SAE id used in every table: `<model>/L<layer>/<tag>`."""
+    return f"{model_key}/L{layer}/{config.tag}"
 
 
 def sae_sweep(sae: SAESpec) -> list[SAEConfig]:

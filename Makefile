@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh Debian/Ubuntu machine:
+#   make demo   install, then `saev-report build specs/demo.yaml` (offline, CPU, minutes)
+#   make test   install, then the whole test suite (what CI runs)
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+# Debian packages: demo photos (tuxpaint stamps) and the headless browser for site tests.
+APT_PACKAGES := tuxpaint-stamps-default chromium chromium-driver
+
+.PHONY: install system-deps python-deps demo test test-fast bench docs
+
+install: system-deps python-deps
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# torch/torchvision are pinned to releases that install from this machine's local wheel cache.
+python-deps:
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[demo,dev]"
+
+demo: install
+	saev-report build specs/demo.yaml
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
+
+bench:
+	for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b --quick || exit 1; done
+
+docs:
+	$(PYTHON) -m saev_report.docs README.md

@@ -1,0 +1,244 @@
+"""`saev-report`: build, check and query SAE reports of vision transformers.
+
+Exit codes: 0 ok, 1 a stage failed, 2 bad input (spec, SQL, arguments),
+3 a model or dataset is unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from typing_extensions import Annotated
+
+from saev_report import __version__
+from saev_report.spec import SpecError, json_schema, load_spec
+
+app = typer.Typer(
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+out = Console()
+err = Console(stderr=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="Path of the YAML spec (see `saev-report schema --markdown`).", show_default=False)]
+
+
+def _debug() -> bool:
+    return os.environ.get("SAEV_REPORT_DEBUG") == "1"
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(path: Path, check_paths: bool = True):
+    try:
+        return load_spec(path, check_paths=check_paths)
+    except SpecError as exc:
+        for issue in exc.issues:
+            err.print(f"[bold red]error:[/] {escape(str(issue))}", highlight=False, soft_wrap=True)
+        err.print(f"{len(exc.issues)} problem(s) in {escape(str(path))}", highlight=False)
+        raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"saev-report {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = None,
+) -> None:
+    """Record ViT activations, train sparse autoencoders, analyse and edit their features, and
+    publish a static feature atlas — all declared in one YAML spec."""
+
+
+@app.command()
+def validate(
+    spec: SpecArg,
+    check_paths: Annotated[bool, typer.Option(help="Also check that dataset folders and local model paths exist.")] = True,
+) -> None:
+    """Check a spec: schema, references between sections, layer ranges and paths.
+
+    Problems print as `file:line:column: field.path: message` and exit with code 2.
+    """
+    parsed = _load(spec, check_paths)
+    out.print(f"[green]ok[/] {escape(str(spec))}: {len(parsed.models)} model(s), {len(parsed.datasets)} dataset(s), "
+              f"{len(parsed.heads)} head(s), {len(parsed.edits)} edit(s)", highlight=False)
+
+
+@app.command()
+def schema(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the README's field reference instead of JSON schema.")] = False,
+) -> None:
+    """Print the spec's JSON schema (for editors such as yaml-language-server)."""
+    if markdown:
+        from saev_report.docs import spec_reference_markdown
+
+        out.print(spec_reference_markdown(), markup=False, highlight=False, soft_wrap=True)
+    else:
+        sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+@app.command()
+def plan(
+    spec: SpecArg,
+    check_paths: Annotated[bool, typer.Option(help="Check that dataset folders exist.")] = False,
+) -> None:
+    """Show the stages of a build, their cache status, and estimated disk and time for recording."""
+    from saev_report.plan import plan_rows, recording_estimates
+
+    parsed = _load(spec, check_paths)
+    table = Table(title=f"stages of {parsed.run.name} ({parsed.run_dir})")
+    for col in ("stage", "key", "status"):
+        table.add_column(col)
+    for row in plan_rows(parsed):
+        colour = {"done": "green", "partial": "yellow"}.get(row["status"], "white")
+        table.add_row(escape(row["stage"]), row["key"], f"[{colour}]{row['status']}[/]")
+    out.print(table)
+    est = Table(title="recording estimates")
+    for col in ("model", "layers", "images", "tokens/img", "d", "dtype", "disk", "GFLOP/img", "time (CPU)", "time (GPU)"):
+        est.add_column(col, justify="right" if col not in ("model", "dtype") else "left")
+    for row in recording_estimates(parsed):
+        est.add_row(*[escape(str(row[c])) for c in ("model", "layers", "images", "tokens", "d", "dtype", "disk", "gflop", "cpu_time", "gpu_time")])
+    out.print(est)
+    out.print("[dim]Disk = images × tokens × d × bytes per layer. Times assume 0.1 TFLOP/s (this 2-core CPU) and 30 TFLOP/s (one A6000-class GPU in fp16); treat them as order-of-magnitude.[/]")
+
+
+@app.command()
+def build(
+    spec: SpecArg,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these stage kinds (and what they need): images, record, train, analyse, heads, edits, compare, stability.")] = None,
+    no_site: Annotated[bool, typer.Option("--no-site", help="Skip rendering the site.")] = False,
+) -> None:
+    """Run the pipeline: record → train → analyse → heads → edits → compare → tables → site.
+
+    Finished stages are cached by content hash and skipped; a killed build resumes.
+    """
+    from saev_report import pipeline
+    from saev_report.errors import user_errors
+
+    parsed = _load(spec)
+    with user_errors(err, _debug()):
+        result = pipeline.build(parsed, only=set(only) if only else None, render=not no_site)
+    out.print(f"[green]done[/]: ran {len(result.ran)} stage(s), {len(result.skipped)} cached. Tables: {escape(str(result.run_dir / 'tables'))}", highlight=False)
+    if result.site:
+        out.print(f"site: {escape(str(result.site / 'index.html'))}", highlight=False)
+
+
+@app.command()
+def render(spec: SpecArg) -> None:
+    """Re-render only the site from the published tables (after editing templates)."""
+    from saev_report.errors import user_errors
+    from saev_report.stages import render_site
+
+    parsed = _load(spec, check_paths=False)
+    with user_errors(err, _debug()):
+        site = render_site(parsed, parsed.run_dir)
+    out.print(f"site: {escape(str(site / 'index.html'))}", highlight=False)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+@app.command()
+def query(
+    run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/demo.", show_default=False)],
+    sql: Annotated[str, typer.Argument(help="One read-only SQL statement over the tables (images, saes, train_log, features, exemplars, heads, edits, matches).", show_default=False)],
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file (required for parquet).")] = None,
+    limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+) -> None:
+    """Query a run's tables with DuckDB SQL. The tables are read-only: writes are refused."""
+    from saev_report.tables import QueryError
+    from saev_report.tables import query as run_query
+
+    try:
+        result = run_query(run, sql)
+    except QueryError as exc:
+        _fail(str(exc), 2)
+    _print_result(result, format, output, limit)
+
+
+def _print_result(result, format: Format, output: Optional[Path], limit: int) -> None:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if format is Format.parquet:
+        if output is None:
+            _fail("--format parquet needs --output FILE", 2)
+        pq.write_table(result, output)
+        return
+    if format is Format.csv:
+        import io
+
+        buf = io.BytesIO()
+        pacsv.write_csv(result, buf)
+        text = buf.getvalue().decode()
+    elif format is Format.json:
+        text = json.dumps(result.to_pylist(), default=str, indent=1) + "\n"
+    else:
+        table = Table(show_lines=False)
+        for name in result.column_names:
+            table.add_column(escape(name))
+        for row in result.slice(0, limit).to_pylist():
+            table.add_row(*[escape(_cell(v)) for v in row.values()])
+        if output is None:
+            out.print(table)
+            if result.num_rows > limit:
+                out.print(f"[dim]{result.num_rows - limit} more row(s); use --limit or --format csv[/]")
+            return
+        text = "\n".join(",".join(map(str, r.values())) for r in result.to_pylist())
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and len(value) > 8:
+        return "[" + ", ".join(_cell(v) for v in value[:8]) + f", … ({len(value)})]"
+    return str(value)
+
+
+@app.command(name="ls")
+def list_tables(run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/demo.", show_default=False)]) -> None:
+    """List a run's tables with their row counts and columns."""
+    from saev_report.tables import QueryError, TABLES, connect
+
+    try:
+        con = connect(run)
+    except QueryError as exc:
+        _fail(str(exc), 2)
+    table = Table()
+    for col in ("table", "rows", "columns"):
+        table.add_column(col)
+    for name, definition in TABLES.items():
+        n = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
+        table.add_row(name, str(n), ", ".join(c.name for c in definition.columns))
+    out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

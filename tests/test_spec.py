@@ -1,0 +1,96 @@
+"""The spec: valid specs load; each kind of mistake is reported at its file:line and field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from saev_report.cli import app
+from saev_report.spec import SpecError, load_spec, parse_spec_text, sae_id, sae_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = sorted((ROOT / "tests/data/bad_specs").glob("*.yaml"))
+runner = CliRunner()
+
+
+def _expectation(path: Path) -> tuple[int, str | None]:
+    match = re.match(r"# expect: (\d+)(?: (\S+))?", path.read_text().splitlines()[0])
+    assert match, f"{path.name} lacks an `# expect: LINE FIELD` header"
+    return int(match.group(1)), match.group(2)
+
+
+def test_corpus_has_at_least_15_kinds_of_mistake() -> None:
+    assert len(BAD) >= 15
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_mistake_is_located(path: Path) -> None:
+    line, field = _expectation(path)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    text = result.output
+    assert "Traceback" not in text
+    located = re.findall(rf"{re.escape(str(path))}:(\d+):\d+: ?([^:]*)", text)
+    assert located, text
+    lines_fields = [(int(l), f.strip()) for l, f in located]
+    assert any(l == line and (field is None or f == field) for l, f in lines_fields), (lines_fields, text)
+
+
+@pytest.mark.parametrize("spec", ["specs/demo.yaml", "specs/clip_vs_dino.yaml"])
+def test_shipped_specs_validate(spec: str) -> None:
+    result = runner.invoke(app, ["validate", "--no-check-paths", str(ROOT / spec)])
+    assert result.exit_code == 0, result.output
+
+
+def test_demo_spec_validates_with_paths() -> None:
+    result = runner.invoke(app, ["validate", str(ROOT / "specs/demo.yaml")])
+    assert result.exit_code == 0, result.output
+
+
+def test_several_problems_are_all_reported() -> None:
+    text = "run: {name: t, nope: 1}\ndatasets: {d: {kind: demo, n_images: -1}}\nmodels: {m: {family: imgfocus, layers: [10]}}\nrecord: {dataset: d}\n"
+    with pytest.raises(SpecError) as info:
+        parse_spec_text(text, "x.yaml")
+    assert {i.field for i in info.value.issues} == {"run.nope", "datasets.d.n_images"}
+    assert {i.line for i in info.value.issues} == {1, 2}
+
+
+def test_sweep_expands_lists_in_order() -> None:
+    text = (
+        "run: {name: t}\ndatasets: {d: {kind: demo}}\nmodels: {m: {family: imgfocus, layers: [10]}}\n"
+        "record: {dataset: d}\nsae: {expansion: [8, 16], l1_coeff: [0.001, 0.0004], seeds: [0, 1]}\n"
+    )
+    spec = parse_spec_text(text)
+    configs = sae_sweep(spec.sae)
+    assert len(configs) == 8
+    assert [c.index for c in configs] == list(range(8))
+    assert sae_id("m", 10, configs[0]) == "m/L10/relu-x8-l1_0.001-s0"
+    assert len({c.tag for c in configs}) == 8
+
+
+def test_unreadable_spec_file(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["validate", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2
+    assert "cannot read spec" in result.output
+
+
+def test_schema_is_json_and_markdown_mentions_every_section() -> None:
+    import json
+
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert set(schema["properties"]) >= {"run", "datasets", "models", "record", "sae", "heads", "edits"}
+    md = runner.invoke(app, ["schema", "--markdown"]).output
+    for section in ("`run`", "`sae`", "`edits[]`", "`models.<key>`"):
+        assert section in md
+    assert "Sparsity coefficient" in md  # field docstrings become the reference
+
+
+def test_load_spec_roundtrip() -> None:
+    spec = load_spec(ROOT / "specs/clip_vs_dino.yaml", check_paths=False)
+    assert spec.models["clip"].layers == [11]
+    assert spec.sae.expansion == [32]
