@@ -1,0 +1,23 @@
+"""Image datasets: folders, CUB-200, ADE20K and the offline demo set, behind one `ImageDataset`."""
+
+from saev_report.datasets.base import (
+    MIN_SIDE,
+    BadImage,
+    ImageDataset,
+    ImageRecord,
+    load_image,
+    load_mask,
+    open_dataset,
+)
+from saev_report.datasets.demo import DemoDataUnavailable
+
+__all__ = [
+    "MIN_SIDE",
+    "BadImage",
+    "DemoDataUnavailable",
+    "ImageDataset",
+    "ImageRecord",
+    "load_image",
+    "load_mask",
+    "open_dataset",
+]

@@ -1,0 +1,216 @@
+"""Image records, datasets and robust image / mask loading.
+
+Every dataset kind becomes an `ImageDataset`: an ordered list of `ImageRecord`s
+plus class names. Images are read lazily with `load_image`, which turns any odd
+file (CMYK, 16-bit, palette, alpha, EXIF-rotated) into plain RGB and raises
+`BadImage` — never anything else — for files it cannot use, so the record stage
+can skip, log and count them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from saev_report.spec import DatasetSpec
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+MIN_SIDE = 16
+"""Images smaller than this on either side are rejected (too small for a patch grid)."""
+
+ALPHA_BACKGROUND = (128, 128, 128)
+"""Transparent pixels are composited on neutral grey: black or white would read as content."""
+
+SUBSET_SEED = 0
+"""Seed of the `max_images` subset permutation (fixed so subsets are reproducible)."""
+
+
+class BadImage(Exception):
+    """An image or mask file that cannot be used; `reason` says why."""
+
+    def __init__(self, reason: str, path: PathLike | None = None):
+        self.reason = reason
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {reason}" if self.path else reason)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a dataset: its position, file, class label and mask file."""
+
+    index: int
+    path: str
+    label: str | None = None
+    mask_path: str | None = None
+
+
+@dataclass
+class ImageDataset:
+    """An ordered set of images with optional class labels and segmentation masks.
+
+    `classes` are the sorted distinct labels; `seg_classes[k]` names mask value k.
+    `reduce_zero_label` marks masks where 0 is unlabelled and k is class k-1
+    (ADE20K); `mask(i)` applies it, so callers always see class ids or
+    `ignore_index`.
+    """
+
+    key: str
+    records: list[ImageRecord]
+    classes: list[str] = field(default_factory=list)
+    seg_classes: list[str] | None = None
+    ignore_index: int = 255
+    reduce_zero_label: bool = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, i: int) -> Image.Image:
+        """RGB image of record i (raises BadImage)."""
+        return load_image(self.records[i].path)
+
+    def mask(self, i: int) -> np.ndarray:
+        """Class-id mask [H, W] int64 of record i, unlabelled pixels = ignore_index."""
+        mask_path = self.records[i].mask_path
+        if mask_path is None:
+            raise ValueError(f"dataset {self.key!r} has no mask for image {i}")
+        mask_hw = load_mask(mask_path)
+        if self.reduce_zero_label:
+            unlabelled_hw = mask_hw == 0
+            mask_hw = mask_hw - 1
+            mask_hw[unlabelled_hw] = self.ignore_index
+        return mask_hw
+
+    def class_id(self, label: str | None) -> int:
+        """Index of `label` in `classes`, -1 for no label."""
+        return -1 if label is None else self.classes.index(label)
+
+    def label_ids(self) -> np.ndarray:
+        """Class index of every record [N] int64 (-1 where unlabelled)."""
+        lookup = {name: i for i, name in enumerate(self.classes)}
+        return np.array([lookup.get(r.label, -1) if r.label is not None else -1 for r in self.records], dtype=np.int64)
+
+    def subset(self, max_images: int | None) -> "ImageDataset":
+        """At most `max_images` records, a deterministic random subset kept in dataset order.
+
+        Subsets nest: the first m of one fixed permutation, so a smaller
+        `max_images` always picks a subset of a larger one. Records are
+        re-indexed 0..m-1; classes stay those of the full set.
+        """
+        n = len(self.records)
+        if max_images is None or max_images >= n:
+            return self
+        order = np.random.default_rng(SUBSET_SEED).permutation(n)
+        keep = np.sort(order[:max_images])
+        records = [replace(self.records[int(j)], index=i) for i, j in enumerate(keep)]
+        return replace(self, records=records)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale one-channel integer or float pixels to 0..255 (16-bit, 32-bit, float modes)."""
+    is_float = np.issubdtype(values.dtype, np.floating)
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    top = float(finite.max()) if finite.size else 0.0
+    if is_float and 0 < top <= 1.0:
+        scale = 255.0
+    elif top <= 255:
+        scale = 1.0
+    elif top <= 65535:
+        scale = 255.0 / 65535.0  # 16-bit data spans the full range
+    else:
+        scale = 255.0 / top
+    return np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode → RGB; alpha (or a transparent palette / colour key) composited on grey."""
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;"):
+        if mode.startswith("I;"):
+            image = image.convert("I")  # 'I;16*' have no direct route to 'L'
+        grey = _to_uint8(np.asarray(image))
+        return Image.fromarray(grey, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Read an image file as RGB, EXIF orientation applied.
+
+    Raises BadImage for missing, corrupt, truncated or non-image files and for
+    images smaller than MIN_SIDE pixels on a side.
+    """
+    try:
+        with Image.open(path) as image:
+            if min(image.size) < MIN_SIDE:
+                raise BadImage(f"too small ({image.size[0]}x{image.size[1]} px, minimum {MIN_SIDE})", path)
+            image.load()  # decode now so truncation surfaces here
+            try:
+                image = ImageOps.exif_transpose(image)
+            except Exception:  # a broken EXIF block should not lose the pixels
+                pass
+            return _to_rgb(image)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"too large: {exc}", path) from None
+    except FileNotFoundError:
+        raise BadImage("file not found", path) from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not a readable image", path) from None
+    except Exception as exc:  # PIL signals corrupt data with many exception types
+        raise BadImage(f"corrupt image ({type(exc).__name__}: {exc})", path) from None
+
+
+def load_mask(path: PathLike) -> np.ndarray:
+    """Read a single-channel mask (L, P, I, I;16) as class ids [H, W] int64; raises BadImage."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("L", "P", "I", "1") and not image.mode.startswith("I;"):
+                raise BadImage(f"mask must be single-channel, got mode {image.mode}", path)
+            return np.asarray(image).astype(np.int64)
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage("mask file not found", path) from None
+    except Exception as exc:
+        raise BadImage(f"corrupt mask ({type(exc).__name__}: {exc})", path) from None
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def open_dataset(key: str, spec: DatasetSpec, cache_dir: Path) -> ImageDataset:
+    """Open the dataset described by a spec entry (`DatasetSpec`), applying `max_images`.
+
+    The demo set is generated under `cache_dir` on first use and reused afterwards.
+    """
+    from saev_report.datasets import demo, folders  # late: folders/demo import this module
+
+    if spec.kind == "demo":
+        dataset = demo.demo_dataset(key, spec, Path(cache_dir))
+    elif spec.kind == "image_folder":
+        dataset = folders.image_folder(key, spec.root, labels=spec.labels)
+    elif spec.kind == "seg_folder":
+        dataset = folders.seg_folder(key, spec.images, spec.masks, classes=spec.classes, ignore_index=spec.ignore_index)
+    elif spec.kind == "cub200":
+        dataset = folders.cub200(key, spec.root, split=spec.split)
+    elif spec.kind == "ade20k":
+        dataset = folders.ade20k(key, spec.root, split=spec.split)
+    else:
+        raise ValueError(f"unknown dataset kind {spec.kind!r}")
+    return dataset.subset(spec.max_images)
