@@ -1,0 +1,446 @@
+"""Error-preserving SAE feature edits (paper §3.3, six steps).
+
+1. x = the image's tokens at layer L; f = enc(x_patches); x̂ = dec(f); err = x − x̂.
+2. f' = f with chosen features suppressed / set / scaled / clamped / shifted at chosen patches.
+3. x' = dec(f') + err, computed as x + (dec(f') − dec(f)) on the changed patches only, so an
+   edit that changes nothing reproduces x bit for bit.
+4. The patch tokens at layer L are replaced (CLS and registers untouched) and the forward
+   pass resumes from L to the final norm.
+5–6. The frozen head runs on the original and the edited final tokens; both are recorded.
+
+One image is captured once; any number of edits of it resume as one batch. `run_edits`
+turns an `EditSpec` (explicit or generated edits, each with a frequency-matched
+random-feature control) into rows of the `edits` table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saev_report.backbones import Backbone
+from saev_report.datasets import BadImage, ImageDataset
+from saev_report.heads import LinearHead, upsampled_logits
+from saev_report.progress import log, track
+from saev_report.spec import EditSpec, ExplicitEdit
+
+ACTIONS = ("suppress", "set", "scale", "clamp", "add")
+TOP_K = 5
+"""Classes kept in the classification before/after columns."""
+CONTROL_SAMPLE = 256
+"""Random alive features among which the control nearest in log-frequency is chosen."""
+MAX_CANDIDATES = 64
+"""Images of a label scored (by the feature's activation) when choosing images for generated edits."""
+
+PatchChoice = Sequence[int] | Literal["all", "active"]
+
+
+class SAELike(Protocol):
+    def encode(self, x_nd: Tensor) -> Tensor: ...
+    def decode(self, f_nf: Tensor) -> Tensor: ...
+
+
+# --------------------------------------------------------------------------- steps 1–4
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """Step 2's recipe: which features, how, and where."""
+
+    features: tuple[int, ...]
+    action: str = "suppress"
+    value: float = 0.0
+    patches: PatchChoice = "all"
+
+
+@dataclass
+class CapturedImage:
+    """One image's unedited state: tokens at layer L, final tokens and SAE codes of the patches."""
+
+    layer: int
+    acts_td: Tensor
+    final_td: Tensor
+    f_pf: Tensor
+
+
+@torch.no_grad()
+def capture_image(backbone: Backbone, sae: SAELike, pixels_3hw: Tensor, layer: int) -> CapturedImage:
+    """Step 1: one forward pass keeping layer L and the final tokens, and f = enc(x_patches)."""
+    captured = backbone.capture(pixels_3hw[None].to(backbone.device), [layer], final=True)
+    acts_td = captured[layer][0]
+    return CapturedImage(layer, acts_td, captured["final"][0], sae.encode(acts_td[backbone.layout.patch_slice]))
+
+
+def resolve_patches(f_pf: Tensor, features: Sequence[int], patches: PatchChoice) -> list[int]:
+    """Row-major patch indices: a list as given (sorted, unique), `all`, or `active` (any feature > 0)."""
+    n_patches = f_pf.shape[0]
+    if patches == "all":
+        return list(range(n_patches))
+    if patches == "active":
+        return torch.nonzero((f_pf[:, list(features)] > 0).any(dim=1)).flatten().tolist()
+    chosen = sorted({int(p) for p in patches})
+    if chosen and not (0 <= chosen[0] and chosen[-1] < n_patches):
+        raise ValueError(f"patch indices must lie in 0..{n_patches - 1}, got {chosen[0]}..{chosen[-1]}")
+    return chosen
+
+
+def modify_features(f_pf: Tensor, features: Sequence[int], action: str, value: float, patches: Sequence[int]) -> Tensor:
+    """Step 2: f' = f with `action` applied to `features` at `patches` (a copy)."""
+    edited_pf = f_pf.clone()
+    if not patches or not features:
+        return edited_pf
+    rows, cols = torch.tensor(list(patches))[:, None], torch.tensor(list(features))[None, :]
+    current = edited_pf[rows, cols]
+    if action == "suppress":
+        new = torch.zeros_like(current)
+    elif action == "set":
+        new = torch.full_like(current, value)
+    elif action == "scale":
+        new = current * value
+    elif action == "clamp":
+        new = current.clamp(max=value)
+    elif action == "add":
+        new = current + value
+    else:
+        raise ValueError(f"unknown edit action {action!r}; use one of {ACTIONS}")
+    edited_pf[rows, cols] = new
+    return edited_pf
+
+
+@torch.no_grad()
+def edited_acts(backbone: Backbone, sae: SAELike, captured: CapturedImage, edit: FeatureEdit) -> tuple[Tensor, list[int]]:
+    """Steps 2–3: layer-L tokens with x' = x + dec(f') − dec(f) at the changed patches."""
+    patches = resolve_patches(captured.f_pf, edit.features, edit.patches)
+    edited_pf = modify_features(captured.f_pf, edit.features, edit.action, edit.value, patches)
+    changed = torch.nonzero((edited_pf != captured.f_pf).any(dim=1)).flatten()
+    acts_td = captured.acts_td.clone()
+    if changed.numel():
+        rows = changed + backbone.layout.patch_slice.start
+        delta_nd = sae.decode(edited_pf[changed]) - sae.decode(captured.f_pf[changed])  # = dec(f') + err − x
+        acts_td[rows] = acts_td[rows] + delta_nd.to(acts_td.dtype)
+    return acts_td, patches
+
+
+@torch.no_grad()
+def resume_edits(backbone: Backbone, sae: SAELike, captured: CapturedImage, edits: Sequence[FeatureEdit]) -> tuple[Tensor, list[list[int]]]:
+    """Step 4 for several edits of one image at once: final tokens [n_edits, tokens, d] and patches used."""
+    edited = [edited_acts(backbone, sae, captured, edit) for edit in edits]
+    acts_btd = torch.stack([acts for acts, _ in edited])
+    return backbone.resume(acts_btd, captured.layer), [patches for _, patches in edited]
+
+
+@dataclass
+class EditOutcome:
+    """Head outputs before and after one edit (logits [C] or [C, grid_h, grid_w])."""
+
+    before: Tensor
+    after: Tensor
+    patches_used: list[int]
+    final_before: Tensor
+    final_after: Tensor
+
+
+@torch.no_grad()
+def edit_image(
+    backbone: Backbone,
+    sae: SAELike,
+    head: LinearHead,
+    pixels_3hw: Tensor,
+    layer: int,
+    features: Sequence[int],
+    action: str = "suppress",
+    value: float = 0.0,
+    patches: PatchChoice = "all",
+) -> EditOutcome:
+    """The six steps for one image and one edit."""
+    captured = capture_image(backbone, sae, pixels_3hw, layer)
+    final_btd, [patches_used] = resume_edits(backbone, sae, captured, [FeatureEdit(tuple(features), action, value, patches)])
+    before = head(captured.final_td[None], backbone.layout)[0]
+    after = head(final_btd, backbone.layout)[0]
+    return EditOutcome(before, after, patches_used, captured.final_td, final_btd[0])
+
+
+# --------------------------------------------------------------------------- steps 5–6: summaries
+
+
+def class_index(classes: Sequence[str], label: str | None) -> int | None:
+    """Head class of a label: an exact name, else a unique match on the last path part (`animals/birds` ~ `birds`)."""
+    if label is None:
+        return None
+    if label in classes:
+        return list(classes).index(label)
+    tail = label.rsplit("/", 1)[-1]
+    hits = [i for i, name in enumerate(classes) if name.rsplit("/", 1)[-1] == tail]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _deltas(before_c: np.ndarray, after_c: np.ndarray, target: int | None) -> dict[str, Any]:
+    """target_delta, other_delta (mean |Δ| over the other classes) and specificity."""
+    change = after_c - before_c
+    others = np.ones(len(change), dtype=bool)
+    if target is not None:
+        others[target] = False
+    other_delta = float(np.abs(change[others]).mean()) if others.any() else 0.0
+    if target is None:
+        return {"target_delta": None, "other_delta": other_delta, "specificity": None}
+    target_delta = float(change[target])
+    return {"target_delta": target_delta, "other_delta": other_delta, "specificity": abs(target_delta) / (other_delta + 1e-9)}
+
+
+def classification_summary(before_c: Tensor, after_c: Tensor, classes: Sequence[str], target: int | None) -> dict[str, Any]:
+    """Top-5 classes and probabilities before/after, probability deltas, flip of the top class."""
+    p_before = torch.softmax(before_c.double(), dim=0)
+    p_after = torch.softmax(after_c.double(), dim=0)
+    k = min(TOP_K, len(classes))
+    top_before, top_after = p_before.topk(k), p_after.topk(k)
+    flipped = int(p_before.argmax()) != int(p_after.argmax())
+    return {
+        "before_top": [classes[i] for i in top_before.indices.tolist()], "before_probs": top_before.values.tolist(),
+        "after_top": [classes[i] for i in top_after.indices.tolist()], "after_probs": top_after.values.tolist(),
+        **_deltas(p_before.numpy(), p_after.numpy(), target),
+        "flipped": flipped, "flip_frac": float(flipped),
+    }
+
+
+def pixel_counts(logits_chw: Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Pixels per class [C] of the bilinearly upsampled logit map at image resolution."""
+    pred_hw = upsampled_logits(logits_chw[None], size)[0].argmax(dim=0)
+    return torch.bincount(pred_hw.flatten().cpu(), minlength=logits_chw.shape[0]).numpy()
+
+
+def segmentation_summary(before_chw: Tensor, after_chw: Tensor, size: tuple[int, int], target: int | None) -> dict[str, Any]:
+    """Pixel counts per class and per-patch class maps before/after, pixel-fraction deltas."""
+    before_px, after_px = pixel_counts(before_chw, size), pixel_counts(after_chw, size)
+    before_map = before_chw.argmax(dim=0).flatten().cpu()
+    after_map = after_chw.argmax(dim=0).flatten().cpu()
+    changed = before_map != after_map
+    total = float(size[0] * size[1])
+    return {
+        "before_pixels": before_px.tolist(), "after_pixels": after_px.tolist(),
+        **_deltas(before_px / total, after_px / total, target),
+        "flipped": bool(changed.any()), "flip_frac": float(changed.double().mean()),
+        "before_map": before_map.tolist(), "after_map": after_map.tolist(),
+    }
+
+
+def outcome_summary(head: LinearHead, before: Tensor, after: Tensor, size: tuple[int, int], target: int | None) -> dict[str, Any]:
+    if head.task == "classification":
+        return classification_summary(before, after, head.classes, target)
+    return segmentation_summary(before, after, size, target)
+
+
+def predicted_target(head: LinearHead, before: Tensor, patches: Sequence[int]) -> int:
+    """Fallback target without a known label: the top class (classification) or the class most
+    predicted over the edited patches (segmentation)."""
+    if head.task == "classification":
+        return int(before.argmax())
+    patch_classes = before.argmax(dim=0).flatten()
+    chosen = patch_classes[list(patches)] if patches else patch_classes
+    return int(torch.bincount(chosen.cpu(), minlength=before.shape[0]).argmax())
+
+
+# --------------------------------------------------------------------------- choosing features, images and controls
+
+
+def _rows_of(features_table: Sequence[Mapping[str, Any]] | None, sae_id: str) -> dict[int, Mapping[str, Any]]:
+    """Feature rows of one SAE by feature index (rows without `sae_id` are taken as this SAE's)."""
+    return {int(r["feature"]): r for r in features_table or [] if r.get("sae_id", sae_id) == sae_id}
+
+
+def _alive(row: Mapping[str, Any]) -> bool:
+    freq = row.get("freq")
+    return not row.get("dead") and freq is not None and freq > 0
+
+
+def purest_features(rows: Mapping[int, Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
+    """The n alive, non-dense, labelled features with the highest label purity (ties: more frequent, lower id)."""
+    usable = [
+        r for r in rows.values()
+        if _alive(r) and not r.get("dense") and r.get("top_label") is not None and r.get("label_purity") is not None
+        and not math.isnan(r["label_purity"])
+    ]
+    usable.sort(key=lambda r: (-r["label_purity"], -r["freq"], int(r["feature"])))
+    return usable[:n]
+
+
+def matched_control(rows: Mapping[int, Mapping[str, Any]], feature: int, exclude: set[int], rng: np.random.Generator) -> int | None:
+    """An alive feature (not in `exclude`) nearest in log-frequency to `feature`, among a random sample."""
+    target = rows.get(feature)
+    if target is None or not _alive(target):
+        return None
+    candidates = np.array(sorted(f for f, r in rows.items() if f not in exclude and _alive(r)), dtype=np.int64)
+    if candidates.size == 0:
+        return None
+    sample = rng.choice(candidates, size=min(CONTROL_SAMPLE, candidates.size), replace=False)
+    distance = [abs(math.log10(rows[int(f)]["freq"]) - math.log10(target["freq"])) for f in sample]
+    return int(sample[int(np.argmin(distance))])
+
+
+def load_pixels(backbone: Backbone, dataset: ImageDataset, position: int) -> Tensor:
+    return backbone.preprocess(dataset.image(position))
+
+
+@torch.no_grad()
+def max_codes(backbone: Backbone, sae: SAELike, dataset: ImageDataset, positions: Sequence[int], layer: int, batch_size: int = 16) -> dict[int, Tensor]:
+    """Per image: each feature's maximum over the patches at layer L [F]; unreadable images left out."""
+    out: dict[int, Tensor] = {}
+    for start in range(0, len(positions), batch_size):
+        chunk = []
+        for position in positions[start : start + batch_size]:
+            try:
+                chunk.append((position, load_pixels(backbone, dataset, position)))
+            except BadImage:
+                continue
+        if not chunk:
+            continue
+        pixels_b3hw = torch.stack([pixels for _, pixels in chunk]).to(backbone.device)
+        acts_btd = backbone.capture(pixels_b3hw, [layer])[layer]
+        for (position, _), acts_td in zip(chunk, acts_btd):
+            out[position] = sae.encode(acts_td[backbone.layout.patch_slice]).amax(dim=0).cpu()
+    return out
+
+
+def images_of_label(dataset: ImageDataset, label: str) -> list[int]:
+    return [i for i, record in enumerate(dataset.records) if record.label == label]
+
+
+def image_position(dataset: ImageDataset, image: int | str) -> int:
+    """Position of an explicit edit's image: a dataset index, or a path relative to the dataset."""
+    if isinstance(image, int):
+        if not 0 <= image < len(dataset.records):
+            raise ValueError(f"image index {image} is out of range: dataset {dataset.key!r} has {len(dataset.records)} images")
+        return image
+    wanted = Path(image).as_posix().removeprefix("./")
+    hits = [i for i, r in enumerate(dataset.records) if Path(r.path).as_posix() == wanted or Path(r.path).as_posix().endswith("/" + wanted)]
+    if len(hits) != 1:
+        raise ValueError(f"image {image!r} matches {len(hits)} images of dataset {dataset.key!r}; give its index or a longer path")
+    return hits[0]
+
+
+# --------------------------------------------------------------------------- run_edits
+
+
+@dataclass(frozen=True)
+class EditJob:
+    """One planned edit of one image (and its control, if any)."""
+
+    number: int
+    position: int
+    edit: FeatureEdit
+    control: FeatureEdit | None
+    target_label: str | None
+
+
+def plan_edits(
+    spec: EditSpec,
+    *,
+    backbone: Backbone,
+    sae: SAELike,
+    dataset: ImageDataset,
+    layer: int,
+    rows: Mapping[int, Mapping[str, Any]],
+    seed: int,
+) -> list[EditJob]:
+    """Explicit edits first, then generated ones, numbered in that order."""
+    planned: list[tuple[int, FeatureEdit, str | None]] = []
+    for explicit in spec.explicit:
+        features = tuple(explicit.features)
+        label = rows[features[0]].get("top_label") if features[0] in rows else None
+        planned.append((image_position(dataset, explicit.image), FeatureEdit(features, spec.action, spec.value, _patches(explicit)), label))
+    if spec.generate is not None:
+        if not rows:
+            raise ValueError(f"edit {spec.name!r}: generated edits need the SAE's features table")
+        chosen = purest_features(rows, spec.generate.top_purity)
+        candidates = {r["top_label"]: images_of_label(dataset, r["top_label"])[:MAX_CANDIDATES] for r in chosen}
+        scores = max_codes(backbone, sae, dataset, sorted({p for ps in candidates.values() for p in ps}), layer)
+        for row in chosen:
+            feature = int(row["feature"])
+            scored = [p for p in candidates[row["top_label"]] if p in scores]
+            if not scored:
+                log(f"  edit {spec.name}: no readable image labelled {row['top_label']!r} for feature {feature}")
+            scored.sort(key=lambda p: (-float(scores[p][feature]), p))  # where it fires most; ties by index
+            for position in scored[: spec.generate.images_per_feature]:
+                planned.append((position, FeatureEdit((feature,), spec.action, spec.value, spec.generate.patches), row["top_label"]))
+    # The control repeats the edit (action, value, patch choice) on a frequency-matched random
+    # feature; with `active` patches that means where the control feature itself fires.
+    jobs = []
+    for number, (position, edit, label) in enumerate(planned):
+        control = None
+        if spec.random_control and rows:
+            rng = np.random.default_rng([seed, number])
+            picked: list[int] = []
+            for feature in edit.features:
+                match = matched_control(rows, feature, set(edit.features) | set(picked), rng)
+                if match is not None:
+                    picked.append(match)
+            if len(picked) == len(edit.features):
+                control = FeatureEdit(tuple(picked), edit.action, edit.value, edit.patches)
+        jobs.append(EditJob(number, position, edit, control, label))
+    return jobs
+
+
+def _patches(explicit: ExplicitEdit) -> PatchChoice:
+    return explicit.patches if explicit.patches == "all" else tuple(explicit.patches)
+
+
+@torch.no_grad()
+def run_edits(
+    spec: EditSpec,
+    *,
+    backbone: Backbone,
+    sae: SAELike,
+    sae_id: str,
+    head: LinearHead,
+    head_key: str,
+    dataset: ImageDataset,
+    layer: int,
+    features_table: Sequence[Mapping[str, Any]] | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Rows of the `edits` table for one `EditSpec` (controls get `is_control=True`).
+
+    `features_table` is the SAE's `features` rows (dicts with at least sae_id,
+    feature, top_label, label_purity, freq, dead, dense): generated edits and
+    controls need it. The target class is the feature's top label when it names
+    a head class, else the prediction before the edit.
+    """
+    rows = _rows_of(features_table, sae_id)
+    backbone.eval()
+    head = head.to(backbone.device).eval()
+    jobs = plan_edits(spec, backbone=backbone, sae=sae, dataset=dataset, layer=layer, rows=rows, seed=seed)
+    if spec.random_control and not rows:
+        log(f"  edit {spec.name}: no features table, so no random-feature controls")
+    out: list[dict[str, Any]] = []
+    for job in track(jobs, f"edit {spec.name}", unit="edit"):
+        try:
+            pixels_3hw = load_pixels(backbone, dataset, job.position)
+        except BadImage as exc:
+            log(f"  [yellow]skip[/] edit {spec.name}/{job.number}: {exc.reason}")
+            continue
+        captured = capture_image(backbone, sae, pixels_3hw, layer)
+        edits = [job.edit] + ([job.control] if job.control else [])
+        final_btd, patches_used = resume_edits(backbone, sae, captured, edits)
+        before = head(captured.final_td[None], backbone.layout)[0]
+        after_b = head(final_btd, backbone.layout)
+        target = class_index(head.classes, job.target_label)
+        if target is None:
+            target = predicted_target(head, before, patches_used[0])
+        size = tuple(pixels_3hw.shape[-2:])
+        for i, (edit, patches) in enumerate(zip(edits, patches_used)):
+            is_control = i == 1
+            out.append({
+                "edit": spec.name,
+                "edit_id": f"{spec.name}/{job.number}" + ("/control" if is_control else ""),
+                "sae_id": sae_id, "head": head_key, "task": head.task, "dataset": dataset.key,
+                "image_idx": dataset.records[job.position].index,
+                "features": list(edit.features), "action": edit.action, "value": float(edit.value),
+                "patches": patches, "is_control": is_control, "target_class": head.classes[target],
+                **outcome_summary(head, before, after_b[i], size, target),
+            })
+    return out
