@@ -84,6 +84,9 @@ def record_activations(
         meta = StoreMeta.create(model=model_key, layer=layer, dataset=dataset.key, d_model=backbone.d_model,
                                 dtype=dtype, token_kinds=list(tokens), layout=layout)
         per_shard = images_per_shard_for(meta.tokens_per_image, backbone.d_model, dtype, shard_mb)
+        # Shards hold whole batches, so a resumed run sees exactly the batches an uninterrupted
+        # one would, and produces bit-identical shards.
+        per_shard = max(batch_size, per_shard // batch_size * batch_size)
         writers[layer] = ShardWriter(out_dir / f"L{layer}", meta, per_shard)
     # Layers are written shard by shard in lock-step; after a kill, align them on the shortest.
     done = min(w.n_images_done for w in writers.values())
