@@ -33,6 +33,7 @@ from PIL import Image
 from saev_report.datasets.base import ImageDataset, ImageRecord
 from saev_report.progress import bar
 from saev_report.spec import DemoDataset, content_hash
+from saev_report.errors import InputUnavailable
 
 FORMAT_VERSION = 1
 
@@ -86,7 +87,7 @@ MIN_OPAQUE_PIXELS = 700  # tiny stamps would be blown up into blur
 MAX_UPSCALE = 3.0  # small stamps are drawn smaller rather than enlarged past this
 
 
-class DemoDataUnavailable(RuntimeError):
+class DemoDataUnavailable(InputUnavailable):
     """A file the demo set is made from is not installed."""
 
 
