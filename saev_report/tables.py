@@ -268,6 +268,7 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
     allowed = "'" + str(tables_dir(run_dir).resolve()).replace("'", "''") + "/'"
     con.execute(f"SET allowed_directories = [{allowed}]")
     con.execute("SET enable_external_access = false")
+    con.execute("SET enable_progress_bar = false")
     con.execute("SET lock_configuration = true")
     return con
 

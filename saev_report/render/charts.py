@@ -1,0 +1,186 @@
+"""Chart data for the site: plotly figure specs (plain dicts, drawn by plotly.js in the
+browser), tiny inline SVG histograms for feature pages, and JSON that is safe to embed.
+
+Plotly figures are dicts rather than `plotly.graph_objects` so that building
+them costs nothing; the browser validates them. Feature pages never get a
+plotly chart (24K of them would not render in bounded time): an inline SVG
+of a few hundred bytes shows their histogram instead.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from markupsafe import Markup
+
+PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#475569", "#ea580c"]
+FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
+
+
+# --------------------------------------------------------------------------- safe JSON
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy: numpy scalars/arrays to Python, NaN/inf to null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def script_json(value: Any) -> str:
+    """JSON that can sit inside <script> (inline or in a .js file): `<`, `>`, `&` and
+    U+2028/9 are \\u-escaped, so `</script>` or `<!--` in a label cannot end the script."""
+    text = json.dumps(_plain(value), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def data_script(path: str, value: Any) -> str:
+    """A JS file that registers `value` under `SAEV.data[path]` (loaded with a script tag: works on file://)."""
+    return f"window.SAEV=window.SAEV||{{data:{{}}}};SAEV.data[{script_json(path)}]={script_json(value)};\n"
+
+
+def plotly_text(text: str) -> str:
+    """Plotly draws text as pseudo-HTML (`<b>`, `<a href>`): escape it so labels show literally."""
+    return html.escape(str(text), quote=False)
+
+
+def round_sig(values: Sequence[float] | np.ndarray, digits: int = 4) -> list[float | None]:
+    """Shortest JSON for chart data: `digits` significant digits, null for missing."""
+    out: list[float | None] = []
+    for v in np.asarray(values, dtype=np.float64).tolist():
+        out.append(float(f"{v:.{digits}g}") if math.isfinite(v) else None)
+    return out
+
+
+# --------------------------------------------------------------------------- inline SVG
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def svg_histogram(
+    counts: Sequence[int] | None,
+    edges: Sequence[float] | None,
+    *,
+    width: int = 360,
+    height: int = 96,
+    x_label: str = "log₁₀ activation",
+    unit: str = "patches",
+    color: str = "#2563eb",
+) -> Markup:
+    """Bar histogram as inline SVG (numbers only are interpolated, so it is safe markup)."""
+    counts_b = np.nan_to_num(np.asarray(counts if counts is not None else [], dtype=np.float64), nan=0.0)
+    edges_b1 = np.asarray(edges if edges is not None else [], dtype=np.float64)
+    if counts_b.size == 0 or edges_b1.size != counts_b.size + 1 or counts_b.max(initial=0) <= 0 or not np.isfinite(edges_b1).all():
+        return Markup('<p class="muted">No histogram.</p>')
+    pad_l, pad_b, pad_t = 4, 18, 4
+    plot_w, plot_h = width - 2 * pad_l, height - pad_b - pad_t
+    bar_w = plot_w / counts_b.size
+    top = counts_b.max()
+    parts = [
+        f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="histogram over {_fmt(edges_b1[0])} to {_fmt(edges_b1[-1])}">'
+    ]
+    for i, count in enumerate(counts_b):
+        h = plot_h * count / top
+        x = pad_l + i * bar_w
+        parts.append(
+            f'<rect x="{x:.1f}" y="{pad_t + plot_h - h:.1f}" width="{max(bar_w - 1, 0.5):.1f}" height="{h:.1f}" fill="{color}">'
+            f"<title>{_fmt(edges_b1[i])} to {_fmt(edges_b1[i + 1])}: {int(count):,} {unit}</title></rect>"
+        )
+    base = pad_t + plot_h
+    parts.append(f'<line x1="{pad_l}" x2="{width - pad_l}" y1="{base + 0.5}" y2="{base + 0.5}" stroke="#94a3b8"/>')
+    parts.append(f'<text x="{pad_l}" y="{height - 4}" class="tick">{_fmt(edges_b1[0])}</text>')
+    parts.append(f'<text x="{width / 2:.0f}" y="{height - 4}" class="tick" text-anchor="middle">{x_label}</text>')
+    parts.append(f'<text x="{width - pad_l}" y="{height - 4}" class="tick" text-anchor="end">{_fmt(edges_b1[-1])}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def score_histogram(scores: Sequence[float], bins: int = 40) -> tuple[list[int], list[float]]:
+    """Counts and edges of match scores over the correlation range [-1, 1]."""
+    values = np.asarray([s for s in scores if s is not None and math.isfinite(s)], dtype=np.float64)
+    low = min(-0.2, float(values.min())) if values.size else -1.0
+    counts, edges = np.histogram(values, bins=bins, range=(max(-1.0, math.floor(low * 10) / 10), 1.0))
+    return counts.tolist(), edges.tolist()
+
+
+# --------------------------------------------------------------------------- plotly specs
+
+
+def base_layout(title: str, x_title: str, y_title: str, **extra: Any) -> dict[str, Any]:
+    layout = {
+        "title": {"text": title, "x": 0, "xanchor": "left", "font": {"size": 14}},
+        "font": {"family": FONT, "size": 12, "color": "#1f2937"},
+        "margin": {"l": 56, "r": 12, "t": 60, "b": 40},
+        "height": 320,
+        "paper_bgcolor": "rgba(0,0,0,0)",
+        "plot_bgcolor": "#ffffff",
+        "xaxis": {"title": {"text": x_title, "standoff": 6}, "gridcolor": "#e5e7eb", "zeroline": False, "automargin": True},
+        "yaxis": {"title": {"text": y_title}, "gridcolor": "#e5e7eb", "zeroline": False, "automargin": True},
+        # Above the plot, right-aligned: never collides with the axis title below.
+        "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom", "font": {"size": 11}, "bgcolor": "rgba(255,255,255,0)"},
+        "hovermode": "closest",
+        "modebar": {"remove": ["select2d", "lasso2d"]},
+    }
+    layout.update(extra)
+    return layout
+
+
+def metric_scatter(saes: list[dict[str, Any]], y: str, y_title: str) -> dict[str, Any]:
+    """L0 against a reconstruction metric, one trace (colour) per model; hover names the SAE."""
+    traces = []
+    for i, model in enumerate(dict.fromkeys(s["model_label"] for s in saes)):
+        rows = [s for s in saes if s["model_label"] == model and s.get("l0") is not None and s.get(y) is not None]
+        if not rows:
+            continue
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": plotly_text(model),
+                "x": round_sig([r["l0"] for r in rows]),
+                "y": round_sig([r[y] for r in rows]),
+                "text": [plotly_text(r["sae_id"]) for r in rows],
+                "customdata": [r["list_page"] for r in rows],
+                "hovertemplate": "%{text}<br>L0 %{x}<br>" + y_title + " %{y}<extra></extra>",
+                "marker": {"size": 10, "color": PALETTE[i % len(PALETTE)], "line": {"width": 1, "color": "#fff"}},
+            }
+        )
+    return {"data": traces, "layout": base_layout(f"L0 vs {y_title}", "L0 (active features per patch)", y_title)}
+
+
+def training_curves(logs: dict[str, dict[str, list[float]]], metric: str, title: str, names: dict[str, str] | None = None) -> dict[str, Any]:
+    """One line per SAE of `metric` against optimiser step; `names` gives legend names by SAE id."""
+    traces = []
+    for i, (sae_id, log) in enumerate(logs.items()):
+        if not log.get(metric) or all(v is None for v in log[metric]):
+            continue
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": plotly_text((names or {}).get(sae_id, sae_id)),
+                "x": log["step"],
+                "y": round_sig(log[metric]),
+                "line": {"width": 1.5, "color": PALETTE[i % len(PALETTE)]},
+                "hovertemplate": "%{fullData.name}<br>step %{x}<br>" + title + " %{y}<extra></extra>",
+            }
+        )
+    layout = base_layout(title, "step", title)
+    if len(traces) > 3:  # a long sweep: hover names the SAE; a legend would bury the plot
+        layout["showlegend"] = False
+    return {"data": traces, "layout": layout}

@@ -1,0 +1,501 @@
+"""The static atlas: addresses, escaping, overlays, the built folder, and the pages in a real browser.
+
+Synthetic tables (saev_report.render.synthetic) with tiny real PNG images are
+rendered once per module; browser tests drive Debian chromium headless over
+file:// URLs and are skipped only where chromium/chromedriver are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from saev_report.render import addresses as addr
+from saev_report.render import charts, overlays
+from saev_report.render import site as site_mod
+from saev_report.render.site import build_site
+from saev_report.render.synthetic import SyntheticRun, SyntheticSAE, write_synthetic_run
+from saev_report.spec import ReportSpec
+from saev_report.tables import read_table, write_table
+
+EVIL_LABELS = [
+    "<script>alert(1)</script>",
+    '"onload=alert(1)',
+    "<img src=x onerror=window.__xss=1>",
+    "</script><script>window.__xss=2</script>",
+    "cat & dog",
+]
+LABELS = {"dino": "DINOv2", "clip": '<b onmouseover="window.__xss=3">CLIP</b>'}
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def small_run(**overrides) -> SyntheticRun:
+    base = dict(
+        saes=[SyntheticSAE("dino", 40), SyntheticSAE("clip", 40, seed=1)],
+        n_images=10,
+        image_px=64,
+        grid=(6, 6),
+        top_k=6,
+        labels=EVIL_LABELS + ["bird", "boat"],
+        features_per_part=25,
+    )
+    base.update(overrides)
+    return SyntheticRun(**base)
+
+
+REPORT = ReportSpec(title="Atlas <test>", exemplars_shown=5, thumbnail_px=64)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    facts = write_synthetic_run(run_dir, small_run())
+    out = run_dir / "site"
+    stats = build_site(run_dir, out, REPORT, LABELS, workers=1)
+    return run_dir, out, stats, facts
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+@pytest.mark.parametrize(
+    ("sae_id", "model", "slug"),
+    [
+        ("dino/L10/relu-x16-l1_0.0004-s0", "dino", "L10-relu-x16-l1_0.0004-s0"),
+        ("clip/L11/topk-x32-k64-s1", "clip", "L11-topk-x32-k64-s1"),
+    ],
+)
+def test_canonical_sae_slug_is_readable(sae_id, model, slug):
+    assert addr.sae_slug(sae_id, model) == slug
+
+
+def test_noncanonical_sae_ids_get_distinct_safe_slugs():
+    ids = ["dino/a/b-c", "dino/a-b/c", "dino/x y", "dino/x_y", "dino/../etc", "other/L1/t"]
+    slugs = [addr.sae_slug(i, "dino") for i in ids]
+    assert len(set(slugs)) == len(ids)
+    for slug in slugs:
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._~-]*", slug), slug
+        assert "/" not in slug and ".." not in slug.split("-")[0]
+
+
+def test_unique_slugs_break_case_collisions():
+    keys = [("m", "m/L1/Tag"), ("m", "m/L1/tag")]
+    slugs = addr.unique_slugs(keys)
+    assert len({s.lower() for s in slugs.values()}) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=0, max_size=40), st.text(min_size=0, max_size=40))
+def test_safe_name_is_safe_and_injective(a, b):
+    for text in (a, b):
+        name = addr.safe_name(text)
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._~-]*", name)
+        assert len(name) <= 96
+    if a != b:
+        assert addr.safe_name(a) != addr.safe_name(b)
+
+
+@pytest.mark.parametrize(
+    ("label", "n", "feature", "title"),
+    [("DINOv2", 6144, 1234, "DINOv2-6K/1234"), ("CLIP", 24576, 20652, "CLIP-24K/20652"), ("ViT", 768, 3, "ViT-768/3"), ("X", 16000, 1, "X-16K/1")],
+)
+def test_feature_title_uses_the_paper_notation(label, n, feature, title):
+    assert addr.feature_title(label, n, feature) == title
+
+
+def test_root_of_page():
+    assert addr.root_of("index.html") == ""
+    assert addr.root_of("features/dino/L1-t/3.html") == "../../../"
+
+
+# --------------------------------------------------------------------------- escaping
+
+
+@pytest.mark.parametrize("label", EVIL_LABELS + ["\u2028line", "a\"b'c"])
+def test_script_json_cannot_close_a_script(label):
+    text = charts.script_json({"labels": [label], "x": float("nan")})
+    assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
+    assert json.loads(text) == {"labels": [label], "x": None}
+
+
+def test_plotly_text_escapes_pseudo_html():
+    assert charts.plotly_text("<b>x</b> & y") == "&lt;b&gt;x&lt;/b&gt; &amp; y"
+
+
+def test_svg_histogram_is_numbers_only():
+    svg = str(charts.svg_histogram([1, 5, 0, 2], [0.0, 0.5, 1.0, 1.5, 2.0]))
+    assert svg.count("<rect") == 4 and "5 patches" in svg
+    assert "No histogram" in str(charts.svg_histogram([], []))
+    assert "No histogram" in str(charts.svg_histogram([1, 2], [0.0, 1.0]))  # edges must be counts + 1
+
+
+def test_evil_labels_never_reach_html_unescaped(built):
+    _, out, _, _ = built
+    html = "\n".join(p.read_text(encoding="utf-8") for p in out.rglob("*.html"))
+    for label in EVIL_LABELS + [LABELS["clip"]]:
+        if "<" in label or '"' in label:
+            assert label not in html, label
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # shown, as text
+    assert "&#34;onload=alert(1)" in html
+    for js in (out / "data").rglob("*.js"):
+        text = js.read_text(encoding="utf-8")
+        assert "</script" not in text.lower() and "<" not in text
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def test_crop_box_matches_backbone_preprocessing():
+    # Resize the shorter side to S·8/7 and centre-crop S: the central 7/8 of the shorter side.
+    assert overlays.crop_box(200, 100) == (56, 6, 144, 94)
+    assert overlays.crop_box(64, 64) == (4, 4, 60, 60)
+
+
+def test_overlay_colours_match_a_numpy_reference(tmp_path):
+    px, grid = 60, (6, 6)
+    thumb = tmp_path / "t.jpg"
+    Image.new("RGB", (px, px), (120, 120, 120)).save(thumb, quality=100)
+    acts_hw = np.zeros(grid, dtype=np.float32)
+    acts_hw[0:3, 0:3] = 2.0  # a block at vmax: its centre patch is flat after upsampling
+    acts_hw[4:6, 3:6] = 1.0  # a block at half the colour scale
+    dest = tmp_path / "o.jpg"
+    overlays.render_overlay(overlays.OverlayJob(str(thumb), str(dest), acts_hw.reshape(-1), grid, 2.0, patch=35))
+    got = np.asarray(Image.open(dest).convert("RGB"), dtype=np.float64)
+    faded = np.asarray(overlays._faded_thumb(str(thumb)).convert("RGB"), dtype=np.float64)[15, 15]
+
+    def expected(t):
+        colour = overlays.COLORMAP_256x3[round(t * 255)].astype(np.float64)
+        alpha = overlays.MAX_ALPHA * np.sqrt(t)
+        return faded * (1 - alpha) + colour * alpha
+
+    assert np.abs(got[15, 15] - expected(1.0)).max() < 8  # centre of patch (1, 1)
+    assert np.abs(got[3, 50] - faded).max() < 8  # zero activation: the faded photo shows through
+    # The maximising patch (5, 5), pixels 50–59, is outlined in cyan.
+    edge = got[52:58, 50:52].reshape(-1, 3).mean(axis=0)
+    assert np.abs(edge - np.array(overlays.OUTLINE_RGB)).max() < 40, edge
+
+
+def test_heat_layer_is_transparent_where_the_feature_is_silent():
+    acts_hw = np.zeros((4, 4), dtype=np.float32)
+    acts_hw[1, 1] = 3.0
+    layer = np.asarray(overlays.heat_layer(acts_hw, 3.0, 4))
+    assert layer[1, 1, 3] == round(overlays.MAX_ALPHA * 255)
+    assert layer[3, 3, 3] == 0
+
+
+def test_thumbnail_names_are_content_addressed(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(a)
+    shutil.copy(a, b)
+    site = tmp_path / "site"
+    results = [overlays.make_thumbnail(overlays.ThumbJob(str(p), 32, str(site), None)) for p in (a, b)]
+    assert results[0][1] == results[1][1] and results[0][2] and not results[1][2]  # same bytes → one file
+    assert Image.open(site / addr.image_file("t", results[0][1])).size == (32, 32)
+    assert overlays.make_thumbnail(overlays.ThumbJob(str(tmp_path / "missing.png"), 32, str(site), None))[1] is None
+
+
+# --------------------------------------------------------------------------- the built folder
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for key, value in attrs:
+            if key in ("href", "src") and value is not None:
+                self.links.append(value)
+
+
+def internal_links(page: Path) -> list[str]:
+    parser = _Links()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser.links
+
+
+def test_every_internal_link_resolves_and_nothing_is_remote(built):
+    _, out, _, _ = built
+    pages = list(out.rglob("*.html"))
+    assert len(pages) > 50
+    checked = 0
+    for page in pages:
+        for link in internal_links(page):
+            parts = urlsplit(link)
+            assert parts.scheme in ("", "data"), f"{page}: remote or odd link {link}"
+            if parts.scheme == "data" or not parts.path:
+                continue
+            target = (page.parent / unquote(parts.path)).resolve()
+            assert target.is_file(), f"{page.relative_to(out)} → {link}"
+            assert out.resolve() in target.parents
+            checked += 1
+    assert checked > 500
+    for own in (out / "assets" / "style.css", out / "assets" / "atlas.js"):  # no CDN, no fonts, no fetch()
+        text = own.read_text(encoding="utf-8")
+        assert "http" not in text and "fetch(" not in text
+
+
+def test_sae_data_files_point_at_existing_pages_and_images(built):
+    _, out, _, _ = built
+    for js in (out / "data").rglob("*.js"):
+        if js.name == "index.js":
+            continue
+        text = js.read_text(encoding="utf-8")
+        data = json.loads(text[text.index("]=") + 2 : text.rindex(";")])
+        page_dir = out / data["page_dir"]
+        for f, page, thumb in zip(data["feature"], data["page"], data["thumb"]):
+            assert (page_dir / f"{f}.html").is_file() == bool(page)
+            if thumb:
+                assert (out / thumb).is_file()
+
+
+def test_pages_exist_for_alive_features_only(built):
+    run_dir, out, stats, facts = built
+    saes = read_table(run_dir, "saes").to_pylist()
+    n_pages = 0
+    for row in saes:
+        f = facts["features"][row["sae_id"]]
+        folder = out / addr.sae_dir(row["model"], addr.sae_slug(row["sae_id"], row["model"]))
+        for feature, dead in enumerate(f["dead"]):
+            assert (folder / f"{feature}.html").is_file() == (not dead)
+        n_pages += int((~f["dead"]).sum())
+    assert stats.n_feature_pages == n_pages
+    assert stats.n_saes == 2 and stats.n_compare_pages == 1 and stats.n_edit_pages == 6
+    assert not any(p.name.endswith(".partial") for p in out.parent.iterdir())
+
+
+def test_feature_page_content(built):
+    run_dir, out, _, facts = built
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    dead = facts["features"][sae_id]["dead"]
+    feature = int(np.flatnonzero(~dead)[3])
+    page = out / addr.feature_page("dino", addr.sae_slug(sae_id, "dino"), feature)
+    html = page.read_text(encoding="utf-8")
+    assert f"<title>DINOv2-40/{feature} · Atlas &lt;test&gt;</title>" in html
+    exemplars = read_table(run_dir, "exemplars", f"WHERE sae_id = '{sae_id}' AND feature = {feature}").num_rows
+    assert html.count('class="tile"') == min(exemplars, REPORT.exemplars_shown)
+    assert html.count("img/o/") == min(exemplars, REPORT.exemplars_shown)
+    assert 'rel="prev"' in html and 'rel="next"' in html
+    assert "<svg class=\"hist\"" in html
+    assert "plotly" not in html  # feature pages stay light
+
+
+def test_edit_and_match_links_on_feature_pages(built):
+    run_dir, out, _, facts = built
+    edit = next(e for e in facts["edits"] if not e["is_control"])
+    sae = edit["sae_id"]
+    page = out / addr.feature_page("dino", addr.sae_slug(sae, "dino"), edit["features"][0])
+    html = page.read_text(encoding="utf-8")
+    assert addr.edit_page(edit["edit_id"]) in html
+    match = next(m for m in facts["matches"] if m["sae_a"] == sae and m["feature_a"] == edit["features"][0])
+    assert addr.compare_page(match["comparison"]) in html
+    edit_html = (out / addr.edit_page(edit["edit_id"])).read_text(encoding="utf-8")
+    control = next(e for e in facts["edits"] if e["edit_id"] == edit["edit_id"] + "/control")
+    assert "<th>control</th>" in edit_html and f"DINOv2-40/{control['features'][0]}<" in edit_html
+    assert f"{control['specificity']:.3g}" in edit_html
+
+
+def test_compare_page_counts_and_pictures(built):
+    _, out, _, facts = built
+    html = (out / addr.compare_page("dino~clip")).read_text(encoding="utf-8")
+    for sae_a in ("dino/L10/relu-x1-l1_0.0004-s0", "clip/L10/relu-x1-l1_0.0004-s1"):
+        rows = [m for m in facts["matches"] if m["sae_a"] == sae_a]
+        assert f"<dt>matched</dt><dd>{sum(m['matched'] for m in rows)}</dd>" in html
+        assert f"<dt>features</dt><dd>{len(rows)}</dd>" in html
+    assert 'class="pair"' in html and html.count("img/o/") >= html.count('class="pair"')
+
+
+def test_segmentation_edit_page_has_both_maps_and_a_legend(built):
+    _, out, _, facts = built
+    seg = next(e for e in facts["edits"] if e["task"] == "segmentation" and not e["is_control"])
+    html = (out / addr.edit_page(seg["edit_id"])).read_text(encoding="utf-8")
+    assert html.count("img/s/") == 3  # before, after, after control
+    assert html.count('class="swatch"') == len(set(seg["before_map"]) | set(seg["after_map"]))
+
+
+def test_feature_pages_cap_keeps_the_strongest(tmp_path):
+    run_dir = tmp_path / "run"
+    facts = write_synthetic_run(run_dir, small_run(edits=False, matches=False, saes=[SyntheticSAE("dino", 30)]))
+    stats = build_site(run_dir, tmp_path / "site", ReportSpec(feature_pages=5, thumbnail_px=48, exemplars_shown=3), workers=1)
+    assert stats.n_feature_pages == 5
+    f = facts["features"]["dino/L10/relu-x1-l1_0.0004-s0"]
+    strongest = np.argsort(-f["max_act"])[:5]
+    folder = tmp_path / "site" / addr.sae_dir("dino", "L10-relu-x1-l1_0.0004-s0")
+    assert sorted(int(p.stem) for p in folder.glob("[0-9]*.html")) == sorted(strongest.tolist())
+    assert not (tmp_path / "site" / "edits").exists() and not (tmp_path / "site" / "compare").exists()
+
+
+def test_rebuild_reuses_images_and_swaps_atomically(tmp_path):
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 20)], matches=False))
+    out = tmp_path / "site"
+    first = build_site(run_dir, out, REPORT, workers=1)
+    assert first.n_images_rendered > 0
+    (out / "stale.html").write_text("old")
+    second = build_site(run_dir, out, REPORT.model_copy(update={"title": "Renamed"}), workers=1)
+    assert second.n_images_rendered == 0 and second.n_feature_pages == first.n_feature_pages
+    assert "Renamed" in (out / "index.html").read_text(encoding="utf-8")
+    assert not (out / "stale.html").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "site"]  # no staging or old folders left
+
+
+def test_process_pool_path_draws_the_same_files(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 12)], edits=False, matches=False))
+    inline = build_site(run_dir, tmp_path / "a", REPORT, workers=1)
+    monkeypatch.setattr(site_mod, "POOL_MIN_JOBS", 1)
+    pooled = build_site(run_dir, tmp_path / "b", REPORT, workers=2)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "img").rglob("*.jpg"))
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / "img").rglob("*.jpg"))
+    assert files_a == files_b and pooled.n_images_rendered == inline.n_images_rendered > 0
+
+
+def test_missing_images_and_sparse_tables_still_build(tmp_path):
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 10)], edits=False, matches=False))
+    for image in (run_dir / "images").glob("*.png"):
+        image.unlink()  # every image gone: placeholders, not a failed build
+    shutil.rmtree(run_dir / "tables" / "saes")  # features without an saes row still get pages
+    shutil.rmtree(run_dir / "tables" / "train_log")
+    stats = build_site(run_dir, tmp_path / "site", REPORT, workers=1)
+    assert stats.n_feature_pages > 0 and stats.n_missing_images == 10 and stats.n_overlays == 0
+    page = next((tmp_path / "site" / "features").rglob("[0-9]*.html")).read_text(encoding="utf-8")
+    assert "assets/missing.svg" in page
+
+
+def test_only_images_table(tmp_path):
+    run_dir = tmp_path / "run"
+    write_table(run_dir / "tables" / "images" / "p.parquet", "images", [{"dataset": "d", "image_idx": 0, "path": "/nope.png", "status": "ok"}], "h")
+    stats = build_site(run_dir, tmp_path / "site", REPORT, workers=1)
+    assert stats.n_saes == 0 and (tmp_path / "site" / "index.html").is_file()
+    assert "No SAEs" in (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- in a browser
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("chromium / chromedriver not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-unsafe-swiftshader",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=1280,1000",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def _open(driver, path: Path) -> list[dict]:
+    driver.get(path.resolve().as_uri())
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    return driver.get_log("browser")
+
+
+def _severe(logs: list[dict]) -> list[dict]:
+    return [entry for entry in logs if entry["level"] == "SEVERE"]
+
+
+def _no_xss(driver) -> None:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert.text  # noqa: B018 - raises when no alert() ran
+    assert driver.execute_script("return window.__xss === undefined")
+
+
+def test_index_renders_its_charts(built, browser):
+    _, out, _, _ = built
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    logs = _open(browser, out / "index.html")
+    figures = browser.execute_script("return Object.keys(SAEV.data.index.figures).length")
+    assert figures == 5  # L0–MSE, L0–FVU, loss, MSE, L0
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot').length") == figures + 1)
+    # The density scatter loaded its SAE's data file through a script tag and drew every live feature.
+    n_points = browser.execute_script("return document.getElementById('scatter').data[0].x.length")
+    run_dir = built[0]
+    first = read_table(run_dir, "saes").to_pylist()
+    first_id = sorted(first, key=lambda r: (r["model"], r["layer"], r["sae_id"]))[0]["sae_id"]
+    assert n_points == read_table(run_dir, "features", f"WHERE sae_id = '{first_id}' AND log10_freq IS NOT NULL").num_rows
+    assert browser.execute_script("return document.getElementById('scatter').data[0].type") == "scattergl"
+    assert not _severe(logs), logs
+    _no_xss(browser)
+
+
+def test_search_finds_a_feature(built, browser):
+    _, out, _, facts = built
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    sae_id = "clip/L10/relu-x1-l1_0.0004-s1"
+    feature = int(np.flatnonzero(~facts["features"][sae_id]["dead"])[-1])
+    logs = _open(browser, out / addr.sae_page("clip", addr.sae_slug(sae_id, "clip")))
+    box = browser.find_element(By.ID, "q")
+    box.send_keys(f"#{feature}")
+    title = f"{LABELS['clip']}-40/{feature}"
+
+    def rows(d):  # read in one script call: the list re-renders while we wait
+        return d.execute_script("return Array.from(document.querySelectorAll('#rows tr td.mono')).map(td => td.textContent)")
+
+    WebDriverWait(browser, 10).until(lambda d: len(rows(d)) == 1)
+    assert rows(browser)[0].startswith(title)
+    link = browser.find_element(By.CSS_SELECTOR, "#rows tr td.mono a")
+    assert link.get_attribute("href").endswith(f"/{feature}.html")
+    # Label search (substring, case-insensitive) finds exactly the features with that top label.
+    box.clear()
+    box.send_keys("BIRD")
+    expected = sum(1 for l, d in zip(facts["features"][sae_id]["top_label"], facts["features"][sae_id]["dead"]) if l == "bird" and not d)
+    # The filter state goes into the address (so a filtered list can be shared): wait for it, then count.
+    WebDriverWait(browser, 10).until(lambda d: "q=BIRD" in d.current_url)
+    assert browser.execute_script("return document.getElementById('count').textContent").startswith(f"{expected} of")
+    assert expected > 0
+    assert not _severe(logs + browser.get_log("browser"))
+    _no_xss(browser)
+
+
+def test_feature_page_shows_every_exemplar_image(built, browser):
+    _, out, _, facts = built
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    pages = sorted((out / addr.sae_dir("dino", addr.sae_slug(sae_id, "dino"))).glob("[0-9]*.html"), key=lambda p: int(p.stem))
+    for page in pages[:4]:
+        logs = _open(browser, page)
+        sizes = browser.execute_script(
+            "return Array.from(document.querySelectorAll('.exemplars img')).map(i => [i.complete, i.naturalWidth])"
+        )
+        assert len(sizes) == page.read_text(encoding="utf-8").count('class="tile"') > 0
+        assert all(complete and width > 0 for complete, width in sizes), sizes
+        assert not _severe(logs), logs
+        _no_xss(browser)
+
+
+def test_every_page_kind_loads_cleanly(built, browser):
+    _, out, _, _ = built
+    pages = [out / "edits" / "index.html", *(out / "edits").rglob("[0-9]*.html"), *(out / "compare").glob("*.html")]
+    assert len(pages) == 1 + 6 + 1
+    for page in pages:
+        logs = _open(browser, page)
+        broken = browser.execute_script("return Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).map(i => i.src)")
+        assert not broken and not _severe(logs), (page, broken, logs)
+        _no_xss(browser)
