@@ -117,6 +117,8 @@ def plan(
     for row in recording_estimates(parsed):
         est.add_row(*[escape(str(row[c])) for c in ("model", "layers", "images", "tokens", "d", "dtype", "disk", "gflop", "cpu_time", "gpu_time")])
     out.print(est)
+    for row in recording_estimates(parsed):
+        out.print(f"{escape(str(row['model']))}: {row['disk']} of activations; recording ≈ {row['cpu_time']} on this CPU, ≈ {row['gpu_time']} on a GPU", highlight=False)
     out.print("[dim]Disk = images × tokens × d × bytes per layer. Times assume 0.1 TFLOP/s (this 2-core CPU) and 30 TFLOP/s (one A6000-class GPU in fp16); treat them as order-of-magnitude.[/]")
 
 
