@@ -264,7 +264,7 @@ class SAESpec(SpecModel):
     n_patches: int = Field(default=100_000_000, gt=0)
     """Training budget in patches (paper 100M); the store is cycled if smaller."""
     normalize: bool = True
-    """Subtract the mean activation and scale to unit mean norm before training (paper)."""
+    """Subtract the mean activation and scale so the mean norm is √d before training (the reference code; the paper's "unit norm")."""
     sparse_backward: bool = True
     """Decode and back-propagate through active features only (faster; same maths)."""
     log_every: int = Field(default=20, gt=0)

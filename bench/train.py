@@ -1,0 +1,284 @@
+"""SAE training throughput: our sparse step vs our dense step vs the paper's reference code.
+
+    python bench/train.py            # demo scale (d=384, F=6,144) and paper scale (d=768, F=24,576)
+    python bench/train.py --quick    # smaller batches, fewer rounds
+
+The reference is PyPI `saev==0.1.0`'s `saev.nn.SparseAutoencoder` with its training step
+(normalise decoder, forward, backward, remove parallel gradients, Adam). It needs einops,
+beartype and jaxtyping; keep it out of the main environment:
+
+    python3 -m venv --system-site-packages /tmp/saev-venv
+    /tmp/saev-venv/bin/pip install --no-deps saev==0.1.0 && /tmp/saev-venv/bin/pip install einops beartype jaxtyping
+    /tmp/saev-venv/bin/python bench/train.py
+
+Without saev the reference column is skipped.
+
+All three start from the same "settled" ReLU SAE: synthetic activations are sparse
+non-negative codes (Zipf-distributed feature frequencies, exponential magnitudes) over
+a random unit dictionary plus noise and an offset; the SAE starts at that dictionary
+with the encoder bias set so the mean L0 sits at the target (≈ the paper's Table 1
+L0 / F), then takes a few steps before timing. So the timed steps run at the sparsity
+of a trained SAE without hundreds of warm-up steps on 2 cores. Each round runs one
+step of every method on the same batch, in rotating order, so a load spike from other
+processes hits all of them; the median over rounds is reported.
+
+The sparse limit is what a step would reach if the sparse part were free of overhead:
+matmul FLOP/s (timed in the same rounds) / (2·d·F + 8·L0·d) flop per patch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("SAEV_REPORT_PROGRESS", "0")
+
+import saev_report.train as train_module  # noqa: E402
+from saev_report.sae import SparseAutoencoder  # noqa: E402
+from saev_report.spec import SAESpec, sae_sweep  # noqa: E402
+from saev_report.train import keep_freed_memory, make_adam, optimizer_step, train_saes  # noqa: E402
+
+LR, L1_COEFF = 4e-4, 4e-4  # the paper's values
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    d: int
+    n_features: int
+    batch: int
+    l0_target: int  # ≈ paper Table 1 L0 / F (CLIP 413 / 24,576 ≈ 1.7 %)
+    l0_true: int  # atoms per synthetic patch
+
+
+def scales(quick: bool, batch_demo: int | None, batch_paper: int | None) -> list[Scale]:
+    return [
+        Scale("demo", 384, 16 * 384, batch_demo or (1024 if quick else 4096), 100, 24),
+        Scale("paper", 768, 24_576, batch_paper or (1024 if quick else 4096), 400, 64),
+    ]
+
+
+# --------------------------------------------------------------------------- synthetic activations
+
+
+class Planted:
+    """x = codes @ dictionary + noise + offset, codes sparse with Zipf feature frequencies."""
+
+    def __init__(self, d: int, n_atoms: int, l0: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        atoms = torch.randn(n_atoms, d, generator=g)
+        self.dictionary = atoms / atoms.norm(dim=1, keepdim=True)
+        self.freq = 1.0 / torch.arange(1, n_atoms + 1).float() ** 0.8  # some features frequent, most rare
+        self.offset = torch.randn(d, generator=g) * 2.0
+        self.l0, self.g = l0, g
+
+    def batch(self, n: int) -> torch.Tensor:
+        idx = torch.multinomial(self.freq, n * self.l0, replacement=True, generator=self.g).view(n, self.l0)
+        mag = torch.empty(n, self.l0).exponential_(1.0, generator=self.g)
+        codes = torch.zeros(n, self.dictionary.shape[0]).scatter_add_(1, idx, mag)
+        return codes @ self.dictionary + 0.05 * torch.randn(n, self.dictionary.shape[1], generator=self.g) + self.offset
+
+
+def settled_sae(scale: Scale, data: Planted) -> SparseAutoencoder:
+    """A ReLU SAE near the planted dictionary with mean L0 ≈ the target."""
+    sae = SparseAutoencoder(scale.d, scale.n_features, "relu", seed=0)
+    sample = data.batch(2048)
+    sae.fit_normalization(sample)
+    sae.init_b_dec(sample)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.W_dec_fd.copy_(data.dictionary + 0.3 * torch.randn(data.dictionary.shape, generator=g) / scale.d**0.5)
+        sae.normalize_decoder_()
+        sae.W_enc_df.copy_(sae.W_dec_fd.t())
+        sae.b_enc_f.zero_()
+        pre = sae.pre_activations_normalized(sae.normalize(sample[:512]))
+        cut = torch.quantile(pre.flatten()[:: max(1, pre.numel() // 1_000_000)], 1 - scale.l0_target / scale.n_features)
+        sae.b_enc_f.fill_(-float(cut))
+    return sae
+
+
+# --------------------------------------------------------------------------- the steps compared
+
+
+def load_saev():
+    try:
+        import saev.config
+        import saev.nn
+    except ImportError as exc:
+        print(f"(saev 0.1.0 not importable: {exc}; reference column skipped — see the module docstring)")
+        return None
+    return saev
+
+
+def saev_model(saev, ours: SparseAutoencoder):
+    expansion = ours.n_features // ours.d_model
+    cfg = saev.config.SparseAutoencoder(d_vit=ours.d_model, exp_factor=expansion, sparsity_coeff=L1_COEFF, seed=0)
+    ref = saev.nn.SparseAutoencoder(cfg)
+    with torch.no_grad():
+        ref.W_enc.copy_(ours.W_enc_df)
+        ref.b_enc.copy_(ours.b_enc_f)
+        ref.W_dec.copy_(ours.W_dec_fd)
+        ref.b_dec.copy_(ours.b_dec_d)
+    return ref
+
+
+def saev_adam(ref) -> torch.optim.Optimizer:
+    try:  # saev.training uses fused Adam
+        return torch.optim.Adam(ref.parameters(), lr=LR, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(ref.parameters(), lr=LR)
+
+
+def saev_step(ref, optimizer, xn_nd: torch.Tensor) -> None:
+    """saev.training.train's loop body."""
+    ref.normalize_w_dec()
+    _, _, loss = ref(xn_nd)
+    loss.loss.backward()
+    ref.remove_parallel_grads()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def ours_step(sae: SparseAutoencoder, optimizer, xn_nd: torch.Tensor, sparse: bool) -> float:
+    out, _ = optimizer_step(sae, optimizer, xn_nd, L1_COEFF, sparse)
+    return out.l0
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, xn_nd: torch.Tensor) -> tuple[float, float]:
+    f_nf = sae.encode_normalized(xn_nd)
+    mse = float((sae.decode_normalized(f_nf) - xn_nd).pow(2).mean())
+    return mse, float((f_nf > 0).sum(1).float().mean())
+
+
+# --------------------------------------------------------------------------- one scale
+
+
+def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev) -> dict[str, float]:
+    print(f"\n== {scale.name}: d={scale.d}, F={scale.n_features:,}, batch={scale.batch:,} ==", flush=True)
+    data = Planted(scale.d, scale.n_features, scale.l0_true)
+    base = settled_sae(scale, data)
+    batches = [base.normalize(data.batch(scale.batch)) for _ in range(rounds)]
+    held_out = base.normalize(data.batch(scale.batch))
+    warm_optimizer = make_adam(base, LR)
+    for _ in range(warm_steps):  # settle a little under training before the copies fork
+        ours_step(base, warm_optimizer, base.normalize(data.batch(scale.batch)), sparse=True)
+
+    sparse_sae, dense_sae = copy.deepcopy(base), copy.deepcopy(base)
+    contenders = {
+        "sparse": (lambda xn, s=sparse_sae, o=make_adam(sparse_sae, LR): ours_step(s, o, xn, True)),
+        "dense": (lambda xn, s=dense_sae, o=make_adam(dense_sae, LR): ours_step(s, o, xn, False)),
+    }
+    if saev is not None:
+        ref = saev_model(saev, base)
+        contenders["saev"] = lambda xn, r=ref, o=saev_adam(ref): saev_step(r, o, xn)
+    W_df = base.W_enc_df.detach().clone()
+    contenders["matmul"] = lambda xn: xn @ W_df
+
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    l0s: list[float] = []
+    names = list(contenders)
+    for r, xn_nd in enumerate(batches):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
+            start = time.perf_counter()
+            result = contenders[name](xn_nd)
+            times[name].append(time.perf_counter() - start)
+            if name == "sparse":
+                l0s.append(result)
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:,.0f} ms" for n in names), flush=True)
+
+    keep = slice(1, None) if rounds > 2 else slice(None)  # the first round warms caches and allocators
+    step_s = {name: statistics.median(ts[keep]) for name, ts in times.items()}
+    pps = {name: scale.batch / s for name, s in step_s.items() if name != "matmul"}
+    flops = 2 * scale.batch * scale.d * scale.n_features / step_s["matmul"]
+    l0 = statistics.mean(l0s)
+    limit = flops / (2 * scale.d * scale.n_features + 8 * l0 * scale.d)
+    mse_s, l0_s = evaluate(sparse_sae, held_out)
+    mse_d, l0_d = evaluate(dense_sae, held_out)
+
+    print(f"  L0 during timing {l0:.0f} ({l0 / scale.n_features:.2%} of F); matmul {flops / 1e9:.0f} GFLOP/s")
+    for name, value in pps.items():
+        print(f"  {name:>6}: {value:>9,.0f} patches/s  ({step_s[name] * 1e3:,.0f} ms/step)")
+    if "saev" in pps:
+        print(f"  ratio sparse / saev  = {pps['sparse'] / pps['saev']:.2f}×   dense / saev = {pps['dense'] / pps['saev']:.2f}×")
+    print(f"  ratio sparse / dense = {pps['sparse'] / pps['dense']:.2f}×")
+    print(f"  sparse limit {limit:,.0f} patches/s → sparse step reaches {pps['sparse'] / limit:.0%} of it")
+    within = abs(mse_s / mse_d - 1) <= 0.02 and abs(l0_s / l0_d - 1) <= 0.02
+    print(f"  after {rounds} steps: MSE sparse {mse_s:.5f} vs dense {mse_d:.5f} ({abs(mse_s / mse_d - 1):.2%} apart), "
+          f"L0 {l0_s:.1f} vs {l0_d:.1f} ({abs(l0_s / l0_d - 1):.2%} apart): {'within' if within else 'NOT within'} 2 %")  # fmt: skip
+    return {"sparse_pps": pps["sparse"], "dense_pps": pps["dense"], "saev_pps": pps.get("saev", float("nan"))}
+
+
+def agreement_from_scratch(steps: int) -> None:
+    """Train the same SAE from the paper's init with the sparse and the dense path (train_saes,
+    demo width, a small batch) and compare final MSE and L0. The sparse run takes the sparse
+    path from the first step, although a fresh ReLU SAE is dense (train_saes would use the
+    dense step until the active fraction drops under SPARSE_MAX_DENSITY)."""
+    print(f"\n== agreement: train_saes from the paper's init, {steps} steps, d=384, F=6,144, batch 1,024 ==", flush=True)
+    data = Planted(384, 6144, 24, seed=3)
+
+    def factory(batch_rows: int, seed: int):
+        while True:
+            yield data.batch(batch_rows)
+
+    results = {}
+    default_max_density = train_module.SPARSE_MAX_DENSITY
+    out_root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    for sparse in (True, False):
+        data.g.manual_seed(7)
+        train_module.SPARSE_MAX_DENSITY = 1.0 if sparse else default_max_density
+        spec = SAESpec(expansion=[16], l1_coeff=[4e-3], batch_size=1024, n_patches=1024 * steps, lr=2e-3,
+                       lr_warmup_steps=10, l1_warmup_steps=20, sparse_backward=sparse, log_every=steps)  # fmt: skip
+        start = time.perf_counter()
+        (result,) = train_saes(factory, spec, sae_sweep(spec), out_root / str(sparse), "cpu", "bench", "bench")
+        results[sparse] = (result, time.perf_counter() - start)
+    train_module.SPARSE_MAX_DENSITY = default_max_density
+    shutil.rmtree(out_root, ignore_errors=True)
+    (rs, ts), (rd, td) = results[True], results[False]
+    print(f"  sparse: MSE {rs.mse:.5f}, L0 {rs.l0:.1f}, {ts:.1f} s   dense: MSE {rd.mse:.5f}, L0 {rd.l0:.1f}, {td:.1f} s")
+    print(f"  MSE {abs(rs.mse / rd.mse - 1):.2%} apart, L0 {abs(rs.l0 / rd.l0 - 1):.2%} apart "
+          f"(L0 / F = {rs.l0 / 6144:.1%}: the sparse path is forced here, train_saes would run dense steps)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small batches and few rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="steps per method at demo scale (paper scale: 3)")
+    parser.add_argument("--scales", default="demo,paper", help="comma-separated: demo, paper")
+    parser.add_argument("--batch-demo", type=int, default=None)
+    parser.add_argument("--batch-paper", type=int, default=None)
+    parser.add_argument("--agreement-steps", type=int, default=None, help="0 skips the from-scratch agreement run")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--system-malloc", action="store_true", help="leave glibc's mmap/trim behaviour as it is")
+    args = parser.parse_args()
+    if not args.system_malloc:
+        keep_freed_memory()  # as train_saes does on CPU; applies to every contender alike
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
+          f"{'system malloc' if args.system_malloc else 'freed memory kept for reuse'}")  # fmt: skip
+    saev = load_saev()
+    rounds = args.rounds or (3 if args.quick else 6)
+    wanted = set(args.scales.split(","))
+    for scale in scales(args.quick, args.batch_demo, args.batch_paper):
+        if scale.name in wanted:
+            bench_scale(scale, rounds if scale.name == "demo" else 3, warm_steps=2, saev=saev)
+    agreement_steps = args.agreement_steps if args.agreement_steps is not None else (0 if args.quick else 40)
+    if agreement_steps:
+        agreement_from_scratch(agreement_steps)
+
+
+if __name__ == "__main__":
+    main()
