@@ -1,0 +1,499 @@
+"""Observe: SAE metrics, per-feature statistics and top-k exemplar images, in one pass.
+
+`analyse_sae` reads every patch once, a batch of whole images at a time. Per
+batch it encodes the patches, decodes them for the metrics, and updates:
+
+- float64 reconstruction sums: Σ‖x−x̂‖², active features, and the per-dim mean
+  and centred M2 of x merged batch by batch (Chan et al.), so the centred
+  Σ‖x−x̄‖² of the FVU stays exact even when the mean dwarfs the spread (the
+  float32 E[x²]−E[x]² shortcut cancels to noise there);
+- per-feature counters over the firing entries only (f > 0, found with one
+  `nonzero` over f): firings, activation sum, max, and a log10 histogram on a
+  fixed fine grid (`FINE_PER_DECADE` bins per decade over `LOG10_RANGE`);
+- the top-k images per feature, ranked by the image's max patch activation, so
+  an image appears at most once per feature. Value and stream position share
+  one int64 key per slot, which makes the merge a single `torch.topk` over
+  [F, k + images] with deterministic ties (equal activations: the image read
+  first wins), and the patch maps of images entering the top-k are copied out
+  of the batch then.
+
+Memory is bounded whatever the number of patches: one batch, O(F·fine bins)
+counters, and the maps of the current winners, F·k·patches float32 (100 MB at
+6144 × 16 × 256, 400 MB at 24576 × 16 × 256). Keeping the maps beats a second
+pass that re-encodes the winners: with few images (the demo) nearly every
+image wins some slot, so that pass is a second full encode, and with many
+(ImageNet) it re-reads a store of hundreds of GB that the scan just streamed.
+
+Histogram edges: the fine grid (1/8 decade from 1e-8 to 1e6; values outside
+land in the end bins) is fixed before the pass; afterwards one set of
+`histogram_bins` edges per SAE is chosen spanning every firing activation of
+every feature, each coarse bin a whole number of fine bins. Counts are exact,
+edges are shared by all features of an SAE (comparable, summable in SQL), and
+no second look at the data is needed.
+
+Exemplar labels: `top_label` is the most common label among a feature's
+exemplar images (ties: the label of the better-ranked exemplar),
+`label_purity` its share and `label_entropy` the entropy in bits of their
+label distribution; exemplar images without a label are left out of all three.
+
+SAE activations must be non-negative (ReLU, TopK and BatchTopK SAEs are).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from saev_report import progress, tables
+from saev_report.spec import AnalysisSpec
+
+Batch = tuple[torch.Tensor, np.ndarray]
+"""(acts_bpd: raw float32 activations [images, patches, d], image_idx_b: dataset image index of each)."""
+
+LOG10_RANGE = (-8.0, 6.0)
+FINE_PER_DECADE = 8
+N_FINE_BINS = int((LOG10_RANGE[1] - LOG10_RANGE[0]) * FINE_PER_DECADE)
+
+_POS_BITS = 32
+_POS_MASK = (1 << _POS_BITS) - 1
+
+
+class SAELike(Protocol):
+    n_features: int
+    d_model: int
+
+    def normalize(self, x_nd: torch.Tensor) -> torch.Tensor: ...
+    def encode_normalized(self, xn_nd: torch.Tensor) -> torch.Tensor: ...
+    def decode_normalized(self, f_nf: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class AnalysisResult:
+    metrics: dict[str, float | int]
+    """The metric columns of the `saes` table: n_patches_eval, mse, l0, fvu, n_dead, n_dense."""
+    features: pa.Table
+    """The `features` table (one row per feature)."""
+    exemplars: pa.Table
+    """The `exemplars` table (≤ top_k rows per feature, only images where it fires)."""
+
+
+# --------------------------------------------------------------------------- accumulators
+
+
+def _float64_device(device: torch.device) -> torch.device:
+    """MPS has no float64: keep the (small) float64 accumulators on the CPU there."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+class ReconstructionStats:
+    """float64 sums for MSE, L0 and the centred FVU over every patch seen."""
+
+    def __init__(self, d_model: int, device: torch.device):
+        self.device = _float64_device(device)
+        self.n_patches = 0
+        self.n_active = 0
+        self.sq_err = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.mean_d = torch.zeros(d_model, dtype=torch.float64, device=self.device)
+        self.m2_d = torch.zeros(d_model, dtype=torch.float64, device=self.device)
+
+    def update(self, xn_nd: torch.Tensor, xhat_nd: torch.Tensor, n_active: int) -> None:
+        x_nd = xn_nd.to(self.device, torch.float64)
+        # Subtracting in float64 keeps float32 rounding out of the residual.
+        self.sq_err += (x_nd - xhat_nd.to(self.device, torch.float64)).square_().sum()
+        # Chan et al.: merge this batch's mean and centred M2 into the running ones.
+        n_b = x_nd.shape[0]
+        mean_b = x_nd.mean(0)
+        m2_b = (x_nd - mean_b).square_().sum(0)
+        n = self.n_patches + n_b
+        delta = mean_b - self.mean_d
+        self.mean_d += delta * (n_b / n)
+        self.m2_d += m2_b + delta.square() * (self.n_patches * n_b / n)
+        self.n_patches = n
+        self.n_active += n_active
+
+    def metrics(self, d_model: int) -> dict[str, float]:
+        n = max(self.n_patches, 1)
+        sq_err = float(self.sq_err)
+        total_var = float(self.m2_d.sum())
+        return {
+            "mse": sq_err / (n * d_model),
+            "l0": self.n_active / n,
+            "fvu": sq_err / total_var if total_var > 0 else math.nan,
+        }
+
+
+def fine_thresholds() -> np.ndarray:
+    """Lower edge of fine bins 1.. as the smallest float32 ≥ 10^edge, so that bucketizing float32
+    activations against them is exactly `floor((log10(v) − lo) · FINE_PER_DECADE)`, with no log."""
+    edges = 10.0 ** (LOG10_RANGE[0] + np.arange(1, N_FINE_BINS) / FINE_PER_DECADE)
+    thresholds = edges.astype(np.float32)
+    below = thresholds.astype(np.float64) < edges
+    thresholds[below] = np.nextafter(thresholds[below], np.float32(np.inf))
+    return thresholds
+
+
+def fine_bins(vals: torch.Tensor) -> torch.Tensor:
+    """Fine-grid bin of each positive float32 activation (outside the grid: the end bins)."""
+    return torch.bucketize(vals, torch.from_numpy(fine_thresholds()).to(vals.device), right=True)
+
+
+class FeatureStats:
+    """Per-feature firing counts, activation sums, maxima and fine log10 histograms."""
+
+    def __init__(self, n_features: int, device: torch.device):
+        acc = _float64_device(device)
+        self.n_features = n_features
+        self.n_fire_f = torch.zeros(n_features, dtype=torch.int64, device=acc)
+        self.act_sum_f = torch.zeros(n_features, dtype=torch.float64, device=acc)
+        self.max_act_f = torch.zeros(n_features, dtype=torch.float32, device=acc)
+        self.fine_hist_fh = torch.zeros(n_features, N_FINE_BINS, dtype=torch.int64, device=acc)
+        self.thresholds = torch.from_numpy(fine_thresholds()).to(acc)
+
+    def update(self, f_nf: torch.Tensor, img_max_bf: torch.Tensor) -> int:
+        """Add a batch; returns its number of firing (patch, feature) entries."""
+        acc = self.n_fire_f.device
+        flat = f_nf.reshape(-1)
+        # Only firing entries cost anything beyond this one pass over f.
+        idx = torch.nonzero(flat).squeeze(1)
+        vals = flat.index_select(0, idx).float()
+        if vals.numel() and bool(vals.min() < 0):
+            raise ValueError("SAE activations must be non-negative")
+        feat = (idx % self.n_features).to(acc)
+        vals = vals.to(acc)
+        ones = torch.ones_like(feat)
+        self.n_fire_f.index_add_(0, feat, ones)
+        self.act_sum_f.index_add_(0, feat, vals.double())
+        bins = torch.bucketize(vals, self.thresholds, right=True)
+        self.fine_hist_fh.view(-1).index_add_(0, feat * N_FINE_BINS + bins, ones)
+        if img_max_bf.shape[0]:
+            self.max_act_f = torch.maximum(self.max_act_f, img_max_bf.amax(0).to(acc))
+        return int(idx.numel())
+
+
+class TopImages:
+    """Running top-k images per feature by max patch activation, with their patch maps.
+
+    Each slot is one int64 key: the float32 bits of the (non-negative)
+    activation in the high 32 bits — for non-negative floats the bit pattern
+    orders like the value — and `_POS_MASK − stream position` in the low 32,
+    so among equal activations the earlier image ranks first. Empty slots are -1.
+    Keys stay sorted (rank order); the maps live in per-feature cells that do
+    not move: `cell_fk` says which cell holds the map of each slot, and an
+    image entering the top-k takes over a cell freed by an image leaving it.
+    """
+
+    def __init__(self, n_features: int, k: int, n_patches: int, device: torch.device):
+        self.k = k
+        self.keys_fk = torch.full((n_features, k), -1, dtype=torch.int64, device=device)
+        self.cell_fk = torch.arange(k, device=device).repeat(n_features, 1)
+        self.maps_fkp = torch.zeros(n_features, k, n_patches, device=device)
+
+    def update(self, img_max_bf: torch.Tensor, f_bpf: torch.Tensor, first_pos: int) -> None:
+        n_images, k = img_max_bf.shape[0], self.k
+        if first_pos + n_images > _POS_MASK:
+            raise ValueError("more than 2**32 images in one analysis")
+        # Negative values (and -0.0) have negative int32 bits: clamp them to +0.0.
+        bits_bf = img_max_bf.float().contiguous().view(torch.int32).clamp_min(0).long()
+        pos_b = torch.arange(first_pos, first_pos + n_images, device=bits_bf.device)
+        keys_bf = (bits_bf << _POS_BITS) | (_POS_MASK - pos_b)[:, None]
+        # Only features where some image beats the current k-th slot change; once the
+        # slots fill up that is a shrinking minority.
+        changed_c = torch.nonzero(keys_bf.amax(0) > self.keys_fk[:, -1]).squeeze(1)
+        if changed_c.numel() == 0:
+            return
+        keys_ck, pick_ck = torch.cat([self.keys_fk[changed_c], keys_bf[:, changed_c].T], dim=1).topk(k, dim=1)
+
+        # Cells: survivors keep theirs, entrants take the freed ones. Each row frees as many
+        # cells as it gains entrants, so the row-major lists of both pair up row by row.
+        cell_ck = self.cell_fk[changed_c]
+        new_cell_ck = cell_ck.gather(1, pick_ck.clamp_max(k - 1))
+        kept_cm = torch.zeros(len(changed_c), k + n_images, dtype=torch.bool, device=pick_ck.device)
+        kept_cm.scatter_(1, pick_ck, True)
+        freed_row, freed_slot = torch.nonzero(~kept_cm[:, :k], as_tuple=True)
+        entrant_row, entrant_slot = torch.nonzero(pick_ck >= k, as_tuple=True)
+        new_cell_ck[entrant_row, entrant_slot] = cell_ck[freed_row, freed_slot]
+        self.keys_fk[changed_c] = keys_ck
+        self.cell_fk[changed_c] = new_cell_ck
+
+        feature_e = changed_c[entrant_row]
+        image_e = pick_ck[entrant_row, entrant_slot] - k
+        if 3 * len(feature_e) > n_images * f_bpf.shape[2]:
+            # Many entrants (the first batches): one transposing copy beats strided gathers.
+            maps_ep = f_bpf.transpose(1, 2).contiguous()[image_e, feature_e]
+        else:
+            maps_ep = f_bpf[image_e, :, feature_e]
+        self.maps_fkp[feature_e, new_cell_ck[entrant_row, entrant_slot]] = maps_ep.float()
+
+    def values_fk(self) -> torch.Tensor:
+        """Activations (float32); empty slots are -inf."""
+        vals = (self.keys_fk >> _POS_BITS).to(torch.int32).view(torch.float32)
+        return torch.where(self.keys_fk >= 0, vals, torch.full_like(vals, -math.inf))
+
+    def positions_fk(self) -> torch.Tensor:
+        """Stream positions of the images in the slots; -1 for empty slots."""
+        pos = _POS_MASK - (self.keys_fk & _POS_MASK)
+        return torch.where(self.keys_fk >= 0, pos, torch.full_like(pos, -1))
+
+    def maps(self, feature_n: torch.Tensor, rank_n: torch.Tensor) -> torch.Tensor:
+        """[n, patches] activation maps of the given (feature, rank) slots."""
+        return self.maps_fkp[feature_n, self.cell_fk[feature_n, rank_n]]
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+@dataclass
+class ScanResult:
+    n_patches: int
+    image_idx: np.ndarray
+    """Dataset index of every image, in stream order (stream position → index)."""
+    recon: ReconstructionStats | None
+    stats: FeatureStats
+    top: TopImages | None
+    """None when no batch came."""
+
+
+@torch.inference_mode()
+def scan(batches: Iterable[Batch], sae: SAELike, top_k: int, device: torch.device, reconstruction: bool = True) -> ScanResult:
+    """The streaming pass: metrics (unless `reconstruction=False`), feature statistics, top-k images with maps."""
+    n_features, d_model = int(sae.n_features), int(sae.d_model)
+    recon = ReconstructionStats(d_model, device) if reconstruction else None
+    stats = FeatureStats(n_features, device)
+    top: TopImages | None = None
+    image_idx: list[np.ndarray] = []
+    n_images_seen, n_patches = 0, 0
+    for acts_bpd, image_idx_b in batches:
+        n_images, patches_per_image, d = acts_bpd.shape
+        if n_images == 0:
+            continue
+        if top is None:
+            top = TopImages(n_features, top_k, patches_per_image, device)
+        x_nd = acts_bpd.reshape(n_images * patches_per_image, d).to(device, torch.float32, non_blocking=True)
+        xn_nd = sae.normalize(x_nd)
+        f_nf = sae.encode_normalized(xn_nd)
+        f_bpf = f_nf.view(n_images, patches_per_image, n_features)
+        img_max_bf = f_bpf.amax(1)
+        n_active = stats.update(f_nf, img_max_bf)
+        top.update(img_max_bf, f_bpf, n_images_seen)
+        if recon is not None:
+            recon.update(xn_nd, sae.decode_normalized(f_nf), n_active)
+        image_idx.append(np.asarray(image_idx_b, dtype=np.int64).reshape(n_images))
+        n_images_seen += n_images
+        n_patches += n_images * patches_per_image
+    all_idx = np.concatenate(image_idx) if image_idx else np.zeros(0, dtype=np.int64)
+    return ScanResult(n_patches, all_idx, recon, stats, top)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def coarse_histograms(fine_fh: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shared edges [n_bins + 1] (log10) and counts [F, n_bins] from the fine-grid counts.
+
+    The edges span the fine bins occupied by any feature; each coarse bin
+    merges a whole number of fine bins, so no count is split or estimated.
+    """
+    occupied = np.flatnonzero(fine_fh.sum(0))
+    if len(occupied):
+        lo, hi = int(occupied[0]), int(occupied[-1])
+    else:  # nothing fires anywhere: a neutral range around activation 1
+        lo = hi = int(-LOG10_RANGE[0] * FINE_PER_DECADE)
+    width = math.ceil((hi - lo + 1) / n_bins)
+    padded = np.zeros((fine_fh.shape[0], n_bins * width), dtype=np.int64)
+    take = fine_fh[:, lo:lo + n_bins * width]
+    padded[:, :take.shape[1]] = take
+    counts_fb = padded.reshape(fine_fh.shape[0], n_bins, width).sum(2)
+    edges = LOG10_RANGE[0] + (lo + width * np.arange(n_bins + 1)) / FINE_PER_DECADE
+    return edges, counts_fb
+
+
+@dataclass
+class LabelStats:
+    top_label: list[str | None]
+    purity: np.ndarray
+    entropy: np.ndarray
+
+
+def label_stats(exemplar_image_fk: np.ndarray, labels: Mapping[int, str | None] | None) -> LabelStats:
+    """Label summary of each feature's exemplars; `exemplar_image_fk` holds image indices, -1 for empty slots."""
+    n_features, k = exemplar_image_fk.shape
+    labelled = {int(i): v for i, v in (labels or {}).items() if v is not None}
+    if not labelled:
+        nan = np.full(n_features, np.nan)
+        return LabelStats([None] * n_features, nan, nan.copy())
+    names = sorted(set(labelled.values()))
+    code = {name: c for c, name in enumerate(names)}
+    # image index → label code through a sorted lookup; -1 for unlabelled images and empty slots
+    keys = np.array(sorted(labelled), dtype=np.int64)
+    codes = np.array([code[labelled[i]] for i in keys], dtype=np.int64)
+    at = np.minimum(np.searchsorted(keys, exemplar_image_fk), len(keys) - 1)
+    label_fk = np.where((exemplar_image_fk >= 0) & (keys[at] == exemplar_image_fk), codes[at], -1)
+    # Compare every exemplar's label with every other's of the same feature: O(F·k²), no per-class table.
+    has = label_fk >= 0
+    same_fkk = (label_fk[:, :, None] == label_fk[:, None, :]) & has[:, :, None] & has[:, None, :]
+    count_fk = same_fkk.sum(2)  # exemplars sharing this slot's label
+    first_fk = same_fkk.argmax(2)  # best rank holding this slot's label
+    is_first_fk = has & (first_fk == np.arange(k))  # one slot per distinct label
+    best = np.where(has, count_fk * (k + 1) - first_fk, -1)  # most exemplars, then best-ranked
+    top_slot_f = best.argmax(1)
+    n_labelled_f = has.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_fk = np.where(is_first_fk, count_fk / n_labelled_f[:, None], 1.0)
+        purity = np.where(n_labelled_f > 0, count_fk[np.arange(n_features), top_slot_f] / n_labelled_f, np.nan)
+        # "0.0 −" rather than unary minus: a pure feature gets 0.0, not -0.0
+        entropy = np.where(n_labelled_f > 0, 0.0 - (p_fk * np.log2(p_fk)).sum(1), np.nan)
+    top_f = label_fk[np.arange(n_features), top_slot_f]
+    top_label = [names[t] if n > 0 else None for t, n in zip(top_f, n_labelled_f)]
+    return LabelStats(top_label, purity, entropy)
+
+
+def _list_array(values_2d: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """[rows, width] numpy → arrow list column, without going through Python lists."""
+    rows, width = values_2d.shape
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width, type=pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(values_2d.reshape(-1), type=value_type))
+
+
+def _nullable(values: np.ndarray) -> pa.Array:
+    return pa.array(values, type=pa.float64(), mask=np.isnan(values))
+
+
+def feature_table(sae_id: str, result: ScanResult, labels: LabelStats, spec: AnalysisSpec) -> pa.Table:
+    stats = result.stats
+    n_fire = stats.n_fire_f.cpu().numpy()
+    n = max(result.n_patches, 1)
+    freq = n_fire / n
+    dead = n_fire == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_act = np.where(dead, 0.0, stats.act_sum_f.cpu().numpy() / np.maximum(n_fire, 1))
+        log10_freq = np.where(dead, np.nan, np.log10(freq))
+        log10_mean = np.where(dead, np.nan, np.log10(mean_act))
+    edges, counts_fb = coarse_histograms(stats.fine_hist_fh.cpu().numpy(), spec.histogram_bins)
+    n_features = len(n_fire)
+    columns = {
+        "sae_id": pa.array([sae_id] * n_features, type=pa.string()),
+        "feature": pa.array(np.arange(n_features, dtype=np.int32)),
+        "n_fire": pa.array(n_fire.astype(np.int64)),
+        "freq": pa.array(freq, type=pa.float64()),
+        "log10_freq": _nullable(log10_freq),
+        "mean_act": pa.array(mean_act, type=pa.float64()),
+        "log10_mean_act": _nullable(log10_mean),
+        "max_act": pa.array(stats.max_act_f.cpu().numpy().astype(np.float64)),
+        "dead": pa.array(dead),
+        "dense": pa.array(freq > spec.dense_threshold),
+        "hist_counts": _list_array(counts_fb, pa.int64()),
+        "hist_edges": _list_array(np.broadcast_to(edges, (n_features, len(edges))), pa.float64()),
+        "top_label": pa.array(labels.top_label, type=pa.string()),
+        "label_purity": _nullable(labels.purity),
+        "label_entropy": _nullable(labels.entropy),
+    }
+    return tables.to_arrow("features", pa.table(columns))
+
+
+@dataclass
+class Exemplars:
+    feature_n: np.ndarray
+    rank_n: np.ndarray
+    image_idx_n: np.ndarray
+    act_n: np.ndarray
+    maps_np: np.ndarray
+
+
+def exemplars(top: TopImages | None, image_idx: np.ndarray) -> Exemplars:
+    """Filled slots where the feature fires (act > 0), ordered by feature then rank."""
+    if top is None:
+        empty = np.zeros(0, dtype=np.int64)
+        return Exemplars(empty, empty, empty, np.zeros(0), np.zeros((0, 0), dtype=np.float32))
+    act_fk = top.values_fk()
+    feature_n, rank_n = torch.nonzero(act_fk > 0, as_tuple=True)
+    pos_n = top.positions_fk()[feature_n, rank_n].cpu().numpy()
+    return Exemplars(feature_n.cpu().numpy(), rank_n.cpu().numpy(), image_idx[pos_n],
+                     act_fk[feature_n, rank_n].cpu().numpy(), top.maps(feature_n, rank_n).cpu().numpy())
+
+
+def exemplar_table(sae_id: str, dataset_key: str, ex: Exemplars, grid: tuple[int, int]) -> pa.Table:
+    n = len(ex.feature_n)
+    columns = {
+        "sae_id": pa.array([sae_id] * n, type=pa.string()),
+        "feature": pa.array(ex.feature_n.astype(np.int32)),
+        "rank": pa.array(ex.rank_n.astype(np.int32)),
+        "dataset": pa.array([dataset_key] * n, type=pa.string()),
+        "image_idx": pa.array(ex.image_idx_n.astype(np.int64)),
+        "act": pa.array(ex.act_n.astype(np.float64)),
+        "patch": pa.array(ex.maps_np.argmax(1).astype(np.int32) if n else np.zeros(0, np.int32)),
+        "grid_h": pa.array(np.full(n, grid[0], dtype=np.int32)),
+        "grid_w": pa.array(np.full(n, grid[1], dtype=np.int32)),
+        "patch_acts": _list_array(ex.maps_np.astype(np.float32), pa.float32()),
+    }
+    return tables.to_arrow("exemplars", pa.table(columns))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _checked_progress(batches: Iterable[Batch], description: str, n_images: int | None, grid: tuple[int, int]) -> Iterator[Batch]:
+    with progress.bar(description, total=n_images, unit="img") as b:
+        for acts_bpd, image_idx_b in batches:
+            if acts_bpd.ndim != 3 or acts_bpd.shape[1] != grid[0] * grid[1]:
+                raise ValueError(f"batch of shape {tuple(acts_bpd.shape)}: expected [images, {grid[0] * grid[1]} patches "
+                                 f"(grid {grid[0]}×{grid[1]}), d]")
+            yield acts_bpd, image_idx_b
+            b.advance(acts_bpd.shape[0])
+
+
+def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], labels: Mapping[int, str | None] | None,
+                spec: AnalysisSpec, sae_id: str, dataset_key: str, device: torch.device,
+                n_images: int | None = None) -> AnalysisResult:
+    """Metrics, feature statistics and exemplars of one SAE over every patch of `batches`.
+
+    Each batch holds whole images with `grid[0] * grid[1]` patches each, raw
+    (un-normalised) activations. `labels` maps dataset image index → label;
+    `n_images` only sizes the progress bar.
+    """
+    result = scan(_checked_progress(batches, f"analyse {sae_id}", n_images, grid), sae, spec.top_k, device)
+    ex = exemplars(result.top, result.image_idx)
+    image_fk = np.full((int(sae.n_features), spec.top_k), -1, dtype=np.int64)
+    image_fk[ex.feature_n, ex.rank_n] = ex.image_idx_n
+    features = feature_table(sae_id, result, label_stats(image_fk, labels), spec)
+
+    n_fire = result.stats.n_fire_f.cpu().numpy()
+    assert result.recon is not None
+    metrics: dict[str, float | int] = {
+        "n_patches_eval": result.n_patches,
+        **result.recon.metrics(int(sae.d_model)),
+        "n_dead": int((n_fire == 0).sum()),
+        "n_dense": int((n_fire / max(result.n_patches, 1) > spec.dense_threshold).sum()),
+    }
+    return AnalysisResult(metrics, features, exemplar_table(sae_id, dataset_key, ex, grid))
+
+
+def store_batches(store, images_per_batch: int) -> Iterator[Batch]:
+    """Whole-image batches of patch tokens from an `activations.ActivationStore`."""
+    n_patches = store.meta.n_patches
+    if not n_patches:
+        raise ValueError(f"{store.dir}: patches were not recorded, nothing to analyse")
+    for acts_nd, rows_n in store.iter_batches(images_per_batch * n_patches, patches_only=True):
+        image_pos, _ = store.row_image_token(rows_n[::n_patches])
+        yield acts_nd.view(-1, n_patches, store.d_model), store.image_indices[image_pos]
+
+
+def analyse_store(store, sae: SAELike, labels: Mapping[int, str | None] | None, spec: AnalysisSpec, sae_id: str,
+                  dataset_key: str, device: torch.device) -> AnalysisResult:
+    """`analyse_sae` over the patch tokens of an activation store."""
+    images_per_batch = max(1, spec.batch_size // store.meta.n_patches)
+    return analyse_sae(store_batches(store, images_per_batch), sae, (store.meta.grid_h, store.meta.grid_w), labels,
+                       spec, sae_id, dataset_key, device, n_images=store.n_images)
+
+
+def write_analysis(result: AnalysisResult, out_dir: Path, spec_hash: str, stem: str = "part") -> dict[str, Path]:
+    """Write the `features` and `exemplars` parts (the `saes` row also needs training info: the caller's)."""
+    return {
+        "features": tables.write_table(Path(out_dir) / "features" / f"{stem}.parquet", "features", result.features, spec_hash),
+        "exemplars": tables.write_table(Path(out_dir) / "exemplars" / f"{stem}.parquet", "exemplars", result.exemplars, spec_hash),
+    }
