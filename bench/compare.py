@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from saev_report.compare import match_features
+from _timing import Timer  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 class CycledMaps:
@@ -49,16 +50,6 @@ def make_pools(n_features: int, images_per_batch: int, grid: tuple[int, int], po
     return pool_a, pool_b, torch.argsort(perm).numpy()
 
 
-class Timer:
-    """Wall and process-CPU seconds: on a shared machine CPU time is what this process actually got."""
-
-    def __enter__(self) -> "Timer":
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self._wall
-        self.cpu = time.process_time() - self._cpu
 
 
 def matmul_peak(f_a: int, f_b: int, rows: int, reps: int) -> Timer:

@@ -35,16 +35,9 @@ from saev_report.backbones import ModelUnavailable, load_backbone
 from saev_report.heads import LinearHead
 from saev_report.sae import SparseAutoencoder
 from saev_report.spec import ModelSpec
+from _timing import Timer  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
-class Timer:
-    def __enter__(self) -> "Timer":
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self._wall
-        self.cpu = time.process_time() - self._cpu
 
 
 def load_model(cache: Path, layer: int):

@@ -21,13 +21,7 @@ from saev_report.sae import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster and immune to other processes' load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sae(kind: str = "relu", d: int = 12, n_features: int = 48, k: int = 4, seed: int = 0, dtype=torch.float32):

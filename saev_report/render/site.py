@@ -98,7 +98,9 @@ class SaeInfo:
     def data_file(self) -> str:
         return addr.sae_data(self.model, self.slug)
 
-    def page(self, feature: int) -> str | None:
+    def page(self, feature: int | None) -> str | None:
+        if feature is None:  # a dead feature has no best match
+            return None
         i = np.searchsorted(self.pages, feature)
         return addr.feature_page(self.model, self.slug, feature) if i < len(self.pages) and self.pages[i] == feature else None
 
@@ -477,7 +479,10 @@ class SiteBuilder:
         out: dict[int, list[dict[str, Any]]] = {}
         for r in fetch_rows(self.con, "SELECT * FROM matches WHERE sae_a = ? ORDER BY comparison, score DESC", [sae.sae_id]):
             other = self.sae_by_id(r["sae_b"])
-            r["title"] = other.title(r["feature_b"]) if other else f"{r['sae_b']}/{r['feature_b']}"
+            if r["feature_b"] is None:
+                r["title"] = "— (dead feature: no match)"
+            else:
+                r["title"] = other.title(r["feature_b"]) if other else f"{r['sae_b']}/{r['feature_b']}"
             r["href"] = other.page(r["feature_b"]) if other else None
             r["compare_href"] = addr.compare_page(r["comparison"])
             out.setdefault(int(r["feature_a"]), []).append(r)
