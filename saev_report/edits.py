@@ -269,6 +269,14 @@ def purest_features(rows: Mapping[int, Mapping[str, Any]], n: int) -> list[Mappi
     return usable[:n]
 
 
+def concept_group(rows: Mapping[int, Mapping[str, Any]], feature: int, max_f: Tensor, size: int) -> tuple[int, ...]:
+    """`feature` plus the features of the same top label that fire most on this image (`max_f` [F])."""
+    label = rows[feature].get("top_label")
+    same = [f for f, r in rows.items() if f != feature and r.get("top_label") == label and _alive(r) and not r.get("dense")]
+    same = [f for f in sorted(same, key=lambda f: (-float(max_f[f]), f)) if float(max_f[f]) > 0]
+    return (feature, *same[: size - 1])
+
+
 def matched_control(rows: Mapping[int, Mapping[str, Any]], feature: int, exclude: set[int], rng: np.random.Generator) -> int | None:
     """An alive feature (not in `exclude`) nearest in log-frequency to `feature`, among a random sample."""
     target = rows.get(feature)
@@ -366,7 +374,8 @@ def plan_edits(
                 log(f"  edit {spec.name}: no readable image labelled {row['top_label']!r} for feature {feature}")
             scored.sort(key=lambda p: (-float(scores[p][feature]), p))  # where it fires most; ties by index
             for position in scored[: spec.generate.images_per_feature]:
-                planned.append((position, FeatureEdit((feature,), spec.action, spec.value, spec.generate.patches), row["top_label"]))
+                group = concept_group(rows, feature, scores[position], spec.generate.features_per_edit)
+                planned.append((position, FeatureEdit(group, spec.action, spec.value, spec.generate.patches), row["top_label"]))
     # The control repeats the edit (action, value, patch choice) on a frequency-matched random
     # feature; with `active` patches that means where the control feature itself fires.
     jobs = []

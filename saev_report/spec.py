@@ -352,6 +352,9 @@ class GeneratedEdits(SpecModel):
     """Edit this many images of the feature's top label (from the edit dataset)."""
     patches: Literal["all", "active"] = "all"
     """Modify every patch, or only the patches where the feature fires."""
+    features_per_edit: int = Field(default=1, gt=0)
+    """Edit the chosen feature together with up to this many minus one other features of the same
+    top label, the most active on that image: a concept rather than a single atom."""
 
 
 class EditSpec(SpecModel):
