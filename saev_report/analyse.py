@@ -364,7 +364,7 @@ def _nullable(values: np.ndarray) -> pa.Array:
     return pa.array(values, type=pa.float64(), mask=np.isnan(values))
 
 
-def feature_table(sae_id: str, result: ScanResult, labels: LabelStats, spec: AnalysisSpec) -> pa.Table:
+def feature_table(sae_id: str, result: ScanResult, labels: LabelStats, spec: AnalysisSpec, n_exemplars_f: np.ndarray) -> pa.Table:
     stats = result.stats
     n_fire = stats.n_fire_f.cpu().numpy()
     n = max(result.n_patches, 1)
@@ -389,6 +389,7 @@ def feature_table(sae_id: str, result: ScanResult, labels: LabelStats, spec: Ana
         "dense": pa.array(freq > spec.dense_threshold),
         "hist_counts": _list_array(counts_fb, pa.int64()),
         "hist_edges": _list_array(np.broadcast_to(edges, (n_features, len(edges))), pa.float64()),
+        "n_exemplars": pa.array(n_exemplars_f.astype(np.int32)),
         "top_label": pa.array(labels.top_label, type=pa.string()),
         "label_purity": _nullable(labels.purity),
         "label_entropy": _nullable(labels.entropy),
@@ -460,7 +461,7 @@ def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], l
     ex = exemplars(result.top, result.image_idx)
     image_fk = np.full((int(sae.n_features), spec.top_k), -1, dtype=np.int64)
     image_fk[ex.feature_n, ex.rank_n] = ex.image_idx_n
-    features = feature_table(sae_id, result, label_stats(image_fk, labels), spec)
+    features = feature_table(sae_id, result, label_stats(image_fk, labels), spec, (image_fk >= 0).sum(1))
 
     n_fire = result.stats.n_fire_f.cpu().numpy()
     assert result.recon is not None

@@ -253,6 +253,9 @@ def _rows_of(features_table: Sequence[Mapping[str, Any]] | None, sae_id: str) ->
     return {int(r["feature"]): r for r in features_table or [] if r.get("sae_id", sae_id) == sae_id}
 
 
+MIN_EXEMPLARS_FOR_PURITY = 8
+
+
 def _alive(row: Mapping[str, Any]) -> bool:
     freq = row.get("freq")
     return not row.get("dead") and freq is not None and freq > 0
@@ -265,6 +268,9 @@ def purest_features(rows: Mapping[int, Mapping[str, Any]], n: int) -> list[Mappi
         if _alive(r) and not r.get("dense") and r.get("top_label") is not None and r.get("label_purity") is not None
         and not math.isnan(r["label_purity"])
     ]
+    # Purity over a handful of exemplars is luck: prefer features with the most exemplars.
+    most = max((r.get("n_exemplars") or 0 for r in usable), default=0)
+    usable = [r for r in usable if (r.get("n_exemplars") or 0) >= min(most, MIN_EXEMPLARS_FOR_PURITY)] if most else usable
     usable.sort(key=lambda r: (-r["label_purity"], -r["freq"], int(r["feature"])))
     return usable[:n]
 

@@ -112,8 +112,9 @@ TABLES: dict[str, TableDef] = {
             ("dense", pa.bool_(), "freq > dense threshold."),
             ("hist_counts", pa.list_(pa.int64()), "Histogram of log10 activation over firing patches."),
             ("hist_edges", pa.list_(pa.float64()), "Bin edges of `hist_counts` (log10 activation)."),
+            ("n_exemplars", pa.int32(), "Exemplar images kept (≤ `analysis.top_k`; fewer when the feature fires on fewer images)."),
             ("top_label", pa.string(), "Most common label among the exemplar images (null without labels)."),
-            ("label_purity", pa.float64(), "Fraction of exemplar images carrying `top_label`."),
+            ("label_purity", pa.float64(), "Fraction of exemplar images carrying `top_label` (trivially high when `n_exemplars` is small: filter on it)."),
             ("label_entropy", pa.float64(), "Entropy (bits) of the exemplar label distribution."),
         ),
         _table(
@@ -202,8 +203,10 @@ def to_arrow(table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequen
     schema = TABLES[table].schema
     if isinstance(rows, pa.Table):
         return rows.select(schema.names).cast(schema)
-    if isinstance(rows, Mapping):
-        return pa.table({name: pa.array(rows[name], type=schema.field(name).type) for name in schema.names}, schema=schema)
+    if isinstance(rows, Mapping):  # columns; a missing column is all null, as a missing key is for row dicts
+        n = len(next(iter(rows.values()))) if rows else 0
+        return pa.table({name: pa.array(rows[name], type=schema.field(name).type) if name in rows else pa.nulls(n, schema.field(name).type)
+                         for name in schema.names}, schema=schema)
     return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
 
 
