@@ -275,6 +275,33 @@ def purest_features(rows: Mapping[int, Mapping[str, Any]], n: int) -> list[Mappi
     return usable[:n]
 
 
+def attributed_features(backbone: Backbone, sae: SAELike, head: LinearHead, captured: CapturedImage, target: int, n: int) -> tuple[int, ...]:
+    """The n features whose activation × gradient most supports `target` (log-probability; summed
+    over patches for segmentation): what the head relies on for this image, through the SAE."""
+    with torch.enable_grad():
+        f_pf = captured.f_pf.clone().requires_grad_(True)
+        delta_pd = sae.decode(f_pf) - sae.decode(captured.f_pf)  # zero, but carries d/df
+        patches = backbone.layout.patch_slice
+        acts_td = torch.cat([captured.acts_td[: patches.start], captured.acts_td[patches] + delta_pd, captured.acts_td[patches.stop:]])
+        logits = head(backbone.resume(acts_td[None], captured.layer), backbone.layout)[0]
+        score = logits.log_softmax(0)[target].sum()
+        (grad_pf,) = torch.autograd.grad(score, f_pf)
+    attribution_f = (captured.f_pf * grad_pf).sum(0)
+    top = attribution_f.argsort(descending=True)[:n].tolist()
+    return tuple(int(f) for f in top if attribution_f[f] > 0)
+
+
+def attribution_positions(dataset: ImageDataset, labels: Sequence[str], n: int) -> list[int]:
+    """n image positions, round-robin over `labels`, in index order within each label."""
+    queues = [images_of_label(dataset, label) for label in labels]
+    out: list[int] = []
+    while len(out) < n and any(queues):
+        for queue in queues:
+            if queue and len(out) < n:
+                out.append(queue.pop(0))
+    return out
+
+
 def concept_group(rows: Mapping[int, Mapping[str, Any]], feature: int, max_f: Tensor, size: int) -> tuple[int, ...]:
     """`feature` plus the features of the same top label that fire most on this image (`max_f` [F])."""
     label = rows[feature].get("top_label")
@@ -360,6 +387,7 @@ def plan_edits(
     layer: int,
     rows: Mapping[int, Mapping[str, Any]],
     seed: int,
+    head: LinearHead | None = None,
 ) -> list[EditJob]:
     """Explicit edits first, then generated ones, numbered in that order."""
     planned: list[tuple[int, FeatureEdit, str | None]] = []
@@ -367,7 +395,20 @@ def plan_edits(
         features = tuple(explicit.features)
         label = rows[features[0]].get("top_label") if features[0] in rows else None
         planned.append((image_position(dataset, explicit.image), FeatureEdit(features, spec.action, spec.value, _patches(explicit)), label))
-    if spec.generate is not None:
+    if spec.generate is not None and spec.generate.select == "attribution":
+        if head is None:
+            raise ValueError(f"edit {spec.name!r}: attribution needs the head")
+        labels = [c for c in head.classes if images_of_label(dataset, c)]
+        for position in attribution_positions(dataset, labels, spec.generate.top_purity * spec.generate.images_per_feature):
+            try:
+                captured = capture_image(backbone, sae, load_pixels(backbone, dataset, position), layer)
+            except BadImage:
+                continue
+            label = dataset.records[position].label
+            group = attributed_features(backbone, sae, head, captured, head.classes.index(label), spec.generate.features_per_edit)
+            if group:
+                planned.append((position, FeatureEdit(group, spec.action, spec.value, spec.generate.patches), label))
+    elif spec.generate is not None:
         if not rows:
             raise ValueError(f"edit {spec.name!r}: generated edits need the SAE's features table")
         chosen = purest_features(rows, spec.generate.top_purity)
@@ -428,7 +469,7 @@ def run_edits(
     rows = _rows_of(features_table, sae_id)
     backbone.eval()
     head = head.to(backbone.device).eval()
-    jobs = plan_edits(spec, backbone=backbone, sae=sae, dataset=dataset, layer=layer, rows=rows, seed=seed)
+    jobs = plan_edits(spec, backbone=backbone, sae=sae, dataset=dataset, layer=layer, rows=rows, seed=seed, head=head)
     if spec.random_control and not rows:
         log(f"  edit {spec.name}: no features table, so no random-feature controls")
     out: list[dict[str, Any]] = []

@@ -352,6 +352,11 @@ class GeneratedEdits(SpecModel):
     """Edit this many images of the feature's top label (from the edit dataset)."""
     patches: Literal["all", "active"] = "all"
     """Modify every patch, or only the patches where the feature fires."""
+    select: Literal["purity", "attribution"] = "purity"
+    """`purity`: the `top_purity` purest features, each on `images_per_feature` images of its top
+    label. `attribution`: `top_purity` × `images_per_feature` images (round-robin over labels), each
+    losing its `features_per_edit` features with the largest activation × gradient towards its
+    label: the head's own evidence, found through the SAE."""
     features_per_edit: int = Field(default=1, gt=0)
     """Edit the chosen feature together with up to this many minus one other features of the same
     top label, the most active on that image: a concept rather than a single atom."""

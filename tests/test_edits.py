@@ -271,3 +271,17 @@ def test_explicit_classification_edits_make_schema_rows(backbone, sae, tmp_path)
         assert row["flip_frac"] in (0.0, 1.0) and row.get("before_pixels") is None
         assert row["specificity"] == pytest.approx(abs(row["target_delta"]) / (row["other_delta"] + 1e-9))
     assert second["target_delta"] != 0  # zeroing a feature everywhere moves the CLS prediction
+
+
+def test_attribution_finds_the_feature_the_head_reads(backbone, tmp_path):
+    dataset = _photo_dataset(tmp_path)
+    sae, head, table, planted = planted_setup(backbone, dataset)
+    spec = EditSpec(name="evidence", model="tiny", head="seg",
+                    generate=GeneratedEdits(select="attribution", top_purity=1, images_per_feature=2, features_per_edit=1))
+    rows = edits.run_edits(spec, backbone=backbone, sae=sae, sae_id="tiny/L3/x", head=head, head_key="seg",
+                           dataset=dataset, layer=N_LAYERS, features_table=table, seed=0)
+    main = [r for r in rows if not r["is_control"]]
+    assert [r["image_idx"] for r in main] == [0, 1]  # round-robin over labels, index order
+    for edit in main:
+        assert edit["features"] == [planted]
+        assert edit["target_class"] == "cat" and edit["target_delta"] < -0.2
