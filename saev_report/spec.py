@@ -64,7 +64,8 @@ class _DatasetBase(SpecModel):
 class DemoDataset(_DatasetBase):
     """The offline demo set: real photo cut-outs (Debian tuxpaint-stamps) composited
     onto real background photos, with class labels and exact segmentation masks.
-    Built on first use under the run's cache; never committed."""
+    Built once under the shared cache (`$SAEV_REPORT_CACHE`, default `~/.cache/saev-report`) and
+    reused; never committed (the stamps are GPL-2)."""
 
     kind: Literal["demo"]
     """Dataset kind: `demo`."""
