@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from saev_report.backbones import load_backbone  # noqa: E402
 from saev_report.datasets import load_image, open_dataset  # noqa: E402
 from saev_report.pipeline import default_cache_dir  # noqa: E402
-from saev_report.record import record_activations  # noqa: E402
+from saev_report.record import layer_stores, record_activations  # noqa: E402
 from saev_report.spec import DemoDataset, ModelSpec  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def full_record(backbone, dataset, layer: int, batch_size: int) -> float:
     out = Path(tempfile.mkdtemp(prefix="bench-record-"))
     try:
         started = time.perf_counter()
-        record_activations(backbone, dataset, model_key="bench", layers=[layer], tokens=["patches"], out_dir=out,
+        record_activations(backbone, dataset, model_key="bench", stores=layer_stores([layer], ["patches"]), out_dir=out,
                            dtype="float16", batch_size=batch_size, shard_mb=64, device=torch.device("cpu"))
         return time.perf_counter() - started
     finally:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from saev_report.errors import UserError
+from saev_report.spec import TOKEN_KINDS
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -48,7 +49,6 @@ STORAGE_NUMPY_DTYPE: dict[str, np.dtype] = {
     "bfloat16": np.dtype(np.uint16),  # bf16 bit pattern
 }
 TORCH_DTYPE: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKEN_KINDS = ("cls", "registers", "patches")  # stored in this (layout) order
 
 T = TypeVar("T")
 

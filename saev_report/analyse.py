@@ -138,9 +138,12 @@ def fine_thresholds() -> np.ndarray:
     return thresholds
 
 
-def fine_bins(vals: torch.Tensor) -> torch.Tensor:
-    """Fine-grid bin of each positive float32 activation (outside the grid: the end bins)."""
-    return torch.bucketize(vals, torch.from_numpy(fine_thresholds()).to(vals.device), right=True)
+def fine_bins(vals: torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """Fine-grid bin of each positive float32 activation (outside the grid: the end bins).
+    `thresholds` are `fine_thresholds()` on `vals`' device, when the caller keeps them."""
+    if thresholds is None:
+        thresholds = torch.from_numpy(fine_thresholds()).to(vals.device)
+    return torch.bucketize(vals, thresholds, right=True)
 
 
 class FeatureStats:
@@ -169,7 +172,7 @@ class FeatureStats:
         ones = torch.ones_like(feat)
         self.n_fire_f.index_add_(0, feat, ones)
         self.act_sum_f.index_add_(0, feat, vals.double())
-        bins = torch.bucketize(vals, self.thresholds, right=True)
+        bins = fine_bins(vals, self.thresholds)
         self.fine_hist_fh.view(-1).index_add_(0, feat * N_FINE_BINS + bins, ones)
         if img_max_bf.shape[0]:
             self.max_act_f = torch.maximum(self.max_act_f, img_max_bf.amax(0).to(acc))

@@ -144,10 +144,10 @@ def plan(
 @app.command()
 def build(
     spec: SpecArg,
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these stage kinds (and what they need): images, record, train, analyse, heads, edits, compare, stability.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these stage kinds (and what they need): images, record, train, analyse, tokens, heads, edits, compare, stability.")] = None,
     no_site: Annotated[bool, typer.Option("--no-site", help="Skip rendering the site.")] = False,
 ) -> None:
-    """Run the pipeline: record → train → analyse → heads → edits → compare → tables → site.
+    """Run the pipeline: record → train → analyse → tokens → heads → edits → compare → tables → site.
 
     Finished stages are cached by content hash and skipped; a killed build resumes.
     """
@@ -164,11 +164,11 @@ def build(
 @app.command()
 def render(spec: SpecArg) -> None:
     """Re-render only the site from the published tables (after editing templates)."""
-    from saev_report.pipeline import render_site
+    from saev_report.pipeline import rerender
 
     parsed = _load(spec, check_paths=False)
     with user_errors(err, _debug()):
-        site = render_site(parsed, parsed.run_dir)
+        site = rerender(parsed)
     out.print(f"site: {escape(str(site / 'index.html'))}", highlight=False)
 
 

@@ -18,19 +18,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Protocol, Sequence
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from saev_report.backbones import Backbone
-from saev_report.datasets import BadImage, ImageDataset
+from saev_report.datasets import ImageDataset
 from saev_report.heads import LinearHead, upsampled_logits
 from saev_report.progress import log, track
-from saev_report.spec import EditSpec, ExplicitEdit
+from saev_report.spec import EDIT_ACTIONS, EditSpec, ExplicitEdit
 
-ACTIONS = ("suppress", "set", "scale", "clamp", "add")
 TOP_K = 5
 """Classes kept in the classification before/after columns."""
 CONTROL_SAMPLE = 256
@@ -69,12 +68,26 @@ class CapturedImage:
     f_pf: Tensor
 
 
+class LayerTokens(Protocol):
+    """Recorded layer-L tokens (every kind), found by image file path (`record.RecordedTokens`)."""
+
+    def get(self, path: str) -> Tensor | None:
+        """[tokens, d], or None for an image the recording skipped."""
+
+
+@torch.no_grad()
+def captured_from_acts(backbone: Backbone, sae: SAELike, acts_td: Tensor, layer: int) -> CapturedImage:
+    """Step 1 from an image's layer-L tokens: the unedited forward resumed from L, and f = enc(x_patches)."""
+    acts_td = acts_td.to(backbone.device, torch.float32)
+    final_td = backbone.resume(acts_td[None], layer)[0]
+    return CapturedImage(layer, acts_td, final_td, sae.encode(acts_td[backbone.layout.patch_slice]))
+
+
 @torch.no_grad()
 def capture_image(backbone: Backbone, sae: SAELike, pixels_3hw: Tensor, layer: int) -> CapturedImage:
-    """Step 1: one forward pass keeping layer L and the final tokens, and f = enc(x_patches)."""
-    captured = backbone.capture(pixels_3hw[None].to(backbone.device), [layer], final=True)
-    acts_td = captured[layer][0]
-    return CapturedImage(layer, acts_td, captured["final"][0], sae.encode(acts_td[backbone.layout.patch_slice]))
+    """Step 1 from pixels: the forward pass up to layer L, then as `captured_from_acts`."""
+    acts_td = backbone.capture(pixels_3hw[None].to(backbone.device), [layer])[layer][0]
+    return captured_from_acts(backbone, sae, acts_td, layer)
 
 
 def resolve_patches(f_pf: Tensor, features: Sequence[int], patches: PatchChoice) -> list[int]:
@@ -90,26 +103,26 @@ def resolve_patches(f_pf: Tensor, features: Sequence[int], patches: PatchChoice)
     return chosen
 
 
+EDIT_FUNCTIONS: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "suppress": lambda f, value: torch.zeros_like(f),
+    "set": lambda f, value: torch.full_like(f, value),
+    "scale": lambda f, value: f * value,
+    "clamp": lambda f, value: f.clamp(max=value),
+    "add": lambda f, value: f + value,
+}
+"""Step 2 of each edit action in `spec.EDIT_ACTIONS`: the new values of the chosen codes."""
+assert set(EDIT_FUNCTIONS) == set(EDIT_ACTIONS), "every spec edit action needs a function here"
+
+
 def modify_features(f_pf: Tensor, features: Sequence[int], action: str, value: float, patches: Sequence[int]) -> Tensor:
     """Step 2: f' = f with `action` applied to `features` at `patches` (a copy)."""
+    if action not in EDIT_FUNCTIONS:
+        raise ValueError(f"unknown edit action {action!r}; use one of {EDIT_ACTIONS}")
     edited_pf = f_pf.clone()
     if not patches or not features:
         return edited_pf
     rows, cols = torch.tensor(list(patches))[:, None], torch.tensor(list(features))[None, :]
-    current = edited_pf[rows, cols]
-    if action == "suppress":
-        new = torch.zeros_like(current)
-    elif action == "set":
-        new = torch.full_like(current, value)
-    elif action == "scale":
-        new = current * value
-    elif action == "clamp":
-        new = current.clamp(max=value)
-    elif action == "add":
-        new = current + value
-    else:
-        raise ValueError(f"unknown edit action {action!r}; use one of {ACTIONS}")
-    edited_pf[rows, cols] = new
+    edited_pf[rows, cols] = EDIT_FUNCTIONS[action](edited_pf[rows, cols], value)
     return edited_pf
 
 
@@ -147,6 +160,15 @@ class EditOutcome:
 
 
 @torch.no_grad()
+def apply_edits(backbone: Backbone, sae: SAELike, head: LinearHead, captured: CapturedImage, edits: Sequence[FeatureEdit]) -> list[EditOutcome]:
+    """Steps 2–6 for several edits of one captured image, resumed as one batch."""
+    final_btd, patches_used = resume_edits(backbone, sae, captured, edits)
+    before = head(captured.final_td[None], backbone.layout)[0]
+    after_b = head(final_btd, backbone.layout)
+    return [EditOutcome(before, after_b[i], patches_used[i], captured.final_td, final_btd[i]) for i in range(len(edits))]
+
+
+@torch.no_grad()
 def edit_image(
     backbone: Backbone,
     sae: SAELike,
@@ -160,10 +182,8 @@ def edit_image(
 ) -> EditOutcome:
     """The six steps for one image and one edit."""
     captured = capture_image(backbone, sae, pixels_3hw, layer)
-    final_btd, [patches_used] = resume_edits(backbone, sae, captured, [FeatureEdit(tuple(features), action, value, patches)])
-    before = head(captured.final_td[None], backbone.layout)[0]
-    after = head(final_btd, backbone.layout)[0]
-    return EditOutcome(before, after, patches_used, captured.final_td, final_btd[0])
+    [outcome] = apply_edits(backbone, sae, head, captured, [FeatureEdit(tuple(features), action, value, patches)])
+    return outcome
 
 
 # --------------------------------------------------------------------------- steps 5–6: summaries
@@ -323,27 +343,15 @@ def matched_control(rows: Mapping[int, Mapping[str, Any]], feature: int, exclude
     return int(sample[int(np.argmin(distance))])
 
 
-def load_pixels(backbone: Backbone, dataset: ImageDataset, position: int) -> Tensor:
-    return backbone.preprocess(dataset.image(position))
-
-
 @torch.no_grad()
-def max_codes(backbone: Backbone, sae: SAELike, dataset: ImageDataset, positions: Sequence[int], layer: int, batch_size: int = 16) -> dict[int, Tensor]:
-    """Per image: each feature's maximum over the patches at layer L [F]; unreadable images left out."""
+def max_codes(backbone: Backbone, sae: SAELike, dataset: ImageDataset, positions: Sequence[int], tokens: LayerTokens) -> dict[int, Tensor]:
+    """Per image: each feature's maximum over the patches at layer L [F]; unrecorded images left out."""
     out: dict[int, Tensor] = {}
-    for start in range(0, len(positions), batch_size):
-        chunk = []
-        for position in positions[start : start + batch_size]:
-            try:
-                chunk.append((position, load_pixels(backbone, dataset, position)))
-            except BadImage:
-                continue
-        if not chunk:
-            continue
-        pixels_b3hw = torch.stack([pixels for _, pixels in chunk]).to(backbone.device)
-        acts_btd = backbone.capture(pixels_b3hw, [layer])[layer]
-        for (position, _), acts_td in zip(chunk, acts_btd):
-            out[position] = sae.encode(acts_td[backbone.layout.patch_slice]).amax(dim=0).cpu()
+    patches = backbone.layout.patch_slice
+    for position in positions:
+        acts_td = tokens.get(dataset.records[position].path)
+        if acts_td is not None:
+            out[position] = sae.encode(acts_td[patches].to(backbone.device, torch.float32)).amax(dim=0).cpu()
     return out
 
 
@@ -385,6 +393,7 @@ def plan_edits(
     sae: SAELike,
     dataset: ImageDataset,
     layer: int,
+    tokens: LayerTokens,
     rows: Mapping[int, Mapping[str, Any]],
     seed: int,
     head: LinearHead | None = None,
@@ -400,10 +409,10 @@ def plan_edits(
             raise ValueError(f"edit {spec.name!r}: attribution needs the head")
         labels = [c for c in head.classes if images_of_label(dataset, c)]
         for position in attribution_positions(dataset, labels, spec.generate.top_purity * spec.generate.images_per_feature):
-            try:
-                captured = capture_image(backbone, sae, load_pixels(backbone, dataset, position), layer)
-            except BadImage:
+            acts_td = tokens.get(dataset.records[position].path)
+            if acts_td is None:
                 continue
+            captured = captured_from_acts(backbone, sae, acts_td, layer)
             label = dataset.records[position].label
             group = attributed_features(backbone, sae, head, captured, head.classes.index(label), spec.generate.features_per_edit)
             if group:
@@ -413,7 +422,7 @@ def plan_edits(
             raise ValueError(f"edit {spec.name!r}: generated edits need the SAE's features table")
         chosen = purest_features(rows, spec.generate.top_purity)
         candidates = {r["top_label"]: images_of_label(dataset, r["top_label"])[:MAX_CANDIDATES] for r in chosen}
-        scores = max_codes(backbone, sae, dataset, sorted({p for ps in candidates.values() for p in ps}), layer)
+        scores = max_codes(backbone, sae, dataset, sorted({p for ps in candidates.values() for p in ps}), tokens)
         for row in chosen:
             feature = int(row["feature"])
             scored = [p for p in candidates[row["top_label"]] if p in scores]
@@ -456,39 +465,39 @@ def run_edits(
     head_key: str,
     dataset: ImageDataset,
     layer: int,
+    tokens: LayerTokens,
     features_table: Sequence[Mapping[str, Any]] | None = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Rows of the `edits` table for one `EditSpec` (controls get `is_control=True`).
 
-    `features_table` is the SAE's `features` rows (dicts with at least sae_id,
-    feature, top_label, label_purity, freq, dead, dense): generated edits and
-    controls need it. The target class is the feature's top label when it names
-    a head class, else the prediction before the edit.
+    `tokens` are the recorded layer-L tokens of the dataset's images: every
+    edit resumes the forward pass from them, so no image is decoded or run up
+    to L again. `features_table` is the SAE's `features` rows (dicts with at
+    least sae_id, feature, top_label, label_purity, freq, dead, dense):
+    generated edits and controls need it. The target class is the feature's
+    top label when it names a head class, else the prediction before the edit.
     """
     rows = _rows_of(features_table, sae_id)
     backbone.eval()
     head = head.to(backbone.device).eval()
-    jobs = plan_edits(spec, backbone=backbone, sae=sae, dataset=dataset, layer=layer, rows=rows, seed=seed, head=head)
+    jobs = plan_edits(spec, backbone=backbone, sae=sae, dataset=dataset, layer=layer, tokens=tokens, rows=rows, seed=seed, head=head)
     if spec.random_control and not rows:
         log(f"  edit {spec.name}: no features table, so no random-feature controls")
+    size = (backbone.image_size, backbone.image_size)  # the model input, where masks and maps are compared
     out: list[dict[str, Any]] = []
     for job in track(jobs, f"edit {spec.name}", unit="edit"):
-        try:
-            pixels_3hw = load_pixels(backbone, dataset, job.position)
-        except BadImage as exc:
-            log(f"  [yellow]skip[/] edit {spec.name}/{job.number}: {exc.reason}")
+        acts_td = tokens.get(dataset.records[job.position].path)
+        if acts_td is None:
+            log(f"  [yellow]skip[/] edit {spec.name}/{job.number}: image not recorded (unreadable or non-finite)")
             continue
-        captured = capture_image(backbone, sae, pixels_3hw, layer)
+        captured = captured_from_acts(backbone, sae, acts_td, layer)
         edits = [job.edit] + ([job.control] if job.control else [])
-        final_btd, patches_used = resume_edits(backbone, sae, captured, edits)
-        before = head(captured.final_td[None], backbone.layout)[0]
-        after_b = head(final_btd, backbone.layout)
+        outcomes = apply_edits(backbone, sae, head, captured, edits)
         target = class_index(head.classes, job.target_label)
         if target is None:
-            target = predicted_target(head, before, patches_used[0])
-        size = tuple(pixels_3hw.shape[-2:])
-        for i, (edit, patches) in enumerate(zip(edits, patches_used)):
+            target = predicted_target(head, outcomes[0].before, outcomes[0].patches_used)
+        for i, (edit, outcome) in enumerate(zip(edits, outcomes)):
             is_control = i == 1
             out.append({
                 "edit": spec.name,
@@ -496,8 +505,8 @@ def run_edits(
                 "sae_id": sae_id, "head": head_key, "task": head.task, "dataset": dataset.key,
                 "image_idx": dataset.records[job.position].index,
                 "features": list(edit.features), "action": edit.action, "value": float(edit.value),
-                "patches": patches, "is_control": is_control, "target_class": head.classes[target],
-                **outcome_summary(head, before, after_b[i], size, target),
+                "patches": outcome.patches_used, "is_control": is_control, "target_class": head.classes[target],
+                **outcome_summary(head, outcome.before, outcome.after, size, target),
             })
     return out
 

@@ -18,6 +18,7 @@ from saev_report.stages.edits import EDITS, EditParams
 from saev_report.stages.heads import HEADS, HeadParams
 from saev_report.stages.images import IMAGES, ImagesParams
 from saev_report.stages.record import RECORD, RecordParams
+from saev_report.stages.tokens import TOKENS, TokensParams
 from saev_report.stages.train import TRAIN, TrainParams
 
 
@@ -40,6 +41,17 @@ def edit_dataset(spec: Spec, head_key: str, dataset: str | None) -> str:
     """An edit's images: its own dataset, else its head's validation data, else the head's training data."""
     head = spec.heads[head_key]
     return dataset or head.val or head.train
+
+
+def edit_layer(spec: Spec, model_key: str, layer: int | None) -> int:
+    """An edit's layer: its own, else the model's first recorded layer."""
+    return layer or spec.models[model_key].layers[0]
+
+
+def read_models(spec: Spec) -> list[str]:
+    """Models some head or edit reads (each gets a `tokens` stage), in declaration order."""
+    used = {h.model for h in spec.heads.values()} | {e.model for e in spec.edits}
+    return [key for key in spec.models if key in used]
 
 
 def first_sae(spec: Spec) -> SAEConfig:
@@ -67,13 +79,13 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
     train: dict[tuple[str, int], Stage] = {}
     analyse: dict[tuple[str, int], Stage] = {}
     rec = spec.record
-    for model_key in spec.recorded_models():
-        model = _model(spec, model_key)
+    recorded = spec.recorded_models()
+    for model_key in recorded:
         record[model_key] = Stage(RECORD, model_key, RecordParams(
-            model_key=model_key, model=model, dataset_key=rec.dataset, dataset=spec.datasets[rec.dataset], dtype=rec.dtype,
-            batch_size=rec.batch_size, shard_mb=rec.shard_mb, seed=run.seed, device=run.device, **common))
+            model_key=model_key, model=_model(spec, model_key), dataset_key=rec.dataset, dataset=spec.datasets[rec.dataset],
+            dtype=rec.dtype, batch_size=rec.batch_size, shard_mb=rec.shard_mb, seed=run.seed, device=run.device, **common))
         stages.append(record[model_key])
-        for layer in model.layers:
+        for layer in spec.models[model_key].layers:
             label = f"{model_key}-L{layer}"
             train[(model_key, layer)] = Stage(TRAIN, label, TrainParams(
                 model_key=model_key, layer=layer, sae=spec.sae, seed=run.seed, device=run.device, **common),
@@ -84,23 +96,40 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
                 {"record": record[model_key], "train": train[(model_key, layer)], "images": images[rec.dataset]})
             stages += [train[(model_key, layer)], analyse[(model_key, layer)]]
 
+    tokens: dict[str, Stage] = {}
+    for model_key in read_models(spec):
+        head_datasets = {d for h in spec.heads.values() if h.model == model_key for d in (h.train, h.val) if d}
+        edit_layers = sorted({edit_layer(spec, e.model, e.layer) for e in spec.edits if e.model == model_key})
+        edit_datasets = {edit_dataset(spec, e.head, e.dataset) for e in spec.edits if e.model == model_key}
+        main = model_key in record
+        extra = sorted((head_datasets | edit_datasets) - ({rec.dataset} if main else set()))
+        tokens[model_key] = Stage(TOKENS, model_key, TokensParams(
+            model_key=model_key, model=_model(spec, model_key),
+            from_layer=max(spec.models[model_key].layers) if main else None, edit_layers=edit_layers,
+            final=bool(head_datasets), extra_datasets={ds: spec.datasets[ds] for ds in extra}, dtype=rec.dtype,
+            batch_size=rec.batch_size, shard_mb=rec.shard_mb, seed=run.seed, device=run.device, **common),
+            {"record": record[model_key]} if main else {})
+        stages.append(tokens[model_key])
+
     heads: dict[str, Stage] = {}
     for head_key, head in spec.heads.items():
+        inputs = {"tokens": tokens[head.model]} | ({"record": record[head.model]} if head.model in record else {})
         heads[head_key] = Stage(HEADS, head_key, HeadParams(
-            head_key=head_key, head=head, model=_model(spec, head.model), train_key=head.train,
-            train_dataset=spec.datasets[head.train], val_key=head.val, val_dataset=spec.datasets[head.val] if head.val else None,
-            batch_size=rec.batch_size, seed=run.seed, device=run.device, **common))
+            head_key=head_key, head=head, train_key=head.train, train_dataset=spec.datasets[head.train],
+            val_key=head.val, val_dataset=spec.datasets[head.val] if head.val else None, seed=run.seed, device=run.device,
+            **common), inputs)
         stages.append(heads[head_key])
 
     for edit in spec.edits:
-        layer = edit.layer or spec.models[edit.model].layers[0]
+        layer = edit_layer(spec, edit.model, edit.layer)
         config = sae_sweep(spec.sae)[edit.sae]
         ds_key = edit_dataset(spec, edit.head, edit.dataset)
         stages.append(Stage(EDITS, edit.name, EditParams(
-            edit=edit.model_copy(update={"layer": layer, "dataset": ds_key}), layer=layer, model=_model(spec, edit.model),
-            sae_tag=config.tag, sae_id=sae_id(edit.model, layer, config), dataset_key=ds_key,
-            dataset=spec.datasets[ds_key], seed=run.seed, device=run.device, **common),
-            {"head": heads[edit.head], "train": train[(edit.model, layer)], "analyse": analyse[(edit.model, layer)]}))
+            edit=edit.model_copy(update={"layer": layer, "dataset": ds_key}), model=_model(spec, edit.model),
+            sae_tag=config.tag, sae_id=sae_id(edit.model, layer, config), dataset=spec.datasets[ds_key],
+            seed=run.seed, device=run.device, **common),
+            {"head": heads[edit.head], "train": train[(edit.model, layer)], "analyse": analyse[(edit.model, layer)],
+             "record": record[edit.model], "tokens": tokens[edit.model]}))
 
     for cmp in spec.compare:
         config = first_sae(spec)

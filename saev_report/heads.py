@@ -5,7 +5,7 @@ e.g. SigLIP, mean-pool their patch tokens); segmentation applies one linear
 layer to every patch token, giving a low-resolution logit map that is
 bilinearly upsampled to the mask's resolution for evaluation.
 
-Features are extracted once (`extract_head_features`), then every
+Features are read once from the recorded final-norm tokens (`extract_head_features`), then every
 (lr, weight decay) of the sweep trains from the same seed on them and the best
 on validation is kept (`train_head`). Heads are saved as safetensors + JSON
 (`save_head` / `load_head`) and scored in the `heads` table (`head_row`).
@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from saev_report.backbones import Backbone, TokenLayout, resize_size
+from saev_report.backbones import TokenLayout, resize_size
 from saev_report.datasets import BadImage, ImageDataset
-from saev_report.progress import bar, log
+from saev_report.progress import log, track
 from saev_report.spec import HeadSpec
 
 IGNORE = -1
@@ -154,75 +154,73 @@ def head_classes(dataset: ImageDataset, task: str) -> list[str]:
     raise ValueError(f"dataset {dataset.key!r} has no segmentation classes (seg_classes)")
 
 
-def _load_example(backbone: Backbone, dataset: ImageDataset, position: int, task: str, n_classes: int) -> tuple[Tensor, Tensor | None]:
-    """Preprocessed pixels and (segmentation) the aligned mask of one record; raises BadImage."""
-    image = dataset.image(position)
-    if task != "segmentation":
-        return backbone.preprocess(image), None
-    if dataset.records[position].mask_path is None:
-        raise BadImage("no mask")
-    mask_hw = mask_like_image(dataset.mask(position), image.size, backbone.image_size, dataset.ignore_index, n_classes)
-    return backbone.preprocess(image), mask_hw
+class FinalTokens(Protocol):
+    """Recorded final-norm tokens, found by image file path (`record.RecordedTokens`)."""
+
+    layout: TokenLayout
+    image_size: int
+    """Side of the model input, where masks are compared with the predictions."""
+
+    def get(self, path: str) -> Tensor | None:
+        """[tokens, d], or None for an image the recording skipped."""
 
 
-@torch.no_grad()  # not inference_mode: the tensors are later inputs of autograd (training)
 def extract_head_features(
-    backbone: Backbone,
+    tokens: FinalTokens,
     dataset: ImageDataset,
     task: str,
-    batch_size: int = 32,
-    device: torch.device | str = "cpu",
     classes: Sequence[str] | None = None,
 ) -> HeadData:
-    """Final-norm tokens of every usable image (CLS / mean patch, or the patch grid) with targets.
+    """What a head reads (CLS / mean patch, or the patch grid) of every usable image, with targets.
 
-    Images that fail to load (BadImage), lack a label (classification) or a mask
-    (segmentation) are skipped and listed in `skipped`. `classes` fixes the
-    output classes (e.g. the training set's, when extracting validation data).
+    The tokens come from the recording, so no backbone runs here. Images the
+    recording skipped, images without a label (classification) or a mask
+    (segmentation), and unreadable masks are skipped and listed in `skipped`.
+    `classes` fixes the output classes (e.g. the training set's, when
+    extracting validation data).
     """
     classes = list(classes) if classes is not None else head_classes(dataset, task)
     lookup = {name: i for i, name in enumerate(classes)}
     image_classes = {name: i for i, name in enumerate(dataset.classes)}
     inputs, labels, masks, kept, skipped = [], [], [], [], []
-    backbone = backbone.to(device).eval()
-    records = dataset.records
-    with bar(f"head features {dataset.key}", total=len(records), unit="img") as progress:
-        for start in range(0, len(records), batch_size):
-            pixels, batch_masks = [], []
-            for position in range(start, min(start + batch_size, len(records))):
-                record = records[position]
-                if task == "classification" and record.label not in lookup:
-                    skipped.append((record.index, "no label" if record.label is None else f"label {record.label!r} is not a head class"))
-                    continue
-                try:
-                    pixels_3hw, mask_hw = _load_example(backbone, dataset, position, task, len(classes))
-                except BadImage as exc:
-                    skipped.append((record.index, exc.reason))
-                    continue
-                pixels.append(pixels_3hw)
-                if mask_hw is not None:
-                    batch_masks.append(mask_hw)
-                kept.append(record.index)
-                label_lookup = lookup if task == "classification" else image_classes
-                labels.append(label_lookup.get(record.label, -1))
-            if pixels:
-                final_btd = backbone.forward_final(torch.stack(pixels).to(device))
-                inputs.append(head_inputs(final_btd, backbone.layout, task).float().cpu())
-                masks.extend(batch_masks)
-            progress.advance(len(records[start : start + batch_size]))
+    for position, record in enumerate(track(dataset.records, f"head features {dataset.key}", unit="img")):
+        if task == "classification" and record.label not in lookup:
+            skipped.append((record.index, "no label" if record.label is None else f"label {record.label!r} is not a head class"))
+            continue
+        final_td = tokens.get(record.path)
+        if final_td is None:
+            skipped.append((record.index, "not recorded (unreadable or non-finite)"))
+            continue
+        if task == "segmentation":
+            try:
+                masks.append(_aligned_mask(dataset, position, tokens.image_size, len(classes)))
+            except BadImage as exc:
+                skipped.append((record.index, exc.reason))
+                continue
+        inputs.append(head_inputs(final_td[None].float(), tokens.layout, task)[0])
+        kept.append(record.index)
+        labels.append((lookup if task == "classification" else image_classes).get(record.label, -1))
     if skipped:
         log(f"  skipped {len(skipped)} image(s) of {dataset.key} for the {task} head (first: {skipped[0][1]})")
     if not kept:
         raise ValueError(f"dataset {dataset.key!r} has no usable images for a {task} head")
     return HeadData(
         task=task,
-        inputs=torch.cat(inputs),
+        inputs=torch.stack(inputs),
         labels=torch.tensor(labels, dtype=torch.int64),
         masks=torch.stack(masks) if task == "segmentation" else None,
         image_idx=torch.tensor(kept, dtype=torch.int64),
         classes=classes,
         skipped=skipped,
     )
+
+
+def _aligned_mask(dataset: ImageDataset, position: int, image_size: int, n_classes: int) -> Tensor:
+    """The record's mask through its image's geometry; raises BadImage."""
+    if dataset.records[position].mask_path is None:
+        raise BadImage("no mask")
+    image_wh = dataset.image(position).size  # as loaded (EXIF-rotated), which is what was recorded
+    return mask_like_image(dataset.mask(position), image_wh, image_size, dataset.ignore_index, n_classes)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -420,20 +418,19 @@ def head_row(head_key: str, model_key: str, trained: TrainedHead, classes: Seque
 def build_head(
     head_key: str,
     spec: HeadSpec,
-    backbone: Backbone,
+    tokens: FinalTokens,
     train_dataset: ImageDataset,
     val_dataset: ImageDataset | None,
     out_dir: Path,
     *,
     seed: int,
     device: torch.device | str = "cpu",
-    batch_size: int = 32,
 ) -> dict[str, Any]:
-    """The `heads` stage for one head: extract features, sweep, save to `out_dir`; returns its table row."""
-    train = extract_head_features(backbone, train_dataset, spec.task, batch_size, device)
+    """The `heads` stage for one head: read features, sweep, save to `out_dir`; returns its table row."""
+    train = extract_head_features(tokens, train_dataset, spec.task)
     val = None
     if val_dataset is not None:
-        val_data = extract_head_features(backbone, val_dataset, spec.task, batch_size, device, classes=train.classes)
+        val_data = extract_head_features(tokens, val_dataset, spec.task, classes=train.classes)
         val = (val_data.inputs, val_data.targets)
     trained = train_head(train.inputs, train.targets, spec, seed, n_classes=len(train.classes), val=val, device=device)
     save_head(out_dir, trained, head_key=head_key, model_key=spec.model, classes=train.classes)

@@ -10,6 +10,9 @@ to `<dir>` when it finishes, so:
   record stage keeps its finished shards) or clears and redoes;
 - a changed param gets a new key, so stale outputs are never reused.
 
+A build holds `<run>/.lock` (see `locks.py`), so two builds of one run never
+interleave, and starts by clearing leftovers of killed builds.
+
 After the stages, `publish_tables` links the current table parts into
 `<run>/tables/` and `render_site` builds `<run>/site/`; both swap their folder
 in atomically.
@@ -26,9 +29,11 @@ from pathlib import Path
 from rich.markup import escape
 
 from saev_report.graph import build_stages
+from saev_report.locks import run_lock, sweep_cache
 from saev_report.progress import log
 from saev_report.spec import Spec
-from saev_report.stages import Stage
+from saev_report.errors import UserError
+from saev_report.stages import KINDS, Stage
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +58,12 @@ def run_stage(stage: Stage, run_dir: Path) -> bool:
     inputs = {role: dep.output(run_dir) for role, dep in stage.inputs.items()}
     started = time.perf_counter()
     log(f"[bold cyan]▶[/] {escape(stage.name)}")
-    stage.kind.action(stage.params, inputs, partial)
+    try:
+        stage.kind.action(stage.params, inputs, partial)
+    except BaseException:
+        if not stage.kind.resumable:  # nothing in it can be reused (a diverged SAE, say): leave no debris
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     _fsync_dir(partial)
     os.replace(partial, out)
     _fsync_dir(out.parent)
@@ -127,20 +137,53 @@ class BuildResult:
 
 
 def build(spec: Spec, only: set[str] | None = None, render: bool = True, cache_dir: Path | None = None) -> BuildResult:
-    """Run every stage (or only the given kinds), publish the tables and render the site."""
+    """Run every stage (or only the given kinds), publish the tables and render the site.
+
+    Holds the run's lock throughout (a second build of the same run is refused)
+    and first clears what killed builds left in the run and the shared cache.
+    """
     from saev_report.runtime import set_threads
 
+    unknown = sorted((only or set()) - set(KINDS))
+    if unknown:
+        raise UserError(f"unknown stage kind(s) {', '.join(unknown)}; the kinds are {', '.join(KINDS)}")
     set_threads(spec.run.threads)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    stage_list = build_stages(spec, cache_dir or default_cache_dir())
-    wanted = with_dependencies(stage_list, only) if only else stage_list
-    ran, skipped = [], []
-    for stage in wanted:
-        (ran if run_stage(stage, run_dir) else skipped).append(stage.name)
-    publish_tables([s for s in stage_list if s.status(run_dir) == "done"], run_dir)
-    site = render_site(spec, run_dir) if render else None
+    cache_dir = cache_dir or default_cache_dir()
+    with run_lock(run_dir):
+        stage_list = build_stages(spec, cache_dir)
+        sweep_run(run_dir, stage_list)
+        sweep_cache(cache_dir)
+        wanted = with_dependencies(stage_list, only) if only else stage_list
+        ran, skipped = [], []
+        for stage in wanted:
+            (ran if run_stage(stage, run_dir) else skipped).append(stage.name)
+        publish_tables([s for s in stage_list if s.status(run_dir) == "done"], run_dir)
+        site = render_site(spec, run_dir) if render else None
     return BuildResult(run_dir, ran, skipped, site)
+
+
+def rerender(spec: Spec) -> Path:
+    """`saev-report render`: the site again from the published tables, under the run's lock."""
+    with run_lock(spec.run_dir):
+        return render_site(spec, spec.run_dir)
+
+
+def sweep_run(run_dir: Path, stage_list: list[Stage]) -> list[Path]:
+    """Remove `.partial` folders no current resumable stage can resume from; returns them.
+
+    Called under the run lock, so no other build is writing them: they are what
+    killed or failed builds left, or work for a spec that has since changed.
+    """
+    keep = {s.partial_dir(run_dir) for s in stage_list if s.kind.resumable}
+    removed = [p for p in sorted((run_dir / "cache").glob("*/*.partial")) if p not in keep]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    if removed:
+        log(f"  removed {len(removed)} leftover stage folder(s): {', '.join(escape(p.name) for p in removed[:3])}"
+            + (", …" if len(removed) > 3 else ""))
+    return removed
 
 
 def with_dependencies(stage_list: list[Stage], kinds: set[str]) -> list[Stage]:

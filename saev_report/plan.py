@@ -1,43 +1,14 @@
 """`saev-report plan`: the stage list with cache status, and recording estimates.
 
-Estimates need a model's width and patch grid before any weights are loaded,
-so well-known architectures are listed here; unknown ones print `?`.
+Estimates need a model's width and patch grid before any weights are loaded:
+`spec.KNOWN_ARCHS` lists well-known architectures; unknown ones print `?`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from saev_report.graph import build_stages
-from saev_report.spec import KNOWN_DATASET_SIZES, DatasetSpec, ModelSpec, Spec, model_depth
+from saev_report.spec import KNOWN_DATASET_SIZES, Arch, DatasetSpec, ModelSpec, Spec, known_arch, model_depth
 
-
-@dataclass(frozen=True)
-class Arch:
-    d_model: int
-    patch_size: int
-    image_size: int
-    n_registers: int = 0
-    has_cls: bool = True
-
-
-KNOWN_ARCHS: dict[str, Arch] = {
-    "imgfocus": Arch(384, 14, 224),
-    "openai/clip-vit-base-patch16": Arch(768, 16, 224),
-    "openai/clip-vit-base-patch32": Arch(768, 32, 224),
-    "openai/clip-vit-large-patch14": Arch(1024, 14, 224),
-    "ViT-B-16/openai": Arch(768, 16, 224),
-    "ViT-B-32/openai": Arch(768, 32, 224),
-    "ViT-L-14/openai": Arch(1024, 14, 224),
-    "facebook/dinov2-small": Arch(384, 14, 224),
-    "facebook/dinov2-base": Arch(768, 14, 224),
-    "facebook/dinov2-large": Arch(1024, 14, 224),
-    "facebook/dinov2-with-registers-base": Arch(768, 14, 224, n_registers=4),
-    "google/siglip-base-patch16-224": Arch(768, 16, 224, has_cls=False),
-    "vit_base_patch16_224": Arch(768, 16, 224),
-    "vit_small_patch16_224": Arch(384, 16, 224),
-    "vit_base_patch14_dinov2": Arch(768, 14, 224),
-}
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 CPU_FLOPS = 0.1e12  # measured order of magnitude on the 2-core CI box
@@ -99,7 +70,7 @@ def recording_estimates(spec: Spec) -> list[dict[str, object]]:
     rows = []
     for key in spec.recorded_models():
         model = spec.models[key]
-        arch = KNOWN_ARCHS.get("imgfocus" if model.family == "imgfocus" else (model.source or ""))
+        arch = known_arch(model)
         depth = model_depth(model)
         row: dict[str, object] = {"model": key, "layers": ",".join(map(str, model.layers)), "images": f"{n_images:,}" if n_images else "?", "dtype": spec.record.dtype}
         if arch is None or n_images is None:

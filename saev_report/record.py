@@ -9,10 +9,11 @@ resumes after the last complete shard of every layer.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +21,10 @@ from rich.markup import escape
 from torch.utils.data import DataLoader, Dataset
 
 from saev_report.activations import ShardWriter, StoreMeta, images_per_shard_for
-from saev_report.backbones import Backbone
+from saev_report.backbones import Backbone, TokenLayout
 from saev_report.datasets import BadImage, ImageDataset, ImageRecord, load_image
-from saev_report.progress import bar, log
+from saev_report.progress import bar, log, track
+from saev_report.spec import TOKEN_KINDS
 
 
 @dataclass(frozen=True)
@@ -62,33 +64,49 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+@dataclass(frozen=True)
+class StoreRequest:
+    """One store to fill: its folder name under `out_dir`, what it captures and which token kinds."""
+
+    name: str
+    source: int | Literal["final"]
+    """A residual-stream layer (HF `hidden_states` numbering) or `final`: the final-norm tokens."""
+    tokens: tuple[str, ...]
+
+
+def layer_stores(layers: Sequence[int], tokens: Sequence[str]) -> list[StoreRequest]:
+    """The plain case: one store `L<layer>` per layer, with the same token kinds."""
+    return [StoreRequest(f"L{layer}", layer, tuple(tokens)) for layer in layers]
+
+
 def record_activations(
     backbone: Backbone,
     dataset: ImageDataset,
     *,
     model_key: str,
-    layers: Sequence[int],
-    tokens: Sequence[str],
+    stores: Sequence[StoreRequest],
     out_dir: Path,
     dtype: str,
     batch_size: int,
     shard_mb: int,
     device: torch.device,
     num_workers: int | None = None,
-) -> dict[int, Path]:
-    """Record `tokens` at every layer in `layers` for every image of `dataset` into `out_dir/L<layer>/`."""
+) -> dict[str, Path]:
+    """Fill every store in `stores` for every image of `dataset`, one forward pass per batch."""
     layout = backbone.layout
-    token_idx = layout.indices(tokens)
-    writers: dict[int, ShardWriter] = {}
-    for layer in layers:
-        meta = StoreMeta.create(model=model_key, layer=layer, dataset=dataset.key, d_model=backbone.d_model,
-                                dtype=dtype, token_kinds=list(tokens), layout=layout)
+    writers: dict[str, ShardWriter] = {}
+    for request in stores:
+        meta = StoreMeta.create(model=model_key, layer=request.source, dataset=dataset.key, d_model=backbone.d_model,
+                                dtype=dtype, token_kinds=list(request.tokens), layout=layout)
         per_shard = images_per_shard_for(meta.tokens_per_image, backbone.d_model, dtype, shard_mb)
         # Shards hold whole batches, so a resumed run sees exactly the batches an uninterrupted
         # one would, and produces bit-identical shards.
         per_shard = max(batch_size, per_shard // batch_size * batch_size)
-        writers[layer] = ShardWriter(out_dir / f"L{layer}", meta, per_shard)
-    # Layers are written shard by shard in lock-step; after a kill, align them on the shortest.
+        writers[request.name] = ShardWriter(out_dir / request.name, meta, per_shard)
+    token_idx = {r.name: layout.indices(r.tokens) for r in stores}
+    layers = sorted({r.source for r in stores if r.source != "final"})
+    final = any(r.source == "final" for r in stores)
+    # Stores are written shard by shard in lock-step; after a kill, align them on the shortest.
     done = min(w.n_images_done for w in writers.values())
     for writer in writers.values():
         writer.rollback(done)
@@ -112,25 +130,25 @@ def record_activations(
                     n_skipped += _skip(writers, item.index, item.path, item.error, n_skipped)
             if good:
                 pixels_b3hw = torch.stack([item.pixels_3hw for item in good]).to(device)
-                captured = backbone.capture(pixels_b3hw, list(layers))
+                captured = backbone.capture(pixels_b3hw, layers, final=final)
                 finite_b = torch.ones(len(good), dtype=torch.bool)
-                for layer in layers:
-                    finite_b &= torch.isfinite(captured[layer]).flatten(1).all(1).cpu()
+                for tokens_btd in captured.values():
+                    finite_b &= torch.isfinite(tokens_btd).flatten(1).all(1).cpu()
                 keep = [i for i, ok in enumerate(finite_b.tolist()) if ok]
                 for i, ok in enumerate(finite_b.tolist()):
                     if not ok:
                         n_skipped += _skip(writers, good[i].index, good[i].path, "non-finite activations", n_skipped)
                 if keep:
                     idx_b = np.array([good[i].index for i in keep])
-                    for layer, writer in writers.items():
-                        acts_btd = captured[layer][keep][:, token_idx, :].float().cpu()
-                        writer.add(idx_b, acts_btd)
+                    for request in stores:
+                        acts_btd = captured[request.source][keep][:, token_idx[request.name], :].float().cpu()
+                        writers[request.name].add(idx_b, acts_btd)
             progress.advance(len(batch))
     for writer in writers.values():
         writer.close()
     if n_skipped:
-        log(f"  [yellow]skipped {n_skipped} image(s)[/]; see `skipped` in {escape(str(out_dir))}/L*/meta.json")
-    return {layer: out_dir / f"L{layer}" for layer in layers}
+        log(f"  [yellow]skipped {n_skipped} image(s)[/]; see `skipped` in {escape(str(out_dir))}/*/meta.json")
+    return {r.name: out_dir / r.name for r in stores}
 
 
 def _skip(writers: dict[int, ShardWriter], index: int, path: str, reason: str, n_before: int) -> int:
@@ -139,3 +157,190 @@ def _skip(writers: dict[int, ShardWriter], index: int, path: str, reason: str, n
     if n_before < 5:
         log(f"  [yellow]skip[/] {escape(path)}: {escape(reason)}")
     return 1
+
+
+# --------------------------------------------------------------------------- one pass for every reader
+
+IMAGES_FILE = "images.json"
+"""Which file each recorded image came from (`[[dataset index, resolved path], ...]`) and the
+model's input size, so readers find images by path whatever dataset names them."""
+
+
+def rest_kinds(layout: TokenLayout, tokens: Sequence[str]) -> tuple[str, ...]:
+    """The token kinds the model has but `tokens` leaves out (CLS, registers when only patches are asked for)."""
+    return tuple(k for k in TOKEN_KINDS if k not in tokens and layout.indices([k]))
+
+
+def all_kinds(layout: TokenLayout) -> tuple[str, ...]:
+    return tuple(k for k in TOKEN_KINDS if layout.indices([k]))
+
+
+def record_layers(
+    backbone: Backbone,
+    dataset: ImageDataset,
+    *,
+    model_key: str,
+    layers: Sequence[int],
+    tokens: Sequence[str],
+    out_dir: Path,
+    dtype: str,
+    batch_size: int,
+    shard_mb: int,
+    device: torch.device,
+) -> None:
+    """The record stage: per layer, `L<layer>` with `tokens` (what SAEs train on) and `L<layer>-rest`
+    with the other kinds (a few tokens, so heads and edits can resume the forward pass from any
+    recorded layer instead of running the model again)."""
+    rest = rest_kinds(backbone.layout, tokens)
+    stores = layer_stores(layers, tokens) + [StoreRequest(f"L{layer}-rest", layer, rest) for layer in layers if rest]
+    record_activations(backbone, dataset, model_key=model_key, stores=stores, out_dir=out_dir, dtype=dtype,
+                       batch_size=batch_size, shard_mb=shard_mb, device=device)
+    write_image_index(out_dir, backbone.image_size, dataset.records)
+
+
+def write_image_index(out_dir: Path, image_size: int, records: Sequence[ImageRecord]) -> None:
+    index = {"image_size": image_size, "images": [[r.index, _resolved(r.path)] for r in records]}
+    tmp = out_dir / f".{IMAGES_FILE}.tmp"
+    tmp.write_text(json.dumps(index), encoding="utf-8")
+    os.replace(tmp, out_dir / IMAGES_FILE)
+
+
+def read_image_index(folder: Path) -> tuple[int, list[tuple[int, str]]]:
+    """(model input size, [(dataset index, resolved path)]) of a folder `write_image_index` wrote."""
+    index = json.loads((Path(folder) / IMAGES_FILE).read_text(encoding="utf-8"))
+    return int(index["image_size"]), [(int(i), str(p)) for i, p in index["images"]]
+
+
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """Stores that together hold every token kind of one source for one set of images."""
+
+    stores: tuple[Path, ...]
+    images: tuple[tuple[int, str], ...]
+    """(dataset index, resolved path) of the images of the set, as `read_image_index` returns."""
+
+
+class RecordedTokens:
+    """Every token of every recorded image at one source (a layer, or the final norm), by file path.
+
+    Joins kind-split stores (`L<layer>` + `L<layer>-rest`) back into the model's
+    full token layout, over several image sets (the record dataset, the extra
+    images of head and edit datasets). Images a recording skipped (unreadable,
+    non-finite) are not found: `get` returns None for them.
+    """
+
+    def __init__(self, sets: Sequence[TokenSet], image_size: int):
+        from saev_report.activations import ActivationStore
+
+        self.image_size = image_size
+        self.layout: TokenLayout | None = None
+        self._where: dict[str, tuple[list[ActivationStore], int]] = {}
+        for token_set in sets:
+            stores = [ActivationStore(d) for d in token_set.stores if (d / "meta.json").is_file()]
+            if not stores:
+                continue
+            metas = [s.meta for s in stores]
+            layout = TokenLayout(sum(m.n_cls for m in metas), sum(m.n_registers for m in metas), (metas[0].grid_h, metas[0].grid_w))
+            if self.layout is not None and layout != self.layout:
+                raise ValueError(f"{token_set.stores[0]}: stores disagree on the token layout")
+            self.layout = layout
+            position = {int(i): p for p, i in enumerate(stores[0].image_indices)}
+            for image_idx, path in token_set.images:
+                if image_idx in position:
+                    self._where[path] = (stores, position[image_idx])
+        if self.layout is None:
+            raise FileNotFoundError(f"no recording in {[str(d) for s in sets for d in s.stores]}")
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, path: str) -> bool:
+        return _resolved(path) in self._where
+
+    def get(self, path: str) -> torch.Tensor | None:
+        """[tokens, d] float32 in layout order (CLS, registers, patches), or None if not recorded."""
+        found = self._where.get(_resolved(path))
+        if found is None:
+            return None
+        stores, position = found
+        by_kind: dict[str, torch.Tensor] = {}
+        for store in stores:
+            acts_td, meta = store.image_acts(position), store.meta
+            spans = {"cls": (0, meta.n_cls), "registers": (meta.n_cls, meta.patch_offset), "patches": (meta.patch_offset, meta.tokens_per_image)}
+            for kind in meta.token_kinds:
+                start, stop = spans[kind]
+                by_kind[kind] = acts_td[start:stop]
+        return torch.cat([by_kind[k] for k in TOKEN_KINDS if k in by_kind])
+
+
+# --------------------------------------------------------------------------- what heads and edits add
+
+
+EXTRA = "extra"
+"""Sub-folder of the images that head and edit datasets add to the record dataset."""
+
+
+def record_reach(
+    backbone: Backbone,
+    recorded: RecordedTokens | None,
+    recorded_images: Sequence[tuple[int, str]],
+    extra_datasets: Sequence[ImageDataset],
+    *,
+    model_key: str,
+    from_layer: int | None,
+    edit_layers: Sequence[int],
+    final: bool,
+    out_dir: Path,
+    dtype: str,
+    batch_size: int,
+    shard_mb: int,
+    device: torch.device,
+) -> None:
+    """The tokens stage: what heads and edits read beyond the recording, without re-running it.
+
+    - `final/`: final-norm tokens of the recorded images, by resuming the forward
+      pass from their recorded `from_layer` (only the blocks after it run);
+    - `extra/`: images of `extra_datasets` that the recording lacks (matched by
+      resolved file path, so a split or subset of the same files costs nothing),
+      in one forward pass: every token kind at `edit_layers`, and final.
+    """
+    kinds = all_kinds(backbone.layout)
+    backbone.to(device).eval()
+    if final and recorded is not None and from_layer is not None:
+        _resume_to_final(backbone, recorded, recorded_images, model_key=model_key, from_layer=from_layer,
+                         out_dir=out_dir / "final", dtype=dtype, batch_size=batch_size, shard_mb=shard_mb, device=device)
+    seen = {path for _, path in recorded_images}
+    extra: list[ImageRecord] = []
+    for other in extra_datasets:
+        for record in other.records:
+            path = _resolved(record.path)
+            if path not in seen:
+                seen.add(path)
+                extra.append(ImageRecord(len(extra), record.path, record.label, record.mask_path))
+    stores = [StoreRequest(f"L{layer}", layer, kinds) for layer in edit_layers]
+    stores += [StoreRequest("final", "final", kinds)] if final else []
+    (out_dir / EXTRA).mkdir(parents=True, exist_ok=True)
+    if extra and stores:
+        log(f"  {len(extra)} image(s) of head/edit datasets are not in the record dataset: recording them")
+        record_activations(backbone, ImageDataset(EXTRA, extra), model_key=model_key, stores=stores, out_dir=out_dir / EXTRA,
+                           dtype=dtype, batch_size=batch_size, shard_mb=shard_mb, device=device)
+    write_image_index(out_dir / EXTRA, backbone.image_size, extra)
+
+
+@torch.inference_mode()
+def _resume_to_final(backbone: Backbone, recorded: RecordedTokens, images: Sequence[tuple[int, str]], *, model_key: str,
+                     from_layer: int, out_dir: Path, dtype: str, batch_size: int, shard_mb: int, device: torch.device) -> None:
+    meta = StoreMeta.create(model=model_key, layer="final", dataset="record", d_model=backbone.d_model, dtype=dtype,
+                            token_kinds=list(all_kinds(backbone.layout)), layout=backbone.layout)
+    per_shard = max(batch_size, images_per_shard_for(meta.tokens_per_image, backbone.d_model, dtype, shard_mb) // batch_size * batch_size)
+    writer = ShardWriter(out_dir, meta, per_shard)
+    found = [(index, path) for index, path in images if path in recorded]
+    for start in track(range(0, len(found), batch_size), f"final tokens {model_key}", unit="batch"):
+        chunk = found[start:start + batch_size]
+        acts_btd = torch.stack([recorded.get(path) for _, path in chunk]).to(device)
+        writer.add(np.array([index for index, _ in chunk]), backbone.resume(acts_btd, from_layer).float().cpu())
+    writer.close()

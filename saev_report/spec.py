@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -148,6 +148,8 @@ KNOWN_DATASET_SIZES: dict[tuple[str, str], int] = {
 
 Family = Literal["hf", "timm", "open_clip", "imgfocus"]
 TokenKind = Literal["cls", "registers", "patches"]
+TOKEN_KINDS: tuple[str, ...] = get_args(TokenKind)
+"""Every token kind, in the order they sit in a ViT's residual stream (and in every store)."""
 
 
 class ModelSpec(SpecModel):
@@ -190,33 +192,48 @@ class ModelSpec(SpecModel):
         return self
 
 
-# Known depths, so `validate` can range-check layers without loading weights.
-KNOWN_DEPTHS: dict[str, int] = {
-    "imgfocus": 12,
-    "openai/clip-vit-base-patch16": 12,
-    "openai/clip-vit-base-patch32": 12,
-    "openai/clip-vit-large-patch14": 24,
-    "facebook/dinov2-small": 12,
-    "facebook/dinov2-base": 12,
-    "facebook/dinov2-large": 24,
-    "facebook/dinov2-with-registers-base": 12,
-    "google/siglip-base-patch16-224": 12,
-    "ViT-B-16/openai": 12,
-    "ViT-B-32/openai": 12,
-    "ViT-L-14/openai": 24,
-    "vit_base_patch16_224": 12,
-    "vit_small_patch16_224": 12,
-    "vit_base_patch14_dinov2": 12,
+@dataclass(frozen=True)
+class Arch:
+    """What is known of an architecture before loading it: for `validate` (layer ranges) and `plan`."""
+
+    depth: int
+    d_model: int
+    patch_size: int
+    image_size: int
+    n_registers: int = 0
+    has_cls: bool = True
+
+
+KNOWN_ARCHS: dict[str, Arch] = {
+    "imgfocus": Arch(12, 384, 14, 224),
+    "openai/clip-vit-base-patch16": Arch(12, 768, 16, 224),
+    "openai/clip-vit-base-patch32": Arch(12, 768, 32, 224),
+    "openai/clip-vit-large-patch14": Arch(24, 1024, 14, 224),
+    "ViT-B-16/openai": Arch(12, 768, 16, 224),
+    "ViT-B-32/openai": Arch(12, 768, 32, 224),
+    "ViT-L-14/openai": Arch(24, 1024, 14, 224),
+    "facebook/dinov2-small": Arch(12, 384, 14, 224),
+    "facebook/dinov2-base": Arch(12, 768, 14, 224),
+    "facebook/dinov2-large": Arch(24, 1024, 14, 224),
+    "facebook/dinov2-with-registers-base": Arch(12, 768, 14, 224, n_registers=4),
+    "google/siglip-base-patch16-224": Arch(12, 768, 16, 224, has_cls=False),
+    "vit_base_patch16_224": Arch(12, 768, 16, 224),
+    "vit_small_patch16_224": Arch(12, 384, 16, 224),
+    "vit_base_patch14_dinov2": Arch(12, 768, 14, 224),
 }
+"""Well-known architectures by `source` (`imgfocus` for that family); others are found out at load time."""
+
+
+def known_arch(model: ModelSpec) -> Arch | None:
+    return KNOWN_ARCHS.get("imgfocus" if model.family == "imgfocus" else (model.source or ""))
 
 
 def model_depth(model: ModelSpec) -> int | None:
     """Number of blocks if known without loading the model."""
     if model.n_layers:
         return model.n_layers
-    if model.family == "imgfocus":
-        return KNOWN_DEPTHS["imgfocus"]
-    return KNOWN_DEPTHS.get(model.source or "")
+    arch = known_arch(model)
+    return arch.depth if arch else None
 
 
 # --------------------------------------------------------------------------- recording
@@ -330,7 +347,9 @@ class HeadSpec(SpecModel):
 
 # --------------------------------------------------------------------------- edits
 
-Action = Literal["set", "scale", "clamp", "add", "suppress"]
+EditAction = Literal["suppress", "set", "scale", "clamp", "add"]
+EDIT_ACTIONS: tuple[str, ...] = get_args(EditAction)
+"""Every edit action; `edits.EDIT_FUNCTIONS` implements each."""
 
 
 class ExplicitEdit(SpecModel):
@@ -378,7 +397,7 @@ class EditSpec(SpecModel):
     """Which SAE of the sweep (index in sweep order) to edit with."""
     dataset: str | None = None
     """Dataset of images to edit; default: the head's validation data."""
-    action: Action = "suppress"
+    action: EditAction = "suppress"
     """`suppress` (set to 0), `set` to value, `scale` by value, `clamp` to at most value,
     `add` value."""
     value: float = 0.0

@@ -18,6 +18,9 @@ from PIL import Image
 from saev_report import edits
 from saev_report.datasets import ImageDataset, ImageRecord
 from saev_report.heads import LinearHead
+from saev_report.record import RecordedTokens, record_layers, record_reach
+from saev_report.stages.record import RecordOut
+from saev_report.stages.tokens import TokensOut
 from saev_report.sae import SparseAutoencoder
 from saev_report.spec import EditSpec, ExplicitEdit, GeneratedEdits
 from saev_report.tables import to_arrow
@@ -162,6 +165,14 @@ def _photo_dataset(tmp_path: Path, n: int = 4) -> ImageDataset:
     return ImageDataset("photos", records, ["cat"], ["background", "cat", "dog"], 255)
 
 
+def recorded_layer(backbone, dataset, layer: int, out_dir: Path) -> RecordedTokens:
+    """Layer-L tokens of every image as the record and tokens stages give them to an edit (float32 here)."""
+    common = dict(model_key="tiny", dtype="float32", batch_size=4, shard_mb=1, device=torch.device("cpu"))
+    record_layers(backbone, dataset, layers=[layer], tokens=["patches"], out_dir=out_dir / "record", **common)
+    record_reach(backbone, None, [], [], from_layer=None, edit_layers=[layer], final=False, out_dir=out_dir / "tokens", **common)
+    return TokensOut(out_dir / "tokens").layer(RecordOut(out_dir / "record"), layer)
+
+
 def planted_setup(backbone, dataset):
     """An orthonormal SAE at the last layer and a segmentation head whose `cat` logit reads exactly
     the decoder direction of one feature (the one that fires most on these images)."""
@@ -198,9 +209,10 @@ def planted_setup(backbone, dataset):
 def test_suppressing_a_planted_feature_beats_a_matched_control(backbone, tmp_path):
     dataset = _photo_dataset(tmp_path)
     sae, head, table, planted = planted_setup(backbone, dataset)
+    tokens = recorded_layer(backbone, dataset, N_LAYERS, tmp_path / "rec")
     spec = EditSpec(name="plant", model="tiny", head="seg", generate=GeneratedEdits(top_purity=1, images_per_feature=3, patches="all"))
     rows = edits.run_edits(spec, backbone=backbone, sae=sae, sae_id="tiny/L3/x", head=head, head_key="seg",
-                           dataset=dataset, layer=N_LAYERS, features_table=table, seed=0)
+                           dataset=dataset, layer=N_LAYERS, tokens=tokens, features_table=table, seed=0)
     to_arrow("edits", rows)  # every row fits the declared schema
     main = [r for r in rows if not r["is_control"]]
     controls = [r for r in rows if r["is_control"]]
@@ -216,7 +228,7 @@ def test_suppressing_a_planted_feature_beats_a_matched_control(backbone, tmp_pat
         assert edit["flipped"] and edit["flip_frac"] > control["flip_frac"]
     # images are chosen where the feature fires most, deterministically
     again = edits.run_edits(spec, backbone=backbone, sae=sae, sae_id="tiny/L3/x", head=head, head_key="seg",
-                            dataset=dataset, layer=N_LAYERS, features_table=table, seed=0)
+                            dataset=dataset, layer=N_LAYERS, tokens=tokens, features_table=table, seed=0)
     assert [r["image_idx"] for r in again] == [r["image_idx"] for r in rows]
     assert [r["features"] for r in again] == [r["features"] for r in rows]
 
@@ -258,7 +270,7 @@ def test_explicit_classification_edits_make_schema_rows(backbone, sae, tmp_path)
         random_control=True,
     )
     rows = edits.run_edits(spec, backbone=backbone, sae=sae, sae_id="s", head=head, head_key="cls", dataset=dataset,
-                           layer=2, features_table=None)
+                           layer=2, tokens=recorded_layer(backbone, dataset, 2, tmp_path / "rec"), features_table=None)
     to_arrow("edits", rows)
     assert [r["edit_id"] for r in rows] == ["ex/0", "ex/1"]  # no table → no controls; the unreadable image is skipped
     first, second = rows
@@ -276,10 +288,11 @@ def test_explicit_classification_edits_make_schema_rows(backbone, sae, tmp_path)
 def test_attribution_finds_the_feature_the_head_reads(backbone, tmp_path):
     dataset = _photo_dataset(tmp_path)
     sae, head, table, planted = planted_setup(backbone, dataset)
+    tokens = recorded_layer(backbone, dataset, N_LAYERS, tmp_path / "rec")
     spec = EditSpec(name="evidence", model="tiny", head="seg",
                     generate=GeneratedEdits(select="attribution", top_purity=1, images_per_feature=2, features_per_edit=1))
     rows = edits.run_edits(spec, backbone=backbone, sae=sae, sae_id="tiny/L3/x", head=head, head_key="seg",
-                           dataset=dataset, layer=N_LAYERS, features_table=table, seed=0)
+                           dataset=dataset, layer=N_LAYERS, tokens=tokens, features_table=table, seed=0)
     main = [r for r in rows if not r["is_control"]]
     assert [r["image_idx"] for r in main] == [0, 1]  # round-robin over labels, index order
     for edit in main:

@@ -18,6 +18,9 @@ from PIL import Image
 from saev_report import heads
 from saev_report.datasets import ImageDataset, ImageRecord
 from saev_report.heads import IGNORE
+from saev_report.record import RecordedTokens, record_layers, record_reach
+from saev_report.stages.record import RecordOut
+from saev_report.stages.tokens import TokensOut
 from saev_report.spec import HeadSpec
 from saev_report.tables import to_arrow
 
@@ -46,6 +49,17 @@ def clusters(n: int, d: int, n_classes: int, seed: int, spread: float = 0.5) -> 
     centres = torch.randn(n_classes, d, generator=torch.Generator().manual_seed(1234)) * 2
     labels = torch.arange(n) % n_classes
     return centres[labels] + spread * torch.randn(n, d, generator=generator), labels
+
+
+def recorded_final(backbone: HFBackbone, dataset: ImageDataset, out_dir: Path) -> RecordedTokens:
+    """The dataset's final-norm tokens as the record and tokens stages make them (float32 here)."""
+    common = dict(model_key="tiny", dtype="float32", batch_size=4, shard_mb=1, device=torch.device("cpu"))
+    record_layers(backbone, dataset, layers=[2], tokens=["patches"], out_dir=out_dir / "record", **common)
+    record = RecordOut(out_dir / "record")
+    recorded = RecordedTokens([record.token_set(2)], backbone.image_size)
+    record_reach(backbone, recorded, record.image_index()[1], [], from_layer=2, edit_layers=[], final=True,
+                 out_dir=out_dir / "tokens", **common)
+    return TokensOut(out_dir / "tokens").final(record)
 
 
 SMALL_SPEC = HeadSpec(task="classification", model="m", train="t", lrs=[1e-3, 3e-2], weight_decays=[1e-3, 1e-1], epochs=5, batch_size=16)
@@ -196,7 +210,7 @@ def test_mask_follows_the_image_geometry(tmp_path):
 def test_extract_features_classification_reads_cls_and_skips_bad_images(tmp_path):
     dataset = _write_dataset(tmp_path)
     backbone = tiny_dinov2()
-    data = heads.extract_head_features(backbone, dataset, "classification", batch_size=4)
+    data = heads.extract_head_features(recorded_final(backbone, dataset, tmp_path / "rec"), dataset, "classification")
     assert data.image_idx.tolist() == list(range(6)) and [i for i, _ in data.skipped] == [6]
     pixels = torch.stack([backbone.preprocess(dataset.image(i)) for i in range(6)])
     with torch.no_grad():
@@ -210,7 +224,7 @@ def test_extract_features_mean_pools_without_cls(tmp_path):
     dataset = _write_dataset(tmp_path, n=2)
     backbone = tiny_siglip()
     assert backbone.layout.n_cls == 0
-    data = heads.extract_head_features(backbone, dataset, "classification")
+    data = heads.extract_head_features(recorded_final(backbone, dataset, tmp_path / "rec"), dataset, "classification")
     with torch.no_grad():
         final = backbone.forward_final(torch.stack([backbone.preprocess(dataset.image(i)) for i in range(2)]))
     assert torch.allclose(data.inputs, final.mean(1), atol=1e-5)
@@ -220,8 +234,9 @@ def test_segmentation_head_end_to_end_save_load_and_row(tmp_path):
     dataset = _write_dataset(tmp_path)
     backbone = tiny_dinov2()
     spec = HeadSpec(task="segmentation", model="tiny", train="toy", lrs=[1e-2, 1e-1], weight_decays=[1e-3], epochs=15, batch_size=4)
-    row = heads.build_head("seg", spec, backbone, dataset, dataset, tmp_path / "head", seed=0)
-    data = heads.extract_head_features(backbone, dataset, "segmentation")
+    tokens = recorded_final(backbone, dataset, tmp_path / "rec")
+    row = heads.build_head("seg", spec, tokens, dataset, dataset, tmp_path / "head", seed=0)
+    data = heads.extract_head_features(tokens, dataset, "segmentation")
     assert data.inputs.shape == (6, 4, 4, 32) and data.masks.shape == (6, IMAGE, IMAGE)
     assert row["task"] == "segmentation" and row["classes"] == ["background", "red", "blue"]
     assert row["n_train"] == row["n_val"] == 6 and 0 <= row["val_miou"] <= 1

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from saev_report.pipeline import publish_tables, run_stage, with_dependencies
+from saev_report.pipeline import publish_tables, run_stage, sweep_run, with_dependencies
 from saev_report.stages.base import Inputs, Stage, StageKind, StageOut, StageParams, table_part
 from saev_report.tables import query, write_table
 
@@ -69,13 +69,9 @@ def test_killed_resumable_stage_keeps_finished_parts(tmp_path: Path) -> None:
     assert (out / "part0").stat().st_mtime_ns == first_mtime  # not redone
 
 
-def test_killed_action_leaves_partial_and_plain_stage_restarts_clean(tmp_path: Path) -> None:
-    killed = Stage(PARTS, "m", PartsParams(kill_at=1))
-    with pytest.raises(Killed):
-        run_stage(killed, tmp_path)
-    assert killed.status(tmp_path) == "partial"
+def test_a_plain_stage_killed_mid_way_restarts_clean(tmp_path: Path) -> None:
     stage = Stage(PARTS, "m", PartsParams())
-    stage.partial_dir(tmp_path).mkdir(parents=True)
+    stage.partial_dir(tmp_path).mkdir(parents=True)  # what a SIGKILL leaves
     (stage.partial_dir(tmp_path) / "garbage").write_text("half-written")
     run_stage(stage, tmp_path)
     assert not (stage.out_dir(tmp_path) / "garbage").exists()
@@ -107,3 +103,27 @@ def test_inputs_reach_the_action_as_typed_outputs(tmp_path: Path) -> None:
         run_stage(stage, tmp_path)
     assert [s.root for s in seen] == [upstream.out_dir(tmp_path)]
     assert (seen[0].root / "part2").read_text() == "2"
+
+
+def test_a_failed_plain_stage_leaves_no_partial_but_a_resumable_one_keeps_its_work(tmp_path: Path) -> None:
+    plain = Stage(PARTS, "m", PartsParams(kill_at=1))
+    with pytest.raises(Killed):
+        run_stage(plain, tmp_path)
+    assert plain.status(tmp_path) == "todo"  # e.g. a diverged SAE: nothing in it is reusable
+    resumable = Stage(RESUMABLE_PARTS, "m", PartsParams(kill_at=1))
+    with pytest.raises(Killed):
+        run_stage(resumable, tmp_path)
+    assert (resumable.partial_dir(tmp_path) / "part0").is_file()
+
+
+def test_sweep_run_removes_partials_nothing_can_resume(tmp_path: Path) -> None:
+    current = Stage(RESUMABLE_PARTS, "m", PartsParams())
+    plain = Stage(PARTS, "p", PartsParams())
+    stale = Stage(RESUMABLE_PARTS, "m", PartsParams(tag="old-spec"))
+    for stage in (current, plain, stale):
+        stage.partial_dir(tmp_path).mkdir(parents=True)
+    done = Stage(PARTS, "done", PartsParams())
+    run_stage(done, tmp_path)
+    removed = sweep_run(tmp_path, [current, plain, done])
+    assert sorted(removed) == sorted([plain.partial_dir(tmp_path), stale.partial_dir(tmp_path)])
+    assert current.status(tmp_path) == "partial" and done.status(tmp_path) == "done"

@@ -94,3 +94,16 @@ def test_load_spec_roundtrip() -> None:
     spec = load_spec(ROOT / "specs/clip_vs_dino.yaml", check_paths=False)
     assert spec.models["clip"].layers == [11]
     assert spec.sae.expansion == [32]
+
+
+def test_validate_and_plan_read_one_architecture_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from saev_report.plan import recording_estimates
+    from saev_report.spec import KNOWN_ARCHS, Arch
+
+    text = ("run: {name: t}\ndatasets: {d: {kind: image_folder, root: /nowhere, n_images: 10}}\n"
+            "models: {m: {family: hf, source: facebook/dinov2-small, layers: [%d]}}\nrecord: {dataset: d}\n")
+    monkeypatch.setitem(KNOWN_ARCHS, "facebook/dinov2-small", Arch(depth=6, d_model=100, patch_size=14, image_size=224))
+    with pytest.raises(SpecError, match="has 6 blocks"):
+        parse_spec_text(text % 7, check_paths=False)
+    [row] = recording_estimates(parse_spec_text(text % 6, check_paths=False))
+    assert row["d"] == 100

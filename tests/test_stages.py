@@ -22,7 +22,8 @@ def _keys(data: dict[str, Any]) -> dict[str, str]:
 
 
 def _changed(path: str, value: Any) -> set[str]:
-    """Stage names whose key changes when the dotted spec field `path` is set to `value`."""
+    """Stage names whose key changes when the dotted spec field `path` is set to `value`
+    (a stage that appears or disappears counts as changed)."""
     data = yaml.safe_load(yaml.safe_dump(DEMO))
     node = data
     *parents, last = path.split(".")
@@ -30,16 +31,16 @@ def _changed(path: str, value: Any) -> set[str]:
         node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
     node[int(last) if isinstance(node, list) else last] = value
     before, after = _keys(DEMO), _keys(data)
-    assert set(before) == set(after)
-    return {name for name in before if before[name] != after[name]}
+    return {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
 
 
 RECORD_DINO = {"record/dinov2", "train/dinov2-L11", "analyse/dinov2-L11"}
 RECORD_RANDOM = {"record/random", "train/random-L11", "analyse/random-L11"}
+TOKENS = {"tokens/dinov2"}
 HEADS = {"heads/category", "heads/segment"}
 EDITS = {"edits/suppress-category", "edits/suppress-evidence", "edits/suppress-segment"}
 MATCHES = {"compare/dinov2~random", "stability/dinov2"}
-EVERYTHING_SEEDED = RECORD_DINO | RECORD_RANDOM | HEADS | EDITS | MATCHES
+EVERYTHING_SEEDED = RECORD_DINO | RECORD_RANDOM | TOKENS | HEADS | EDITS | MATCHES
 
 CASES = [
     # (field, new value, stages whose key must change: no more, no fewer)
@@ -47,8 +48,13 @@ CASES = [
     ("models.dinov2.label", "DINO", set()),
     ("run.threads", 1, set()),
     ("run.name", "other", set()),
-    ("record.batch_size", 16, RECORD_DINO | RECORD_RANDOM | HEADS | EDITS | MATCHES),
-    ("record.dtype", "float32", RECORD_DINO | RECORD_RANDOM | EDITS | MATCHES),
+    ("edits.0.layer", 11, set()),  # the default, spelled out: resolved once, so the same key
+    ("edits.0.dataset", "demo_val", set()),  # likewise (the head's validation data)
+    ("record.batch_size", 16, EVERYTHING_SEEDED),
+    ("record.dtype", "float32", EVERYTHING_SEEDED),
+    ("record.shard_mb", 64, EVERYTHING_SEEDED),
+    ("models.random.layers", [10], {"record/random", "train/random-L10", "analyse/random-L10", "train/random-L11",
+                                    "analyse/random-L11", "compare/dinov2~random"}),  # L11 gone, L10 new
     ("sae.lr", 1e-3, {"train/dinov2-L11", "analyse/dinov2-L11", "train/random-L11", "analyse/random-L11"} | EDITS | MATCHES),
     ("analysis.top_k", 8, {"analyse/dinov2-L11", "analyse/random-L11"} | EDITS),
     ("heads.category.epochs", 5, {"heads/category", "edits/suppress-category", "edits/suppress-evidence"}),
@@ -56,7 +62,7 @@ CASES = [
     ("compare.0.min_score", 0.3, {"compare/dinov2~random"}),
     ("stability.0.min_score", 0.3, {"stability/dinov2"}),
     ("run.seed", 1, EVERYTHING_SEEDED),
-    ("datasets.demo_val.max_images", 50, {"images/demo_val"} | HEADS | EDITS),
+    ("datasets.demo_val.max_images", 50, {"images/demo_val"} | TOKENS | HEADS | EDITS),
 ]
 
 
@@ -66,7 +72,7 @@ def test_a_spec_change_moves_exactly_the_keys_that_read_it(field: str, value: An
 
 
 def test_every_kind_is_declared_in_one_shape() -> None:
-    assert list(KINDS) == ["images", "record", "train", "analyse", "heads", "edits", "compare", "stability"]
+    assert list(KINDS) == ["images", "record", "train", "analyse", "tokens", "heads", "edits", "compare", "stability"]
     for kind in KINDS.values():
         assert issubclass(kind.params, StageParams) and kind.params.model_config["frozen"]
         assert issubclass(kind.out, StageOut)
@@ -90,6 +96,21 @@ def test_defaults_are_resolved_once_in_the_builder() -> None:
     stability = stages["stability/dinov2"].params
     assert (stability.a.sae_tag, stability.b.sae_tag) == ("topk-x8-k32-s0", "topk-x8-k32-s1")
     assert stages["stability/dinov2"].inputs["record_a"] is stages["record/dinov2"]
+    tokens = stages["tokens/dinov2"].params
+    assert tokens.from_layer == 11 and tokens.edit_layers == [11] and tokens.final
+    assert sorted(tokens.extra_datasets) == ["demo_train", "demo_val"]  # their images are found in `demo` by path at run time
+    assert "tokens/random" not in stages  # no head or edit reads the random twin
+
+
+def test_a_model_only_a_head_reads_gets_tokens_but_no_recording() -> None:
+    data = yaml.safe_load(yaml.safe_dump(DEMO))
+    data["record"]["models"] = ["random"]
+    data["edits"], data["compare"], data["stability"] = [], [], []
+    stages = {s.name: s for s in build_stages(parse_spec_text(yaml.safe_dump(data)))}
+    assert "record/dinov2" not in stages and stages["tokens/dinov2"].inputs == {}
+    assert stages["tokens/dinov2"].params.from_layer is None
+    assert sorted(stages["tokens/dinov2"].params.extra_datasets) == ["demo_train", "demo_val"]
+    assert set(stages["heads/category"].inputs) == {"tokens"}
 
 
 def test_cache_dir_is_a_location_not_part_of_the_key(tmp_path: Path) -> None:

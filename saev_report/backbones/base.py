@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2 as T
 
 from saev_report.errors import InputUnavailable
+from saev_report.spec import TOKEN_KINDS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,7 +29,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 
-TOKEN_KINDS = ("cls", "registers", "patches")
 
 
 class ModelUnavailable(InputUnavailable):

