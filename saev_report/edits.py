@@ -8,9 +8,11 @@
    pass resumes from L to the final norm.
 5–6. The frozen head runs on the original and the edited final tokens; both are recorded.
 
-One image is captured once; any number of edits of it resume as one batch. `run_edits`
-turns an `EditSpec` (explicit or generated edits, each with a frequency-matched
-random-feature control) into rows of the `edits` table.
+Step 1 reads the image's recorded layer-L tokens (`captured_from_acts`; from pixels:
+`capture_image`); any number of edits of it resume as one batch (`apply_edits`, the
+one path both `edit_image` and `run_edits` take). `run_edits` turns an `EditSpec`
+(explicit or generated edits, each with a frequency-matched random-feature control)
+into rows of the `edits` table.
 """
 
 from __future__ import annotations

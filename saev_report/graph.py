@@ -102,11 +102,11 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
         edit_layers = sorted({edit_layer(spec, e.model, e.layer) for e in spec.edits if e.model == model_key})
         edit_datasets = {edit_dataset(spec, e.head, e.dataset) for e in spec.edits if e.model == model_key}
         main = model_key in record
-        extra = sorted((head_datasets | edit_datasets) - ({rec.dataset} if main else set()))
         tokens[model_key] = Stage(TOKENS, model_key, TokensParams(
             model_key=model_key, model=_model(spec, model_key),
             from_layer=max(spec.models[model_key].layers) if main else None, edit_layers=edit_layers,
-            final=bool(head_datasets), extra_datasets={ds: spec.datasets[ds] for ds in extra}, dtype=rec.dtype,
+            head_datasets={ds: spec.datasets[ds] for ds in sorted(head_datasets)},
+            edit_datasets={ds: spec.datasets[ds] for ds in sorted(edit_datasets)}, dtype=rec.dtype,
             batch_size=rec.batch_size, shard_mb=rec.shard_mb, seed=run.seed, device=run.device, **common),
             {"record": record[model_key]} if main else {})
         stages.append(tokens[model_key])

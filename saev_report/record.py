@@ -288,7 +288,8 @@ def record_reach(
     backbone: Backbone,
     recorded: RecordedTokens | None,
     recorded_images: Sequence[tuple[int, str]],
-    extra_datasets: Sequence[ImageDataset],
+    final_datasets: Sequence[ImageDataset],
+    edit_datasets: Sequence[ImageDataset],
     *,
     model_key: str,
     from_layer: int | None,
@@ -302,20 +303,23 @@ def record_reach(
 ) -> None:
     """The tokens stage: what heads and edits read beyond the recording, without re-running it.
 
-    - `final/`: final-norm tokens of the recorded images, by resuming the forward
-      pass from their recorded `from_layer` (only the blocks after it run);
-    - `extra/`: images of `extra_datasets` that the recording lacks (matched by
-      resolved file path, so a split or subset of the same files costs nothing),
-      in one forward pass: every token kind at `edit_layers`, and final.
+    - `final/`: final-norm tokens of the recorded images that `final_datasets`
+      (the heads' data) show, by resuming the forward pass from their recorded
+      `from_layer`: only the blocks after it run;
+    - `extra/`: images of `final_datasets` and `edit_datasets` that the recording
+      lacks (matched by resolved file path, so a split or subset of the same files
+      costs nothing), in one forward pass: every token kind at `edit_layers`, and final.
     """
     kinds = all_kinds(backbone.layout)
     backbone.to(device).eval()
     if final and recorded is not None and from_layer is not None:
-        _resume_to_final(backbone, recorded, recorded_images, model_key=model_key, from_layer=from_layer,
-                         out_dir=out_dir / "final", dtype=dtype, batch_size=batch_size, shard_mb=shard_mb, device=device)
+        wanted = {_resolved(r.path) for ds in final_datasets for r in ds.records}
+        _resume_to_final(backbone, recorded, [(i, p) for i, p in recorded_images if p in wanted], model_key=model_key,
+                         from_layer=from_layer, out_dir=out_dir / "final", dtype=dtype, batch_size=batch_size,
+                         shard_mb=shard_mb, device=device)
     seen = {path for _, path in recorded_images}
     extra: list[ImageRecord] = []
-    for other in extra_datasets:
+    for other in [*final_datasets, *edit_datasets]:
         for record in other.records:
             path = _resolved(record.path)
             if path not in seen:

@@ -169,7 +169,7 @@ def recorded_layer(backbone, dataset, layer: int, out_dir: Path) -> RecordedToke
     """Layer-L tokens of every image as the record and tokens stages give them to an edit (float32 here)."""
     common = dict(model_key="tiny", dtype="float32", batch_size=4, shard_mb=1, device=torch.device("cpu"))
     record_layers(backbone, dataset, layers=[layer], tokens=["patches"], out_dir=out_dir / "record", **common)
-    record_reach(backbone, None, [], [], from_layer=None, edit_layers=[layer], final=False, out_dir=out_dir / "tokens", **common)
+    record_reach(backbone, None, [], [], [], from_layer=None, edit_layers=[layer], final=False, out_dir=out_dir / "tokens", **common)
     return TokensOut(out_dir / "tokens").layer(RecordOut(out_dir / "record"), layer)
 
 

@@ -57,7 +57,7 @@ def recorded_final(backbone: HFBackbone, dataset: ImageDataset, out_dir: Path) -
     record_layers(backbone, dataset, layers=[2], tokens=["patches"], out_dir=out_dir / "record", **common)
     record = RecordOut(out_dir / "record")
     recorded = RecordedTokens([record.token_set(2)], backbone.image_size)
-    record_reach(backbone, recorded, record.image_index()[1], [], from_layer=2, edit_layers=[], final=True,
+    record_reach(backbone, recorded, record.image_index()[1], [dataset], [], from_layer=2, edit_layers=[], final=True,
                  out_dir=out_dir / "tokens", **common)
     return TokensOut(out_dir / "tokens").final(record)
 

@@ -85,7 +85,7 @@ def test_final_tokens_by_resuming_equal_a_full_forward_and_extras_are_recorded_o
     # A "split" naming two of the same files (other indices), and a dataset of new files.
     split = ImageDataset("split", [ImageRecord(0, dataset.records[3].path), ImageRecord(1, dataset.records[1].path)], [])
     other = _images(tmp_path / "other", 3, seed=1, key="other")
-    record_reach(backbone, recorded, images, [split, other], from_layer=2, edit_layers=[2], final=True,
+    record_reach(backbone, recorded, images, [dataset, split, other], [], from_layer=2, edit_layers=[2], final=True,
                  out_dir=tmp_path / "tok", **COMMON)
     assert ActivationStore(tmp_path / "tok" / EXTRA / "final").n_images == 3  # only the new files
     final_sets = [TokenSet((tmp_path / "tok" / "final",), tuple(images)),
@@ -128,3 +128,15 @@ def test_a_recording_killed_mid_way_resumes_bit_identical(backbone, tmp_path, mo
     for name in ("L2", "final"):
         assert _digests(tmp_path / "killed" / name) == _digests(tmp_path / "fresh" / name)
         assert ActivationStore(tmp_path / "killed" / name).image_indices.tolist() == list(range(9))
+
+
+def test_final_tokens_are_made_only_for_images_a_head_reads(backbone, tmp_path):
+    dataset = _images(tmp_path / "img", 4)
+    record_layers(backbone, dataset, layers=[2], tokens=["patches"], out_dir=tmp_path / "rec", **COMMON)
+    image_size, images = read_image_index(tmp_path / "rec")
+    recorded = RecordedTokens([TokenSet((tmp_path / "rec" / "L2", tmp_path / "rec" / "L2-rest"), tuple(images))], image_size)
+    head_data = ImageDataset("val", [ImageRecord(0, dataset.records[2].path)], [])
+    record_reach(backbone, recorded, images, [head_data], [dataset], from_layer=2, edit_layers=[2], final=True,
+                 out_dir=tmp_path / "tok", **COMMON)
+    assert ActivationStore(tmp_path / "tok" / "final").image_indices.tolist() == [2]  # not the whole recording
+    assert read_image_index(tmp_path / "tok" / EXTRA)[1] == []  # every edit image was recorded already

@@ -97,8 +97,9 @@ def test_defaults_are_resolved_once_in_the_builder() -> None:
     assert (stability.a.sae_tag, stability.b.sae_tag) == ("topk-x8-k32-s0", "topk-x8-k32-s1")
     assert stages["stability/dinov2"].inputs["record_a"] is stages["record/dinov2"]
     tokens = stages["tokens/dinov2"].params
-    assert tokens.from_layer == 11 and tokens.edit_layers == [11] and tokens.final
-    assert sorted(tokens.extra_datasets) == ["demo_train", "demo_val"]  # their images are found in `demo` by path at run time
+    assert tokens.from_layer == 11 and tokens.edit_layers == [11]
+    assert sorted(tokens.head_datasets) == ["demo_train", "demo_val"]  # their images are found in `demo` by path at run time
+    assert sorted(tokens.edit_datasets) == ["demo_val"]
     assert "tokens/random" not in stages  # no head or edit reads the random twin
 
 
@@ -109,7 +110,7 @@ def test_a_model_only_a_head_reads_gets_tokens_but_no_recording() -> None:
     stages = {s.name: s for s in build_stages(parse_spec_text(yaml.safe_dump(data)))}
     assert "record/dinov2" not in stages and stages["tokens/dinov2"].inputs == {}
     assert stages["tokens/dinov2"].params.from_layer is None
-    assert sorted(stages["tokens/dinov2"].params.extra_datasets) == ["demo_train", "demo_val"]
+    assert sorted(stages["tokens/dinov2"].params.head_datasets) == ["demo_train", "demo_val"]
     assert set(stages["heads/category"].inputs) == {"tokens"}
 
 

@@ -1,8 +1,8 @@
 """Stage `tokens`: what a model's heads and edits read beyond its recording, without re-running it.
 
-Final-norm tokens of the recorded images come from resuming the forward pass at
-the last recorded layer; images of head and edit datasets that the record
-dataset lacks are recorded here, once (see `record.record_reach`).
+Final-norm tokens of the recorded images the heads read come from resuming the
+forward pass at the last recorded layer; images of head and edit datasets that
+the record dataset lacks are recorded here, once (see `record.record_reach`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ class TokensParams(StageParams):
     """Recorded layer the final tokens are resumed from; None when the model is not recorded."""
     edit_layers: list[int]
     """Layers some edit resumes from (every token kind is kept for the extra images)."""
-    final: bool
-    """Make final-norm tokens (some head reads this model)."""
-    extra_datasets: dict[str, DatasetSpec]
-    """Head and edit datasets, whose images the record dataset may lack."""
+    head_datasets: dict[str, DatasetSpec]
+    """Datasets heads of this model train and select on: they need final tokens."""
+    edit_datasets: dict[str, DatasetSpec]
+    """Datasets edits of this model change: they need every token kind at the edit layers."""
     dtype: Dtype
     batch_size: int
     shard_mb: int
@@ -68,10 +68,11 @@ def tokens(params: TokensParams, inputs: Inputs, out_dir: Path) -> None:
     if isinstance(record, RecordOut) and params.from_layer is not None:
         image_size, images = record.image_index()
         recorded = RecordedTokens([record.token_set(params.from_layer)], image_size)
-    extra = [open_dataset(key, ds, params.cache_dir) for key, ds in sorted(params.extra_datasets.items())]
+    head_data = [open_dataset(key, ds, params.cache_dir) for key, ds in sorted(params.head_datasets.items())]
+    edit_data = [open_dataset(key, ds, params.cache_dir) for key, ds in sorted(params.edit_datasets.items())]
     record_reach(
-        backbone, recorded, images, extra, model_key=params.model_key, from_layer=params.from_layer,
-        edit_layers=params.edit_layers, final=params.final, out_dir=out_dir, dtype=params.dtype,
+        backbone, recorded, images, head_data, edit_data, model_key=params.model_key, from_layer=params.from_layer,
+        edit_layers=params.edit_layers, final=bool(head_data), out_dir=out_dir, dtype=params.dtype,
         batch_size=params.batch_size, shard_mb=params.shard_mb, device=device,
     )
 
