@@ -25,8 +25,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +33,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
+
+from saev_report.fsutil import atomic_write_bytes, atomic_write_text
 
 Kind = Literal["relu", "topk", "batchtopk"]
 KINDS: tuple[str, ...] = ("relu", "topk", "batchtopk")
@@ -394,9 +394,11 @@ def save_sae(sae: SparseAutoencoder, out_dir: Path, extra: dict[str, Any] | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
-    _atomic_write(out_dir / WEIGHT_FILE, lambda path: save_file(tensors, str(path)))
+    # Serialised in memory and written by Python: safetensors' own file writer hides the errno
+    # of a full disk in its message (`os error 28`), Python's keeps it.
+    atomic_write_bytes(out_dir / WEIGHT_FILE, save(tensors))
     config = {"format": CHECKPOINT_FORMAT, **sae.config(), **(extra or {})}
-    _atomic_write(out_dir / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
     return out_dir
 
 
@@ -411,17 +413,6 @@ def load_sae(sae_dir: Path, device: torch.device | str = "cpu") -> SparseAutoenc
 
 def read_sae_config(sae_dir: Path) -> dict[str, Any]:
     return json.loads((Path(sae_dir) / CONFIG_FILE).read_text())
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # saev 0.1.0 (`saev.nn.dump`) parameter names → ours. Its W_enc is [d_vit, d_sae] (our

@@ -9,8 +9,6 @@ and `connect(run_dir)` exposes each folder as a DuckDB view.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -20,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saev_report import __version__
+from saev_report.fsutil import atomic_write
 
 # --------------------------------------------------------------------------- schemas
 
@@ -214,16 +213,8 @@ def write_table(path: Path, table: str, rows: Sequence[Mapping[str, Any]] | Mapp
     """Write one part of `table` to `path` atomically, with version and spec hash in its metadata."""
     arrow = to_arrow(table, rows)
     arrow = arrow.replace_schema_metadata(_metadata(spec_hash, {"saev_report.table": table}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(arrow, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # Through a Python file object, so that a full disk raises OSError with its errno.
+    return atomic_write(path, lambda f: pq.write_table(arrow, f, compression="zstd"))
 
 
 def read_metadata(path: Path) -> dict[str, str]:
