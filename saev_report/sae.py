@@ -192,18 +192,30 @@ class SparseAutoencoder(nn.Module):
                 active = select_active(pre_nf, self.kind, self.k)
                 pre_a = pre_nf[active.rows_a, active.cols_a]
             xhat_nd, f_a = _SparseDecode.apply(xn_nd, self.W_enc_fd, self.b_enc_f, self.W_dec_fd, self.b_dec_d, pre_a, active)
-            l1 = f_a.sum() / xn_nd.shape[0]
+            mse = (xhat_nd - xn_nd).pow(2).mean()
+            with torch.no_grad():
+                fired_a = f_a > 0
+                fired_f = torch.zeros(self.n_features, dtype=torch.bool, device=f_a.device)
+                fired_f[active.cols_a[fired_a]] = True
+                stats = (active.nnz, int(fired_a.sum()), fired_f, active.min_kept)
+            return TrainForward(xhat_nd, mse, f_a.sum() / xn_nd.shape[0], *stats)
+        pre_nf = self.pre_activations_normalized(xn_nd)
+        if self.kind == "relu":  # every positive pre-activation is kept: no pairs to find
+            f_nf = F.relu(pre_nf)
+            min_kept = None
         else:
-            pre_nf = self.pre_activations_normalized(xn_nd)
             active = select_active(pre_nf.detach(), self.kind, self.k)
             mask_nf = torch.zeros_like(pre_nf, dtype=torch.bool)
             mask_nf[active.rows_a, active.cols_a] = True
             f_nf = F.relu(pre_nf) * mask_nf
-            xhat_nd = self.decode_normalized(f_nf)
-            f_a = f_nf.detach()[active.rows_a, active.cols_a]
-            l1 = f_nf.sum(dim=1).mean()
+            min_kept = active.min_kept
+        xhat_nd = self.decode_normalized(f_nf)
         mse = (xhat_nd - xn_nd).pow(2).mean()
-        return TrainForward(xhat_nd, mse, l1, active, f_a)
+        with torch.no_grad():
+            n_fired = int(torch.count_nonzero(f_nf))
+            n_active = n_fired if self.kind == "relu" else active.nnz
+            fired_f = f_nf.amax(dim=0) > 0  # reductions only: no n × F temporaries
+        return TrainForward(xhat_nd, mse, f_nf.sum() / xn_nd.shape[0], n_active, n_fired, fired_f, min_kept)
 
     def _pre_activations_into_workspace(self, xn_nd: Tensor) -> Tensor:
         """Pre-activations written into a buffer kept between steps: on CPU a fresh n × F
@@ -225,12 +237,14 @@ class TrainForward:
     xhat_nd: Tensor  # normalised space
     mse: Tensor  # mean over patches and coordinates of (x̂ − x)²
     l1: Tensor  # mean over patches of ‖f‖₁
-    active: "ActivePairs"
-    f_a: Tensor  # activation of each active pair (detached in the dense path)
+    n_active: int  # (patch, feature) pairs kept by the sparsity rule (TopK keeps some zeros)
+    n_fired: int  # kept pairs with f > 0
+    fired_f: Tensor  # [F] bool: the feature fired on some patch of the batch
+    min_kept: float | None = None  # BatchTopK: smallest kept pre-activation
 
     @property
     def l0(self) -> float:
-        return float((self.f_a > 0).sum()) / self.xhat_nd.shape[0]
+        return self.n_fired / self.xhat_nd.shape[0]
 
 
 # --------------------------------------------------------------------------- active pairs

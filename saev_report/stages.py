@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
-
 from saev_report.pipeline import StageContext
 from saev_report.progress import log
 from saev_report.runtime import pick_device, seed_everything
@@ -43,21 +41,12 @@ def _backbone(spec: Spec, model_key: str, cache_dir: Path):
 # --------------------------------------------------------------------------- images
 
 
-def _image_row(dataset_key: str, record) -> dict:
-    row = {"dataset": dataset_key, "image_idx": record.index, "path": str(Path(record.path).resolve()),
-           "label": record.label, "mask_path": record.mask_path, "width": None, "height": None, "status": "ok"}
-    try:
-        with Image.open(record.path) as image:  # header only: cheap even for large sets
-            row["width"], row["height"] = image.size
-    except Exception as exc:
-        row["status"] = f"unreadable: {type(exc).__name__}"
-    return row
-
-
 def images_stage(dataset_key: str) -> Action:
     def action(ctx: StageContext) -> None:
         dataset = _dataset(ctx.spec, dataset_key, ctx.cache_dir)
-        rows = [_image_row(dataset_key, r) for r in dataset.records]
+        from saev_report.datasets import image_rows
+
+        rows = image_rows(dataset)  # decodes each file with the record stage's checks
         write_table(_part(ctx, "images"), "images", rows, ctx.spec_hash)
         log(f"  {len(rows)} image(s) in {dataset_key}")
 
