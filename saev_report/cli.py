@@ -1,7 +1,7 @@
 """`saev-report`: build, check and query SAE reports of vision transformers.
 
-Exit codes: 0 ok, 1 a stage failed, 2 bad input (spec, SQL, arguments),
-3 a model or dataset is unavailable.
+Exit codes: 0 ok, 1 a stage failed (a full disk included) or a query hit its time or
+memory bound, 2 bad input (spec, SQL, arguments), 3 a model or dataset is unavailable.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import math
 import os
 import shutil
 import sys
+import traceback
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -45,6 +47,27 @@ def _debug() -> bool:
 def _fail(message: str, code: int) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _disk_full_ends_cleanly(folders: list[Path]) -> Iterator[None]:
+    """A full disk, however the library that hit it reports it, ends in one message naming the
+    folder that filled up, and exit code 1. Anything else goes on up unchanged."""
+    from saev_report.fsutil import disk_full, full_folder
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        if _debug():
+            traceback.print_exc()
+        folder = full_folder(full, folders)
+        _fail(f"no space left on the device holding {folder} ({full.strerror or full}). Free some space and run the same "
+              "command again: finished stages and shards are kept, and the build resumes where it stopped.", 1)
 
 
 def _load(path: Path, check_paths: bool = True):
@@ -139,7 +162,7 @@ def build(
     from saev_report.errors import user_errors
 
     parsed = _load(spec)
-    with user_errors(err, _debug()):
+    with _disk_full_ends_cleanly([parsed.run_dir, pipeline.default_cache_dir()]), user_errors(err, _debug()):
         result = pipeline.build(parsed, only=set(only) if only else None, render=not no_site)
     out.print(f"[green]done[/]: ran {len(result.ran)} stage(s), {len(result.skipped)} cached. Tables: {escape(str(result.run_dir / 'tables'))}", highlight=False)
     if result.site:
@@ -153,7 +176,7 @@ def render(spec: SpecArg) -> None:
     from saev_report.stages import render_site
 
     parsed = _load(spec, check_paths=False)
-    with user_errors(err, _debug()):
+    with _disk_full_ends_cleanly([parsed.run_dir]), user_errors(err, _debug()):
         site = render_site(parsed, parsed.run_dir)
     out.print(f"site: {escape(str(site / 'index.html'))}", highlight=False)
 

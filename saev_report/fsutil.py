@@ -164,7 +164,7 @@ def disk_full(exc: BaseException) -> OSError | None:
 
 def full_folder(error: OSError, fallbacks: list[Path]) -> Path:
     """The folder that filled up: where the failed write went (shutil puts the destination in
-    `filename2`), else the fallback folder with the least free space."""
+    `filename2`), else the first fallback folder on the file system with the least free space."""
     for name in (getattr(error, "filename2", None), error.filename):
         if name:
             path = Path(os.fsdecode(name))
@@ -172,4 +172,7 @@ def full_folder(error: OSError, fallbacks: list[Path]) -> Path:
     existing = [p for p in fallbacks if p.exists()]
     if not existing:
         return fallbacks[0] if fallbacks else Path.cwd()
-    return min(existing, key=lambda p: shutil.disk_usage(p).free)
+    by_device: dict[int, Path] = {}
+    for path in existing:  # the first fallback on each file system stands for it
+        by_device.setdefault(path.stat().st_dev, path)
+    return min(by_device.values(), key=lambda p: shutil.disk_usage(p).free)

@@ -16,8 +16,10 @@ Training touches only the active features: `training_forward(..., sparse=True)`
 runs the dense encoder matmul, selects the active (patch, feature) pairs and
 hands them to `_SparseDecode`, whose backward computes every gradient from the
 active pairs alone (about 8·L0·d flop per patch instead of 8·d·F). The dense
-path (`sparse=False`) is plain autograd on the same maths and serves as the
-reference.
+path (`sparse=False`, used while a fresh ReLU SAE still fires a large fraction
+of its features) is `_DenseReluDecode` for ReLU, which holds two n × F tensors
+at its peak where autograd holds six, and plain autograd for TopK/BatchTopK.
+The tests check both against plain autograd.
 """
 
 from __future__ import annotations
@@ -199,23 +201,21 @@ class SparseAutoencoder(nn.Module):
                 fired_f[active.cols_a[fired_a]] = True
                 stats = (active.nnz, int(fired_a.sum()), fired_f, active.min_kept)
             return TrainForward(xhat_nd, mse, f_a.sum() / xn_nd.shape[0], *stats)
-        pre_nf = self.pre_activations_normalized(xn_nd)
         if self.kind == "relu":  # every positive pre-activation is kept: no pairs to find
-            f_nf = F.relu(pre_nf)
-            min_kept = None
-        else:
-            active = select_active(pre_nf.detach(), self.kind, self.k)
-            mask_nf = torch.zeros_like(pre_nf, dtype=torch.bool)
-            mask_nf[active.rows_a, active.cols_a] = True
-            f_nf = F.relu(pre_nf) * mask_nf
-            min_kept = active.min_kept
+            xhat_nd, l1, n_fired, fired_f = _DenseReluDecode.apply(xn_nd, self.W_enc_fd, self.b_enc_f, self.W_dec_fd, self.b_dec_d)
+            mse = (xhat_nd - xn_nd).pow(2).mean()
+            return TrainForward(xhat_nd, mse, l1, int(n_fired), int(n_fired), fired_f)
+        pre_nf = self.pre_activations_normalized(xn_nd)
+        active = select_active(pre_nf.detach(), self.kind, self.k)
+        mask_nf = torch.zeros_like(pre_nf, dtype=torch.bool)
+        mask_nf[active.rows_a, active.cols_a] = True
+        f_nf = F.relu(pre_nf) * mask_nf
         xhat_nd = self.decode_normalized(f_nf)
         mse = (xhat_nd - xn_nd).pow(2).mean()
         with torch.no_grad():
             n_fired = int(torch.count_nonzero(f_nf))
-            n_active = n_fired if self.kind == "relu" else active.nnz
-            fired_f = f_nf.amax(dim=0) > 0  # reductions only: no n × F temporaries
-        return TrainForward(xhat_nd, mse, f_nf.sum() / xn_nd.shape[0], n_active, n_fired, fired_f, min_kept)
+            fired_f = f_nf.amax(dim=0) > 0
+        return TrainForward(xhat_nd, mse, f_nf.sum() / xn_nd.shape[0], active.nnz, n_fired, fired_f, active.min_kept)
 
     def _pre_activations_into_workspace(self, xn_nd: Tensor) -> Tensor:
         """Pre-activations written into a buffer kept between steps: on CPU a fresh n × F
@@ -343,6 +343,45 @@ def _batch_topk_pairs(pre_nf: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
 
 
 # --------------------------------------------------------------------------- sparse autograd
+
+
+class _DenseReluDecode(torch.autograd.Function):
+    """x̂ = relu(W_enc (x − b_dec) + b_enc) · W_dec + b_dec and the L1 term, with a hand-written
+    backward that reuses its n × F buffers (autograd keeps pre-activations, features, their
+    gradient, the L1 gradient and the ReLU mask alive at once: about 6.5 n × F floats).
+
+    Outputs x̂, mean ‖f‖₁, the number of positive features and which features fired (the last
+    two without gradient). Backward, with g = ∂L/∂x̂, xc = x − b_dec and f > 0 the ReLU mask:
+
+        ∂L/∂pre = (g · W_decᵀ + ∂L/∂l1 / n) ⊙ [f > 0]      one n × F buffer, in place
+        ∂L/∂W_dec = fᵀ g ;  ∂L/∂W_enc = ∂L/∂preᵀ xc ;  ∂L/∂b_enc = Σ_i ∂L/∂pre_i
+        ∂L/∂b_dec = Σ_i g_i − ∂L/∂b_enc · W_enc
+    """
+
+    @staticmethod
+    def forward(ctx, xn_nd, W_enc_fd, b_enc_f, W_dec_fd, b_dec_d):  # type: ignore[override]
+        xc_nd = xn_nd - b_dec_d
+        f_nf = torch.addmm(b_enc_f, xc_nd, W_enc_fd.t()).relu_()
+        xhat_nd = torch.addmm(b_dec_d, f_nf, W_dec_fd)
+        l1 = f_nf.sum() / xn_nd.shape[0]
+        n_fired = torch.count_nonzero(f_nf)
+        fired_f = f_nf.amax(dim=0) > 0
+        ctx.save_for_backward(xc_nd, W_enc_fd, W_dec_fd, f_nf)
+        ctx.mark_non_differentiable(n_fired, fired_f)
+        return xhat_nd, l1, n_fired, fired_f
+
+    @staticmethod
+    def backward(ctx, g_xhat_nd, g_l1, _g_n_fired, _g_fired_f):  # type: ignore[override]
+        xc_nd, W_enc_fd, W_dec_fd, f_nf = ctx.saved_tensors
+        g_pre_nf = g_xhat_nd @ W_dec_fd.t()
+        if g_l1 is not None:
+            g_pre_nf.add_(g_l1 / xc_nd.shape[0])
+        g_pre_nf.masked_fill_(f_nf <= 0, 0.0)  # ReLU: f > 0 exactly where pre > 0
+        g_W_dec_fd = f_nf.t() @ g_xhat_nd
+        g_W_enc_fd = g_pre_nf.t() @ xc_nd
+        g_b_enc_f = g_pre_nf.sum(0)
+        g_b_dec_d = g_xhat_nd.sum(0) - g_b_enc_f @ W_enc_fd
+        return None, g_W_enc_fd, g_b_enc_f, g_W_dec_fd, g_b_dec_d
 
 
 class _SparseDecode(torch.autograd.Function):

@@ -155,3 +155,52 @@ def test_missing_model_fails_fast_with_exit_3(tmp_path: Path) -> None:
     assert "not-a-cached-model" in result.output
     assert "Traceback" not in result.output
     assert time.perf_counter() - started < 120  # generous: it must not wait on a hub
+
+
+class _SafetensorError(Exception):
+    """Stands in for safetensors' error type, which drops the errno."""
+
+
+@pytest.mark.parametrize(
+    ("raised", "folder"),
+    [
+        (lambda run: OSError(28, "No space left on device", str(run / "cache/record/x/shard-00003.npy")), "cache/record/x"),
+        (lambda run: OSError(28, "No space left on device", "/usr/lib/plotly.min.js", None, str(run / "site/assets/plotly.min.js")), "site/assets"),
+        (lambda run: OSError("393216 requested and 247744 written"), ""),  # numpy: no errno, no file
+        (lambda run: _SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"), ""),
+    ],
+)
+@pytest.mark.parametrize("command", ["build", "render"])
+def test_a_full_disk_ends_in_one_message_naming_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised, folder: str, command: str) -> None:
+    from saev_report import pipeline, stages
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"run: {{name: r, out_dir: {tmp_path}}}\ndatasets: {{d: {{kind: demo}}}}\nmodels: {{m: {{family: imgfocus, layers: [3]}}}}\nrecord: {{dataset: d}}\n")
+    run = tmp_path / "r"
+    run.mkdir()
+    monkeypatch.setenv("SAEV_REPORT_CACHE", str(tmp_path / "cache"))  # same file system: the run folder is named
+
+    def fill_up(*args, **kwargs):
+        try:
+            raise raised(run)
+        except Exception as exc:
+            raise RuntimeError("a stage wrapped it") from exc
+
+    monkeypatch.setattr(pipeline, "build", fill_up)
+    monkeypatch.setattr(stages, "render_site", fill_up)
+    result = runner.invoke(app, [command, str(spec)])
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.output.split())  # rich wraps long lines
+    assert "no space left" in message and "run the same command again" in message
+    assert str(run / folder).rstrip("/") in message.replace("\n", "")
+    assert "Traceback" not in result.output and result.output.count("error:") == 1
+
+
+def test_other_failures_are_not_taken_for_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from saev_report import stages
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"run: {{name: r, out_dir: {tmp_path}}}\ndatasets: {{d: {{kind: demo}}}}\nmodels: {{m: {{family: imgfocus, layers: [3]}}}}\nrecord: {{dataset: d}}\n")
+    monkeypatch.setattr(stages, "render_site", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied", "x")))
+    result = runner.invoke(app, ["render", str(spec)])
+    assert isinstance(result.exception, PermissionError)  # not swallowed, not renamed
