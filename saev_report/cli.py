@@ -195,7 +195,7 @@ def query(
     format: Annotated[Format, typer.Option("--format", "-f", help="Output format. In csv, list columns are JSON arrays.")] = Format.table,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file (required for parquet).")] = None,
     limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 40,
-    timeout: Annotated[float, typer.Option("--timeout", help="Stop the query after this many seconds (0: never).")] = DEFAULT_TIMEOUT_S,
+    timeout: Annotated[float, typer.Option("--timeout", min=0, help="Stop the query after this many seconds (0: never).")] = DEFAULT_TIMEOUT_S,
     memory_limit: Annotated[str, typer.Option("--memory-limit", help="Stop the query when it needs more memory than this (DuckDB syntax: 500MB, 4GB).")] = DEFAULT_MEMORY_LIMIT,
 ) -> None:
     """Query a run's tables with DuckDB SQL. The tables are read-only: no statement can write a file.
