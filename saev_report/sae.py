@@ -353,7 +353,7 @@ class _DenseReluDecode(torch.autograd.Function):
     Outputs x̂, mean ‖f‖₁, the number of positive features and which features fired (the last
     two without gradient). Backward, with g = ∂L/∂x̂, xc = x − b_dec and f > 0 the ReLU mask:
 
-        ∂L/∂pre = (g · W_decᵀ + ∂L/∂l1 / n) ⊙ [f > 0]      one n × F buffer, in place
+        ∂L/∂pre = (g · W_decᵀ + ∂L/∂l1 / n) ⊙ [f > 0]      one n × F buffer, masked in place
         ∂L/∂W_dec = fᵀ g ;  ∂L/∂W_enc = ∂L/∂preᵀ xc ;  ∂L/∂b_enc = Σ_i ∂L/∂pre_i
         ∂L/∂b_dec = Σ_i g_i − ∂L/∂b_enc · W_enc
     """
@@ -373,10 +373,10 @@ class _DenseReluDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_xhat_nd, g_l1, _g_n_fired, _g_fired_f):  # type: ignore[override]
         xc_nd, W_enc_fd, W_dec_fd, f_nf = ctx.saved_tensors
-        g_pre_nf = g_xhat_nd @ W_dec_fd.t()
-        if g_l1 is not None:
-            g_pre_nf.add_(g_l1 / xc_nd.shape[0])
-        g_pre_nf.masked_fill_(f_nf <= 0, 0.0)  # ReLU: f > 0 exactly where pre > 0
+        # The L1 term's gradient is the same for every entry: it rides in the matmul's bias.
+        g_l1_f = (g_l1 / xc_nd.shape[0]).expand(f_nf.shape[1]) if g_l1 is not None else W_dec_fd.new_zeros(()).expand(f_nf.shape[1])
+        g_pre_nf = torch.addmm(g_l1_f, g_xhat_nd, W_dec_fd.t())
+        torch.ops.aten.threshold_backward.grad_input(g_pre_nf, f_nf, 0.0, grad_input=g_pre_nf)  # ReLU, in place
         g_W_dec_fd = f_nf.t() @ g_xhat_nd
         g_W_enc_fd = g_pre_nf.t() @ xc_nd
         g_b_enc_f = g_pre_nf.sum(0)
