@@ -189,6 +189,9 @@ def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev, fresh: bool = 
     base.release_workspace()  # only the copies train from here: don't hold an n × F buffer for it
 
     sparse_sae, dense_sae = copy.deepcopy(base), copy.deepcopy(base)
+    # Each contender's lasting state (Adam moments, the sparse step's workspace) is allocated in
+    # the first round, which is not timed. Nothing else outlives a step, so freed step memory is
+    # reused by the next step instead of fragmenting the heap (glibc keeps it: keep_freed_memory).
     contenders = {
         "sparse": (lambda xn, s=sparse_sae, o=make_adam(sparse_sae, LR): ours_step(s, o, xn, True)),
         "dense": (lambda xn, s=dense_sae, o=make_adam(dense_sae, LR): ours_step(s, o, xn, False)),

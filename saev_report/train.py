@@ -231,6 +231,7 @@ def optimizer_step(
     loss.backward()
     sae.remove_parallel_grad_()
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # the gradients (2·d·F floats) are not held between steps
     sae.normalize_decoder_()
     if sae.kind == "batchtopk" and out.min_kept is not None:
         sae.update_threshold(out.min_kept)
