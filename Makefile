@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Debian packages: demo photos (tuxpaint stamps) and the headless browser for site tests.
 APT_PACKAGES := tuxpaint-stamps-default chromium chromium-driver
 
-.PHONY: install system-deps python-deps demo test test-fast bench docs
+.PHONY: install system-deps python-deps demo test test-fast wheel-check bench docs
 
 install: system-deps python-deps
 
@@ -34,6 +34,10 @@ test: install
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# Build the wheel, install it (not editable) in a fresh venv and render a site with it (CI runs this).
+wheel-check:
+	PYTHON=$(PYTHON) bash .ci/wheel-check
 
 bench:
 	for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b --quick || exit 1; done

@@ -5,8 +5,8 @@ shard is `[images_in_shard, tokens_per_image, d]` in the storage dtype (bf16 is
 kept as its uint16 bit pattern, since numpy has no bfloat16). Every shard but
 the last holds exactly `images_per_shard` images.
 
-Crash safety: a shard is written to `<name>.tmp`, fsynced and renamed; then
-`meta.json` is rewritten the same way. `meta.json` is the single source of
+Crash safety: a shard is written atomically (`fsutil.atomic_write`: temp name,
+fsync, rename); then `meta.json` is rewritten the same way. `meta.json` is the single source of
 truth: a shard file it does not list is debris from a killed run. So a killed
 writer resumes after the last shard listed in `meta.json`.
 
@@ -37,10 +37,10 @@ import torch
 
 from saev_report.errors import UserError
 from saev_report.spec import TOKEN_KINDS
+from saev_report.fsutil import atomic_write, atomic_write_text, remove_temp_files
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
-TMP_SUFFIX = ".tmp"
 _SHARD_RE = re.compile(r"^shard-\d{5,}\.npy$")
 
 STORAGE_NUMPY_DTYPE: dict[str, np.dtype] = {
@@ -232,33 +232,11 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through `write(fileobj)` to `path.tmp`, fsync, rename over `path`."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+# --------------------------------------------------------------------------- metadata
 
 
 def _write_meta(store_dir: Path, meta: StoreMeta) -> None:
-    _atomic_write(store_dir / META_FILE, lambda f: f.write(meta.to_json().encode()))
+    atomic_write_text(store_dir / META_FILE, meta.to_json())
 
 
 def _open_shard(path: Path, meta: StoreMeta, n_images: int) -> np.ndarray:
@@ -421,15 +399,14 @@ class ShardWriter:
         assert self._buf_ntd is not None
         n = len(self._buf_idx)
         name = shard_name(len(self.meta.shards))
-        _atomic_write(self.dir / name, lambda f: np.save(f, self._buf_ntd[:n]))
+        atomic_write(self.dir / name, lambda f: np.save(f, self._buf_ntd[:n]))
         self.meta.shards.append(ShardEntry(name, n))
         self.meta.image_indices.extend(self._buf_idx)
         self._buf_idx = []
         _write_meta(self.dir, self.meta)
 
     def _resume(self) -> None:
-        for tmp in [*self.dir.glob("shard-*.npy" + TMP_SUFFIX), self.dir / (META_FILE + TMP_SUFFIX)]:
-            tmp.unlink(missing_ok=True)  # half-written by a killed writer
+        remove_temp_files(self.dir)  # half-written by a killed writer
         if (self.dir / META_FILE).exists():
             old = read_meta(self.dir)
             if old.identity() != self.meta.identity():

@@ -1,13 +1,15 @@
 """`saev-report`: build, check and query SAE reports of vision transformers.
 
-Exit codes: 0 ok, 1 a stage failed, 2 bad input (spec, SQL, arguments),
-3 a model or dataset is unavailable.
+Exit codes: 0 ok, 1 a stage failed (a full disk included) or a query hit its time or
+memory bound, 2 bad input (spec, SQL, arguments), 3 a model or dataset is unavailable.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import sys
 import traceback
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from typing_extensions import Annotated
 
 from saev_report import __version__
 from saev_report.spec import SpecError, json_schema, load_spec
+from saev_report.tables import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT_S
 
 app = typer.Typer(
     help=__doc__,
@@ -61,6 +64,27 @@ def user_errors(console: Console, debug: bool = False) -> Iterator[None]:
 def _fail(message: str, code: int) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _disk_full_ends_cleanly(folders: list[Path]) -> Iterator[None]:
+    """A full disk, however the library that hit it reports it, ends in one message naming the
+    folder that filled up, and exit code 1. Anything else goes on up unchanged."""
+    from saev_report.fsutil import disk_full, full_folder
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        if _debug():
+            traceback.print_exc()
+        folder = full_folder(full, folders)
+        _fail(f"no space left on the device holding {folder} ({full.strerror or full}). Free some space and run the same "
+              "command again: finished stages and shards are kept, and the build resumes where it stopped.", 1)
 
 
 def _load(path: Path, check_paths: bool = True):
@@ -154,7 +178,7 @@ def build(
     from saev_report import pipeline
 
     parsed = _load(spec)
-    with user_errors(err, _debug()):
+    with _disk_full_ends_cleanly([parsed.run_dir, pipeline.default_cache_dir()]), user_errors(err, _debug()):
         result = pipeline.build(parsed, only=set(only) if only else None, render=not no_site)
     out.print(f"[green]done[/]: ran {len(result.ran)} stage(s), {len(result.skipped)} cached. Tables: {escape(str(result.run_dir / 'tables'))}", highlight=False)
     if result.site:
@@ -167,7 +191,7 @@ def render(spec: SpecArg) -> None:
     from saev_report.pipeline import rerender
 
     parsed = _load(spec, check_paths=False)
-    with user_errors(err, _debug()):
+    with _disk_full_ends_cleanly([parsed.run_dir]), user_errors(err, _debug()):
         site = rerender(parsed)
     out.print(f"site: {escape(str(site / 'index.html'))}", highlight=False)
 
@@ -183,62 +207,88 @@ class Format(str, Enum):
 def query(
     run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/demo.", show_default=False)],
     sql: Annotated[str, typer.Argument(help="One read-only SQL statement over the tables (images, saes, train_log, features, exemplars, heads, edits, matches).", show_default=False)],
-    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format. In csv, list columns are JSON arrays.")] = Format.table,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file (required for parquet).")] = None,
-    limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+    limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 40,
+    timeout: Annotated[float, typer.Option("--timeout", min=0, help="Stop the query after this many seconds (0: never).")] = DEFAULT_TIMEOUT_S,
+    memory_limit: Annotated[str, typer.Option("--memory-limit", help="Stop the query when it needs more memory than this (DuckDB syntax: 500MB, 4GB).")] = DEFAULT_MEMORY_LIMIT,
 ) -> None:
-    """Query a run's tables with DuckDB SQL. The tables are read-only: writes are refused."""
+    """Query a run's tables with DuckDB SQL. The tables are read-only: no statement can write a file.
+
+    A query that runs past `--timeout` or needs more than `--memory-limit` stops with exit code 1.
+    """
     from saev_report.tables import QueryError
     from saev_report.tables import query as run_query
 
+    if format is Format.parquet and output is None:
+        _fail("--format parquet needs --output FILE", 2)
     try:
-        result = run_query(run, sql)
+        result = run_query(run, sql, timeout_s=timeout or None, memory_limit=memory_limit)
     except QueryError as exc:
-        _fail(str(exc), 2)
+        _fail(str(exc), exc.exit_code)
     _print_result(result, format, output, limit)
 
 
 def _print_result(result, format: Format, output: Optional[Path], limit: int) -> None:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+    from saev_report.fsutil import atomic_write, atomic_write_text
 
     if format is Format.parquet:
-        if output is None:
-            _fail("--format parquet needs --output FILE", 2)
-        pq.write_table(result, output)
+        import pyarrow.parquet as pq
+
+        atomic_write(output, lambda f: pq.write_table(result, f))
         return
     if format is Format.csv:
-        import io
-
-        buf = io.BytesIO()
-        pacsv.write_csv(result, buf)
-        text = buf.getvalue().decode()
+        text = _csv_text(result)
     elif format is Format.json:
-        text = json.dumps(result.to_pylist(), default=str, indent=1) + "\n"
+        text = json.dumps([_json_safe(row) for row in result.to_pylist()], default=str, indent=1) + "\n"
     else:
-        table = Table(show_lines=False)
-        for name in result.column_names:
-            table.add_column(escape(name))
-        for row in result.slice(0, limit).to_pylist():
-            table.add_row(*[escape(_cell(v)) for v in row.values()])
-        if output is None:
-            out.print(table)
-            if result.num_rows > limit:
-                out.print(f"[dim]{result.num_rows - limit} more row(s); use --limit or --format csv[/]")
-            return
-        text = "\n".join(",".join(map(str, r.values())) for r in result.to_pylist())
+        text = _table_text(result, limit, width=200 if output else shutil.get_terminal_size().columns)
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text)
+        atomic_write_text(output, text)
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list) and len(value) > 8:
-        return "[" + ", ".join(_cell(v) for v in value[:8]) + f", … ({len(value)})]"
-    return str(value)
+def _table_text(result, limit: int, width: int) -> str:
+    """DuckDB's own box renderer: the columns that fit, and how many were left out."""
+    import contextlib
+    import io
+
+    import duckdb
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        duckdb.connect(":memory:").from_arrow(result).show(max_width=width, max_rows=limit)
+    return buf.getvalue()
+
+
+def _csv_text(result) -> str:
+    """CSV of any result: nested cells (lists, structs) become JSON, which CSV has no type for."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    columns = []
+    for column in result.columns:
+        if pa.types.is_nested(column.type):
+            column = pa.array([None if v is None else json.dumps(_json_safe(v)) for v in column.to_pylist()], pa.string())
+        columns.append(column)
+    flat = pa.table(columns, names=result.column_names)
+    buf = io.BytesIO()
+    pacsv.write_csv(flat, buf)
+    return buf.getvalue().decode()
+
+
+def _json_safe(value):
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 @app.command(name="ls")

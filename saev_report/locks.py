@@ -87,8 +87,9 @@ def cache_entry_lock(cache_dir: Path, entry: str):
     return hold(Path(cache_dir) / f"{entry}{LOCK_SUFFIX}", wait=True, what=f"{entry} in {cache_dir}")
 
 
-# A killed builder of entry E leaves `E.partial-<random>` (folders) or `.E.<pid>.tmp` (files).
-_LEFTOVER = re.compile(r"^(?:(?P<dir>.+)\.partial-[^/]+|\.(?P<file>.+)\.\d+\.tmp)$")
+# A killed builder of entry E leaves `E.partial-<random>` (folders) or `.E.<random>.tmp` (files,
+# `fsutil.atomic_path`'s temporary names).
+_LEFTOVER = re.compile(r"^(?:(?P<dir>.+)\.partial-[^/]+|\.(?P<file>.+)\.[A-Za-z0-9_]+\.tmp)$")
 
 
 def leftover_entry(name: str) -> str | None:

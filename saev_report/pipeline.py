@@ -30,6 +30,7 @@ from rich.markup import escape
 
 from saev_report.graph import build_stages
 from saev_report.locks import run_lock, sweep_cache
+from saev_report.fsutil import fsync_dir, swap_dir
 from saev_report.progress import log
 from saev_report.spec import Spec
 from saev_report.errors import UserError
@@ -64,24 +65,11 @@ def run_stage(stage: Stage, run_dir: Path) -> bool:
         if not stage.kind.resumable:  # nothing in it can be reused (a diverged SAE, say): leave no debris
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    _fsync_dir(partial)
+    fsync_dir(partial)
     os.replace(partial, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     log(f"[green]✓[/] {escape(stage.name)} [dim]({time.perf_counter() - started:.1f}s)[/]")
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def publish_tables(stage_list: list[Stage], run_dir: Path) -> Path:
@@ -101,20 +89,8 @@ def publish_tables(stage_list: list[Stage], run_dir: Path) -> Path:
             except OSError:
                 shutil.copy2(part, target)
     staging.mkdir(parents=True, exist_ok=True)
-    _swap_dir(staging, tables)
+    swap_dir(staging, tables)
     return tables
-
-
-def _swap_dir(new: Path, target: Path) -> None:
-    """Replace `target` by `new` so readers see the old or the new folder, never a mix."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def render_site(spec: Spec, run_dir: Path) -> Path:

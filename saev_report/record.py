@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from saev_report.activations import ShardWriter, StoreMeta, images_per_shard_for
 from saev_report.backbones import Backbone, TokenLayout
 from saev_report.datasets import BadImage, ImageDataset, ImageRecord, load_image
+from saev_report.fsutil import atomic_write_text
 from saev_report.progress import bar, log, track
 from saev_report.spec import TOKEN_KINDS
 
@@ -200,9 +201,7 @@ def record_layers(
 
 def write_image_index(out_dir: Path, image_size: int, records: Sequence[ImageRecord]) -> None:
     index = {"image_size": image_size, "images": [[r.index, _resolved(r.path)] for r in records]}
-    tmp = out_dir / f".{IMAGES_FILE}.tmp"
-    tmp.write_text(json.dumps(index), encoding="utf-8")
-    os.replace(tmp, out_dir / IMAGES_FILE)
+    atomic_write_text(out_dir / IMAGES_FILE, json.dumps(index))
 
 
 def read_image_index(folder: Path) -> tuple[int, list[tuple[int, str]]]:

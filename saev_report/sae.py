@@ -16,8 +16,10 @@ Training touches only the active features: `training_forward(..., sparse=True)`
 runs the dense encoder matmul, selects the active (patch, feature) pairs and
 hands them to `_SparseDecode`, whose backward computes every gradient from the
 active pairs alone (about 8·L0·d flop per patch instead of 8·d·F). The dense
-path (`sparse=False`) is plain autograd on the same maths and serves as the
-reference.
+path (`sparse=False`, used while a fresh ReLU SAE still fires a large fraction
+of its features) is `_DenseReluDecode` for ReLU, which holds two n × F tensors
+at its peak where autograd holds six, and plain autograd for TopK/BatchTopK.
+The tests check both against plain autograd.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +35,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
+
+from saev_report.fsutil import atomic_write_bytes, atomic_write_text
 
 Kind = Literal["relu", "topk", "batchtopk"]
 KINDS: tuple[str, ...] = ("relu", "topk", "batchtopk")
@@ -192,18 +194,28 @@ class SparseAutoencoder(nn.Module):
                 active = select_active(pre_nf, self.kind, self.k)
                 pre_a = pre_nf[active.rows_a, active.cols_a]
             xhat_nd, f_a = _SparseDecode.apply(xn_nd, self.W_enc_fd, self.b_enc_f, self.W_dec_fd, self.b_dec_d, pre_a, active)
-            l1 = f_a.sum() / xn_nd.shape[0]
-        else:
-            pre_nf = self.pre_activations_normalized(xn_nd)
-            active = select_active(pre_nf.detach(), self.kind, self.k)
-            mask_nf = torch.zeros_like(pre_nf, dtype=torch.bool)
-            mask_nf[active.rows_a, active.cols_a] = True
-            f_nf = F.relu(pre_nf) * mask_nf
-            xhat_nd = self.decode_normalized(f_nf)
-            f_a = f_nf.detach()[active.rows_a, active.cols_a]
-            l1 = f_nf.sum(dim=1).mean()
+            mse = (xhat_nd - xn_nd).pow(2).mean()
+            with torch.no_grad():
+                fired_a = f_a > 0
+                fired_f = torch.zeros(self.n_features, dtype=torch.bool, device=f_a.device)
+                fired_f[active.cols_a[fired_a]] = True
+                stats = (active.nnz, int(fired_a.sum()), fired_f, active.min_kept)
+            return TrainForward(xhat_nd, mse, f_a.sum() / xn_nd.shape[0], *stats)
+        if self.kind == "relu":  # every positive pre-activation is kept: no pairs to find
+            xhat_nd, l1, n_fired, fired_f = _DenseReluDecode.apply(xn_nd, self.W_enc_fd, self.b_enc_f, self.W_dec_fd, self.b_dec_d)
+            mse = (xhat_nd - xn_nd).pow(2).mean()
+            return TrainForward(xhat_nd, mse, l1, int(n_fired), int(n_fired), fired_f)
+        pre_nf = self.pre_activations_normalized(xn_nd)
+        active = select_active(pre_nf.detach(), self.kind, self.k)
+        mask_nf = torch.zeros_like(pre_nf, dtype=torch.bool)
+        mask_nf[active.rows_a, active.cols_a] = True
+        f_nf = F.relu(pre_nf) * mask_nf
+        xhat_nd = self.decode_normalized(f_nf)
         mse = (xhat_nd - xn_nd).pow(2).mean()
-        return TrainForward(xhat_nd, mse, l1, active, f_a)
+        with torch.no_grad():
+            n_fired = int(torch.count_nonzero(f_nf))
+            fired_f = f_nf.amax(dim=0) > 0
+        return TrainForward(xhat_nd, mse, f_nf.sum() / xn_nd.shape[0], active.nnz, n_fired, fired_f, active.min_kept)
 
     def _pre_activations_into_workspace(self, xn_nd: Tensor) -> Tensor:
         """Pre-activations written into a buffer kept between steps: on CPU a fresh n × F
@@ -225,12 +237,14 @@ class TrainForward:
     xhat_nd: Tensor  # normalised space
     mse: Tensor  # mean over patches and coordinates of (x̂ − x)²
     l1: Tensor  # mean over patches of ‖f‖₁
-    active: "ActivePairs"
-    f_a: Tensor  # activation of each active pair (detached in the dense path)
+    n_active: int  # (patch, feature) pairs kept by the sparsity rule (TopK keeps some zeros)
+    n_fired: int  # kept pairs with f > 0
+    fired_f: Tensor  # [F] bool: the feature fired on some patch of the batch
+    min_kept: float | None = None  # BatchTopK: smallest kept pre-activation
 
     @property
     def l0(self) -> float:
-        return float((self.f_a > 0).sum()) / self.xhat_nd.shape[0]
+        return self.n_fired / self.xhat_nd.shape[0]
 
 
 # --------------------------------------------------------------------------- active pairs
@@ -331,6 +345,45 @@ def _batch_topk_pairs(pre_nf: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- sparse autograd
 
 
+class _DenseReluDecode(torch.autograd.Function):
+    """x̂ = relu(W_enc (x − b_dec) + b_enc) · W_dec + b_dec and the L1 term, with a hand-written
+    backward that reuses its n × F buffers (autograd keeps pre-activations, features, their
+    gradient, the L1 gradient and the ReLU mask alive at once: about 6.5 n × F floats).
+
+    Outputs x̂, mean ‖f‖₁, the number of positive features and which features fired (the last
+    two without gradient). Backward, with g = ∂L/∂x̂, xc = x − b_dec and f > 0 the ReLU mask:
+
+        ∂L/∂pre = (g · W_decᵀ + ∂L/∂l1 / n) ⊙ [f > 0]      one n × F buffer, masked in place
+        ∂L/∂W_dec = fᵀ g ;  ∂L/∂W_enc = ∂L/∂preᵀ xc ;  ∂L/∂b_enc = Σ_i ∂L/∂pre_i
+        ∂L/∂b_dec = Σ_i g_i − ∂L/∂b_enc · W_enc
+    """
+
+    @staticmethod
+    def forward(ctx, xn_nd, W_enc_fd, b_enc_f, W_dec_fd, b_dec_d):  # type: ignore[override]
+        xc_nd = xn_nd - b_dec_d
+        f_nf = torch.addmm(b_enc_f, xc_nd, W_enc_fd.t()).relu_()
+        xhat_nd = torch.addmm(b_dec_d, f_nf, W_dec_fd)
+        l1 = f_nf.sum() / xn_nd.shape[0]
+        n_fired = torch.count_nonzero(f_nf)
+        fired_f = f_nf.amax(dim=0) > 0
+        ctx.save_for_backward(xc_nd, W_enc_fd, W_dec_fd, f_nf)
+        ctx.mark_non_differentiable(n_fired, fired_f)
+        return xhat_nd, l1, n_fired, fired_f
+
+    @staticmethod
+    def backward(ctx, g_xhat_nd, g_l1, _g_n_fired, _g_fired_f):  # type: ignore[override]
+        xc_nd, W_enc_fd, W_dec_fd, f_nf = ctx.saved_tensors
+        # The L1 term's gradient is the same for every entry: it rides in the matmul's bias.
+        g_l1_f = (g_l1 / xc_nd.shape[0]).expand(f_nf.shape[1]) if g_l1 is not None else W_dec_fd.new_zeros(()).expand(f_nf.shape[1])
+        g_pre_nf = torch.addmm(g_l1_f, g_xhat_nd, W_dec_fd.t())
+        torch.ops.aten.threshold_backward.grad_input(g_pre_nf, f_nf, 0.0, grad_input=g_pre_nf)  # ReLU, in place
+        g_W_dec_fd = f_nf.t() @ g_xhat_nd
+        g_W_enc_fd = g_pre_nf.t() @ xc_nd
+        g_b_enc_f = g_pre_nf.sum(0)
+        g_b_dec_d = g_xhat_nd.sum(0) - g_b_enc_f @ W_enc_fd
+        return None, g_W_enc_fd, g_b_enc_f, g_W_dec_fd, g_b_dec_d
+
+
 class _SparseDecode(torch.autograd.Function):
     """x̂ = Σ_active relu(pre) · W_dec[feature] + b_dec, with gradients from the active pairs only.
 
@@ -394,9 +447,11 @@ def save_sae(sae: SparseAutoencoder, out_dir: Path, extra: dict[str, Any] | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
-    _atomic_write(out_dir / WEIGHT_FILE, lambda path: save_file(tensors, str(path)))
+    # Serialised in memory and written by Python: safetensors' own file writer hides the errno
+    # of a full disk in its message (`os error 28`), Python's keeps it.
+    atomic_write_bytes(out_dir / WEIGHT_FILE, save(tensors))
     config = {"format": CHECKPOINT_FORMAT, **sae.config(), **(extra or {})}
-    _atomic_write(out_dir / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
     return out_dir
 
 
@@ -411,17 +466,6 @@ def load_sae(sae_dir: Path, device: torch.device | str = "cpu") -> SparseAutoenc
 
 def read_sae_config(sae_dir: Path) -> dict[str, Any]:
     return json.loads((Path(sae_dir) / CONFIG_FILE).read_text())
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # saev 0.1.0 (`saev.nn.dump`) parameter names → ours. Its W_enc is [d_vit, d_sae] (our

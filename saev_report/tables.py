@@ -4,22 +4,23 @@ Every table a build writes is declared here with its columns and their meaning;
 the README's table reference is generated from `TABLES`. Stages write parts of
 tables (`write_table`) inside their own cached output directories; the
 pipeline's publish step links the current parts into `<run>/tables/<table>/`,
-and `connect(run_dir)` exposes each folder as a DuckDB view.
+and `connect(run_dir)` exposes each folder as a DuckDB view that no SQL can write through.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from saev_report import __version__
+from saev_report.fsutil import atomic_write
 
 # --------------------------------------------------------------------------- schemas
 
@@ -54,12 +55,12 @@ TABLES: dict[str, TableDef] = {
             "One row per image of every dataset a build reads.",
             ("dataset", pa.string(), "Dataset key in the spec."),
             ("image_idx", pa.int64(), "Index of the image within its dataset."),
-            ("path", pa.string(), "Absolute path of the image file."),
+            ("path", pa.string(), "Absolute path of the image file (bytes of a name that is not UTF-8 shown as `\\xNN`)."),
             ("label", pa.string(), "Class label, or null for unlabelled data."),
             ("mask_path", pa.string(), "Absolute path of the segmentation mask, or null."),
             ("width", pa.int32(), "Width in pixels of the original file."),
             ("height", pa.int32(), "Height in pixels of the original file."),
-            ("status", pa.string(), "`ok`, or why the image was skipped (`corrupt: ...`, `too small: ...`)."),
+            ("status", pa.string(), "`ok`, or why the record stage skips the image (the same checks): `too small (...)`, `corrupt image (...)`, `animated (...)`, `broken symlink`, `file name is not valid UTF-8 ...`."),
         ),
         _table(
             "saes",
@@ -214,16 +215,8 @@ def write_table(path: Path, table: str, rows: Sequence[Mapping[str, Any]] | Mapp
     """Write one part of `table` to `path` atomically, with version and spec hash in its metadata."""
     arrow = to_arrow(table, rows)
     arrow = arrow.replace_schema_metadata(_metadata(spec_hash, {"saev_report.table": table}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(arrow, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # Through a Python file object, so that a full disk raises OSError with its errno.
+    return atomic_write(path, lambda f: pq.write_table(arrow, f, compression="zstd"))
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -236,6 +229,19 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 class QueryError(Exception):
     """A query that cannot run (a write attempt, bad SQL, no tables)."""
+
+    exit_code = 2  # bad input, as the CLI documents
+
+
+class QueryAborted(QueryError):
+    """A query stopped by its time or memory bound."""
+
+    exit_code = 1
+
+
+# Bounds of `query` (the CLI's `--timeout` and `--memory-limit` defaults).
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MEMORY_LIMIT = "2GB"
 
 
 def tables_dir(run_dir: Path) -> Path:
@@ -254,39 +260,39 @@ def table_parts(run_dir: Path) -> dict[str, list[Path]]:
     return parts
 
 
-def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
-    """In-memory DuckDB with one view per published table; nothing on disk can be written."""
+def connect(run_dir: Path, memory_limit: str | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """In-memory DuckDB with one view per table, through which no statement can touch a file.
+
+    The Parquet parts are opened here, by pyarrow, and handed to DuckDB as Arrow datasets
+    (scanned lazily, with projection and filter push-down). DuckDB itself then gets no file
+    system at all: `enable_external_access = false` with no allowed directories, no temp
+    directory (nothing spills: a query over `memory_limit` fails instead), and a locked
+    configuration. So `COPY ... TO`, `EXPLAIN ANALYZE COPY`, `ATTACH`, `read_csv('/etc/..')`
+    and `INSTALL` fail whatever the statement check lets through. Each part is read with
+    the declared schema: a column that an older part lacks reads as null.
+    """
     parts = table_parts(run_dir)
     if not parts:
         raise QueryError(f"no tables under {tables_dir(run_dir)}: run `saev-report build` first")
-    con = duckdb.connect(":memory:")
+    config: dict[str, Any] = {"temp_directory": ""}
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    if threads:
+        config["threads"] = threads
+    try:
+        con = duckdb.connect(":memory:", config=config)
+    except duckdb.Error as exc:
+        raise QueryError(f"cannot open the tables: {str(exc).strip()}") from None
     for name, files in parts.items():
-        file_list = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
-        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM read_parquet([{file_list}], union_by_name = true)')
+        declared = TABLES[name].schema if name in TABLES else None
+        con.register(name, ds.dataset([str(f) for f in files], format="parquet", schema=declared))
     for name, table_def in TABLES.items():
-        if name not in parts:  # empty view with the declared columns, so queries never fail on absence
-            cols = ", ".join(f'CAST(NULL AS {_duck_type(c.type)}) AS "{c.name}"' for c in table_def.columns)
-            con.execute(f'CREATE VIEW "{name}" AS SELECT {cols} WHERE false')
-    # SQL may read the published tables and nothing else: COPY ... TO, ATTACH, read_csv('/etc/..') fail.
-    allowed = "'" + str(tables_dir(run_dir).resolve()).replace("'", "''") + "/'"
-    con.execute(f"SET allowed_directories = [{allowed}]")
-    con.execute("SET enable_external_access = false")
+        if name not in parts:  # empty, with the declared columns, so queries never fail on absence
+            con.register(name, table_def.schema.empty_table())
     con.execute("SET enable_progress_bar = false")
+    con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
-
-
-def _duck_type(dtype: pa.DataType) -> str:
-    if pa.types.is_list(dtype):
-        return _duck_type(dtype.value_type) + "[]"
-    return {
-        pa.string(): "VARCHAR",
-        pa.int32(): "INTEGER",
-        pa.int64(): "BIGINT",
-        pa.float32(): "FLOAT",
-        pa.float64(): "DOUBLE",
-        pa.bool_(): "BOOLEAN",
-    }[dtype]
 
 
 def fetch_arrow(result: duckdb.DuckDBPyRelation | duckdb.DuckDBPyConnection) -> pa.Table:
@@ -299,7 +305,11 @@ _READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 
 def check_read_only(sql: str) -> None:
-    """Refuse anything but one SELECT-like statement, using DuckDB's own parser."""
+    """Refuse anything but one SELECT-like statement, using DuckDB's own parser.
+
+    A first line of defence with a clear message; `connect` is what makes writes impossible
+    (`EXPLAIN ANALYZE` passes this check and executes what it explains).
+    """
     try:
         statements = duckdb.connect(":memory:").extract_statements(sql)
     except duckdb.Error as exc:
@@ -311,15 +321,26 @@ def check_read_only(sql: str) -> None:
         raise QueryError(f"{kind} statements are refused: the tables are read-only (use SELECT, WITH, DESCRIBE, SUMMARIZE or EXPLAIN)")
 
 
-def query(run_dir: Path, sql: str) -> pa.Table:
-    """Run one read-only statement over a run's tables."""
+def query(run_dir: Path, sql: str, timeout_s: float | None = DEFAULT_TIMEOUT_S, memory_limit: str | None = DEFAULT_MEMORY_LIMIT) -> pa.Table:
+    """Run one read-only statement over a run's tables, stopped after `timeout_s` seconds
+    (None: no bound) or when it needs more than `memory_limit` (DuckDB syntax, e.g. `2GB`)."""
     check_read_only(sql)
-    con = connect(run_dir)
+    con = connect(run_dir, memory_limit=memory_limit)
+    timer = threading.Timer(timeout_s, con.interrupt) if timeout_s else None
     try:
+        if timer:
+            timer.daemon = True
+            timer.start()
         return fetch_arrow(con.sql(sql))
+    except duckdb.InterruptException:
+        raise QueryAborted(f"query stopped after {timeout_s:g} s (--timeout); narrow it down (WHERE, LIMIT) or raise the timeout") from None
+    except duckdb.OutOfMemoryException as exc:
+        raise QueryAborted(f"query needs more than {memory_limit} of memory (--memory-limit): {str(exc).strip().splitlines()[0]}") from None
     except duckdb.Error as exc:
         raise QueryError(str(exc).strip()) from None
     finally:
+        if timer:
+            timer.cancel()
         con.close()
 
 

@@ -231,9 +231,10 @@ def optimizer_step(
     loss.backward()
     sae.remove_parallel_grad_()
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # the gradients (2·d·F floats) are not held between steps
     sae.normalize_decoder_()
-    if sae.kind == "batchtopk" and out.active.min_kept is not None:
-        sae.update_threshold(out.active.min_kept)
+    if sae.kind == "batchtopk" and out.min_kept is not None:
+        sae.update_threshold(out.min_kept)
     return out, loss.detach()
 
 
@@ -253,10 +254,9 @@ def _step(run: _Run, x_nd: Tensor, step: int, n_seen: int, spec: SAESpec, log_no
         raise TrainingDiverged(run.sae_id, step, str(exc) + (" (the input batch holds NaN/inf)" if bad_input else "")) from None
 
     with torch.no_grad():
-        fired_a = out.f_a > 0
-        run.last_fired_f[out.active.cols_a[fired_a]] = n_seen
-        run.density = out.active.nnz / (x_nd.shape[0] * sae.n_features)
-        run.mse, run.l0 = out.mse.item(), fired_a.sum().item() / x_nd.shape[0]
+        run.last_fired_f[out.fired_f] = n_seen
+        run.density = out.n_active / (x_nd.shape[0] * sae.n_features)
+        run.mse, run.l0 = out.mse.item(), out.l0
         if log_now:
             _check_weights(run, step)
             window = min(DEAD_WINDOW_PATCHES, n_seen)

@@ -170,8 +170,8 @@ def test_resume_after_kill_matches_uninterrupted_write(tmp_path, dtype):
     writer = write(killed, meta, 3, acts[:8], indices[:8], batch=2, close=False)
     assert writer.n_images_done == 8  # 6 in two shards, 2 buffered
     del writer  # killed: the buffer is lost
-    (killed / "shard-00002.npy.tmp").write_bytes(b"half a shard")
-    (killed / "meta.json.tmp").write_bytes(b"{")
+    (killed / ".shard-00002.npy.x1y2z3.tmp").write_bytes(b"half a shard")  # fsutil.atomic_write's temp names
+    (killed / ".meta.json.a1b2c3.tmp").write_bytes(b"{")
     np.save(killed / "shard-00002.npy", np.zeros(3))  # renamed but never listed in meta.json
 
     resumed = ShardWriter(killed, meta, 3)

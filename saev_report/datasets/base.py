@@ -4,19 +4,24 @@ Every dataset kind becomes an `ImageDataset`: an ordered list of `ImageRecord`s
 plus class names. Images are read lazily with `load_image`, which turns any odd
 file (CMYK, 16-bit, palette, alpha, EXIF-rotated) into plain RGB and raises
 `BadImage` — never anything else — for files it cannot use, so the record stage
-can skip, log and count them.
+can skip, log and count them. `image_rows` applies the same checks to build the
+`images` table, so its `status` names every image the record stage will skip.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps
+from rich.markup import escape
 
+from saev_report.progress import log
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -146,22 +151,31 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """Read an image file as RGB, EXIF orientation applied.
+def display_path(path: PathLike) -> str:
+    """`path` as text that any table can hold: a file name that is not valid UTF-8 (an old
+    camera, a Windows zip) shows its odd bytes as `\\xNN` escapes (`caf\\xe9.jpg`)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
-    Raises BadImage for missing, corrupt, truncated or non-image files and for
-    images smaller than MIN_SIDE pixels on a side.
+
+@contextmanager
+def _checked_image(path: PathLike) -> Iterator[Image.Image]:
+    """The decoded image at `path`, after the checks every image passes; BadImage otherwise.
+
+    One place for the rules, so that the `images` table's status and the record stage agree.
     """
+    if display_path(path) != os.fsdecode(path):
+        raise BadImage("file name is not valid UTF-8 (rename the file)", display_path(path))
+    if os.path.islink(path) and not os.path.exists(path):
+        raise BadImage("broken symlink", path)
     try:
         with Image.open(path) as image:
             if min(image.size) < MIN_SIDE:
                 raise BadImage(f"too small ({image.size[0]}x{image.size[1]} px, minimum {MIN_SIDE})", path)
+            n_frames = getattr(image, "n_frames", 1)
+            if n_frames > 1:
+                raise BadImage(f"animated ({n_frames} frames): no single frame stands for it", path)
             image.load()  # decode now so truncation surfaces here
-            try:
-                image = ImageOps.exif_transpose(image)
-            except Exception:  # a broken EXIF block should not lose the pixels
-                pass
-            return _to_rgb(image)
+            yield image
     except BadImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -172,6 +186,72 @@ def load_image(path: PathLike) -> Image.Image:
         raise BadImage("not a readable image", path) from None
     except Exception as exc:  # PIL signals corrupt data with many exception types
         raise BadImage(f"corrupt image ({type(exc).__name__}: {exc})", path) from None
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Read an image file as RGB, EXIF orientation applied.
+
+    Raises BadImage for missing, corrupt, truncated, animated or non-image files, broken
+    symlinks, file names that are not UTF-8, and images smaller than MIN_SIDE pixels on a side.
+    """
+    with _checked_image(path) as image:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a broken EXIF block should not lose the pixels
+            pass
+        try:
+            return _to_rgb(image)
+        except Exception as exc:
+            raise BadImage(f"corrupt image ({type(exc).__name__}: {exc})", path) from None
+
+
+@dataclass(frozen=True)
+class ImageStatus:
+    """What the `images` table says of one file: its size when known, and `ok` or why the
+    record stage skips it (`BadImage.reason`)."""
+
+    width: int | None
+    height: int | None
+    status: str
+
+
+def inspect_image(path: PathLike) -> ImageStatus:
+    """Decode `path` with the record stage's checks (`load_image`'s), without converting it."""
+    try:
+        with _checked_image(path) as image:
+            return ImageStatus(image.size[0], image.size[1], "ok")
+    except BadImage as exc:
+        return ImageStatus(*_header_size(path), exc.reason)
+
+
+def _header_size(path: PathLike) -> tuple[int | None, int | None]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:
+        return None, None
+
+
+def image_rows(dataset: ImageDataset, workers: int | None = None) -> list[dict[str, object]]:
+    """One `images` table row per record, each file decoded once (on threads: PIL releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        statuses = list(pool.map(inspect_image, [r.path for r in dataset.records]))
+    n_bad = sum(info.status != "ok" for info in statuses)
+    if n_bad:
+        log(f"  [yellow]{n_bad} of {len(statuses)} image(s) in {escape(dataset.key)} will be skipped[/]: see `status` in the images table")
+    return [
+        {
+            "dataset": dataset.key,
+            "image_idx": record.index,
+            "path": display_path(os.path.abspath(record.path)),  # dataset records are resolved already
+            "label": record.label,
+            "mask_path": None if record.mask_path is None else display_path(record.mask_path),
+            "width": info.width,
+            "height": info.height,
+            "status": info.status,
+        }
+        for record, info in zip(dataset.records, statuses)
+    ]
 
 
 def load_mask(path: PathLike) -> np.ndarray:

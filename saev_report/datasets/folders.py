@@ -12,14 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from saev_report.datasets.base import BadImage, ImageDataset, ImageRecord, load_mask
+from saev_report.datasets.base import BadImage, ImageDataset, ImageRecord, display_path, load_mask
 from saev_report.progress import log
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# GIFs are listed so that the `images` table can say why an animated one is skipped.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
 
 def list_images(root: Path) -> list[Path]:
-    """Image files under `root` (recursive, hidden entries skipped), sorted by relative path."""
+    """Image files under `root` (recursive, hidden entries skipped), sorted by relative path.
+
+    Broken symlinks are listed too: the `images` table reports them instead of losing them.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
@@ -27,7 +31,7 @@ def list_images(root: Path) -> list[Path]:
         path
         for path in root.rglob("*")
         if path.suffix.lower() in IMAGE_EXTENSIONS
-        and path.is_file()
+        and (path.is_file() or (path.is_symlink() and not path.exists()))
         and not any(part.startswith(".") for part in path.relative_to(root).parts)
     ]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
@@ -42,8 +46,8 @@ def image_folder(key: str, root: Path, labels: str = "folder") -> ImageDataset:
     records = []
     for i, path in enumerate(list_images(root)):
         parts = path.relative_to(root).parts
-        label = parts[0] if labels == "folder" and len(parts) > 1 else None
-        records.append(ImageRecord(i, str(path.resolve()), label, None))
+        label = display_path(parts[0]) if labels == "folder" and len(parts) > 1 else None
+        records.append(ImageRecord(i, str(path.resolve() if path.exists() else path.absolute()), label, None))
     classes = sorted({r.label for r in records if r.label is not None})
     return ImageDataset(key, records, classes)
 

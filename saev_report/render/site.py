@@ -34,15 +34,23 @@ import pyarrow as pa
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from rich.markup import escape
 
-from saev_report import __version__, tables
+from saev_report import __version__, fsutil, tables
 from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
 from saev_report.render import charts, overlays
 from saev_report.spec import ReportSpec
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES_DIR = PROJECT_ROOT / "templates"
-ASSETS_DIR = PROJECT_ROOT / "site"
+
+
+def _bundled(name: str) -> Path:
+    """Top-level `templates/` or `site/`: copied into the package by a wheel build (setup.py),
+    read from the checkout's top level otherwise (editable install, source tree)."""
+    packaged = Path(__file__).resolve().parents[1] / "_assets" / name
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / name
+
+
+TEMPLATES_DIR = _bundled("templates")
+ASSETS_DIR = _bundled("site")
 BATCH_ROWS = 2048
 POOL_MIN_JOBS = 96  # below this, a pool's start-up costs more than it saves
 MAX_CURVE_POINTS = 2000
@@ -131,7 +139,7 @@ def fmt_pct(value: Any, digits: int = 3) -> str:
 def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
     """Jinja environment; autoescape is on for every template (labels come from datasets)."""
     if not (templates_dir / "base.html").is_file() or not (ASSETS_DIR / "atlas.js").is_file():
-        raise FileNotFoundError(f"site templates/assets not found at {templates_dir} and {ASSETS_DIR}: use a source checkout (pip install -e .)")
+        raise FileNotFoundError(f"site templates/assets not found at {templates_dir} and {ASSETS_DIR}: reinstall saev-report")
     env = Environment(loader=FileSystemLoader(str(templates_dir)), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = fmt_num
     env.filters["pct"] = fmt_pct
@@ -796,17 +804,6 @@ def _site_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `staging` with two renames (the window without a site is a few µs)."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
-
-
 def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: dict[str, str] | None = None, workers: int | None = None) -> SiteStats:
     """Render the atlas of the run's published tables into `out_dir` (replaced atomically).
 
@@ -835,7 +832,7 @@ def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: d
         builder.close()
         con.close()
     stats.n_bytes = _site_bytes(staging)
-    _swap_in(staging, out_dir)
+    fsutil.swap_dir(staging, out_dir)
     stats.out_dir = out_dir
     stats.seconds = time.perf_counter() - started
     log(

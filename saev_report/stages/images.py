@@ -23,26 +23,14 @@ class ImagesOut(StageOut):
         return dict(zip(table.column("image_idx").to_pylist(), table.column("label").to_pylist()))
 
 
-def image_row(dataset_key: str, record) -> dict:
-    from PIL import Image
-
-    row = {"dataset": dataset_key, "image_idx": record.index, "path": str(Path(record.path).resolve()),
-           "label": record.label, "mask_path": record.mask_path, "width": None, "height": None, "status": "ok"}
-    try:
-        with Image.open(record.path) as image:  # header only: cheap even for large sets
-            row["width"], row["height"] = image.size
-    except Exception as exc:
-        row["status"] = f"unreadable: {type(exc).__name__}"
-    return row
-
-
 def images(params: ImagesParams, inputs: Inputs, out_dir: Path) -> None:
+    from saev_report.datasets import image_rows
     from saev_report.tables import write_table
 
     dataset = open_dataset(params.dataset_key, params.dataset, params.cache_dir)
-    rows = [image_row(params.dataset_key, r) for r in dataset.records]
+    rows = image_rows(dataset)  # decodes each file with the record stage's checks
     write_table(table_part(out_dir, "images"), "images", rows, params.digest())
     log(f"  {len(rows)} image(s) in {params.dataset_key}")
 
 
-IMAGES = StageKind(name="images", version=1, params=ImagesParams, out=ImagesOut, action=images)
+IMAGES = StageKind(name="images", version=2, params=ImagesParams, out=ImagesOut, action=images)
