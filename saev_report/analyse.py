@@ -146,6 +146,17 @@ def fine_bins(vals: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(vals, torch.from_numpy(fine_thresholds()).to(vals.device), right=True)
 
 
+FiringEntries = tuple[torch.Tensor, torch.Tensor]
+"""(flat indices into f_nf of its non-zero entries, their values as float32)."""
+
+
+def firing_entries(f_nf: torch.Tensor) -> FiringEntries:
+    """Only firing entries cost anything beyond one pass over f: found once per batch, shared by the counters."""
+    flat = f_nf.reshape(-1)
+    idx = torch.nonzero(flat).squeeze(1)
+    return idx, flat.index_select(0, idx).float()
+
+
 class FeatureStats:
     """Per-feature firing counts, activation sums, maxima and fine log10 histograms."""
 
@@ -158,13 +169,11 @@ class FeatureStats:
         self.fine_hist_fh = torch.zeros(n_features, N_FINE_BINS, dtype=torch.int64, device=acc)
         self.thresholds = torch.from_numpy(fine_thresholds()).to(acc)
 
-    def update(self, f_nf: torch.Tensor, img_max_bf: torch.Tensor) -> int:
-        """Add a batch; returns its number of firing (patch, feature) entries."""
+    def update(self, f_nf: torch.Tensor, img_max_bf: torch.Tensor, entries: "FiringEntries | None" = None) -> int:
+        """Add a batch (with its `firing_entries`, when the caller already has them); returns its number
+        of firing (patch, feature) entries."""
         acc = self.n_fire_f.device
-        flat = f_nf.reshape(-1)
-        # Only firing entries cost anything beyond this one pass over f.
-        idx = torch.nonzero(flat).squeeze(1)
-        vals = flat.index_select(0, idx).float()
+        idx, vals = entries or firing_entries(f_nf)
         if vals.numel() and bool(vals.min() < 0):
             raise ValueError("SAE activations must be non-negative")
         feat = (idx % self.n_features).to(acc)
@@ -284,12 +293,13 @@ def scan(batches: Iterable[Batch], sae: SAELike, top_k: int, device: torch.devic
         f_nf = sae.encode_normalized(xn_nd)
         f_bpf = f_nf.view(n_images, patches_per_image, n_features)
         img_max_bf = f_bpf.amax(1)
-        n_active = stats.update(f_nf, img_max_bf)
+        entries = firing_entries(f_nf)
+        n_active = stats.update(f_nf, img_max_bf, entries)
         top.update(img_max_bf, f_bpf, n_images_seen)
         if recon is not None:
             recon.update(xn_nd, sae.decode_normalized(f_nf), n_active)
         if concepts is not None:
-            concepts.update(f_bpf, img_max_bf, image_idx_b)
+            concepts.update(f_bpf, img_max_bf, image_idx_b, entries)
         image_idx.append(np.asarray(image_idx_b, dtype=np.int64).reshape(n_images))
         n_images_seen += n_images
         n_patches += n_images * patches_per_image

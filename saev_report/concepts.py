@@ -49,19 +49,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-LOG10_RANGE = (-6.0, 4.0)
-BINS_PER_DECADE = 32
-N_BINS = 1 + int((LOG10_RANGE[1] - LOG10_RANGE[0]) * BINS_PER_DECADE)
-"""Bin 0: activation 0 (does not fire); bins 1..: positive activations on the log10 grid (outside it: the end bins)."""
+MANTISSA_BITS = 4
+"""Bins per octave = 2**MANTISSA_BITS: a bin is a float32 exponent and its top mantissa bits (≤ 6.25 % wide)."""
+OCTAVES = (-16, 12)
+"""Activations binned over [2**-16, 2**12); smaller positives share bin 1, larger ones the last bin."""
+_SHIFT = 23 - MANTISSA_BITS
+_FIRST_KEY = (127 + OCTAVES[0]) << MANTISSA_BITS  # exponent-and-mantissa key of 2**-16
+N_BINS = 1 + ((OCTAVES[1] - OCTAVES[0]) << MANTISSA_BITS)
+"""Bin 0: activation 0 (does not fire); bins 1..: positive activations."""
+DENSE_COUNTERS = 1 << 26
+"""Up to this many (set, feature, concept, bin) counters are kept dense (int32, 256 MB); beyond, sparse."""
 
 NO_CONCEPT = -1
 LEVELS = ("patch", "image")
 REAL, NULL = 0, 1
 """Label sets: the real labels and the permuted-label null."""
-
-_BLOCK_COUNTERS = 1 << 24
-"""Dense counters per summary block (features × concepts × bins): bounds summary memory."""
-
 
 # --------------------------------------------------------------------------- labels
 
@@ -183,70 +185,108 @@ def dataset_labels(dataset, grid: tuple[int, int], seed: int, patch_path: Path |
 # --------------------------------------------------------------------------- bins
 
 
-def bin_thresholds() -> np.ndarray:
-    """Lower edges of bins 2.. as the smallest float32 ≥ 10^edge, so bucketizing float32 is exact."""
-    edges = 10.0 ** (LOG10_RANGE[0] + np.arange(1, N_BINS - 1) / BINS_PER_DECADE)
-    thresholds = edges.astype(np.float32)
-    below = thresholds.astype(np.float64) < edges
-    thresholds[below] = np.nextafter(thresholds[below], np.float32(np.inf))
-    return thresholds
-
-
 def bin_lower_edges() -> np.ndarray:
-    """Smallest activation of every bin [N_BINS] (0 for bins 0 and 1: "fires at all")."""
-    return np.concatenate([[0.0, 0.0], bin_thresholds().astype(np.float64)])
+    """Smallest activation of every bin [N_BINS], exact float32 values (0 for bins 0 and 1: "fires at all")."""
+    keys = (_FIRST_KEY + np.arange(1, N_BINS - 1, dtype=np.int64)) << _SHIFT
+    return np.concatenate([[0.0, 0.0], keys.astype(np.int32).view(np.float32).astype(np.float64)])
 
 
-def activation_bins(vals: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Bin of each activation: 0 for ≤ 0, else 1 + its place on the log10 grid."""
-    bins = torch.bucketize(vals, thresholds, right=True) + 1
+def activation_bins(vals: torch.Tensor) -> torch.Tensor:
+    """Bin of each float32 activation: 0 for ≤ 0, else 1 + its place on the grid.
+
+    For non-negative floats the bit pattern orders like the value, so the bin
+    is one shift of the bits: no logarithm, no search, and exact edges.
+    """
+    vals = vals.float().contiguous()
+    key = (vals.view(torch.int32) >> _SHIFT).long()
+    bins = (key - _FIRST_KEY).clamp_(0, N_BINS - 2) + 1
     return torch.where(vals > 0, bins, torch.zeros_like(bins))
+
+
+# --------------------------------------------------------------------------- scores
+
+
+@dataclass
+class Scores:
+    """Detection scores of (feature, concept) pairs, each [F, C] float64.
+
+    `ap` is exact for the binned activations; the unbinned AP lies in
+    [`ap_low`, `ap_high`]; `iou` is the best over thresholds "activation ≥
+    `threshold`" (NaN threshold where the feature never fires on the concept).
+    """
+
+    ap: np.ndarray
+    ap_low: np.ndarray
+    ap_high: np.ndarray
+    iou: np.ndarray
+    threshold: np.ndarray
 
 
 # --------------------------------------------------------------------------- counters
 
 
 class SparseCounts:
-    """Counts of int64 keys, kept as sorted unique keys + counts; new keys merge in amortised batches."""
+    """Counts of int64 keys as sorted unique keys + counts (numpy: its integer sort is ~10× torch's on CPU);
+    each batch is reduced on arrival and merged in amortised rounds."""
 
-    def __init__(self, device: torch.device):
-        self.keys = torch.zeros(0, dtype=torch.int64, device=device)
-        self.counts = torch.zeros(0, dtype=torch.int64, device=device)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._n_pending = 0
 
     def add(self, keys_n: torch.Tensor) -> None:
-        if keys_n.numel() == 0:
+        if len(keys_n) == 0:
             return
-        uniq, counts = torch.unique(keys_n, return_counts=True)
+        uniq, counts = np.unique(keys_n.cpu().numpy(), return_counts=True)
         self._pending.append((uniq, counts))
         self._n_pending += len(uniq)
-        if self._n_pending > max(len(self.keys), 1 << 20):  # merge cost stays linear overall
+        if self._n_pending > max(len(self.keys), 1 << 22):  # merge cost stays linear overall
             self.compact()
 
     def compact(self) -> None:
         if not self._pending:
             return
-        keys = torch.cat([self.keys, *(k for k, _ in self._pending)])
-        counts = torch.cat([self.counts, *(c for _, c in self._pending)])
-        self.keys, inverse = torch.unique(keys, return_inverse=True)
-        self.counts = torch.zeros(len(self.keys), dtype=torch.int64, device=keys.device).index_add_(0, inverse, counts)
+        keys = np.concatenate([self.keys, *(k for k, _ in self._pending)])
+        counts = np.concatenate([self.counts, *(c for _, c in self._pending)])
+        order = np.argsort(keys, kind="stable")
+        keys, counts = keys[order], counts[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        self.keys, self.counts = keys[starts], np.add.reduceat(counts, starts) if len(keys) else counts
         self._pending, self._n_pending = [], 0
 
-    def dense(self, lo: int, hi: int) -> torch.Tensor:
-        """Counts of keys lo..hi-1 as a dense vector."""
+    def range(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, counts) of the keys in lo..hi-1, sorted."""
         self.compact()
-        a, b = (int(torch.searchsorted(self.keys, torch.tensor(v, device=self.keys.device))) for v in (lo, hi))
-        out = torch.zeros(hi - lo, dtype=torch.int64, device=self.keys.device)
-        out[self.keys[a:b] - lo] = self.counts[a:b]
-        return out
+        a, b = np.searchsorted(self.keys, [lo, hi])
+        return self.keys[a:b], self.counts[a:b]
+
+
+class DenseCounts:
+    """The same interface as SparseCounts over a small key space: one dense int32 vector (a counter is
+    bounded by the samples seen; `add` refuses to let that pass 2**31)."""
+
+    def __init__(self, n_keys: int, device: torch.device):
+        self.counts_k = torch.zeros(n_keys, dtype=torch.int32, device=device)
+        self.n_added = 0
+
+    def add(self, keys_n: torch.Tensor) -> None:
+        self.n_added += len(keys_n)
+        if self.n_added >= 2**31:
+            raise OverflowError("more than 2**31 positives: raise DENSE_COUNTERS's int32 to int64")
+        self.counts_k.index_add_(0, keys_n, torch.ones(len(keys_n), dtype=torch.int32, device=keys_n.device))
+
+    def range(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        counts = self.counts_k[lo:hi].cpu().numpy()
+        keys = np.flatnonzero(counts)
+        return keys + lo, counts[keys].astype(np.int64)
 
 
 class DetectionHistograms:
     """Per-(label set, feature, concept) activation histograms over the positives, and per-feature totals.
 
     A sample is a patch (patch level) or an image (image level); each has at
-    most one concept per label set.
+    most one concept per label set. Keys are ((set·F + feature)·C + concept)·N_BINS + bin.
     """
 
     def __init__(self, n_features: int, n_concepts: int, n_sets: int, device: torch.device):
@@ -254,7 +294,8 @@ class DetectionHistograms:
         self.n_samples = 0
         self.totals_fb = torch.zeros(n_features, N_BINS, dtype=torch.int64, device=device)
         self.support_sc = torch.zeros(n_sets, n_concepts, dtype=torch.int64, device=device)
-        self.positives = SparseCounts(device)
+        n_keys = n_sets * n_features * n_concepts * N_BINS
+        self.positives = DenseCounts(n_keys, device) if n_keys <= DENSE_COUNTERS else SparseCounts()
 
     def update(self, feature_e: torch.Tensor, bin_e: torch.Tensor, sample_e: torch.Tensor, concept_sn: torch.Tensor) -> None:
         """Add a batch: the firing entries (feature, bin ≥ 1, sample) and each sample's concept per label set [sets, n]."""
@@ -267,69 +308,70 @@ class DetectionHistograms:
             self.support_sc[s] += torch.bincount(concept_n[has], minlength=n_concepts)[:n_concepts]
             concept_e = concept_n[sample_e]
             keep = concept_e >= 0
-            self.positives.add(((s * n_features + feature_e[keep]) * n_concepts + concept_e[keep]) * n_bins + bin_e[keep])
+            keys = ((s * n_features + feature_e[keep]) * n_concepts + concept_e[keep]) * n_bins + bin_e[keep]
+            self.positives.add(keys)
 
-    def block(self, s: int, f0: int, f1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positives, negatives) of features f0..f1-1 in label set s, [f, C, N_BINS] int64, bin 0 included."""
-        width = self.n_concepts * N_BINS
-        lo = (s * self.n_features + f0) * width
-        pos_fcb = self.positives.dense(lo, lo + (f1 - f0) * width).view(f1 - f0, self.n_concepts, N_BINS)
-        total_fb = self.totals_fb[f0:f1].clone()
-        total_fb[:, 0] = self.n_samples - total_fb[:, 1:].sum(1)
-        pos_fcb[:, :, 0] = self.support_sc[s][None, :] - pos_fcb[:, :, 1:].sum(2)
-        return pos_fcb, total_fb[:, None, :] - pos_fcb
+    def scores(self, s: int, bounds: bool = True) -> Scores:
+        """Detection scores of every (feature, concept) in label set s, [F, C] (NaN where a concept has no
+        samples; `ap_low`/`ap_high` NaN unless `bounds`).
 
+        Only occupied cells are visited: AP sums over the bins holding positives,
+        and the best IoU is reached at the bottom of such a bin (between two, the
+        cut only adds negatives), so the cost follows the counts, not F × C × bins.
+        """
+        n_features, n_concepts, n_bins = self.n_features, self.n_concepts, N_BINS
+        n_pairs, width = n_features * n_concepts, n_features * n_concepts * N_BINS
+        keys, counts = self.positives.range(s * width, (s + 1) * width)
+        keys = keys - s * width
+        bin_e, pair_e = keys % n_bins, keys // n_bins  # pair = feature·C + concept; cells sorted by pair, then bin
+        fb_e = (pair_e // n_concepts) * n_bins + bin_e
+        p = counts.astype(np.float64)
 
-# --------------------------------------------------------------------------- scores
+        totals_fb = self.totals_fb.cpu().numpy().astype(np.float64)
+        totals_fb[:, 0] = self.n_samples - totals_fb[:, 1:].sum(1)
+        at_or_above_fb = np.cumsum(totals_fb[:, ::-1], axis=1)[:, ::-1]  # samples in bin b or above
+        seen = at_or_above_fb.reshape(-1)[fb_e]
+        in_bin = totals_fb.reshape(-1)[fb_e]
+        fired_pair = np.bincount(pair_e, weights=p, minlength=n_pairs)  # positives where the feature fires
+        # Positives in higher bins of the same pair: the pair's total minus the running sum up to this cell.
+        starts = np.flatnonzero(np.r_[True, pair_e[1:] != pair_e[:-1]]) if len(p) else np.zeros(0, dtype=np.int64)
+        lengths = np.diff(np.r_[starts, len(p)])
+        running = np.cumsum(p)
+        tp = fired_pair[pair_e] - running + np.repeat(running[starts] - p[starts], lengths) + p
+        support_pair = np.tile(self.support_sc[s].cpu().numpy().astype(np.float64), n_features)
+        iou = tp / (support_pair[pair_e] + seen - tp)
 
+        # Bin 0 (does not fire) is one exact tie at the bottom: all samples seen, all positives found.
+        bin0 = (support_pair - fired_pair) * support_pair / max(self.n_samples, 1)
+        none = support_pair == 0
 
-@dataclass
-class Scores:
-    """Detection scores of a block of (feature, concept) pairs, each [f, C] float64."""
+        def ap_from(cells: np.ndarray) -> np.ndarray:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ap = (np.bincount(pair_e, weights=cells, minlength=n_pairs) + bin0) / support_pair
+            return np.where(none, math.nan, np.clip(ap, 0, 1)).reshape(n_features, n_concepts)
 
-    ap: torch.Tensor
-    ap_low: torch.Tensor
-    ap_high: torch.Tensor
-    iou: torch.Tensor
-    threshold: torch.Tensor
-
-
-def _harmonic_diff(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """H(a + p) − H(a) = Σ_{k=1..p} 1/(a + k), through the digamma function (float64)."""
-    return torch.special.digamma(a + p + 1) - torch.special.digamma(a + 1)
-
-
-def detection_scores(pos_fcb: torch.Tensor, neg_fcb: torch.Tensor, lower_edges_b: torch.Tensor) -> Scores:
-    """AP (binned, ties grouped), its bounds for the unbinned scores, and the best-threshold IoU.
-
-    Bins are ordered by activation; the detector "fires" at bin b when the
-    activation is in bin b or above. NaN where a concept has no positives.
-    """
-    pos = pos_fcb.double().flip(-1)  # highest bin first
-    neg = neg_fcb.double().flip(-1)
-    tp = pos.cumsum(-1)
-    seen = tp + neg.cumsum(-1)  # samples at or above each bin
-    tp_above, seen_above = tp - pos, seen - pos - neg
-    n_pos = tp[..., -1:]
-    prec = torch.where(seen > 0, tp / seen.clamp_min(1), torch.zeros_like(tp))
-    exact = pos * prec
-    ap = exact.sum(-1) / n_pos[..., 0]
-    # Worst order inside a bin: its negatives first, then its positives one by one.
-    worst = pos - (seen_above + neg - tp_above) * _harmonic_diff(seen_above + neg, pos)
-    # Best: every positive at the precision of all the bin's positives ranked first (also covers ties).
-    best = pos * (tp_above + pos) / (seen_above + pos).clamp_min(1)
-    worst[..., -1], best[..., -1] = exact[..., -1], exact[..., -1]  # bin 0 (last after the flip) is an exact tie
-    ap_low = worst.sum(-1) / n_pos[..., 0]
-    ap_high = best.sum(-1) / n_pos[..., 0]
-    # IoU when firing at bin b or above, b ≥ 1 (network dissection thresholds the activation).
-    iou = tp[..., :-1] / (n_pos + seen[..., :-1] - tp[..., :-1])
-    best_iou, best_at = iou.nan_to_num(-1.0).max(-1)
-    threshold = lower_edges_b.flip(0)[best_at]
-    none = n_pos[..., 0] == 0
-    nan = torch.full_like(ap, math.nan)
-    return Scores(torch.where(none, nan, ap), torch.where(none, nan, ap_low.clamp(0, 1)),
-                  torch.where(none, nan, ap_high.clamp(0, 1)), torch.where(none, nan, best_iou.clamp_min(0)),
-                  torch.where(none, nan, threshold))
+        ap = ap_from(p * tp / seen)
+        ap_low = ap_high = np.full((n_features, n_concepts), math.nan)
+        if bounds:
+            tp_above, below_first = tp - p, seen - p  # the bin's positives come after `below_first` samples at worst
+            # Worst order inside a bin: its negatives first, then its positives one by one:
+            # Σ_k (tp_above + k) / (below_first + k) = p − (below_first − tp_above)·(H(seen) − H(below_first)).
+            harmonic = (torch.from_numpy(seen + 1).digamma() - torch.from_numpy(below_first + 1).digamma()).numpy()
+            ap_low = ap_from(p - (below_first - tp_above) * harmonic)
+            # Best: every positive at the precision of all the bin's positives ranked first (covers ties too).
+            ap_high = ap_from(p * tp / (seen - in_bin + p))
+        best_iou = np.zeros(n_pairs)
+        threshold = np.full(n_pairs, math.nan)
+        if len(p):
+            pairs = pair_e[starts]
+            best_iou[pairs] = np.maximum.reduceat(iou, starts)
+            # the highest bin reaching the best IoU (cells ascend by bin within a pair)
+            hit = np.where(iou == np.repeat(best_iou[pairs], lengths), np.arange(len(p)), -1)
+            threshold[pairs] = bin_lower_edges()[bin_e[np.maximum.reduceat(hit, starts)]]
+        threshold[best_iou == 0] = math.nan  # never fires on the concept: no threshold helps
+        best_iou[none] = math.nan
+        threshold[none] = math.nan
+        return Scores(ap, ap_low, ap_high, best_iou.reshape(n_features, n_concepts), threshold.reshape(n_features, n_concepts))
 
 
 # --------------------------------------------------------------------------- the streaming hook
@@ -342,76 +384,72 @@ class ConceptStats:
         self.labels = labels
         self.n_features = n_features
         self.device = device
-        self.thresholds = torch.from_numpy(bin_thresholds()).to(device)
         self.patch = DetectionHistograms(n_features, len(labels.patch_names), 2, device) if labels.has_patch else None
         self.image = DetectionHistograms(n_features, len(labels.image_names), 2, device) if labels.has_image else None
 
-    def update(self, f_bpf: torch.Tensor, img_max_bf: torch.Tensor, image_idx_b: np.ndarray) -> None:
-        """Add a batch: features [images, patches, F], their per-image max [images, F], dataset indices [images]."""
+    def update(self, f_bpf: torch.Tensor, img_max_bf: torch.Tensor, image_idx_b: np.ndarray,
+               entries: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Add a batch: features [images, patches, F], their per-image max [images, F], dataset indices
+        [images], and optionally the firing entries of f_bpf (flat indices, values) if the caller has them."""
         image_idx_b = np.asarray(image_idx_b, dtype=np.int64)
         both_b = np.stack([image_idx_b, self.labels.null_i[image_idx_b]])  # [sets, images]
         if self.patch is not None:
             assert self.labels.patch_ip is not None
             concept_sn = torch.from_numpy(np.asarray(self.labels.patch_ip[both_b.reshape(-1)], dtype=np.int64))
-            self._add(self.patch, f_bpf.reshape(-1, f_bpf.shape[-1]), concept_sn.view(2, -1).to(self.device))
+            self._add(self.patch, entries or _firing(f_bpf), concept_sn.view(2, -1).to(self.device))
         if self.image is not None:
             assert self.labels.image_i is not None
             concept_sn = torch.from_numpy(np.asarray(self.labels.image_i[both_b], dtype=np.int64))
-            self._add(self.image, img_max_bf, concept_sn.to(self.device))
+            self._add(self.image, _firing(img_max_bf), concept_sn.to(self.device))
 
-    def _add(self, hist: DetectionHistograms, f_nf: torch.Tensor, concept_sn: torch.Tensor) -> None:
-        flat = f_nf.reshape(-1)
-        idx = torch.nonzero(flat > 0).squeeze(1)
-        vals = flat.index_select(0, idx).float()
-        hist.update(idx % self.n_features, activation_bins(vals, self.thresholds), idx // self.n_features, concept_sn)
+    def _add(self, hist: DetectionHistograms, entries: tuple[torch.Tensor, torch.Tensor], concept_sn: torch.Tensor) -> None:
+        idx, vals = entries
+        hist.update(idx % self.n_features, activation_bins(vals), idx // self.n_features, concept_sn)
+
 
     def table(self, sae_id: str) -> pa.Table:
         """The `concepts` rows: every (feature, concept) with support, at each level."""
+        from saev_report import tables
+
         parts = []
         for level, hist, names in (("patch", self.patch, self.labels.patch_names), ("image", self.image, self.labels.image_names)):
             if hist is not None:
                 parts.append(_level_table(sae_id, level, hist, names))
-        if not parts:
-            from saev_report import tables
+        return pa.concat_tables(parts) if parts else tables.to_arrow("concepts", [])
 
-            return tables.to_arrow("concepts", [])
-        return pa.concat_tables(parts)
+
+def _firing(f_nf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = f_nf.reshape(-1)
+    idx = torch.nonzero(flat > 0).squeeze(1)
+    return idx, flat.index_select(0, idx).float()
 
 
 def _level_table(sae_id: str, level: str, hist: DetectionHistograms, names: Sequence[str]) -> pa.Table:
     from saev_report import tables
 
-    n_concepts = hist.n_concepts
-    lower_edges_b = torch.from_numpy(bin_lower_edges()).to(hist.totals_fb.device)
-    block = max(1, _BLOCK_COUNTERS // (n_concepts * N_BINS))
+    real, null = hist.scores(REAL), hist.scores(NULL, bounds=False)
     support_c = hist.support_sc[REAL].cpu().numpy()
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("feature", "concept", "ap", "ap_low", "ap_high", "iou", "threshold", "null_ap", "null_iou")}
-    for f0 in range(0, hist.n_features, block):
-        f1 = min(f0 + block, hist.n_features)
-        real = detection_scores(*hist.block(REAL, f0, f1), lower_edges_b)
-        null = detection_scores(*hist.block(NULL, f0, f1), lower_edges_b)
-        feature_fc, concept_fc = np.meshgrid(np.arange(f0, f1), np.arange(n_concepts), indexing="ij")
-        keep = np.broadcast_to(support_c > 0, feature_fc.shape)
-        cols["feature"].append(feature_fc[keep])
-        cols["concept"].append(concept_fc[keep])
-        for key, value in (("ap", real.ap), ("ap_low", real.ap_low), ("ap_high", real.ap_high), ("iou", real.iou),
-                           ("threshold", real.threshold), ("null_ap", null.ap), ("null_iou", null.iou)):
-            cols[key].append(value.cpu().numpy()[keep])
-    flat = {k: np.concatenate(v) for k, v in cols.items()}
-    n = len(flat["feature"])
-    name_arr = np.asarray(list(names), dtype=object)
+    feature_fc, concept_fc = np.meshgrid(np.arange(hist.n_features), np.arange(hist.n_concepts), indexing="ij")
+    keep = np.broadcast_to(support_c > 0, feature_fc.shape)
+    concept_n = concept_fc[keep]
+    n = len(concept_n)
     return tables.to_arrow("concepts", {
         "sae_id": [sae_id] * n,
-        "feature": flat["feature"].astype(np.int32),
-        "concept": name_arr[flat["concept"]].tolist() if n else [],
+        "feature": feature_fc[keep].astype(np.int32),
+        "concept": np.asarray(list(names), dtype=object)[concept_n].tolist() if n else [],
         "level": [level] * n,
-        "ap": flat["ap"], "iou": flat["iou"], "threshold": flat["threshold"],
-        "support": support_c[flat["concept"]].astype(np.int64),
-        "null_ap": flat["null_ap"],
-        "ap_low": flat["ap_low"], "ap_high": flat["ap_high"],
-        "base_rate": support_c[flat["concept"]] / max(hist.n_samples, 1),
-        "null_iou": flat["null_iou"],
+        "ap": _nullable(real.ap[keep]), "iou": _nullable(real.iou[keep]), "threshold": _nullable(real.threshold[keep]),
+        "support": support_c[concept_n].astype(np.int64),
+        "null_ap": _nullable(null.ap[keep]),
+        "ap_low": _nullable(real.ap_low[keep]), "ap_high": _nullable(real.ap_high[keep]),
+        "base_rate": support_c[concept_n] / max(hist.n_samples, 1),
+        "null_iou": _nullable(null.iou[keep]),
     })
+
+
+def _nullable(values: np.ndarray) -> pa.Array:
+    """NaN → null: SQL sorts NaN above every number, null it leaves out."""
+    return pa.array(values, type=pa.float64(), mask=np.isnan(values))
 
 
 # --------------------------------------------------------------------------- per-feature summary
