@@ -433,6 +433,7 @@ def _level_table(sae_id: str, level: str, hist: DetectionHistograms, names: Sequ
     keep = np.broadcast_to(support_c > 0, feature_fc.shape)
     concept_n = concept_fc[keep]
     n = len(concept_n)
+    base_rate = support_c[concept_n] / max(hist.n_samples, 1)
     return tables.to_arrow("concepts", {
         "sae_id": [sae_id] * n,
         "feature": feature_fc[keep].astype(np.int32),
@@ -442,9 +443,17 @@ def _level_table(sae_id: str, level: str, hist: DetectionHistograms, names: Sequ
         "support": support_c[concept_n].astype(np.int64),
         "null_ap": _nullable(null.ap[keep]),
         "ap_low": _nullable(real.ap_low[keep]), "ap_high": _nullable(real.ap_high[keep]),
-        "base_rate": support_c[concept_n] / max(hist.n_samples, 1),
+        "base_rate": base_rate,
+        "ap_lift": _nullable(chance_corrected(real.ap[keep], base_rate)),
         "null_iou": _nullable(null.iou[keep]),
     })
+
+
+def chance_corrected(ap: np.ndarray, base_rate: np.ndarray) -> np.ndarray:
+    """(AP − base rate) / (1 − base rate): 0 for a detector that knows nothing, 1 for a perfect one (NaN when
+    the concept covers every sample)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(base_rate < 1, (ap - base_rate) / (1 - base_rate), np.nan)
 
 
 def _nullable(values: np.ndarray) -> pa.Array:
@@ -469,27 +478,29 @@ class BestConcepts:
 
 
 def best_concepts(concepts: pa.Table, n_features: int) -> BestConcepts:
-    """Each feature's best concept by AP at the patch level (the image level without masks), and its margin
-    over the second best (NaN with a single concept)."""
+    """Each feature's best concept, by AP above chance (`ap_lift`), at the patch level (the image level
+    without masks): its name, its AP, and its lift's margin over the runner-up's (NaN with one concept)."""
     levels = set(concepts.column("level").to_pylist()) if concepts.num_rows else set()
     level = "patch" if "patch" in levels else "image" if "image" in levels else None
     if level is None:
         return BestConcepts.none(n_features)
-    nan = np.full(n_features, np.nan)
     rows = concepts.filter(pc.equal(concepts.column("level"), level))
     feature = rows.column("feature").to_numpy()
-    ap = np.nan_to_num(rows.column("ap").to_numpy(zero_copy_only=False), nan=-1.0)
+    lift = np.nan_to_num(rows.column("ap_lift").to_numpy(zero_copy_only=False).astype(np.float64), nan=-np.inf)
+    ap = rows.column("ap").to_numpy(zero_copy_only=False).astype(np.float64)
     names = rows.column("concept").to_numpy(zero_copy_only=False)
-    order = np.lexsort((-ap, feature))  # by feature, then AP descending
-    feature, ap, names = feature[order], ap[order], names[order]
+    order = np.lexsort((-lift, feature))  # by feature, then lift descending
+    feature, lift, ap, names = feature[order], lift[order], ap[order], names[order]
     starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]])
-    best_ap, second = nan.copy(), nan.copy()
-    best_name: list[str | None] = [None] * n_features
     f = feature[starts]
-    best_ap[f] = ap[starts]
-    has_second = np.r_[starts[1:], len(feature)] - starts > 1
-    second[f[has_second]] = ap[starts[has_second] + 1]
-    for i, s in zip(f, starts):
-        best_name[int(i)] = str(names[s])
-    best_ap[best_ap < 0] = np.nan
-    return BestConcepts(best_name, best_ap, best_ap - second, level)
+    ranked = np.isfinite(lift[starts])
+    best = BestConcepts.none(n_features)
+    best.level = level
+    best.ap[f[ranked]] = ap[starts[ranked]]
+    for i, s in zip(f[ranked], starts[ranked]):
+        best.concept[int(i)] = str(names[s])
+    has_second = ranked & (np.r_[starts[1:], len(feature)] - starts > 1)
+    runner_up = lift[np.minimum(starts + 1, len(lift) - 1)]
+    has_second &= np.isfinite(runner_up)
+    best.margin[f[has_second]] = lift[starts[has_second]] - runner_up[has_second]
+    return best

@@ -116,9 +116,9 @@ TABLES: dict[str, TableDef] = {
             ("top_label", pa.string(), "Most common label among the exemplar images (null without labels)."),
             ("label_purity", pa.float64(), "Fraction of exemplar images carrying `top_label` (trivially high when `n_exemplars` is small: filter on it)."),
             ("label_entropy", pa.float64(), "Entropy (bits) of the exemplar label distribution."),
-            ("best_concept", pa.string(), "Concept the feature detects best by AP (`concepts` table): patch level when the dataset has masks, else image level; null without either."),
+            ("best_concept", pa.string(), "Concept the feature detects best (`concepts` table, highest `ap_lift`): patch level when the dataset has masks, else image level; null without either."),
             ("best_concept_ap", pa.float64(), "AP of `best_concept`."),
-            ("best_concept_margin", pa.float64(), "`best_concept_ap` minus the AP of the second-best concept at the same level."),
+            ("best_concept_margin", pa.float64(), "`ap_lift` of `best_concept` minus that of the runner-up at the same level."),
             ("best_concept_level", pa.string(), "`patch` or `image`: the level `best_concept` was chosen at."),
         ),
         _table(
@@ -139,6 +139,7 @@ TABLES: dict[str, TableDef] = {
             ("ap_low", pa.float64(), "Lower bound of the AP of the unbinned activations (the order inside each bin unknown)."),
             ("ap_high", pa.float64(), "Upper bound of the AP of the unbinned activations."),
             ("base_rate", pa.float64(), "support / samples: the AP of a detector that knows nothing."),
+            ("ap_lift", pa.float64(), "(ap − base_rate) / (1 − base_rate): AP above chance, 0 for a detector that knows nothing, 1 for a perfect one. Best concepts are ranked by it, since a concept covering most samples (background) gets a high AP from any feature."),
             ("null_iou", pa.float64(), "`iou` under the permuted labels."),
         ),
         _table(

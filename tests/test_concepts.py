@@ -272,21 +272,28 @@ def test_streamed_concepts_equal_brute_force(seed, images_per_batch):
     assert seen == expected
 
 
-def test_best_concepts_pick_the_highest_ap_and_its_margin():
+def test_best_concepts_rank_by_ap_above_chance_and_report_the_margin():
     import pyarrow as pa
 
     table = pa.table({
-        "feature": pa.array([0, 0, 0, 1, 2, 2], type=pa.int32()),
-        "concept": ["a", "b", "c", "a", "a", "b"],
-        "level": ["patch", "patch", "patch", "patch", "image", "image"],
-        "ap": [0.2, 0.9, 0.5, 0.3, 0.99, 0.1],
+        "feature": pa.array([0, 0, 0, 1, 2, 2, 3], type=pa.int32()),
+        "concept": ["bg", "b", "c", "a", "a", "b", "a"],
+        "level": ["patch", "patch", "patch", "patch", "image", "image", "patch"],
+        "ap": [0.9, 0.5, 0.2, 0.3, 0.99, 0.1, None],
+        "ap_lift": [0.2, 0.45, 0.1, 0.25, 0.9, 0.0, None],
     })
-    best = C.best_concepts(table, 4)
+    best = C.best_concepts(table, 5)
     assert best.level == "patch"  # the image level only counts without masks
-    assert best.concept == ["b", "a", None, None]
-    assert best.ap[:2].tolist() == [0.9, 0.3]
-    assert best.margin[0] == pytest.approx(0.4)
-    assert np.isnan(best.margin[1]) and np.isnan(best.ap[2])
+    # feature 0: background has the higher AP, but b the higher AP above chance
+    assert best.concept == ["b", "a", None, None, None]
+    assert best.ap[:2].tolist() == [0.5, 0.3]
+    assert best.margin[0] == pytest.approx(0.25)
+    assert np.isnan(best.margin[1]) and np.isnan(best.ap[2]) and np.isnan(best.ap[3])
+
+
+def test_chance_corrected_ap():
+    got = C.chance_corrected(np.array([0.85, 1.0, 0.5, 0.3]), np.array([0.85, 0.2, 0.5, 1.0]))
+    assert got[:3].tolist() == [0.0, 1.0, 0.0] and np.isnan(got[3])
 
 
 def test_analyse_sae_writes_concepts_and_best_concept_columns():
@@ -303,10 +310,11 @@ def test_analyse_sae_writes_concepts_and_best_concept_columns():
     features = result.features.to_pylist()
     assert features[0]["best_concept"] == "p1" and features[0]["best_concept_level"] == "patch"
     for f in features:
-        patch_rows = [r for r in concepts if r["feature"] == f["feature"] and r["level"] == "patch"]
-        aps = sorted((r["ap"] for r in patch_rows), reverse=True)
-        assert f["best_concept_ap"] == aps[0]
-        assert f["best_concept_margin"] == pytest.approx(aps[0] - aps[1])
+        patch_rows = sorted((r for r in concepts if r["feature"] == f["feature"] and r["level"] == "patch"), key=lambda r: -r["ap_lift"])
+        assert f["best_concept"] == patch_rows[0]["concept"]
+        assert f["best_concept_ap"] == patch_rows[0]["ap"]
+        assert f["best_concept_margin"] == pytest.approx(patch_rows[0]["ap_lift"] - patch_rows[1]["ap_lift"])
+        assert patch_rows[0]["ap_lift"] == pytest.approx((patch_rows[0]["ap"] - patch_rows[0]["base_rate"]) / (1 - patch_rows[0]["base_rate"]))
 
 
 def test_analyse_sae_without_concept_labels_leaves_the_columns_null():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from html import escape as html_escape
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -288,6 +289,35 @@ def test_feature_page_content(built):
     assert 'rel="prev"' in html and 'rel="next"' in html
     assert "<svg class=\"hist\"" in html
     assert "plotly" not in html  # feature pages stay light
+
+
+def test_feature_pages_list_the_best_concepts_next_to_the_null(built):
+    run_dir, out, _, facts = built
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    feature = int(np.flatnonzero(~facts["features"][sae_id]["dead"])[0])
+    html = (out / addr.feature_page("dino", addr.sae_slug(sae_id, "dino"), feature)).read_text(encoding="utf-8")
+    best = read_table(run_dir, "concepts", f"WHERE sae_id = '{sae_id}' AND feature = {feature} ORDER BY ap_lift DESC LIMIT 3").to_pylist()
+    section = html[html.index("Concepts it detects"):]
+    section = section[:section.index("</section>")]
+    assert section.count("<tr>") == 1 + len(best)  # header + the best three
+    for row in best:
+        assert f'<td class="num">{site_mod.fmt_num(row["ap"], 3)}</td><td class="num">{site_mod.fmt_num(row["null_ap"], 3)}</td>' in section
+    positions = [section.index(html_escape(row["concept"], quote=True)) for row in best]
+    assert positions == sorted(positions)  # best first
+
+
+def test_feature_list_data_and_index_chart_carry_concept_ap(built):
+    run_dir, out, _, _ = built
+    index_js = (out / "data" / "index.js").read_text(encoding="utf-8")
+    assert '"concept_ap"' in index_js and '"type":"box"' in index_js
+    assert 'id="chart-concept_ap"' in (out / "index.html").read_text(encoding="utf-8")
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    features = read_table(run_dir, "features", f"WHERE sae_id = '{sae_id}' ORDER BY feature").to_pylist()
+    data_js = next(p for p in (out / "data").rglob("*.js") if p.name != "index.js" and f'"sae_id":"{sae_id}"' in p.read_text(encoding="utf-8"))
+    payload = json.loads(data_js.read_text(encoding="utf-8").split("]=", 1)[1].rstrip(";\n"))
+    got = [payload["concepts"][c] if c >= 0 else None for c in payload["concept"]]
+    assert got == [f["best_concept"] for f in features]
+    assert payload["concept_ap"] == charts.round_sig([f["best_concept_ap"] for f in features], 3)
 
 
 def test_edit_and_match_links_on_feature_pages(built):
