@@ -8,6 +8,8 @@ raw activations lies inside the reported bounds.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -342,3 +344,38 @@ def test_dataset_labels_read_masks_and_memory_map_them(tmp_path):
     assert labels.image_i.tolist() == [0, 1, 0]
     assert labels.patch_names == ["bg", "one", "two"] and labels.image_names == ["l0", "l1"]
     assert not list((tmp_path / "labels").glob(".*tmp"))
+
+
+def _readme_query(comment: str) -> str:
+    """The SQL statement that follows `-- <comment>` in the README's examples."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"-- {comment}\n") + len(comment) + 4
+    return text[start:text.index(";", start) + 1]
+
+
+def test_readme_concept_queries_answer_their_questions(tmp_path):
+    from saev_report import tables
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for sae in ("a", "b"):
+        for feature in range(30):
+            for concept, top in (("vehicles", 0.9), ("birds", 0.45), ("background", 0.95)):
+                for level in ("patch", "image"):
+                    rows.append({"sae_id": sae, "feature": feature, "concept": concept, "level": level,
+                                 "ap": float(rng.uniform(0, top)), "null_ap": 0.02, "base_rate": 0.02, "iou": 0.1})
+    tables.write_table(tmp_path / "tables" / "concepts" / "part.parquet", "concepts", rows, "test")
+
+    best = tables.query(tmp_path, _readme_query("the 20 features that best detect `vehicles`, next to chance and the permuted-label null")).to_pylist()
+    vehicles = sorted((r for r in rows if r["concept"] == "vehicles" and r["level"] == "patch"), key=lambda r: -r["ap"])[:20]
+    assert [(r["sae_id"], r["feature"], r["ap"]) for r in best] == [(r["sae_id"], r["feature"], r["ap"]) for r in vehicles]
+
+    missing = tables.query(tmp_path, _readme_query("which concepts have no feature with AP ≥ 0.5 (per SAE and level)")).to_pylist()
+    expect = set()
+    for sae in ("a", "b"):
+        for level in ("patch", "image"):
+            for concept in ("vehicles", "birds", "background"):
+                if max(r["ap"] for r in rows if (r["sae_id"], r["level"], r["concept"]) == (sae, level, concept)) < 0.5:
+                    expect.add((sae, level, concept))
+    assert {(r["sae_id"], r["level"], r["concept"]) for r in missing} == expect
+    assert ("a", "patch", "birds") in expect  # the question has an answer here
