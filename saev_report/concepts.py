@@ -13,22 +13,23 @@ of network dissection (Bau et al. 2017):
 - **image**: the image's maximum activation over its patches as a detector of
   the image's class label.
 
-The pass keeps no patches. Activations are binned on a fixed fine log10 grid
-(`BINS_PER_DECADE` per decade over `LOG10_RANGE`, plus bin 0 for "does not
-fire"), and the counters are
+The pass keeps no patches. Activations are binned by their float32 bits (the
+exponent and the top `MANTISSA_BITS` of the mantissa: 16 bins per octave, each
+≤ 6.25 % wide, plus bin 0 for "does not fire"), and the counters are
 
 - the histogram of every feature over all samples (dense, [F, bins]);
-- the histogram of every feature over the positives of each concept, stored
-  sparsely: one int64 key per occupied (label set, feature, concept, bin) with
-  its count, so memory follows what fires, never F × C × bins (at F = 24,576
-  and the 150 ADE20K classes that product is 1.2 G counters).
+- the histogram of every feature over the positives of each concept: a dense
+  int32 vector while (label sets × F × C × bins) fits in `DENSE_COUNTERS`,
+  else sorted sparse keys, one per occupied (label set, feature, concept, bin),
+  so memory follows what fires, never F × C × bins (at F = 24,576 and the 150
+  ADE20K classes that product is 1.7 G counters).
 
 Negatives are totals − positives. From the two histograms AP and IoU come
 exactly as if every activation were replaced by its bin (sklearn's AP with
-ties grouped, `average_precision_score` on the binned scores). The true AP of
-the unbinned activations lies in [`ap_low`, `ap_high`] (`ap_bounds`): within a
-bin the order of positives and negatives is unknown, and the bounds take the
-worst and the best. Not firing is an exact tie, so bin 0 is exact.
+ties grouped: `average_precision_score` on the binned scores). The AP of the
+unbinned activations lies in [`ap_low`, `ap_high`]: within a bin the order of
+positives and negatives is unknown, and the bounds take the worst and the
+best. Not firing is an exact tie, so bin 0 adds no uncertainty.
 
 The null: the same statistics with the labels permuted across images (a seeded
 permutation: image i is scored against the labels of image π(i)), kept as a
@@ -61,7 +62,6 @@ DENSE_COUNTERS = 1 << 26
 """Up to this many (set, feature, concept, bin) counters are kept dense (int32, 256 MB); beyond, sparse."""
 
 NO_CONCEPT = -1
-LEVELS = ("patch", "image")
 REAL, NULL = 0, 1
 """Label sets: the real labels and the permuted-label null."""
 
