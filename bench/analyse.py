@@ -91,8 +91,9 @@ def bench_run(run_dir: Path, rounds: int) -> None:
     from saev_report.spec import load_spec
 
     spec = load_spec(run_dir / "spec.yaml") if (run_dir / "spec.yaml").exists() else None
-    store_dir = next((run_dir / "cache" / "record").glob("dinov2-*/L*"))
-    sae_dir = next(p.parent for p in sorted((run_dir / "cache" / "train").glob("dinov2-*/*/sae.safetensors")))
+    finished = lambda paths: sorted(p for p in paths if ".partial" not in str(p))  # noqa: E731  (a killed stage's debris)
+    store_dir = finished((run_dir / "cache" / "record").glob("dinov2-*/L*"))[0]
+    sae_dir = finished((run_dir / "cache" / "train").glob("dinov2-*/*/sae.safetensors"))[0].parent
     store, sae = ActivationStore(store_dir), load_sae(sae_dir, CPU)
     if spec is None:
         from saev_report.spec import DemoDataset

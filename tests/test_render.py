@@ -461,7 +461,7 @@ def test_index_renders_its_charts(built, browser):
 
     logs = _open(browser, out / "index.html")
     figures = browser.execute_script("return Object.keys(SAEV.data.index.figures).length")
-    assert figures == 5  # L0–MSE, L0–FVU, loss, MSE, L0
+    assert figures == 6  # L0–MSE, L0–FVU, loss, MSE, L0, and the best-concept AP distributions
     WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot').length") == figures + 1)
     # The density scatter loaded its SAE's data file through a script tag and drew every live feature.
     n_points = browser.execute_script("return document.getElementById('scatter').data[0].x.length")
@@ -501,6 +501,26 @@ def test_search_finds_a_feature(built, browser):
     WebDriverWait(browser, 10).until(lambda d: "q=BIRD" in d.current_url)
     assert browser.execute_script("return document.getElementById('count').textContent").startswith(f"{expected} of")
     assert expected > 0
+    assert not _severe(logs + browser.get_log("browser"))
+    _no_xss(browser)
+
+
+def test_feature_list_filters_and_sorts_by_concept_and_ap(built, browser):
+    run_dir, out, _, _ = built
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    features = read_table(run_dir, "features", f"WHERE sae_id = '{sae_id}' AND NOT dead").to_pylist()
+    concept = max({f["best_concept"] for f in features}, key=lambda c: sum(f["best_concept"] == c for f in features))
+    logs = _open(browser, out / addr.sae_page("dino", addr.sae_slug(sae_id, "dino")))
+    Select(browser.find_element("id", "concept")).select_by_visible_text(concept)
+    Select(browser.find_element("id", "sort")).select_by_value("concept_ap")
+    WebDriverWait(browser, 10).until(lambda d: "sort=concept_ap" in d.current_url and "concept=" in d.current_url)
+    shown = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#rows tr')).map(tr => [tr.children[7].textContent, tr.children[8].textContent])")
+    want = sorted((f for f in features if f["best_concept"] == concept), key=lambda f: (-f["best_concept_ap"], f["feature"]))
+    assert [c for c, _ in shown] == [concept] * min(len(want), len(shown)) and len(shown) == min(len(want), len(shown)) > 0
+    assert [float(ap) for _, ap in shown] == [float(site_mod.fmt_num(f["best_concept_ap"], 3)) for f in want][:len(shown)]
     assert not _severe(logs + browser.get_log("browser"))
     _no_xss(browser)
 
