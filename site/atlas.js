@@ -164,6 +164,8 @@
     mean_act: function (d, i) { return d.mean_act[i]; },
     purity: function (d, i) { return d.purity[i]; },
     label: function (d, i) { return d.label[i] >= 0 ? d.labels[d.label[i]].toLowerCase() : null; },
+    concept_ap: function (d, i) { return d.concept_ap ? d.concept_ap[i] : null; },
+    concept: function (d, i) { return d.concept && d.concept[i] >= 0 ? d.concepts[d.concept[i]].toLowerCase() : null; },
     feature: function (d, i) { return d.feature[i]; }
   };
 
@@ -196,6 +198,11 @@
     if (hasPlotly() && $("scatter")) densityScatter($("scatter"), d, "");
 
     d.labels.forEach(function (l, i) { $("label").appendChild(el("option", { value: String(i) }, l)); });
+    var hasConcepts = !!(d.concepts && d.concepts.length);
+    if (hasConcepts) {
+      d.concepts.forEach(function (c, i) { $("concept").appendChild(el("option", { value: String(i) }, c)); });
+      document.querySelectorAll("[data-needs=concepts]").forEach(function (node) { node.hidden = false; });
+    }
     var page = 0;
     var order = [];
 
@@ -203,6 +210,11 @@
       var params = new URLSearchParams(window.location.hash.slice(1));
       var set = function (id, name) { if (params.has(name)) $(id).value = params.get(name); };
       set("q", "q"); set("sort", "sort"); set("dir", "dir"); set("fmin", "fmin"); set("fmax", "fmax"); set("amin", "amin"); set("pmin", "pmin");
+      set("apmin", "apmin");
+      if (hasConcepts && params.has("concept")) {
+        var ci = d.concepts.indexOf(params.get("concept"));
+        $("concept").value = ci >= 0 ? String(ci) : "";
+      }
       if (params.has("label")) {
         var li = d.labels.indexOf(params.get("label"));
         $("label").value = li >= 0 ? String(li) : "";
@@ -215,10 +227,11 @@
 
     function writeHash() {
       var params = new URLSearchParams();
-      ["q", "fmin", "fmax", "amin", "pmin"].forEach(function (id) { if ($(id).value.trim()) params.set(id, $(id).value.trim()); });
+      ["q", "fmin", "fmax", "amin", "pmin", "apmin"].forEach(function (id) { if ($(id).value.trim()) params.set(id, $(id).value.trim()); });
       if ($("sort").value !== "max_act") params.set("sort", $("sort").value);
       if ($("dir").value !== "desc") params.set("dir", $("dir").value);
       if ($("label").value !== "") params.set("label", d.labels[Number($("label").value)]);
+      if (hasConcepts && $("concept").value !== "") params.set("concept", d.concepts[Number($("concept").value)]);
       if (!$("hide-dead").checked) params.set("dead", "0");
       if ($("hide-dense").checked) params.set("dense", "1");
       if ($("pages-only").checked) params.set("pages", "1");
@@ -232,6 +245,8 @@
       var fmin = parseNumber($("fmin").value), fmax = parseNumber($("fmax").value);
       var amin = parseNumber($("amin").value), pmin = parseNumber($("pmin").value);
       var label = $("label").value === "" ? -1 : Number($("label").value);
+      var concept = !hasConcepts || $("concept").value === "" ? -1 : Number($("concept").value);
+      var apmin = hasConcepts ? parseNumber($("apmin").value) : null;
       var hideDead = $("hide-dead").checked, hideDense = $("hide-dense").checked, pagesOnly = $("pages-only").checked;
       order = [];
       for (var i = 0; i < d.feature.length; i++) {
@@ -243,6 +258,8 @@
         if (fmax !== null && !(d.freq[i] <= fmax)) continue;
         if (amin !== null && !(d.max_act[i] >= amin)) continue;
         if (pmin !== null && !(d.purity[i] >= pmin)) continue;
+        if (concept >= 0 && d.concept[i] !== concept) continue;
+        if (apmin !== null && !(d.concept_ap[i] >= apmin)) continue;
         if (!match(i)) continue;
         order.push(i);
       }
@@ -288,6 +305,10 @@
         tr.appendChild(el("td", { class: "num" }, fmt(d.max_act[i])));
         tr.appendChild(el("td", {}, d.label[i] >= 0 ? d.labels[d.label[i]] : "–"));
         tr.appendChild(el("td", { class: "num" }, pct(d.purity[i])));
+        if (hasConcepts) {
+          tr.appendChild(el("td", {}, d.concept[i] >= 0 ? d.concepts[d.concept[i]] : "–"));
+          tr.appendChild(el("td", { class: "num" }, fmt(d.concept_ap[i])));
+        }
         tbody.appendChild(tr);
       });
       $("count").textContent = order.length.toLocaleString() + " of " + d.feature.length.toLocaleString() + " features";

@@ -67,6 +67,13 @@ def test_build_writes_every_table(built: tuple[Path, Path]) -> None:
     saes = query(run, "SELECT * FROM saes").to_pylist()
     for row in saes:
         assert 0 < row["fvu"] < 1.5 and row["l0"] > 0 and row["n_patches_eval"] == 48 * 64
+    # Concept detection: every (alive or not) feature × concept with support, at both levels of the demo set.
+    levels = query(run, "SELECT level, count(DISTINCT concept) AS n, count(*) AS rows, min(support) AS s FROM concepts GROUP BY 1").to_pylist()
+    assert {r["level"] for r in levels} == {"patch", "image"}
+    for r in levels:
+        assert r["s"] > 0 and r["rows"] == 4 * 2 * 384 * r["n"]
+    alive = query(run, "SELECT count(*) AS n, count(best_concept) AS named FROM features WHERE NOT dead").to_pylist()[0]
+    assert alive["named"] == alive["n"] > 0
 
 
 def test_rebuild_skips_every_stage(built: tuple[Path, Path], cache_dir: Path) -> None:

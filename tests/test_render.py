@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from html import escape as html_escape
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -290,6 +291,35 @@ def test_feature_page_content(built):
     assert "plotly" not in html  # feature pages stay light
 
 
+def test_feature_pages_list_the_best_concepts_next_to_the_null(built):
+    run_dir, out, _, facts = built
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    feature = int(np.flatnonzero(~facts["features"][sae_id]["dead"])[0])
+    html = (out / addr.feature_page("dino", addr.sae_slug(sae_id, "dino"), feature)).read_text(encoding="utf-8")
+    best = read_table(run_dir, "concepts", f"WHERE sae_id = '{sae_id}' AND feature = {feature} ORDER BY ap_lift DESC LIMIT 3").to_pylist()
+    section = html[html.index("Concepts it detects"):]
+    section = section[:section.index("</section>")]
+    assert section.count("<tr>") == 1 + len(best)  # header + the best three
+    for row in best:
+        assert f'<td class="num">{site_mod.fmt_num(row["ap"], 3)}</td><td class="num">{site_mod.fmt_num(row["null_ap"], 3)}</td>' in section
+    positions = [section.index(html_escape(row["concept"], quote=True)) for row in best]
+    assert positions == sorted(positions)  # best first
+
+
+def test_feature_list_data_and_index_chart_carry_concept_ap(built):
+    run_dir, out, _, _ = built
+    index_js = (out / "data" / "index.js").read_text(encoding="utf-8")
+    assert '"concept_ap"' in index_js and '"type":"box"' in index_js
+    assert 'id="chart-concept_ap"' in (out / "index.html").read_text(encoding="utf-8")
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    features = read_table(run_dir, "features", f"WHERE sae_id = '{sae_id}' ORDER BY feature").to_pylist()
+    data_js = next(p for p in (out / "data").rglob("*.js") if p.name != "index.js" and f'"sae_id":"{sae_id}"' in p.read_text(encoding="utf-8"))
+    payload = json.loads(data_js.read_text(encoding="utf-8").split("]=", 1)[1].rstrip(";\n"))
+    got = [payload["concepts"][c] if c >= 0 else None for c in payload["concept"]]
+    assert got == [f["best_concept"] for f in features]
+    assert payload["concept_ap"] == charts.round_sig([f["best_concept_ap"] for f in features], 3)
+
+
 def test_edit_and_match_links_on_feature_pages(built):
     run_dir, out, _, facts = built
     edit = next(e for e in facts["edits"] if not e["is_control"])
@@ -431,7 +461,7 @@ def test_index_renders_its_charts(built, browser):
 
     logs = _open(browser, out / "index.html")
     figures = browser.execute_script("return Object.keys(SAEV.data.index.figures).length")
-    assert figures == 5  # L0–MSE, L0–FVU, loss, MSE, L0
+    assert figures == 6  # L0–MSE, L0–FVU, loss, MSE, L0, and the best-concept AP distributions
     WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot').length") == figures + 1)
     # The density scatter loaded its SAE's data file through a script tag and drew every live feature.
     n_points = browser.execute_script("return document.getElementById('scatter').data[0].x.length")
@@ -471,6 +501,26 @@ def test_search_finds_a_feature(built, browser):
     WebDriverWait(browser, 10).until(lambda d: "q=BIRD" in d.current_url)
     assert browser.execute_script("return document.getElementById('count').textContent").startswith(f"{expected} of")
     assert expected > 0
+    assert not _severe(logs + browser.get_log("browser"))
+    _no_xss(browser)
+
+
+def test_feature_list_filters_and_sorts_by_concept_and_ap(built, browser):
+    run_dir, out, _, _ = built
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    features = read_table(run_dir, "features", f"WHERE sae_id = '{sae_id}' AND NOT dead").to_pylist()
+    concept = max({f["best_concept"] for f in features}, key=lambda c: sum(f["best_concept"] == c for f in features))
+    logs = _open(browser, out / addr.sae_page("dino", addr.sae_slug(sae_id, "dino")))
+    Select(browser.find_element("id", "concept")).select_by_visible_text(concept)
+    Select(browser.find_element("id", "sort")).select_by_value("concept_ap")
+    WebDriverWait(browser, 10).until(lambda d: "sort=concept_ap" in d.current_url and "concept=" in d.current_url)
+    shown = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#rows tr')).map(tr => [tr.children[7].textContent, tr.children[8].textContent])")
+    want = sorted((f for f in features if f["best_concept"] == concept), key=lambda f: (-f["best_concept_ap"], f["feature"]))
+    assert [c for c, _ in shown] == [concept] * min(len(want), len(shown)) and len(shown) == min(len(want), len(shown)) > 0
+    assert [float(ap) for _, ap in shown] == [float(site_mod.fmt_num(f["best_concept_ap"], 3)) for f in want][:len(shown)]
     assert not _severe(logs + browser.get_log("browser"))
     _no_xss(browser)
 

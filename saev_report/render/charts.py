@@ -184,3 +184,33 @@ def training_curves(logs: dict[str, dict[str, list[float]]], metric: str, title:
     if len(traces) > 3:  # a long sweep: hover names the SAE; a legend would bury the plot
         layout["showlegend"] = False
     return {"data": traces, "layout": layout}
+
+
+def ap_distributions(series: list[dict[str, Any]], level: str) -> dict[str, Any]:
+    """Box plots (quartiles and 5–95 % whiskers, precomputed so the page stays small) of each SAE's
+    best-concept AP per feature, each next to the same statistic under permuted labels (the null).
+    `series`: {"name", "ap": values, "null_ap": values}."""
+    traces = []
+
+    def box(name: str, values: Sequence[float], color: str, group: str) -> dict[str, Any] | None:
+        v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+        if not v.size:
+            return None
+        q05, q1, med, q3, q95 = (float(x) for x in np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95]))
+        return {
+            "type": "box", "name": plotly_text(name), "x": [plotly_text(group)], "offsetgroup": "null" if color == "#94a3b8" else "sae",
+            "q1": [round_sig([q1])[0]], "median": [round_sig([med])[0]], "q3": [round_sig([q3])[0]],
+            "lowerfence": [round_sig([q05])[0]], "upperfence": [round_sig([q95])[0]],
+            "marker": {"color": color}, "line": {"width": 1.5}, "showlegend": False,
+            "hovertemplate": f"{plotly_text(name)} · {v.size:,} features<br>median %{{median}}<br>quartiles %{{q1}} – %{{q3}}<extra></extra>",
+        }
+
+    for i, s in enumerate(series):
+        for trace in (box(s["name"], s["ap"], PALETTE[i % len(PALETTE)], s["name"]),
+                      box(f"{s['name']} · permuted labels", s["null_ap"], "#94a3b8", s["name"])):
+            if trace is not None:
+                traces.append(trace)
+    layout = base_layout(f"Best-concept AP per feature ({level} level): each SAE (colour) and its permuted-label null (grey)",
+                         "SAE", "AP of the best concept", boxmode="group")
+    layout["yaxis"]["rangemode"] = "tozero"
+    return {"data": traces, "layout": layout}

@@ -52,6 +52,8 @@ def _bundled(name: str) -> Path:
 TEMPLATES_DIR = _bundled("templates")
 ASSETS_DIR = _bundled("site")
 BATCH_ROWS = 2048
+CONCEPTS_SHOWN = 3
+"""Best concepts listed per level on a feature page."""
 POOL_MIN_JOBS = 96  # below this, a pool's start-up costs more than it saves
 MAX_CURVE_POINTS = 2000
 MAX_COMPARE_CARDS = 60
@@ -192,6 +194,8 @@ class SiteBuilder:
         self._by_id: dict[str, SaeInfo] = {}
         self.comparisons: list[dict[str, str]] = []
         self.has_edits = self.has_compare = False
+        # Tables from before concept detection have no best_concept column (and no concepts rows).
+        self.has_concepts = "best_concept" in {r[0] for r in con.sql("DESCRIBE features").fetchall()}
 
     # ---- infrastructure
 
@@ -300,8 +304,8 @@ class SiteBuilder:
     def feature_index(self, sae: SaeInfo) -> pa.Table:
         return fetch_table(
             self.con,
-            "SELECT feature, n_fire, freq, log10_freq, mean_act, log10_mean_act, max_act, dead, dense, top_label, label_purity "
-            "FROM features WHERE sae_id = ? ORDER BY feature",
+            "SELECT feature, n_fire, freq, log10_freq, mean_act, log10_mean_act, max_act, dead, dense, top_label, label_purity"
+            f"{', best_concept, best_concept_ap' if self.has_concepts else ''} FROM features WHERE sae_id = ? ORDER BY feature",
             [sae.sae_id],
         )
 
@@ -407,6 +411,10 @@ class SiteBuilder:
         def col(name: str, digits: int = 4) -> list[float | None]:
             return charts.round_sig(index.column(name).to_numpy(zero_copy_only=False).astype(np.float64), digits)
 
+        concept_names = index.column("best_concept").to_pylist() if "best_concept" in index.column_names else [None] * len(feature)
+        concepts = sorted({c for c in concept_names if c is not None})
+        concept_pos = {c: i for i, c in enumerate(concepts)}
+
         return {
             "sae_id": sae.sae_id,
             "short": sae.short,
@@ -418,6 +426,9 @@ class SiteBuilder:
             "log10_mean_act": col("log10_mean_act"),
             "max_act": col("max_act"),
             "purity": col("label_purity", 3),
+            "concepts": concepts,
+            "concept": [concept_pos[c] if c is not None else -1 for c in concept_names],
+            "concept_ap": col("best_concept_ap", 3) if concepts else [None] * len(feature),
             "labels": vocabulary,
             "label": [label_pos[l] if l is not None else -1 for l in labels],
             "dead": [int(bool(d)) for d in index.column("dead").to_pylist()],
@@ -429,6 +440,7 @@ class SiteBuilder:
     def render_feature_pages(self, sae: SaeInfo, meta: dict[str, Any], shown: list[str], spans: dict[int, tuple[int, int]]) -> None:
         edits = self.edits_by_feature(sae)
         matches = self.matches_by_feature(sae)
+        concepts = self.concepts_by_feature(sae)
         pages = sae.pages.tolist()
         position = {f: i for i, f in enumerate(pages)}
         with bar(f"pages {sae.sae_id}", total=len(pages), unit="page") as b:
@@ -464,10 +476,25 @@ class SiteBuilder:
                         hist=charts.svg_histogram(row.get("hist_counts"), row.get("hist_edges")),
                         edits=edits.get(f, []),
                         matches=matches.get(f, []),
+                        concepts=concepts.get(f, []),
                         **neighbours,
                     )
                     self.stats.n_feature_pages += 1
                     b.advance()
+
+    def concepts_by_feature(self, sae: SaeInfo, per_level: int = CONCEPTS_SHOWN) -> dict[int, list[dict[str, Any]]]:
+        """The best concepts of every feature with a page: `per_level` per level, by AP above chance."""
+        if not self.has_concepts:
+            return {}
+        rows = fetch_rows(
+            self.con,
+            "SELECT feature, concept, level, ap, null_ap, base_rate, iou, threshold, support FROM ("
+            "  SELECT *, row_number() OVER (PARTITION BY feature, level ORDER BY ap_lift DESC NULLS LAST, concept) AS r"
+            "  FROM concepts WHERE sae_id = ? AND list_contains(?, feature)) "
+            "WHERE r <= ? ORDER BY feature, level DESC, r",
+            [sae.sae_id, sae.pages.tolist(), per_level],
+        )
+        return _group(rows, lambda r: int(r["feature"]))
 
     def edits_by_feature(self, sae: SaeInfo) -> dict[int, list[dict[str, Any]]]:
         out: dict[int, list[dict[str, Any]]] = {}
@@ -677,6 +704,8 @@ class SiteBuilder:
             "mse": charts.training_curves(logs, "mse", "training MSE", names),
             "l0": charts.training_curves(logs, "l0", "training L0", names),
         }
+        if self.has_concepts:
+            figures["concept_ap"] = self.concept_ap_figure()
         figures = {k: v for k, v in figures.items() if v["data"]}
         scatter_saes = [{"sae_id": s["sae_id"], "short": s["short"], "data": s["data_file"]} for s in saes]
         self.write("data/index.js", charts.data_script("index", {"figures": figures, "saes": scatter_saes}))
@@ -686,7 +715,25 @@ class SiteBuilder:
             "FROM images GROUP BY dataset ORDER BY dataset",
         )
         heads = fetch_rows(self.con, "SELECT head, model, task, val_accuracy, val_miou, n_train, n_val, len(classes) AS n_classes FROM heads ORDER BY head")
-        self.render("index.html", "index.html", saes=saes, figures=list(figures), datasets=datasets, heads=heads, stats=self.stats)
+        self.render("index.html", "index.html", saes=saes, figures=[f for f in figures if f != "concept_ap"], datasets=datasets,
+                    heads=heads, stats=self.stats, concept_figure="concept_ap" in figures)
+
+    def concept_ap_figure(self) -> dict[str, Any]:
+        """Each SAE's best-concept AP over its live features, next to the same under permuted labels
+        (the null's best concept chosen the same way, by AP above chance)."""
+        rows = fetch_rows(
+            self.con,
+            "WITH lvl AS (SELECT sae_id, CASE WHEN bool_or(level = 'patch') THEN 'patch' ELSE 'image' END AS level FROM concepts GROUP BY 1) "
+            "SELECT c.sae_id, any_value(lvl.level) AS level, arg_max(c.ap, c.ap_lift) AS ap, "
+            "arg_max(c.null_ap, (c.null_ap - c.base_rate) / (1 - c.base_rate)) AS null_ap "
+            "FROM concepts c JOIN lvl USING (sae_id, level) JOIN features f USING (sae_id, feature) "
+            "WHERE NOT f.dead GROUP BY c.sae_id, c.feature",
+        )
+        by_sae = _group(rows, lambda r: r["sae_id"])
+        series = [{"name": s.short, "ap": [r["ap"] for r in by_sae[s.sae_id]], "null_ap": [r["null_ap"] for r in by_sae[s.sae_id]]}
+                  for s in self.saes if s.sae_id in by_sae]
+        levels = sorted({r["level"] for r in rows})
+        return charts.ap_distributions(series, "/".join(levels) or "patch")
 
     # ---- everything
 

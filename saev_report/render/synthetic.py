@@ -54,6 +54,7 @@ class SyntheticRun:
     dense_frac: float = 0.03
     edits: bool = True
     matches: bool = True
+    concepts: bool = True
     photos: bool = True
     features_per_part: int = 2000
     seed: int = 0
@@ -216,6 +217,8 @@ def write_synthetic_run(run_dir: Path, run: SyntheticRun | None = None) -> dict[
     for s_i, sae in enumerate(run.saes):
         cols = _feature_rows(sae, run, rng, n_patches)
         max_act, dead = cols.pop("_max_act"), cols.pop("_dead")
+        if run.concepts:
+            cols |= _write_concepts(tables / "concepts" / f"part-{s_i}.parquet", sae, run, dead, rng)
         write_table(tables / "features" / f"part-{s_i}.parquet", "features", cols, SPEC_HASH)
         for p_i, part in enumerate(_exemplar_parts(sae, run, max_act, dead, rng)):
             write_table(tables / "exemplars" / f"part-{s_i}-{p_i:04d}.parquet", "exemplars", part, SPEC_HASH)
@@ -246,6 +249,31 @@ def write_synthetic_run(run_dir: Path, run: SyntheticRun | None = None) -> dict[
     if run.matches and len(run.saes) >= 2:
         _write_matches(tables, run, rng, facts)
     return facts
+
+
+def _write_concepts(path: Path, sae: SyntheticSAE, run: SyntheticRun, dead: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+    """Patch-level concept rows (the labels as concepts) for every feature; returns the features' best-concept columns."""
+    n_f, n_c = sae.n_features, len(run.labels)
+    base_c = rng.dirichlet(np.ones(n_c))
+    ap_fc = np.clip(base_c + rng.beta(1, 6, (n_f, n_c)), 0, 1)
+    lift_fc = (ap_fc - base_c) / (1 - base_c)
+    null_fc = np.clip(base_c + rng.normal(0, 0.01, (n_f, n_c)), 0, 1)
+    feature_fc, concept_fc = np.meshgrid(np.arange(n_f), np.arange(n_c), indexing="ij")
+    support = (base_c * run.n_images * run.grid[0] * run.grid[1]).round().astype(np.int64)
+    write_table(path, "concepts", {
+        "sae_id": [sae.sae_id] * (n_f * n_c), "feature": feature_fc.ravel().astype(np.int32),
+        "concept": [run.labels[c] for c in concept_fc.ravel()], "level": ["patch"] * (n_f * n_c),
+        "ap": ap_fc.ravel(), "iou": ap_fc.ravel() / 2, "threshold": np.full(n_f * n_c, 0.5), "support": support[concept_fc.ravel()],
+        "null_ap": null_fc.ravel(), "ap_low": ap_fc.ravel() - 0.01, "ap_high": ap_fc.ravel() + 0.01,
+        "base_rate": base_c[concept_fc.ravel()], "ap_lift": lift_fc.ravel(), "null_iou": null_fc.ravel() / 2,
+    }, SPEC_HASH)
+    order = np.argsort(-lift_fc, axis=1)
+    best, second = order[:, 0], order[:, 1]
+    rows = np.arange(n_f)
+    return {
+        "best_concept": [run.labels[c] for c in best], "best_concept_ap": ap_fc[rows, best],
+        "best_concept_margin": lift_fc[rows, best] - lift_fc[rows, second], "best_concept_level": ["patch"] * n_f,
+    }
 
 
 def _write_edits(tables: Path, run: SyntheticRun, rng: np.random.Generator, facts: dict[str, Any]) -> None:
