@@ -39,6 +39,8 @@ STAGE_VERSIONS = {
     "edits": 1,
     "compare": 1,
     "stability": 1,
+    "experiments": 1,
+    "splice": 1,
 }
 
 
@@ -110,7 +112,7 @@ def build_stages(spec: Spec) -> list[Stage]:
     used_datasets = {spec.record.dataset}
     for head in spec.heads.values():
         used_datasets.update(d for d in (head.train, head.val) if d)
-    for edit in spec.edits:
+    for edit in [*spec.edits, *spec.experiments]:
         if edit.dataset:
             used_datasets.add(edit.dataset)
     for ds_key in sorted(used_datasets):
@@ -157,6 +159,23 @@ def build_stages(spec: Spec) -> list[Stage]:
         stage_list.append(Stage(
             "edits", edit.name, content_hash(edit, ds_key, spec.datasets[ds_key], spec.run.seed), deps, stages.edit_stage(i)
         ))
+
+    for i, exp in enumerate(spec.experiments):
+        layer = exp.layer or spec.models[exp.model].layers[0]
+        head = spec.heads[exp.head]
+        ds_key = exp.dataset or head.val or head.train
+        deps = [heads[exp.head], train[(exp.model, layer)], analyse[(exp.model, layer)]]
+        stage_list.append(Stage(
+            "experiments", exp.name, content_hash(exp, ds_key, spec.datasets[ds_key], spec.run.seed), deps, stages.experiment_stage(i)
+        ))
+
+    for head_key in stages.first_heads(spec).values():
+        head = spec.heads[head_key]
+        if head.model not in record:
+            continue  # an unrecorded model has no SAE to splice
+        ds_key = head.val or head.train
+        deps = [heads[head_key], record[head.model]] + [train[(head.model, layer)] for layer in spec.models[head.model].layers]
+        stage_list.append(Stage("splice", head_key, content_hash(ds_key, spec.datasets[ds_key]), deps, stages.splice_stage(head_key)))
 
     for i, cmp in enumerate(spec.compare):
         deps = [record[cmp.a], record[cmp.b]]

@@ -240,12 +240,16 @@ class RecordSpec(SpecModel):
 # --------------------------------------------------------------------------- SAEs
 
 
+SAEKind = Literal["relu", "topk", "batchtopk"]
+
+
 class SAESpec(SpecModel):
     """The SAE sweep: one SAE per combination of the list-valued fields, for every recorded
     (model, layer). All SAEs of a (model, layer) train in one pass over the activations."""
 
-    kind: Literal["relu", "topk", "batchtopk"] = "relu"
-    """`relu` (the paper: ReLU + L1), `topk`, or `batchtopk` (saved with a fixed threshold)."""
+    kind: SAEKind | list[SAEKind] = "relu"
+    """`relu` (the paper: ReLU + L1), `topk`, or `batchtopk` (saved with a fixed threshold); a list
+    (`[topk, relu]`) sweeps several kinds, each with its own sparsity list (`k` or `l1_coeff`)."""
     expansion: list[int] = Field(default_factory=lambda: [32], min_length=1)
     """Dictionary width as a multiple of the model width (paper: 32 → 24,576 for d=768)."""
     l1_coeff: list[float] = Field(default_factory=lambda: [4e-4], min_length=1)
@@ -270,6 +274,18 @@ class SAESpec(SpecModel):
     """Decode and back-propagate through active features only (faster; same maths)."""
     log_every: int = Field(default=20, gt=0)
     """Steps between rows of the `train_log` table."""
+
+    @property
+    def kinds(self) -> list[str]:
+        """The swept kinds, in spec order."""
+        return [self.kind] if isinstance(self.kind, str) else list(self.kind)
+
+    @field_validator("kind")
+    @classmethod
+    def _kinds_unique(cls, kind: str | list[str]) -> str | list[str]:
+        if isinstance(kind, list) and (not kind or len(set(kind)) != len(kind)):
+            raise ValueError("list each SAE kind once (at least one)")
+        return kind
 
     @field_validator("expansion", "k")
     @classmethod
@@ -763,15 +779,14 @@ def sae_id(model_key: str, layer: int, config: SAEConfig) -> str:
 
 
 def sae_sweep(sae: SAESpec) -> list[SAEConfig]:
-    """Expand the sweep lists in a fixed order (expansion, sparsity, seed)."""
-    sparsities: list[tuple[float, int]] = (
-        [(l1, 0) for l1 in sae.l1_coeff] if sae.kind == "relu" else [(0.0, k) for k in sae.k]
-    )
+    """Expand the sweep lists in a fixed order (kind, expansion, sparsity, seed)."""
     configs = []
-    for expansion in sae.expansion:
-        for l1, k in sparsities:
-            for seed in sae.seeds:
-                configs.append(SAEConfig(len(configs), sae.kind, expansion, l1, k, seed))
+    for kind in sae.kinds:
+        sparsities: list[tuple[float, int]] = [(l1, 0) for l1 in sae.l1_coeff] if kind == "relu" else [(0.0, k) for k in sae.k]
+        for expansion in sae.expansion:
+            for l1, k in sparsities:
+                for seed in sae.seeds:
+                    configs.append(SAEConfig(len(configs), kind, expansion, l1, k, seed))
     return configs
 
 

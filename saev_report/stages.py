@@ -217,6 +217,116 @@ def _log_edit_summary(name: str, rows: list[dict]) -> None:
             log(f"  {name}{' controls' if is_control else ''}: {len(sel)} edit(s), median specificity {spec_med:.2f}, flipped {flips:.0%}")
 
 
+# --------------------------------------------------------------------------- experiments and spliced metrics
+
+
+def _sae_tables(ctx: StageContext, model_key: str, layer: int, table: str, sid: str) -> list[dict]:
+    """Rows of one SAE from the analyse stage's parts of `table` (empty if it wrote none)."""
+    import pyarrow.parquet as pq
+
+    folder = ctx.inputs[f"analyse/{model_key}-L{layer}"] / "tables" / table
+    rows: list[dict] = []
+    for part in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        rows += [r for r in pq.read_table(part).to_pylist() if r.get("sae_id") == sid]
+    return rows
+
+
+def experiment_stage(index: int) -> Action:
+    def action(ctx: StageContext) -> None:
+        from saev_report.experiments import run_experiment, summarise
+        from saev_report.heads import load_head
+        from saev_report.sae import load_sae
+
+        spec = ctx.spec
+        exp = spec.experiments[index]
+        layer = exp.layer or spec.models[exp.model].layers[0]
+        head_spec = spec.heads[exp.head]
+        level = "patch" if head_spec.task == "segmentation" else "image"
+        seed_everything(spec.run.seed)
+        backbone, device = _backbone(spec, exp.model, ctx.cache_dir)
+        dataset = _dataset(spec, exp.dataset or head_spec.val or head_spec.train, ctx.cache_dir)
+        head = load_head(ctx.inputs[f"heads/{exp.head}"] / "head", device)
+        configs = sae_sweep(spec.sae)
+        for sae_index in exp.saes:
+            config = configs[sae_index]
+            sid = sae_id(exp.model, layer, config)
+            concepts = _sae_tables(ctx, exp.model, layer, "concepts", sid)
+            if not concepts:
+                raise ValueError(f"experiment {exp.name}: the analysis wrote no `concepts` rows for {sid}; "
+                                 "experiments need concept statistics (a dataset with masks or labels)")
+            features = {int(r["feature"]): r for r in _sae_tables(ctx, exp.model, layer, "features", sid)}
+            rows = run_experiment(
+                name=exp.name, backbone=backbone, sae=load_sae(_sae_dir(ctx, exp.model, layer, config.tag), device), sae_id=sid,
+                head=head, head_key=exp.head, dataset=dataset, layer=layer, concept_rows=concepts, feature_rows=features,
+                level=level, ms=exp.m, factors=exp.factors, wheres=exp.where, controls=exp.controls, n_images=exp.n_images,
+                concepts=exp.concepts, seed=spec.run.seed,
+            )
+            write_table(_part(ctx, "experiments", config.tag), "experiments", rows, ctx.spec_hash)
+            _log_experiment_summary(exp.name, sid, summarise(rows), max(exp.m), min(exp.factors))
+
+    return action
+
+
+def _log_experiment_summary(name: str, sid: str, summary: list[dict], m: int, factor: float) -> None:
+    import numpy as np
+
+    key = "removed_frac" if summary and "removed_frac" in summary[0] else "p_delta"
+    for arm in ("concept", "random", "other"):
+        values = [s[key] for s in summary if s["arm"] == arm and s["m"] == m and s["factor"] == factor and s[key] is not None]
+        if values:
+            log(f"  {name} {sid} {arm}: m={m}, factor {factor:g}: median {key} {float(np.median(values)):.3f} over {len(values)} concept(s)")
+
+
+def first_heads(spec: Spec) -> dict[tuple[str, str], str]:
+    """(model, task) → the model's first head of that task: the one the `saes` splice columns score."""
+    out: dict[tuple[str, str], str] = {}
+    for key, head in spec.heads.items():
+        out.setdefault((head.model, head.task), key)
+    return out
+
+
+def splice_stage(head_key: str) -> Action:
+    def action(ctx: StageContext) -> None:
+        from saev_report.experiments import spliced_scores
+        from saev_report.heads import load_head
+        from saev_report.sae import load_sae
+
+        spec = ctx.spec
+        head_spec = spec.heads[head_key]
+        prefix = "cls" if head_spec.task == "classification" else "seg"
+        seed_everything(spec.run.seed)
+        backbone, device = _backbone(spec, head_spec.model, ctx.cache_dir)
+        dataset = _dataset(spec, head_spec.val or head_spec.train, ctx.cache_dir)
+        head = load_head(ctx.inputs[f"heads/{head_key}"] / "head", device)
+        rows = []
+        for layer in spec.models[head_spec.model].layers:
+            store = _store(ctx, head_spec.model, layer)
+            mean_d = store_patch_mean(store)
+            saes = {sae_id(head_spec.model, layer, c): load_sae(_sae_dir(ctx, head_spec.model, layer, c.tag), device) for c in sae_sweep(spec.sae)}
+            scores = spliced_scores(backbone, saes, {sid: mean_d for sid in saes}, head, dataset, layer, batch_size=spec.record.batch_size)
+            for sid, s in scores.items():
+                rows.append({"sae_id": sid, f"{prefix}_head": head_key, f"{prefix}_clean": s.clean, f"{prefix}_spliced": s.spliced,
+                             f"{prefix}_ablated": s.ablated, f"{prefix}_recovered": s.recovered})
+                log(f"  {sid} × {head_key}: {s.metric} clean {s.clean:.3f}, spliced {s.spliced:.3f}, mean-ablated {s.ablated:.3f}"
+                    + (f", recovered {s.recovered:.2f}" if s.recovered is not None else ""))
+        write_table(_part(ctx, "saes", head_key), "saes", rows, ctx.spec_hash)
+
+    return action
+
+
+def store_patch_mean(store) -> "torch.Tensor":
+    """Mean patch activation [d] over a recorded store (float64 accumulation), for mean ablation."""
+    import torch
+
+    patches = store.meta.patch_slice
+    total, count = torch.zeros(store.d_model, dtype=torch.float64), 0
+    for pos in range(store.n_images):
+        acts_pd = store.image_acts(pos)[patches].double()
+        total += acts_pd.sum(0)
+        count += acts_pd.shape[0]
+    return (total / max(count, 1)).float()
+
+
 # --------------------------------------------------------------------------- compare
 
 

@@ -98,7 +98,7 @@ TABLES: dict[str, TableDef] = {
             ("n_dead", pa.int64(), "Features that never fire on the evaluation set."),
             ("n_dense", pa.int64(), "Features firing on more than `analysis.dense_threshold` of patches."),
             *_splice_columns("cls", "accuracy", "classification head"),
-            *_splice_columns("seg", "miou", "segmentation head"),
+            *_splice_columns("seg", "mIoU", "segmentation head"),
         ),
         _table(
             "train_log",
@@ -224,7 +224,7 @@ TABLES: dict[str, TableDef] = {
             ("p_before", pa.float64(), "Classification: the concept's probability before."),
             ("p_after", pa.float64(), "Classification: the concept's probability after."),
             ("p_delta", pa.float64(), "Classification: p_after − p_before."),
-            ("other_p_delta", pa.float64(), "Classification: mean |Δp| over the other classes."),
+            ("other_p_delta", pa.float64(), "Classification: mean absolute change of the other classes' probabilities."),
             ("top1_before", pa.int32(), "Classification: top class index before."),
             ("top1_after", pa.int32(), "Classification: top class index after."),
             ("flipped", pa.bool_(), "Classification: the top class changed."),
