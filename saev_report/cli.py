@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -37,6 +39,23 @@ SpecArg = Annotated[Path, typer.Argument(help="Path of the YAML spec (see `saev-
 
 def _debug() -> bool:
     return os.environ.get("SAEV_REPORT_DEBUG") == "1"
+
+
+@contextmanager
+def user_errors(console: Console, debug: bool = False) -> Iterator[None]:
+    """Turn UserError into `error: message` + its exit code; Ctrl-C into a resume hint."""
+    from saev_report.errors import UserError
+
+    try:
+        yield
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: finished stages and shards are kept; run the same command again to resume", highlight=False)
+        raise typer.Exit(130)
 
 
 def _fail(message: str, code: int) -> None:
@@ -133,7 +152,6 @@ def build(
     Finished stages are cached by content hash and skipped; a killed build resumes.
     """
     from saev_report import pipeline
-    from saev_report.errors import user_errors
 
     parsed = _load(spec)
     with user_errors(err, _debug()):
@@ -146,8 +164,7 @@ def build(
 @app.command()
 def render(spec: SpecArg) -> None:
     """Re-render only the site from the published tables (after editing templates)."""
-    from saev_report.errors import user_errors
-    from saev_report.stages import render_site
+    from saev_report.pipeline import render_site
 
     parsed = _load(spec, check_paths=False)
     with user_errors(err, _debug()):

@@ -500,3 +500,13 @@ def run_edits(
                 **outcome_summary(head, before, after_b[i], size, target),
             })
     return out
+
+
+def log_edit_summary(name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One log line for the edits and one for their controls: median specificity, share flipped."""
+    for is_control in (False, True):
+        sel = [r for r in rows if r["is_control"] == is_control]
+        if sel:
+            spec_med = float(np.median([r["specificity"] for r in sel]))
+            flips = float(np.mean([bool(r["flipped"]) for r in sel]))
+            log(f"  {name}{' controls' if is_control else ''}: {len(sel)} edit(s), median specificity {spec_med:.2f}, flipped {flips:.0%}")

@@ -1,14 +1,10 @@
-"""Errors meant for users: a clear message and an exit code, never a traceback."""
+"""Errors meant for users: a clear message and an exit code, never a traceback.
+
+The CLI (`cli.user_errors`) prints `error: <message>` and exits with `exit_code`;
+this module knows nothing of the CLI, so any layer may raise these.
+"""
 
 from __future__ import annotations
-
-import traceback
-from contextlib import contextmanager
-from typing import Iterator
-
-import typer
-from rich.console import Console
-from rich.markup import escape
 
 
 class UserError(Exception):
@@ -21,18 +17,3 @@ class InputUnavailable(UserError):
     """A model or dataset that is not available here."""
 
     exit_code = 3
-
-
-@contextmanager
-def user_errors(console: Console, debug: bool = False) -> Iterator[None]:
-    """Turn UserError into `error: message` + exit code; Ctrl-C into a resume hint."""
-    try:
-        yield
-    except UserError as exc:
-        if debug:
-            traceback.print_exc()
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished stages and shards are kept; run the same command again to resume", highlight=False)
-        raise typer.Exit(130)

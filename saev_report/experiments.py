@@ -36,7 +36,7 @@ from saev_report.backbones import Backbone
 from saev_report.datasets import BadImage, ImageDataset
 from saev_report.edits import CapturedImage, FeatureEdit, SAELike, capture_image, class_index, matched_control, resume_edits
 from saev_report.heads import IGNORE, LinearHead, confusion_matrix, mask_like_image, patch_targets, scores_from_confusion, upsampled_logits
-from saev_report.progress import track
+from saev_report.progress import log, track
 
 Arm = Literal["concept", "random", "other"]
 Where = Literal["all", "concept"]
@@ -328,6 +328,18 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def log_summary(name: str, sae_id: str, summary: Sequence[Mapping[str, Any]]) -> None:
+    """One log line per arm at the strongest setting run (largest m, most negative factor)."""
+    if not summary:
+        return
+    m, factor = max(s["m"] for s in summary), min(s["factor"] for s in summary)
+    key = "removed_frac" if "removed_frac" in summary[0] else "p_delta"
+    for arm in ("concept", "random", "other"):
+        values = [s[key] for s in summary if (s["arm"], s["m"], s["factor"]) == (arm, m, factor) and s[key] is not None]
+        if values:
+            log(f"  {name} {sae_id} {arm}: m={m}, factor {factor:g}: median {key} {float(np.median(values)):.3f} over {len(values)} concept(s)")
+
+
 # --------------------------------------------------------------------------- spliced metrics
 
 
@@ -363,58 +375,77 @@ def spliced_tokens(acts_btd: Tensor, sae: SAELike, patch_slice: slice, mean_d: T
 def spliced_scores(
     backbone: Backbone,
     saes: Mapping[str, SAELike],
-    mean_d: Mapping[str, Tensor],
-    head: LinearHead,
+    mean_d: Tensor,
+    heads: Mapping[str, LinearHead],
     dataset: ImageDataset,
     layer: int,
     batch_size: int = 16,
-    max_images: int | None = None,
-) -> dict[str, SplicedScores]:
-    """Clean / spliced / mean-ablated scores of `head` on `dataset` for every SAE of one layer.
+) -> dict[tuple[str, str], SplicedScores]:
+    """Clean / spliced / mean-ablated scores of every head on `dataset` for every SAE of one layer,
+    by (sae key, head key).
 
-    Each batch is captured once at layer L; every SAE's spliced and ablated copies resume from
-    there. `mean_d[sae_id]` is the mean activation that replaces the patches when ablating (the
-    SAE's stored training mean). Images without a usable label or mask are left out.
+    Each batch is captured once at layer L; every SAE's spliced and ablated copies resume once
+    from there and every head reads the same final tokens. `mean_d` is the mean patch activation
+    at layer L that replaces the patches when ablating. Each head scores the images it has a
+    target for (a head class label, or a mask).
     """
-    head = head.to(backbone.device).eval()
     backbone.eval()
-    task, n_classes = head.task, len(head.classes)
-    image_classes = {c: i for i, c in enumerate(head.classes)}
-    positions = list(range(len(dataset.records)))[:max_images]
-    tallies = {key: {"clean": _Tally(task, n_classes), "spliced": _Tally(task, n_classes), "ablated": _Tally(task, n_classes)}
-               for key in saes}
-    n_used = 0
-    for start in track(range(0, len(positions), batch_size), f"spliced {head.model or 'head'} L{layer}", unit="batch"):
-        pixels, targets = [], []
-        for position in positions[start : start + batch_size]:
-            record = dataset.records[position]
+    heads = {key: head.to(backbone.device).eval() for key, head in heads.items()}
+    tallies = {(s, h): {arm: _Tally(head.task, len(head.classes)) for arm in ("clean", "spliced", "ablated")}
+               for s in saes for h, head in heads.items()}
+    n_used = dict.fromkeys(heads, 0)
+    mean_d = mean_d.to(backbone.device)
+    for start in track(range(0, len(dataset.records), batch_size), f"spliced L{layer}", unit="batch"):
+        pixels, targets = [], {key: ([], []) for key in heads}  # per head: (positions in the batch, targets)
+        for position in range(start, min(start + batch_size, len(dataset.records))):
             try:
-                if task == "classification":
-                    if record.label not in image_classes:
-                        continue
-                    target = torch.tensor(image_classes[record.label])
-                else:
-                    found = patch_classes(dataset, position, backbone.image_size, backbone.layout.grid, n_classes)
-                    if found is None:
-                        continue
-                    target = found[0]
-                pixels.append(backbone.preprocess(dataset.image(position)))
+                found = None
+                if any(head.task == "segmentation" for head in heads.values()):
+                    found = patch_classes(dataset, position, backbone.image_size, backbone.layout.grid, len(dataset.seg_classes or []))
+                pixels_3hw = backbone.preprocess(dataset.image(position))
             except BadImage:
                 continue
-            targets.append(target)
+            for key, head in heads.items():
+                label = dataset.records[position].label
+                if head.task == "classification" and label in head.classes:
+                    target = torch.tensor(head.classes.index(label))
+                elif head.task == "segmentation" and found is not None:
+                    target = found[0]
+                else:
+                    continue
+                targets[key][0].append(len(pixels))
+                targets[key][1].append(target)
+            pixels.append(pixels_3hw)
         if not pixels:
             continue
-        n_used += len(pixels)
         captured = backbone.capture(torch.stack(pixels).to(backbone.device), [layer], final=True)
-        clean_logits = head(captured["final"], backbone.layout)
-        targets_b = torch.stack(targets)
-        for key, sae in saes.items():
-            spliced, ablated = spliced_tokens(captured[layer], sae, backbone.layout.patch_slice, mean_d[key].to(backbone.device))
-            tallies[key]["clean"].add(clean_logits, targets_b)
-            tallies[key]["spliced"].add(head(backbone.resume(spliced, layer), backbone.layout), targets_b)
-            tallies[key]["ablated"].add(head(backbone.resume(ablated, layer), backbone.layout), targets_b)
-    metric = "accuracy" if task == "classification" else "miou"
-    return {key: SplicedScores(metric, t["clean"].score(), t["spliced"].score(), t["ablated"].score(), n_used) for key, t in tallies.items()}
+        for sae_key, sae in saes.items():
+            spliced, ablated = spliced_tokens(captured[layer], sae, backbone.layout.patch_slice, mean_d)
+            finals = {"clean": captured["final"], "spliced": backbone.resume(spliced, layer), "ablated": backbone.resume(ablated, layer)}
+            for head_key, head in heads.items():
+                rows, batch_targets = targets[head_key]
+                if not rows:
+                    continue
+                for arm, final_btd in finals.items():
+                    tallies[(sae_key, head_key)][arm].add(head(final_btd[rows], backbone.layout), torch.stack(batch_targets))
+        for head_key in heads:
+            n_used[head_key] += len(targets[head_key][0])
+    return {
+        (s, h): SplicedScores("accuracy" if heads[h].task == "classification" else "miou",
+                              t["clean"].score(), t["spliced"].score(), t["ablated"].score(), n_used[h])
+        for (s, h), t in tallies.items()
+    }
+
+
+def store_patch_mean(store: Any) -> Tensor:
+    """Mean patch activation [d] over an `ActivationStore` (float64 sums), the mean-ablation value."""
+    patches = store.meta.patch_slice
+    total, count = torch.zeros(store.d_model, dtype=torch.float64), 0
+    for position in range(store.n_images):
+        acts_pd = store.image_acts(position)[patches].double()
+        total += acts_pd.sum(0)
+        count += acts_pd.shape[0]
+    return (total / max(count, 1)).float()
 
 
 class _Tally:
@@ -441,5 +472,6 @@ class _Tally:
 
 __all__ = [
     "ArmFeatures", "SplicedScores", "Trial", "classification_measure", "concept_images", "other_concept", "plan_arms",
-    "ranked_features", "run_experiment", "segmentation_measure", "spliced_scores", "spliced_tokens", "summarise", "IGNORE",
+    "log_summary", "ranked_features", "run_experiment", "segmentation_measure", "spliced_scores", "spliced_tokens",
+    "store_patch_mean", "summarise",
 ]

@@ -1,17 +1,18 @@
-"""The stage graph: content-hashed, atomic, resumable.
+"""Running a build: content-keyed, atomic, resumable stages, then tables and site.
 
-A build is a list of `Stage`s derived from the spec. Each stage's output
-directory is `<run>/cache/<kind>/<label>-<key>`, where `key` hashes the stage's
-slice of the spec, the keys of its inputs and the stage's format version. A
-stage works in `<dir>.partial/` and renames it to `<dir>` when it finishes, so:
+`graph.build_stages` turns the spec into `Stage`s. Each stage's output directory
+is `<run>/cache/<kind>/<label>-<key>` (the key hashes the kind's version, its
+params and its inputs' keys). A stage works in `<dir>.partial/` and renames it
+to `<dir>` when it finishes, so:
 
 - a complete stage is skipped on every later build;
 - a killed stage leaves only `.partial`, which the next build resumes (the
   record stage keeps its finished shards) or clears and redoes;
-- a changed spec slice gets a new key, so stale outputs are never reused.
+- a changed param gets a new key, so stale outputs are never reused.
 
-After the stages, `publish` links the current table parts into `<run>/tables/`
-and `render` builds `<run>/site/`; both swap their folder in atomically.
+After the stages, `publish_tables` links the current table parts into
+`<run>/tables/` and `render_site` builds `<run>/site/`; both swap their folder
+in atomically.
 """
 
 from __future__ import annotations
@@ -19,76 +20,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from rich.markup import escape
 
-from saev_report import __version__
+from saev_report.graph import build_stages
 from saev_report.progress import log
-from saev_report.spec import Spec, content_hash
-
-# Bump a stage's version when its output format changes: old caches are then ignored.
-STAGE_VERSIONS = {
-    "images": 1,
-    "record": 1,
-    "train": 1,
-    "analyse": 2,
-    "heads": 1,
-    "edits": 1,
-    "compare": 1,
-    "stability": 1,
-    "experiments": 1,
-    "splice": 1,
-}
-
-
-@dataclass
-class StageContext:
-    """What a running stage may use: its spec, its work dir and its inputs' dirs."""
-
-    spec: Spec
-    spec_hash: str
-    work_dir: Path
-    inputs: dict[str, Path]
-    cache_dir: Path
-
-
-@dataclass
-class Stage:
-    kind: str
-    label: str
-    slice_hash: str
-    deps: list["Stage"]
-    action: Callable[[StageContext], None]
-    resumable: bool = False
-    key: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        dep_keys = sorted(f"{d.kind}/{d.label}-{d.key}" for d in self.deps)
-        self.key = content_hash(self.kind, STAGE_VERSIONS[self.kind], self.slice_hash, dep_keys)
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}/{self.label}"
-
-    def out_dir(self, run_dir: Path) -> Path:
-        return run_dir / "cache" / self.kind / f"{self.label}-{self.key}"
-
-    def partial_dir(self, run_dir: Path) -> Path:
-        return self.out_dir(run_dir).with_name(self.out_dir(run_dir).name + ".partial")
-
-    def status(self, run_dir: Path) -> str:
-        if self.out_dir(run_dir).is_dir():
-            return "done"
-        if self.partial_dir(run_dir).is_dir():
-            return "partial"
-        return "todo"
-
-
-def spec_hash(spec: Spec) -> str:
-    return content_hash(spec)
+from saev_report.spec import Spec
+from saev_report.stages import Stage
 
 
 def default_cache_dir() -> Path:
@@ -96,118 +36,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SAEV_REPORT_CACHE", Path.home() / ".cache" / "saev-report"))
 
 
-# --------------------------------------------------------------------------- graph
-
-
-def build_stages(spec: Spec) -> list[Stage]:
-    """Every stage of the spec, in dependency order."""
-    # Imported here so `validate`/`plan` stay fast and light.
-    from saev_report import stages
-
-    stage_list: list[Stage] = []
-    record_ds = spec.datasets[spec.record.dataset]
-    record_slice = spec.record.model_copy(update={"models": None})
-
-    images: dict[str, Stage] = {}
-    used_datasets = {spec.record.dataset}
-    for head in spec.heads.values():
-        used_datasets.update(d for d in (head.train, head.val) if d)
-    for edit in [*spec.edits, *spec.experiments]:
-        if edit.dataset:
-            used_datasets.add(edit.dataset)
-    for ds_key in sorted(used_datasets):
-        ds = spec.datasets[ds_key]
-        images[ds_key] = Stage("images", ds_key, content_hash(ds_key, ds), [], stages.images_stage(ds_key))
-        stage_list.append(images[ds_key])
-
-    record: dict[str, Stage] = {}
-    train: dict[tuple[str, int], Stage] = {}
-    analyse: dict[tuple[str, int], Stage] = {}
-    for model_key in spec.recorded_models():
-        model = spec.models[model_key]
-        record[model_key] = Stage(
-            "record", model_key, content_hash(model_key, model, spec.record.dataset, record_ds, record_slice, spec.run.seed),
-            [], stages.record_stage(model_key), resumable=True,
-        )
-        stage_list.append(record[model_key])
-        for layer in model.layers:
-            label = f"{model_key}-L{layer}"
-            train[(model_key, layer)] = Stage(
-                "train", label, content_hash(layer, spec.sae), [record[model_key]], stages.train_stage(model_key, layer)
-            )
-            analyse[(model_key, layer)] = Stage(
-                "analyse", label, content_hash(layer, spec.analysis),
-                [record[model_key], train[(model_key, layer)], images[spec.record.dataset]],
-                stages.analyse_stage(model_key, layer),
-            )
-            stage_list += [train[(model_key, layer)], analyse[(model_key, layer)]]
-
-    heads: dict[str, Stage] = {}
-    for head_key, head in spec.heads.items():
-        datasets = {k: spec.datasets[k] for k in (head.train, head.val) if k}
-        heads[head_key] = Stage(
-            "heads", head_key, content_hash(head_key, head, spec.models[head.model], datasets, spec.run.seed),
-            [], stages.head_stage(head_key),
-        )
-        stage_list.append(heads[head_key])
-
-    for i, edit in enumerate(spec.edits):
-        layer = edit.layer or spec.models[edit.model].layers[0]
-        head = spec.heads[edit.head]
-        ds_key = edit.dataset or head.val or head.train
-        deps = [heads[edit.head], train[(edit.model, layer)], analyse[(edit.model, layer)], record[edit.model]]
-        stage_list.append(Stage(
-            "edits", edit.name, content_hash(edit, ds_key, spec.datasets[ds_key], spec.run.seed), deps, stages.edit_stage(i)
-        ))
-
-    for i, exp in enumerate(spec.experiments):
-        layer = exp.layer or spec.models[exp.model].layers[0]
-        head = spec.heads[exp.head]
-        ds_key = exp.dataset or head.val or head.train
-        deps = [heads[exp.head], train[(exp.model, layer)], analyse[(exp.model, layer)]]
-        stage_list.append(Stage(
-            "experiments", exp.name, content_hash(exp, ds_key, spec.datasets[ds_key], spec.run.seed), deps, stages.experiment_stage(i)
-        ))
-
-    for head_key in stages.first_heads(spec).values():
-        head = spec.heads[head_key]
-        if head.model not in record:
-            continue  # an unrecorded model has no SAE to splice
-        ds_key = head.val or head.train
-        deps = [heads[head_key], record[head.model]] + [train[(head.model, layer)] for layer in spec.models[head.model].layers]
-        stage_list.append(Stage("splice", head_key, content_hash(ds_key, spec.datasets[ds_key]), deps, stages.splice_stage(head_key)))
-
-    for i, cmp in enumerate(spec.compare):
-        deps = [record[cmp.a], record[cmp.b]]
-        deps += [train[(cmp.a, layer)] for layer in spec.models[cmp.a].layers[:1]]
-        deps += [train[(cmp.b, layer)] for layer in spec.models[cmp.b].layers[:1]]
-        stage_list.append(Stage("compare", f"{cmp.a}~{cmp.b}", content_hash(cmp), deps, stages.compare_stage(i)))
-
-    for i, stab in enumerate(spec.stability):
-        layer = spec.models[stab.model].layers[0]
-        deps = [record[stab.model], train[(stab.model, layer)]]
-        stage_list.append(Stage("stability", stab.model, content_hash(stab), deps, stages.stability_stage(i)))
-    return stage_list
-
-
 # --------------------------------------------------------------------------- running
 
 
-def run_stage(stage: Stage, spec: Spec, run_dir: Path, cache_dir: Path, s_hash: str) -> bool:
+def run_stage(stage: Stage, run_dir: Path) -> bool:
     """Run one stage unless complete; return True when it ran."""
     out, partial = stage.out_dir(run_dir), stage.partial_dir(run_dir)
     if out.is_dir():
         log(f"[green]✓[/] {escape(stage.name)} [dim](cached {out.name})[/]")
         return False
-    if partial.exists() and not stage.resumable:
+    if partial.exists() and not stage.kind.resumable:
         shutil.rmtree(partial)  # a half-written non-resumable stage is redone from scratch
     elif partial.exists():
         log(f"[yellow]↻[/] {escape(stage.name)}: resuming interrupted work")
     partial.mkdir(parents=True, exist_ok=True)
-    inputs = {f"{d.kind}/{d.label}": d.out_dir(run_dir) for d in stage.deps}
+    inputs = {role: dep.output(run_dir) for role, dep in stage.inputs.items()}
     started = time.perf_counter()
     log(f"[bold cyan]▶[/] {escape(stage.name)}")
-    stage.action(StageContext(spec, s_hash, partial, inputs, cache_dir))
+    stage.kind.action(stage.params, inputs, partial)
     _fsync_dir(partial)
     os.replace(partial, out)
     _fsync_dir(out.parent)
@@ -229,7 +75,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def publish_tables(stage_list: list[Stage], run_dir: Path) -> Path:
-    """Link every current stage's table parts into `<run>/tables/<table>/`, atomically swapped."""
+    """Link every given stage's table parts into `<run>/tables/<table>/`, atomically swapped."""
     tables = run_dir / "tables"
     staging = run_dir / ".tables.staging"
     if staging.exists():
@@ -238,7 +84,7 @@ def publish_tables(stage_list: list[Stage], run_dir: Path) -> Path:
         out = stage.out_dir(run_dir)
         for part in sorted(out.glob("tables/*/*.parquet")):
             table = part.parent.name
-            target = staging / table / f"{stage.kind}-{stage.label}-{part.stem}.parquet"
+            target = staging / table / f"{stage.kind.name}-{stage.label}-{part.stem}.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(part, target)
@@ -261,6 +107,17 @@ def _swap_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def render_site(spec: Spec, run_dir: Path) -> Path:
+    """Render `<run>/site` from the published tables (cheap enough to redo on every build)."""
+    from saev_report.render import build_site
+
+    out = run_dir / "site"
+    labels = {key: model.label or key for key, model in spec.models.items()}
+    stats = build_site(run_dir, out, spec.report, model_labels=labels)
+    log(f"[green]✓[/] site: {stats}")
+    return out
+
+
 @dataclass
 class BuildResult:
     run_dir: Path
@@ -276,23 +133,18 @@ def build(spec: Spec, only: set[str] | None = None, render: bool = True, cache_d
     set_threads(spec.run.threads)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = cache_dir or default_cache_dir()
-    s_hash = spec_hash(spec)
-    stage_list = build_stages(spec)
-    wanted = _with_dependencies(stage_list, only) if only else stage_list
+    stage_list = build_stages(spec, cache_dir or default_cache_dir())
+    wanted = with_dependencies(stage_list, only) if only else stage_list
     ran, skipped = [], []
     for stage in wanted:
-        (ran if run_stage(stage, spec, run_dir, cache_dir, s_hash) else skipped).append(stage.name)
+        (ran if run_stage(stage, run_dir) else skipped).append(stage.name)
     publish_tables([s for s in stage_list if s.status(run_dir) == "done"], run_dir)
-    site = None
-    if render:
-        from saev_report.stages import render_site
-
-        site = render_site(spec, run_dir)
+    site = render_site(spec, run_dir) if render else None
     return BuildResult(run_dir, ran, skipped, site)
 
 
-def _with_dependencies(stage_list: list[Stage], kinds: set[str]) -> list[Stage]:
+def with_dependencies(stage_list: list[Stage], kinds: set[str]) -> list[Stage]:
+    """The stages of the given kinds and everything they read, in build order."""
     needed: set[str] = set()
 
     def visit(stage: Stage) -> None:
@@ -302,9 +154,6 @@ def _with_dependencies(stage_list: list[Stage], kinds: set[str]) -> list[Stage]:
                 visit(dep)
 
     for stage in stage_list:
-        if stage.kind in kinds:
+        if stage.kind.name in kinds:
             visit(stage)
     return [s for s in stage_list if s.name in needed]
-
-
-__all__ = ["Stage", "StageContext", "build", "build_stages", "publish_tables", "spec_hash", "__version__"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saev_report.pipeline import build_stages
+from saev_report.graph import build_stages
 from saev_report.spec import KNOWN_DATASET_SIZES, DatasetSpec, ModelSpec, Spec, model_depth
 
 

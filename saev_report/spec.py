@@ -477,6 +477,8 @@ class StabilitySpec(SpecModel):
 
     model: str
     """Model key; the SAE sweep must list at least two seeds."""
+    min_score: float = Field(default=0.5, ge=-1, le=1)
+    """A feature whose best match in the other seed's SAE correlates below this has no counterpart."""
 
 
 # --------------------------------------------------------------------------- report

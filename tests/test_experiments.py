@@ -251,36 +251,40 @@ class MeanSAE:
         return self.mean_d.expand(len(f_nf), -1).clone()
 
 
-@pytest.mark.parametrize("task", ["classification", "segmentation"])
-def test_spliced_scores_are_clean_for_a_perfect_sae_and_ablated_for_a_useless_one(backbone, tmp_path, task):
+def test_spliced_scores_are_clean_for_a_perfect_sae_and_ablated_for_a_useless_one(backbone, tmp_path):
     dataset = _masked_dataset(tmp_path, n=6)
     dataset.records[3] = ImageRecord(3, dataset.records[3].path, "dog", dataset.records[3].mask_path)
+    dataset.records[4] = ImageRecord(4, dataset.records[4].path, None, dataset.records[4].mask_path)  # unlabelled
     dataset.classes = ["cat", "dog"]
     torch.manual_seed(1)
-    n_classes = 2
-    head = LinearHead(torch.nn.Linear(D, n_classes), task, ["cat", "dog"] if task == "classification" else dataset.seg_classes)
-    head = head.eval().requires_grad_(False)
+    heads = {"cls": LinearHead(torch.nn.Linear(D, 2), "classification", ["cat", "dog"]),
+             "seg": LinearHead(torch.nn.Linear(D, 2), "segmentation", dataset.seg_classes)}
+    heads = {k: h.eval().requires_grad_(False) for k, h in heads.items()}
     mean_d = torch.randn(D, generator=torch.Generator().manual_seed(2))
-    scores = ex.spliced_scores(backbone, {"perfect": IdentitySAE(), "useless": MeanSAE(mean_d)}, {"perfect": mean_d, "useless": mean_d},
-                               head, dataset, layer=1, batch_size=4)
-    perfect, useless = scores["perfect"], scores["useless"]
-    assert perfect.metric == ("accuracy" if task == "classification" else "miou") and perfect.n_images == 6
-    assert perfect.spliced == perfect.clean and useless.spliced == useless.ablated
-    assert perfect.clean == useless.clean and perfect.ablated == useless.ablated
-    if perfect.clean != perfect.ablated:
-        assert perfect.recovered == 1.0 and useless.recovered == 0.0
-    # The clean score against a direct computation of the head on the full forward pass.
+    scores = ex.spliced_scores(backbone, {"perfect": IdentitySAE(), "useless": MeanSAE(mean_d)}, mean_d, heads, dataset,
+                               layer=1, batch_size=4)
     pixels = torch.stack([backbone.preprocess(dataset.image(i)) for i in range(6)])
-    logits = head(backbone.forward_final(pixels), backbone.layout)
-    if task == "classification":
-        labels = torch.tensor([dataset.classes.index(r.label) for r in dataset.records])
-        assert perfect.clean == pytest.approx(float((logits.argmax(1) == labels).double().mean()))
-    else:
-        from saev_report.heads import confusion_matrix, scores_from_confusion, upsampled_logits
+    final = backbone.forward_final(pixels)
+    for head_key, head in heads.items():
+        perfect, useless = scores[("perfect", head_key)], scores[("useless", head_key)]
+        assert perfect.metric == ("accuracy" if head.task == "classification" else "miou")
+        assert perfect.n_images == (5 if head.task == "classification" else 6)
+        assert perfect.spliced == perfect.clean and useless.spliced == useless.ablated
+        assert perfect.clean == useless.clean and perfect.ablated == useless.ablated
+        if perfect.clean != perfect.ablated:
+            assert perfect.recovered == 1.0 and useless.recovered == 0.0
+        # The clean score against a direct computation of the head on the full forward pass.
+        logits = head(final, backbone.layout)
+        if head.task == "classification":
+            keep = [i for i, r in enumerate(dataset.records) if r.label is not None]
+            labels = torch.tensor([dataset.classes.index(dataset.records[i].label) for i in keep])
+            assert perfect.clean == pytest.approx(float((logits[keep].argmax(1) == labels).double().mean()))
+        else:
+            from saev_report.heads import confusion_matrix, scores_from_confusion, upsampled_logits
 
-        masks = torch.stack([ex.patch_classes(dataset, i, IMAGE, (4, 4), 2)[0] for i in range(6)]).long()
-        pred = upsampled_logits(logits, (IMAGE, IMAGE)).argmax(1)
-        assert perfect.clean == pytest.approx(scores_from_confusion(confusion_matrix(pred, masks, 2))["miou"])
+            masks = torch.stack([ex.patch_classes(dataset, i, IMAGE, (4, 4), 2)[0] for i in range(6)]).long()
+            pred = upsampled_logits(logits, (IMAGE, IMAGE)).argmax(1)
+            assert perfect.clean == pytest.approx(scores_from_confusion(confusion_matrix(pred, masks, 2))["miou"])
 
 
 def test_recovered_is_undefined_without_a_gap():

@@ -1,4 +1,4 @@
-"""Pipeline mechanics: content keys, skip of complete stages, resume, atomic publishing."""
+"""Pipeline mechanics: skip of complete stages, resume, clean restart, atomic publishing."""
 
 from __future__ import annotations
 
@@ -6,86 +6,104 @@ from pathlib import Path
 
 import pytest
 
-from saev_report.pipeline import Stage, StageContext, publish_tables, run_stage
-from saev_report.spec import parse_spec_text
+from saev_report.pipeline import publish_tables, run_stage, with_dependencies
+from saev_report.stages.base import Inputs, Stage, StageKind, StageOut, StageParams, table_part
 from saev_report.tables import query, write_table
-
-SPEC = parse_spec_text("run: {name: t}\ndatasets: {d: {kind: demo}}\nmodels: {m: {family: imgfocus, layers: [10]}}\nrecord: {dataset: d}\n")
 
 
 class Killed(Exception):
     pass
 
 
-def _writer(calls: list[str], n_parts: int = 3, kill_after: int | None = None):
-    """A stage that writes numbered parts, resuming after those already present."""
+class PartsParams(StageParams):
+    """A toy stage: write `n_parts` numbered files, dying before part `kill_at` if set."""
 
-    def action(ctx: StageContext) -> None:
-        calls.append("run")
-        for i in range(n_parts):
-            part = ctx.work_dir / f"part{i}"
-            if part.exists():
-                continue
-            if kill_after is not None and i == kill_after:
-                raise Killed()
-            part.write_text(str(i))
-        write_table(ctx.work_dir / "tables/saes/p.parquet", "saes", [{"sae_id": "s", "model": "m", "layer": 1}], ctx.spec_hash)
+    tag: str = "slice"
+    n_parts: int = 3
+    kill_at: int | None = None
 
-    return action
+
+CALLS: list[str] = []
+
+
+def write_parts(params: PartsParams, inputs: Inputs, out_dir: Path) -> None:
+    CALLS.append(params.tag)
+    for i in range(params.n_parts):
+        part = out_dir / f"part{i}"
+        if part.exists():
+            continue
+        if params.kill_at == i:
+            raise Killed()
+        part.write_text(str(i))
+    write_table(table_part(out_dir, "saes"), "saes", [{"sae_id": "s", "model": "m", "layer": 1}], params.digest())
+
+
+PARTS = StageKind(name="parts", version=1, params=PartsParams, out=StageOut, action=write_parts)
+RESUMABLE_PARTS = StageKind(name="parts", version=1, params=PartsParams, out=StageOut, action=write_parts, resumable=True)
+
+
+@pytest.fixture(autouse=True)
+def _clear_calls():
+    CALLS.clear()
 
 
 def test_complete_stage_is_skipped(tmp_path: Path) -> None:
-    calls: list[str] = []
-    stage = Stage("train", "m-L1", "slice", [], _writer(calls))
-    assert run_stage(stage, SPEC, tmp_path, tmp_path, "h") is True
+    stage = Stage(PARTS, "m-L1", PartsParams())
+    assert run_stage(stage, tmp_path) is True
     assert stage.status(tmp_path) == "done"
-    assert run_stage(stage, SPEC, tmp_path, tmp_path, "h") is False
-    assert calls == ["run"]
-
-
-def test_key_depends_on_slice_and_dependencies() -> None:
-    noop = lambda ctx: None  # noqa: E731
-    a1, a2 = Stage("record", "m", "x", [], noop), Stage("record", "m", "y", [], noop)
-    assert a1.key != a2.key
-    assert Stage("train", "m", "s", [a1], noop).key != Stage("train", "m", "s", [a2], noop).key
-    assert Stage("train", "m", "s", [a1], noop).key == Stage("train", "m", "s", [a1], noop).key
+    assert run_stage(stage, tmp_path) is False
+    assert CALLS == ["slice"]
 
 
 def test_killed_resumable_stage_keeps_finished_parts(tmp_path: Path) -> None:
-    calls: list[str] = []
-    killed = Stage("record", "m", "slice", [], _writer(calls, kill_after=2), resumable=True)
-    with pytest.raises(Killed):
-        run_stage(killed, SPEC, tmp_path, tmp_path, "h")
-    assert killed.status(tmp_path) == "partial"
+    # What a killed run of this stage left: its first part, in `.partial`.
+    killed = Stage(RESUMABLE_PARTS, "m", PartsParams())
     partial = killed.partial_dir(tmp_path)
+    partial.mkdir(parents=True)
+    (partial / "part0").write_text("0")
     first_mtime = (partial / "part0").stat().st_mtime_ns
-    again = Stage("record", "m", "slice", [], _writer(calls), resumable=True)
-    assert again.key == killed.key
-    run_stage(again, SPEC, tmp_path, tmp_path, "h")
-    out = again.out_dir(tmp_path)
+    assert killed.status(tmp_path) == "partial"
+    run_stage(killed, tmp_path)
+    out = killed.out_dir(tmp_path)
     assert sorted(p.name for p in out.glob("part*")) == ["part0", "part1", "part2"]
     assert (out / "part0").stat().st_mtime_ns == first_mtime  # not redone
 
 
-def test_killed_plain_stage_restarts_clean(tmp_path: Path) -> None:
-    calls: list[str] = []
-    killed = Stage("train", "m", "slice", [], _writer(calls, kill_after=1))
+def test_killed_action_leaves_partial_and_plain_stage_restarts_clean(tmp_path: Path) -> None:
+    killed = Stage(PARTS, "m", PartsParams(kill_at=1))
     with pytest.raises(Killed):
-        run_stage(killed, SPEC, tmp_path, tmp_path, "h")
-    (killed.partial_dir(tmp_path) / "garbage").write_text("half-written")
-    run_stage(Stage("train", "m", "slice", [], _writer(calls)), SPEC, tmp_path, tmp_path, "h")
-    assert not (killed.out_dir(tmp_path) / "garbage").exists()
+        run_stage(killed, tmp_path)
+    assert killed.status(tmp_path) == "partial"
+    stage = Stage(PARTS, "m", PartsParams())
+    stage.partial_dir(tmp_path).mkdir(parents=True)
+    (stage.partial_dir(tmp_path) / "garbage").write_text("half-written")
+    run_stage(stage, tmp_path)
+    assert not (stage.out_dir(tmp_path) / "garbage").exists()
 
 
 def test_publish_links_current_parts_and_swaps_atomically(tmp_path: Path) -> None:
-    calls: list[str] = []
-    stage = Stage("train", "m-L1", "slice", [], _writer(calls))
-    run_stage(stage, SPEC, tmp_path, tmp_path, "h")
+    stage = Stage(PARTS, "m-L1", PartsParams())
+    run_stage(stage, tmp_path)
     publish_tables([stage], tmp_path)
     assert query(tmp_path, "SELECT count(*) AS n FROM saes").column("n").to_pylist() == [1]
-    # A stale stage output (old key) is not published.
-    stale = Stage("train", "m-L1", "other-slice", [], _writer(calls))
-    run_stage(stale, SPEC, tmp_path, tmp_path, "h")
+    # A stale stage output (other params, so another key) is not published.
+    stale = Stage(PARTS, "m-L1", PartsParams(tag="other"))
+    run_stage(stale, tmp_path)
     publish_tables([stage], tmp_path)
     assert query(tmp_path, "SELECT count(*) AS n FROM saes").column("n").to_pylist() == [1]
     assert not (tmp_path / ".tables.staging").exists() and not (tmp_path / ".tables.old").exists()
+
+
+def test_inputs_reach_the_action_as_typed_outputs(tmp_path: Path) -> None:
+    seen: list[StageOut] = []
+
+    def read_input(params: PartsParams, inputs: Inputs, out_dir: Path) -> None:
+        seen.append(inputs["upstream"])
+
+    upstream = Stage(PARTS, "up", PartsParams())
+    reader = Stage(StageKind(name="reader", version=1, params=PartsParams, out=StageOut, action=read_input), "r",
+                   PartsParams(), {"upstream": upstream})
+    for stage in with_dependencies([upstream, reader], {"reader"}):
+        run_stage(stage, tmp_path)
+    assert [s.root for s in seen] == [upstream.out_dir(tmp_path)]
+    assert (seen[0].root / "part2").read_text() == "2"

@@ -7,9 +7,9 @@ from saev_report.datasets.base import (
     ImageRecord,
     load_image,
     load_mask,
-    open_dataset,
 )
 from saev_report.datasets.demo import DemoDataUnavailable
+from saev_report.datasets.dispatch import open_dataset
 
 __all__ = [
     "MIN_SIDE",

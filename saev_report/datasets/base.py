@@ -17,7 +17,6 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from saev_report.spec import DatasetSpec
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -189,28 +188,3 @@ def load_mask(path: PathLike) -> np.ndarray:
         raise BadImage("mask file not found", path) from None
     except Exception as exc:
         raise BadImage(f"corrupt mask ({type(exc).__name__}: {exc})", path) from None
-
-
-# --------------------------------------------------------------------------- dispatch
-
-
-def open_dataset(key: str, spec: DatasetSpec, cache_dir: Path) -> ImageDataset:
-    """Open the dataset described by a spec entry (`DatasetSpec`), applying `max_images`.
-
-    The demo set is generated under `cache_dir` on first use and reused afterwards.
-    """
-    from saev_report.datasets import demo, folders  # late: folders/demo import this module
-
-    if spec.kind == "demo":
-        dataset = demo.demo_dataset(key, spec, Path(cache_dir))
-    elif spec.kind == "image_folder":
-        dataset = folders.image_folder(key, spec.root, labels=spec.labels)
-    elif spec.kind == "seg_folder":
-        dataset = folders.seg_folder(key, spec.images, spec.masks, classes=spec.classes, ignore_index=spec.ignore_index)
-    elif spec.kind == "cub200":
-        dataset = folders.cub200(key, spec.root, split=spec.split)
-    elif spec.kind == "ade20k":
-        dataset = folders.ade20k(key, spec.root, split=spec.split)
-    else:
-        raise ValueError(f"unknown dataset kind {spec.kind!r}")
-    return dataset.subset(spec.max_images)

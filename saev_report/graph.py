@@ -1,0 +1,163 @@
+"""Spec → stages: the one place that reads a `Spec` and resolves its defaults.
+
+Every stage gets a params model holding exactly what its action reads (see
+`stages/base.py`); defaults that depend on other sections — an edit's layer and
+dataset, "the first layer and the first SAE of the sweep" for comparisons, a
+stability twin's seed — are resolved here, once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from saev_report.spec import ModelSpec, SAEConfig, Spec, sae_id, sae_sweep
+from saev_report.stages import Stage
+from saev_report.stages.analyse import ANALYSE, AnalyseParams
+from saev_report.stages.compare import COMPARE, STABILITY, MatchParams, SAERef
+from saev_report.stages.edits import EDITS, EditParams
+from saev_report.stages.experiments import EXPERIMENTS, ExperimentParams, SAEChoice
+from saev_report.stages.heads import HEADS, HeadParams
+from saev_report.stages.images import IMAGES, ImagesParams
+from saev_report.stages.record import RECORD, RecordParams
+from saev_report.stages.splice import SPLICE, SpliceParams
+from saev_report.stages.train import TRAIN, TrainParams
+
+
+def _model(spec: Spec, key: str) -> ModelSpec:
+    """A model as the stages see it: the display label only matters to the site."""
+    return spec.models[key].model_copy(update={"label": None})
+
+
+def used_datasets(spec: Spec) -> list[str]:
+    """Datasets some stage reads: the record dataset and every head's and edit's."""
+    used = {spec.record.dataset}
+    for head in spec.heads.values():
+        used.update(d for d in (head.train, head.val) if d)
+    for edit in [*spec.edits, *spec.experiments]:
+        used.add(edit_dataset(spec, edit.head, edit.dataset))
+    return sorted(used)
+
+
+def edit_dataset(spec: Spec, head_key: str, dataset: str | None) -> str:
+    """An edit's images: its own dataset, else its head's validation data, else the head's training data."""
+    head = spec.heads[head_key]
+    return dataset or head.val or head.train
+
+
+def first_sae(spec: Spec) -> SAEConfig:
+    return sae_sweep(spec.sae)[0]
+
+
+def seed_twin(spec: Spec) -> SAEConfig:
+    """The sweep's first SAE trained with another seed (what `stability` compares against)."""
+    first, *rest = sae_sweep(spec.sae)
+    return next(c for c in rest if c.seed != first.seed and (c.expansion, c.l1_coeff, c.k) == (first.expansion, first.l1_coeff, first.k))
+
+
+SPLICE_PREFIX = {"classification": "cls", "segmentation": "seg"}
+
+
+def splice_groups(spec: Spec) -> dict[tuple[str, str], dict[str, str]]:
+    """(model, validation dataset) → {head key: column prefix} for the model's first head of each task:
+    the heads the `saes` splice columns score. Heads on one dataset share one splice stage."""
+    first: dict[tuple[str, str], str] = {}
+    for key, head in spec.heads.items():
+        first.setdefault((head.model, head.task), key)
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for (model_key, task), key in first.items():
+        head = spec.heads[key]
+        groups.setdefault((model_key, head.val or head.train), {})[key] = SPLICE_PREFIX[task]
+    return groups
+
+
+def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
+    """Every stage of the spec, in dependency order."""
+    common = {"cache_dir": cache_dir}
+    run = spec.run
+    stages: list[Stage] = []
+
+    images: dict[str, Stage] = {}
+    for ds_key in used_datasets(spec):
+        images[ds_key] = Stage(IMAGES, ds_key, ImagesParams(dataset_key=ds_key, dataset=spec.datasets[ds_key], **common))
+        stages.append(images[ds_key])
+
+    record: dict[str, Stage] = {}
+    train: dict[tuple[str, int], Stage] = {}
+    analyse: dict[tuple[str, int], Stage] = {}
+    rec = spec.record
+    for model_key in spec.recorded_models():
+        model = _model(spec, model_key)
+        record[model_key] = Stage(RECORD, model_key, RecordParams(
+            model_key=model_key, model=model, dataset_key=rec.dataset, dataset=spec.datasets[rec.dataset], dtype=rec.dtype,
+            batch_size=rec.batch_size, shard_mb=rec.shard_mb, seed=run.seed, device=run.device, **common))
+        stages.append(record[model_key])
+        for layer in model.layers:
+            label = f"{model_key}-L{layer}"
+            train[(model_key, layer)] = Stage(TRAIN, label, TrainParams(
+                model_key=model_key, layer=layer, sae=spec.sae, seed=run.seed, device=run.device, **common),
+                {"record": record[model_key]})
+            analyse[(model_key, layer)] = Stage(ANALYSE, label, AnalyseParams(
+                model_key=model_key, layer=layer, dataset_key=rec.dataset, sae=spec.sae, analysis=spec.analysis,
+                device=run.device, **common),
+                {"record": record[model_key], "train": train[(model_key, layer)], "images": images[rec.dataset]})
+            stages += [train[(model_key, layer)], analyse[(model_key, layer)]]
+
+    heads: dict[str, Stage] = {}
+    for head_key, head in spec.heads.items():
+        heads[head_key] = Stage(HEADS, head_key, HeadParams(
+            head_key=head_key, head=head, model=_model(spec, head.model), train_key=head.train,
+            train_dataset=spec.datasets[head.train], val_key=head.val, val_dataset=spec.datasets[head.val] if head.val else None,
+            batch_size=rec.batch_size, seed=run.seed, device=run.device, **common))
+        stages.append(heads[head_key])
+
+    for edit in spec.edits:
+        layer = edit.layer or spec.models[edit.model].layers[0]
+        config = sae_sweep(spec.sae)[edit.sae]
+        ds_key = edit_dataset(spec, edit.head, edit.dataset)
+        stages.append(Stage(EDITS, edit.name, EditParams(
+            edit=edit.model_copy(update={"layer": layer, "dataset": ds_key}), layer=layer, model=_model(spec, edit.model),
+            sae_tag=config.tag, sae_id=sae_id(edit.model, layer, config), dataset_key=ds_key,
+            dataset=spec.datasets[ds_key], seed=run.seed, device=run.device, **common),
+            {"head": heads[edit.head], "train": train[(edit.model, layer)], "analyse": analyse[(edit.model, layer)]}))
+
+    configs = sae_sweep(spec.sae)
+    for exp in spec.experiments:
+        layer = exp.layer or spec.models[exp.model].layers[0]
+        ds_key = edit_dataset(spec, exp.head, exp.dataset)
+        stages.append(Stage(EXPERIMENTS, exp.name, ExperimentParams(
+            experiment=exp.model_copy(update={"layer": layer, "dataset": ds_key}), layer=layer,
+            level="patch" if spec.heads[exp.head].task == "segmentation" else "image",
+            saes=[SAEChoice(sae_tag=configs[i].tag, sae_id=sae_id(exp.model, layer, configs[i])) for i in exp.saes],
+            model=_model(spec, exp.model), dataset_key=ds_key, dataset=spec.datasets[ds_key], seed=run.seed, device=run.device,
+            **common),
+            {"head": heads[exp.head], "train": train[(exp.model, layer)], "analyse": analyse[(exp.model, layer)]}))
+
+    for (model_key, ds_key), head_keys in splice_groups(spec).items():
+        if model_key not in record:
+            continue  # an unrecorded model has no SAE to splice
+        inputs = {"record": record[model_key], **{f"train/L{layer}": train[(model_key, layer)] for layer in spec.models[model_key].layers},
+                  **{f"head/{key}": heads[key] for key in head_keys}}
+        stages.append(Stage(SPLICE, f"{model_key}-{ds_key}", SpliceParams(
+            model_key=model_key, model=_model(spec, model_key), heads=head_keys, sae=spec.sae, dataset_key=ds_key,
+            dataset=spec.datasets[ds_key], batch_size=rec.batch_size, seed=run.seed, device=run.device, **common), inputs))
+
+    for cmp in spec.compare:
+        config = first_sae(spec)
+        sides = {}
+        for side, model_key in (("a", cmp.a), ("b", cmp.b)):
+            layer = spec.models[model_key].layers[0]
+            sides[side] = (SAERef(model_key=model_key, layer=layer, sae_tag=config.tag, sae_id=sae_id(model_key, layer, config)),
+                           record[model_key], train[(model_key, layer)])
+        stages.append(Stage(COMPARE, f"{cmp.a}~{cmp.b}", MatchParams(
+            a=sides["a"][0], b=sides["b"][0], min_score=cmp.min_score, **common),
+            {"record_a": sides["a"][1], "train_a": sides["a"][2], "record_b": sides["b"][1], "train_b": sides["b"][2]}))
+
+    for stab in spec.stability:
+        layer = spec.models[stab.model].layers[0]
+        first, twin = first_sae(spec), seed_twin(spec)
+        refs = [SAERef(model_key=stab.model, layer=layer, sae_tag=c.tag, sae_id=sae_id(stab.model, layer, c)) for c in (first, twin)]
+        inputs = {"record_a": record[stab.model], "train_a": train[(stab.model, layer)]}
+        inputs.update(record_b=inputs["record_a"], train_b=inputs["train_a"])
+        stages.append(Stage(STABILITY, stab.model, MatchParams(
+            a=refs[0], b=refs[1], min_score=stab.min_score, **common), inputs))
+    return stages

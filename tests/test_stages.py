@@ -1,0 +1,108 @@
+"""Stage declarations: every kind's shape, and exactly which keys a spec change moves."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from saev_report.graph import build_stages
+from saev_report.spec import Spec, parse_spec_text
+from saev_report.stages import KINDS, Stage, StageOut, StageParams
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = yaml.safe_load((ROOT / "specs/demo.yaml").read_text())
+
+
+def _keys(data: dict[str, Any]) -> dict[str, str]:
+    return {s.name: s.key for s in build_stages(parse_spec_text(yaml.safe_dump(data)))}
+
+
+def _changed(path: str, value: Any) -> set[str]:
+    """Stage names whose key changes when the dotted spec field `path` is set to `value`."""
+    data = yaml.safe_load(yaml.safe_dump(DEMO))
+    node = data
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    node[int(last) if isinstance(node, list) else last] = value
+    before, after = _keys(DEMO), _keys(data)
+    assert set(before) == set(after)
+    return {name for name in before if before[name] != after[name]}
+
+
+RECORD_DINO = {"record/dinov2", "train/dinov2-L11", "analyse/dinov2-L11"}
+RECORD_RANDOM = {"record/random", "train/random-L11", "analyse/random-L11"}
+HEADS = {"heads/category", "heads/segment"}
+EDITS = {"edits/suppress-evidence"}
+EXPERIMENTS = {"experiments/segment-concepts", "experiments/category-concepts"}
+SPLICE = {"splice/dinov2-demo_val"}
+EDITS |= EXPERIMENTS  # experiments read what edits read: a head, the SAEs and their analysis
+MATCHES = {"compare/dinov2~random", "stability/dinov2"}
+EVERYTHING_SEEDED = RECORD_DINO | RECORD_RANDOM | HEADS | EDITS | MATCHES | SPLICE
+
+CASES = [
+    # (field, new value, stages whose key must change: no more, no fewer)
+    ("report.title", "another title", set()),
+    ("models.dinov2.label", "DINO", set()),
+    ("run.threads", 1, set()),
+    ("run.name", "other", set()),
+    ("record.batch_size", 16, RECORD_DINO | RECORD_RANDOM | HEADS | EDITS | MATCHES | SPLICE),
+    ("record.dtype", "float32", RECORD_DINO | RECORD_RANDOM | EDITS | MATCHES | SPLICE),
+    ("sae.lr", 1e-3, {"train/dinov2-L11", "analyse/dinov2-L11", "train/random-L11", "analyse/random-L11"} | EDITS | MATCHES | SPLICE),
+    ("analysis.top_k", 8, {"analyse/dinov2-L11", "analyse/random-L11"} | EDITS),
+    ("heads.category.epochs", 5, {"heads/category", "edits/suppress-evidence", "experiments/category-concepts"} | SPLICE),
+    ("edits.0.value", 1.0, {"edits/suppress-evidence"}),
+    ("experiments.0.n_images", 4, {"experiments/segment-concepts"}),
+    ("compare.0.min_score", 0.3, {"compare/dinov2~random"}),
+    ("stability.0.min_score", 0.3, {"stability/dinov2"}),
+    ("run.seed", 1, EVERYTHING_SEEDED),
+    ("datasets.demo_val.max_images", 50, {"images/demo_val"} | HEADS | EDITS | SPLICE),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_a_spec_change_moves_exactly_the_keys_that_read_it(field: str, value: Any, expected: set[str]) -> None:
+    assert _changed(field, value) == expected
+
+
+def test_every_kind_is_declared_in_one_shape() -> None:
+    assert list(KINDS) == ["images", "record", "train", "analyse", "heads", "edits", "experiments", "splice", "compare", "stability"]
+    for kind in KINDS.values():
+        assert issubclass(kind.params, StageParams) and kind.params.model_config["frozen"]
+        assert issubclass(kind.out, StageOut)
+        assert list(inspect.signature(kind.action).parameters) == ["params", "inputs", "out_dir"]
+        # No action is handed the spec: no params model has a field of type Spec.
+        assert all(f.annotation is not Spec for f in kind.params.model_fields.values())
+
+
+def test_stage_refuses_params_of_another_kind() -> None:
+    demo = parse_spec_text(yaml.safe_dump(DEMO))
+    record = next(s for s in build_stages(demo) if s.kind.name == "record")
+    with pytest.raises(TypeError, match="TrainParams"):
+        Stage(KINDS["train"], "x", record.params)
+
+
+def test_defaults_are_resolved_once_in_the_builder() -> None:
+    stages = {s.name: s for s in build_stages(parse_spec_text(yaml.safe_dump(DEMO)))}
+    edit = stages["edits/suppress-evidence"].params
+    assert edit.layer == 11 and edit.edit.layer == 11            # the model's first recorded layer
+    assert edit.dataset_key == "demo_val" and edit.edit.dataset == "demo_val"  # the head's validation data
+    stability = stages["stability/dinov2"].params
+    assert (stability.a.sae_tag, stability.b.sae_tag) == ("topk-x8-k32-s0", "topk-x8-k32-s1")
+    assert stages["stability/dinov2"].inputs["record_a"] is stages["record/dinov2"]
+    experiment = stages["experiments/segment-concepts"].params
+    assert experiment.level == "patch" and experiment.dataset_key == "demo_val" and experiment.experiment.layer == 11
+    assert stages["experiments/category-concepts"].params.level == "image"
+    splice = stages["splice/dinov2-demo_val"]
+    assert splice.params.heads == {"category": "cls", "segment": "seg"}
+    assert {role: s.name for role, s in splice.inputs.items()} == {
+        "record": "record/dinov2", "train/L11": "train/dinov2-L11", "head/category": "heads/category", "head/segment": "heads/segment"}
+
+
+def test_cache_dir_is_a_location_not_part_of_the_key(tmp_path: Path) -> None:
+    spec = parse_spec_text(yaml.safe_dump(DEMO))
+    assert [s.key for s in build_stages(spec, tmp_path)] == [s.key for s in build_stages(spec, tmp_path / "elsewhere")]
