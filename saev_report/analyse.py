@@ -51,6 +51,7 @@ import pyarrow as pa
 import torch
 
 from saev_report import progress, tables
+from saev_report.concepts import BestConcepts, ConceptLabels, ConceptStats, best_concepts
 from saev_report.spec import AnalysisSpec
 
 Batch = tuple[torch.Tensor, np.ndarray]
@@ -81,6 +82,8 @@ class AnalysisResult:
     """The `features` table (one row per feature)."""
     exemplars: pa.Table
     """The `exemplars` table (≤ top_k rows per feature, only images where it fires)."""
+    concepts: pa.Table | None = None
+    """The `concepts` table (None when the analysis had no concept labels)."""
 
 
 # --------------------------------------------------------------------------- accumulators
@@ -143,6 +146,17 @@ def fine_bins(vals: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(vals, torch.from_numpy(fine_thresholds()).to(vals.device), right=True)
 
 
+FiringEntries = tuple[torch.Tensor, torch.Tensor]
+"""(flat indices into f_nf of its non-zero entries, their values as float32)."""
+
+
+def firing_entries(f_nf: torch.Tensor) -> FiringEntries:
+    """Only firing entries cost anything beyond one pass over f: found once per batch, shared by the counters."""
+    flat = f_nf.reshape(-1)
+    idx = torch.nonzero(flat).squeeze(1)
+    return idx, flat.index_select(0, idx).float()
+
+
 class FeatureStats:
     """Per-feature firing counts, activation sums, maxima and fine log10 histograms."""
 
@@ -155,13 +169,11 @@ class FeatureStats:
         self.fine_hist_fh = torch.zeros(n_features, N_FINE_BINS, dtype=torch.int64, device=acc)
         self.thresholds = torch.from_numpy(fine_thresholds()).to(acc)
 
-    def update(self, f_nf: torch.Tensor, img_max_bf: torch.Tensor) -> int:
-        """Add a batch; returns its number of firing (patch, feature) entries."""
+    def update(self, f_nf: torch.Tensor, img_max_bf: torch.Tensor, entries: "FiringEntries | None" = None) -> int:
+        """Add a batch (with its `firing_entries`, when the caller already has them); returns its number
+        of firing (patch, feature) entries."""
         acc = self.n_fire_f.device
-        flat = f_nf.reshape(-1)
-        # Only firing entries cost anything beyond this one pass over f.
-        idx = torch.nonzero(flat).squeeze(1)
-        vals = flat.index_select(0, idx).float()
+        idx, vals = entries or firing_entries(f_nf)
         if vals.numel() and bool(vals.min() < 0):
             raise ValueError("SAE activations must be non-negative")
         feat = (idx % self.n_features).to(acc)
@@ -260,8 +272,10 @@ class ScanResult:
 
 
 @torch.inference_mode()
-def scan(batches: Iterable[Batch], sae: SAELike, top_k: int, device: torch.device, reconstruction: bool = True) -> ScanResult:
-    """The streaming pass: metrics (unless `reconstruction=False`), feature statistics, top-k images with maps."""
+def scan(batches: Iterable[Batch], sae: SAELike, top_k: int, device: torch.device, reconstruction: bool = True,
+         concepts: ConceptStats | None = None) -> ScanResult:
+    """The streaming pass: metrics (unless `reconstruction=False`), feature statistics, top-k images with maps,
+    and (given `concepts`) the concept-detection histograms."""
     n_features, d_model = int(sae.n_features), int(sae.d_model)
     recon = ReconstructionStats(d_model, device) if reconstruction else None
     stats = FeatureStats(n_features, device)
@@ -279,10 +293,13 @@ def scan(batches: Iterable[Batch], sae: SAELike, top_k: int, device: torch.devic
         f_nf = sae.encode_normalized(xn_nd)
         f_bpf = f_nf.view(n_images, patches_per_image, n_features)
         img_max_bf = f_bpf.amax(1)
-        n_active = stats.update(f_nf, img_max_bf)
+        entries = firing_entries(f_nf)
+        n_active = stats.update(f_nf, img_max_bf, entries)
         top.update(img_max_bf, f_bpf, n_images_seen)
         if recon is not None:
             recon.update(xn_nd, sae.decode_normalized(f_nf), n_active)
+        if concepts is not None:
+            concepts.update(f_bpf, img_max_bf, image_idx_b, entries)
         image_idx.append(np.asarray(image_idx_b, dtype=np.int64).reshape(n_images))
         n_images_seen += n_images
         n_patches += n_images * patches_per_image
@@ -364,7 +381,8 @@ def _nullable(values: np.ndarray) -> pa.Array:
     return pa.array(values, type=pa.float64(), mask=np.isnan(values))
 
 
-def feature_table(sae_id: str, result: ScanResult, labels: LabelStats, spec: AnalysisSpec, n_exemplars_f: np.ndarray) -> pa.Table:
+def feature_table(sae_id: str, result: ScanResult, labels: LabelStats, spec: AnalysisSpec, n_exemplars_f: np.ndarray,
+                  best: BestConcepts | None = None) -> pa.Table:
     stats = result.stats
     n_fire = stats.n_fire_f.cpu().numpy()
     n = max(result.n_patches, 1)
@@ -394,6 +412,10 @@ def feature_table(sae_id: str, result: ScanResult, labels: LabelStats, spec: Ana
         "label_purity": _nullable(labels.purity),
         "label_entropy": _nullable(labels.entropy),
     }
+    best = best or BestConcepts.none(n_features)
+    columns |= {"best_concept": pa.array(best.concept, type=pa.string()), "best_concept_ap": _nullable(best.ap),
+                "best_concept_margin": _nullable(best.margin),
+                "best_concept_level": pa.array([best.level if c is not None else None for c in best.concept], type=pa.string())}
     return tables.to_arrow("features", pa.table(columns))
 
 
@@ -450,18 +472,22 @@ def _checked_progress(batches: Iterable[Batch], description: str, n_images: int 
 
 def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], labels: Mapping[int, str | None] | None,
                 spec: AnalysisSpec, sae_id: str, dataset_key: str, device: torch.device,
-                n_images: int | None = None) -> AnalysisResult:
-    """Metrics, feature statistics and exemplars of one SAE over every patch of `batches`.
+                n_images: int | None = None, concept_labels: ConceptLabels | None = None) -> AnalysisResult:
+    """Metrics, feature statistics, exemplars and (given `concept_labels`) concept detection of one SAE over
+    every patch of `batches`.
 
     Each batch holds whole images with `grid[0] * grid[1]` patches each, raw
     (un-normalised) activations. `labels` maps dataset image index → label;
     `n_images` only sizes the progress bar.
     """
-    result = scan(_checked_progress(batches, f"analyse {sae_id}", n_images, grid), sae, spec.top_k, device)
+    concepts = ConceptStats(concept_labels, int(sae.n_features), device) if concept_labels is not None else None
+    result = scan(_checked_progress(batches, f"analyse {sae_id}", n_images, grid), sae, spec.top_k, device, concepts=concepts)
     ex = exemplars(result.top, result.image_idx)
     image_fk = np.full((int(sae.n_features), spec.top_k), -1, dtype=np.int64)
     image_fk[ex.feature_n, ex.rank_n] = ex.image_idx_n
-    features = feature_table(sae_id, result, label_stats(image_fk, labels), spec, (image_fk >= 0).sum(1))
+    concept_table = concepts.table(sae_id) if concepts is not None else None
+    best = best_concepts(concept_table, int(sae.n_features)) if concept_table is not None else None
+    features = feature_table(sae_id, result, label_stats(image_fk, labels), spec, (image_fk >= 0).sum(1), best)
 
     n_fire = result.stats.n_fire_f.cpu().numpy()
     assert result.recon is not None
@@ -471,7 +497,7 @@ def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], l
         "n_dead": int((n_fire == 0).sum()),
         "n_dense": int((n_fire / max(result.n_patches, 1) > spec.dense_threshold).sum()),
     }
-    return AnalysisResult(metrics, features, exemplar_table(sae_id, dataset_key, ex, grid))
+    return AnalysisResult(metrics, features, exemplar_table(sae_id, dataset_key, ex, grid), concept_table)
 
 
 def store_batches(store, images_per_batch: int) -> Iterator[Batch]:
@@ -485,16 +511,16 @@ def store_batches(store, images_per_batch: int) -> Iterator[Batch]:
 
 
 def analyse_store(store, sae: SAELike, labels: Mapping[int, str | None] | None, spec: AnalysisSpec, sae_id: str,
-                  dataset_key: str, device: torch.device) -> AnalysisResult:
+                  dataset_key: str, device: torch.device, concept_labels: ConceptLabels | None = None) -> AnalysisResult:
     """`analyse_sae` over the patch tokens of an activation store."""
     images_per_batch = max(1, spec.batch_size // store.meta.n_patches)
     return analyse_sae(store_batches(store, images_per_batch), sae, (store.meta.grid_h, store.meta.grid_w), labels,
-                       spec, sae_id, dataset_key, device, n_images=store.n_images)
+                       spec, sae_id, dataset_key, device, n_images=store.n_images, concept_labels=concept_labels)
 
 
 def write_analysis(result: AnalysisResult, out_dir: Path, spec_hash: str, stem: str = "part") -> dict[str, Path]:
-    """Write the `features` and `exemplars` parts (the `saes` row also needs training info: the caller's)."""
-    return {
-        "features": tables.write_table(Path(out_dir) / "features" / f"{stem}.parquet", "features", result.features, spec_hash),
-        "exemplars": tables.write_table(Path(out_dir) / "exemplars" / f"{stem}.parquet", "exemplars", result.exemplars, spec_hash),
-    }
+    """Write the `features`, `exemplars` and `concepts` parts (the `saes` row also needs training info: the caller's)."""
+    parts = {"features": result.features, "exemplars": result.exemplars}
+    if result.concepts is not None:
+        parts["concepts"] = result.concepts
+    return {name: tables.write_table(Path(out_dir) / name / f"{stem}.parquet", name, table, spec_hash) for name, table in parts.items()}

@@ -97,8 +97,8 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
                 model_key=model_key, layer=layer, sae=spec.sae, seed=run.seed, device=run.device, **common),
                 {"record": record[model_key]})
             analyse[(model_key, layer)] = Stage(ANALYSE, label, AnalyseParams(
-                model_key=model_key, layer=layer, dataset_key=rec.dataset, sae=spec.sae, analysis=spec.analysis,
-                device=run.device, **common),
+                model_key=model_key, layer=layer, dataset_key=rec.dataset, dataset=spec.datasets[rec.dataset], sae=spec.sae,
+                analysis=spec.analysis, seed=run.seed, device=run.device, **common),
                 {"record": record[model_key], "train": train[(model_key, layer)], "images": images[rec.dataset]})
             stages += [train[(model_key, layer)], analyse[(model_key, layer)]]
 

@@ -134,6 +134,30 @@ TABLES: dict[str, TableDef] = {
             ("top_label", pa.string(), "Most common label among the exemplar images (null without labels)."),
             ("label_purity", pa.float64(), "Fraction of exemplar images carrying `top_label` (trivially high when `n_exemplars` is small: filter on it)."),
             ("label_entropy", pa.float64(), "Entropy (bits) of the exemplar label distribution."),
+            ("best_concept", pa.string(), "Concept the feature detects best by AP (`concepts` table): patch level when the dataset has masks, else image level; null without either."),
+            ("best_concept_ap", pa.float64(), "AP of `best_concept`."),
+            ("best_concept_margin", pa.float64(), "`best_concept_ap` minus the AP of the second-best concept at the same level."),
+            ("best_concept_level", pa.string(), "`patch` or `image`: the level `best_concept` was chosen at."),
+        ),
+        _table(
+            "concepts",
+            "How well every feature detects every labelled concept: one row per (SAE, feature, concept, level). "
+            "Patch level: the feature's activation at a patch as a detector of the patch's concept, where a patch belongs "
+            "to concept c when c covers at least half of its pixels (mask classes, background included). Image level: the "
+            "image's maximum activation as a detector of its class label.",
+            ("sae_id", pa.string(), "SAE id."),
+            ("feature", pa.int32(), "Feature index."),
+            ("concept", pa.string(), "Concept name (a mask class at patch level, a class label at image level)."),
+            ("level", pa.string(), "`patch` or `image`."),
+            ("ap", pa.float64(), "Average precision of the activation as a detector of the concept (activations on a fine log10 grid, ties grouped as in sklearn)."),
+            ("iou", pa.float64(), "Best IoU over thresholds between {activation ≥ threshold} and the concept's samples (network dissection)."),
+            ("threshold", pa.float64(), "Activation threshold of `iou` (0: wherever the feature fires)."),
+            ("support", pa.int64(), "Samples (patches or images) of the concept."),
+            ("null_ap", pa.float64(), "`ap` with the concept labels permuted across images (seeded): what chance looks like."),
+            ("ap_low", pa.float64(), "Lower bound of the AP of the unbinned activations (the order inside each bin unknown)."),
+            ("ap_high", pa.float64(), "Upper bound of the AP of the unbinned activations."),
+            ("base_rate", pa.float64(), "support / samples: the AP of a detector that knows nothing."),
+            ("null_iou", pa.float64(), "`iou` under the permuted labels."),
         ),
         _table(
             "exemplars",

@@ -1,11 +1,11 @@
-"""Stage `analyse`: metrics, per-feature statistics and exemplars of every SAE of a (model, layer)."""
+"""Stage `analyse`: metrics, per-feature statistics, exemplars and concept detection of every SAE of a (model, layer)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from saev_report.spec import AnalysisSpec, SAESpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, table_part, take
+from saev_report.spec import AnalysisSpec, DatasetSpec, SAESpec
+from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_dataset, table_part, take
 from saev_report.stages.images import ImagesOut
 from saev_report.stages.record import RecordOut
 from saev_report.stages.train import TrainOut
@@ -16,9 +16,13 @@ class AnalyseParams(StageParams):
     layer: int
     dataset_key: str
     """The record dataset (named in the exemplar rows)."""
+    dataset: DatasetSpec
+    """Its spec: the masks and class labels concept detection scores features against."""
     sae: SAESpec
     """The sweep, to know which SAEs the train input holds and their settings."""
     analysis: AnalysisSpec
+    seed: int
+    """Seed of the permuted-label null."""
     device: str
 
 
@@ -42,6 +46,7 @@ class AnalyseOut(StageOut):
 
 def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     from saev_report.analyse import analyse_store, write_analysis
+    from saev_report.concepts import dataset_labels
     from saev_report.progress import log
     from saev_report.runtime import pick_device
     from saev_report.spec import sae_id, sae_sweep
@@ -52,10 +57,14 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     saes = take(inputs, "train", TrainOut)
     labels = take(inputs, "images", ImagesOut).labels()
     labels_or_none = labels if any(v is not None for v in labels.values()) else None
+    # Mask classes per patch, read once for every SAE of the sweep (memory-mapped).
+    concept_labels = dataset_labels(open_dataset(params.dataset_key, params.dataset, params.cache_dir),
+                                    (store.meta.grid_h, store.meta.grid_w), params.seed, out_dir / "concepts" / "patch_labels.npy")
     rows = []
     for config in sae_sweep(params.sae):
         sid = sae_id(params.model_key, params.layer, config)
-        result = analyse_store(store, saes.sae(config.tag, device), labels_or_none, params.analysis, sid, params.dataset_key, device)
+        result = analyse_store(store, saes.sae(config.tag, device), labels_or_none, params.analysis, sid, params.dataset_key, device,
+                               concept_labels=concept_labels)
         write_analysis(result, out_dir / "tables", params.digest(), stem=config.tag)
         trained = saes.sae_config(config.tag)
         rows.append({
@@ -68,4 +77,4 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
 
 
-ANALYSE = StageKind(name="analyse", version=2, params=AnalyseParams, out=AnalyseOut, action=analyse)
+ANALYSE = StageKind(name="analyse", version=3, params=AnalyseParams, out=AnalyseOut, action=analyse)
