@@ -251,6 +251,9 @@ def run_experiment(
     head = head.to(backbone.device).eval()
     ranked = ranked_features(concept_rows, sae_id, level)
     wanted = [c for c in ranked if class_index(head.classes, c) is not None and (concepts is None or c in concepts)]
+    if not wanted:
+        log(f"  [yellow]experiment {name}[/]: no {level}-level concept of {sae_id} is a class of head {head_key} "
+            f"(concepts: {', '.join(list(ranked)[:5]) or 'none'}; head classes: {', '.join(head.classes[:5])}); nothing to test")
     seg_classes = dataset.seg_classes or []
     grid, n_seg = backbone.layout.grid, len(seg_classes)
     needs_masks = level == "patch" or "concept" in wheres
