@@ -34,7 +34,7 @@ from torch import Tensor
 
 from saev_report.backbones import Backbone
 from saev_report.datasets import BadImage, ImageDataset
-from saev_report.edits import CapturedImage, FeatureEdit, SAELike, capture_image, class_index, matched_control, resume_edits
+from saev_report.edits import CapturedImage, FeatureEdit, SAELike, class_index, matched_control, resume_edits
 from saev_report.heads import IGNORE, LinearHead, confusion_matrix, mask_like_image, patch_targets, scores_from_confusion, upsampled_logits
 from saev_report.progress import log, track
 
@@ -240,8 +240,12 @@ def run_experiment(
     n_images: int,
     concepts: Sequence[str] | None = None,
     seed: int = 0,
+    tokens_cache: dict[int, tuple[Tensor, Tensor, tuple[int, int]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the `experiments` table for one (SAE, head): every concept × arm × m × factor × where × image.
+
+    `tokens_cache` (position → layer-L tokens, final tokens, image size) lets several SAEs of one
+    layer share each image's forward pass, which is most of an experiment's cost.
 
     `concept_rows` are `concepts` table rows (sae_id, feature, concept, level, ap); `feature_rows` are
     the SAE's `features` rows by feature (freq, dead) for the frequency-matched controls. Concepts are
@@ -276,12 +280,11 @@ def run_experiment(
 
     rows: list[dict[str, Any]] = []
     for position in track(sorted(jobs), f"experiment {name}", unit="img"):
-        try:
-            pixels_3hw = backbone.preprocess(dataset.image(position))
-        except BadImage:
+        tokens = layer_tokens(backbone, dataset, position, layer, tokens_cache)
+        if tokens is None:
             continue
-        captured = capture_image(backbone, sae, pixels_3hw, layer)
-        size = tuple(pixels_3hw.shape[-2:])
+        acts_td, final_td, size = tokens
+        captured = CapturedImage(layer, acts_td, final_td, sae.encode(acts_td[backbone.layout.patch_slice]))
         edits = []
         for concept, trial in jobs[position]:
             seg_id = class_index(seg_classes, concept)
@@ -303,6 +306,23 @@ def run_experiment(
                 "dataset": dataset.key, "image_idx": dataset.records[position].index, **measure,
             })
     return rows
+
+
+@torch.no_grad()
+def layer_tokens(backbone: Backbone, dataset: ImageDataset, position: int, layer: int,
+                 cache: dict[int, tuple[Tensor, Tensor, tuple[int, int]]] | None) -> tuple[Tensor, Tensor, tuple[int, int]] | None:
+    """(tokens at layer L, final tokens, image size) of one image, from `cache` when there; None if unreadable."""
+    if cache is not None and position in cache:
+        return cache[position]
+    try:
+        pixels_3hw = backbone.preprocess(dataset.image(position))
+    except BadImage:
+        return None
+    captured = backbone.capture(pixels_3hw[None].to(backbone.device), [layer], final=True)
+    tokens = (captured[layer][0], captured["final"][0], (int(pixels_3hw.shape[-2]), int(pixels_3hw.shape[-1])))
+    if cache is not None:
+        cache[position] = tokens
+    return tokens
 
 
 def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -197,9 +197,10 @@ def test_editing_a_planted_concept_removes_it_and_the_controls_do_not(backbone, 
     again = ex.run_experiment(
         name="plant", backbone=backbone, sae=sae, sae_id=SID, head=head, head_key="seg", dataset=dataset, layer=N_LAYERS,
         concept_rows=concepts, feature_rows=features, level="patch", ms=[1, 2], factors=[1.0, 0.0, -2.0],
-        wheres=["all", "concept"], controls=["random", "other"], n_images=3, seed=0,
+        wheres=["all", "concept"], controls=["random", "other"], n_images=3, seed=0, tokens_cache=(cache := {}),
     )
-    assert again == rows  # deterministic, controls included
+    assert again == rows  # deterministic, controls included, and a shared forward pass changes nothing
+    assert sorted(cache) == [0, 1, 2]
 
 
 def test_image_level_concepts_score_the_class_probability(backbone, tmp_path):

@@ -46,6 +46,7 @@ def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
     dataset = open_dataset(params.dataset_key, params.dataset, params.cache_dir)
     head = take(inputs, "head", HeadOut).head(device)
     analysis = take(inputs, "analyse", AnalyseOut)
+    tokens_cache: dict = {}  # the SAEs share each image's forward pass
     for choice in params.saes:
         concepts = analysis.concepts(choice.sae_tag)
         if not concepts:
@@ -56,7 +57,7 @@ def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
             head=head, head_key=exp.head, dataset=dataset, layer=params.layer, concept_rows=concepts,
             feature_rows={int(r["feature"]): r for r in analysis.features(choice.sae_tag)}, level=params.level, ms=exp.m,
             factors=exp.factors, wheres=exp.where, controls=exp.controls, n_images=exp.n_images, concepts=exp.concepts,
-            seed=params.seed,
+            seed=params.seed, tokens_cache=tokens_cache,
         )
         write_table(table_part(out_dir, "experiments", choice.sae_tag), "experiments", rows, params.digest())
         log_summary(exp.name, choice.sae_id, summarise(rows))
