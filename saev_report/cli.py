@@ -168,10 +168,10 @@ def plan(
 @app.command()
 def build(
     spec: SpecArg,
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these stage kinds (and what they need): images, record, train, analyse, tokens, heads, edits, compare, stability.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these stage kinds (and what they need): images, record, train, analyse, tokens, heads, edits, experiments, splice, compare, stability.")] = None,
     no_site: Annotated[bool, typer.Option("--no-site", help="Skip rendering the site.")] = False,
 ) -> None:
-    """Run the pipeline: record → train → analyse → tokens → heads → edits → compare → tables → site.
+    """Run the pipeline: record → train → analyse → tokens → heads → edits → experiments → splice → compare → tables → site.
 
     Finished stages are cached by content hash and skipped; a killed build resumes.
     """
@@ -206,7 +206,7 @@ class Format(str, Enum):
 @app.command()
 def query(
     run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/demo.", show_default=False)],
-    sql: Annotated[str, typer.Argument(help="One read-only SQL statement over the tables (images, saes, train_log, features, exemplars, heads, edits, matches).", show_default=False)],
+    sql: Annotated[str, typer.Argument(help="One read-only SQL statement over the tables (images, saes, train_log, features, exemplars, concepts, heads, edits, experiments, matches).", show_default=False)],
     format: Annotated[Format, typer.Option("--format", "-f", help="Output format. In csv, list columns are JSON arrays.")] = Format.table,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file (required for parquet).")] = None,
     limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 40,

@@ -79,6 +79,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("edits[]", spec_module.EditSpec),
     ("edits[].explicit[]", spec_module.ExplicitEdit),
     ("edits[].generate", spec_module.GeneratedEdits),
+    ("experiments[]", spec_module.ExperimentSpec),
     ("compare[]", spec_module.CompareSpec),
     ("stability[]", spec_module.StabilitySpec),
     ("report", spec_module.ReportSpec),

@@ -15,9 +15,11 @@ from saev_report.stages import Stage
 from saev_report.stages.analyse import ANALYSE, AnalyseParams
 from saev_report.stages.compare import COMPARE, STABILITY, MatchParams, SAERef
 from saev_report.stages.edits import EDITS, EditParams
+from saev_report.stages.experiments import EXPERIMENTS, ExperimentParams, SAEChoice
 from saev_report.stages.heads import HEADS, HeadParams
 from saev_report.stages.images import IMAGES, ImagesParams
 from saev_report.stages.record import RECORD, RecordParams
+from saev_report.stages.splice import SPLICE, SpliceParams
 from saev_report.stages.tokens import TOKENS, TokensParams
 from saev_report.stages.train import TRAIN, TrainParams
 
@@ -32,7 +34,7 @@ def used_datasets(spec: Spec) -> list[str]:
     used = {spec.record.dataset}
     for head in spec.heads.values():
         used.update(d for d in (head.train, head.val) if d)
-    for edit in spec.edits:
+    for edit in [*spec.edits, *spec.experiments]:
         used.add(edit_dataset(spec, edit.head, edit.dataset))
     return sorted(used)
 
@@ -62,6 +64,22 @@ def seed_twin(spec: Spec) -> SAEConfig:
     """The sweep's first SAE trained with another seed (what `stability` compares against)."""
     first, *rest = sae_sweep(spec.sae)
     return next(c for c in rest if c.seed != first.seed and (c.expansion, c.l1_coeff, c.k) == (first.expansion, first.l1_coeff, first.k))
+
+
+SPLICE_PREFIX = {"classification": "cls", "segmentation": "seg"}
+
+
+def splice_groups(spec: Spec) -> dict[tuple[str, str], dict[str, str]]:
+    """(model, validation dataset) → {head key: column prefix} for the model's first head of each task:
+    the heads the `saes` splice columns score. Heads on one dataset share one splice stage."""
+    first: dict[tuple[str, str], str] = {}
+    for key, head in spec.heads.items():
+        first.setdefault((head.model, head.task), key)
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for (model_key, task), key in first.items():
+        head = spec.heads[key]
+        groups.setdefault((model_key, head.val or head.train), {})[key] = SPLICE_PREFIX[task]
+    return groups
 
 
 def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
@@ -130,6 +148,27 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
             seed=run.seed, device=run.device, **common),
             {"head": heads[edit.head], "train": train[(edit.model, layer)], "analyse": analyse[(edit.model, layer)],
              "record": record[edit.model], "tokens": tokens[edit.model]}))
+
+    configs = sae_sweep(spec.sae)
+    for exp in spec.experiments:
+        layer = exp.layer or spec.models[exp.model].layers[0]
+        ds_key = edit_dataset(spec, exp.head, exp.dataset)
+        stages.append(Stage(EXPERIMENTS, exp.name, ExperimentParams(
+            experiment=exp.model_copy(update={"layer": layer, "dataset": ds_key}), layer=layer,
+            level="patch" if spec.heads[exp.head].task == "segmentation" else "image",
+            saes=[SAEChoice(sae_tag=configs[i].tag, sae_id=sae_id(exp.model, layer, configs[i])) for i in exp.saes],
+            model=_model(spec, exp.model), dataset_key=ds_key, dataset=spec.datasets[ds_key], seed=run.seed, device=run.device,
+            **common),
+            {"head": heads[exp.head], "train": train[(exp.model, layer)], "analyse": analyse[(exp.model, layer)]}))
+
+    for (model_key, ds_key), head_keys in splice_groups(spec).items():
+        if model_key not in record:
+            continue  # an unrecorded model has no SAE to splice
+        inputs = {"record": record[model_key], **{f"train/L{layer}": train[(model_key, layer)] for layer in spec.models[model_key].layers},
+                  **{f"head/{key}": heads[key] for key in head_keys}}
+        stages.append(Stage(SPLICE, f"{model_key}-{ds_key}", SpliceParams(
+            model_key=model_key, model=_model(spec, model_key), heads=head_keys, sae=spec.sae, dataset_key=ds_key,
+            dataset=spec.datasets[ds_key], batch_size=rec.batch_size, seed=run.seed, device=run.device, **common), inputs))
 
     for cmp in spec.compare:
         config = first_sae(spec)

@@ -257,12 +257,16 @@ class RecordSpec(SpecModel):
 # --------------------------------------------------------------------------- SAEs
 
 
+SAEKind = Literal["relu", "topk", "batchtopk"]
+
+
 class SAESpec(SpecModel):
     """The SAE sweep: one SAE per combination of the list-valued fields, for every recorded
     (model, layer). All SAEs of a (model, layer) train in one pass over the activations."""
 
-    kind: Literal["relu", "topk", "batchtopk"] = "relu"
-    """`relu` (the paper: ReLU + L1), `topk`, or `batchtopk` (saved with a fixed threshold)."""
+    kind: SAEKind | list[SAEKind] = "relu"
+    """`relu` (the paper: ReLU + L1), `topk`, or `batchtopk` (saved with a fixed threshold); a list
+    (`[topk, relu]`) sweeps several kinds, each with its own sparsity list (`k` or `l1_coeff`)."""
     expansion: list[int] = Field(default_factory=lambda: [32], min_length=1)
     """Dictionary width as a multiple of the model width (paper: 32 → 24,576 for d=768)."""
     l1_coeff: list[float] = Field(default_factory=lambda: [4e-4], min_length=1)
@@ -287,6 +291,18 @@ class SAESpec(SpecModel):
     """Decode and back-propagate through active features only (faster; same maths)."""
     log_every: int = Field(default=20, gt=0)
     """Steps between rows of the `train_log` table."""
+
+    @property
+    def kinds(self) -> list[str]:
+        """The swept kinds, in spec order."""
+        return [self.kind] if isinstance(self.kind, str) else list(self.kind)
+
+    @field_validator("kind")
+    @classmethod
+    def _kinds_unique(cls, kind: str | list[str]) -> str | list[str]:
+        if isinstance(kind, list) and (not kind or len(set(kind)) != len(kind)):
+            raise ValueError("list each SAE kind once (at least one)")
+        return kind
 
     @field_validator("expansion", "k")
     @classmethod
@@ -416,6 +432,51 @@ class EditSpec(SpecModel):
         return self
 
 
+# --------------------------------------------------------------------------- experiments
+
+ExperimentArm = Literal["random", "other"]
+
+
+class ExperimentSpec(SpecModel):
+    """Concept-suppression experiments: each concept's top-m features by AP (from the `concepts`
+    table) scaled by each factor, against controls of the same size, scored by a frozen head."""
+
+    name: Name
+    """Experiment name (used in addresses and the `experiments` table)."""
+    model: str
+    """Model key."""
+    head: str
+    """Head key (its model must be this model). A segmentation head tests patch-level concepts
+    (mask classes, background included), a classification head image-level ones (class labels)."""
+    layer: int | None = None
+    """Layer of the SAEs to edit with; default: the model's first recorded layer."""
+    saes: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """Which SAEs of the sweep (indices in sweep order) to test, e.g. a TopK and a ReLU one."""
+    dataset: str | None = None
+    """Dataset of images to edit; default: the head's validation data."""
+    m: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    """Numbers of top features edited together."""
+    factors: list[float] = Field(default_factory=lambda: [1.0, 0.0, -1.0, -2.0], min_length=1)
+    """Factors the features are scaled by: 1 is no edit, 0 suppresses, below 0 pushes them negative."""
+    where: list[Literal["all", "concept"]] = Field(default_factory=lambda: ["all"], min_length=1)
+    """Edit every patch, and/or only the patches whose ground-truth class is the concept (needs masks)."""
+    controls: list[ExperimentArm] = Field(default_factory=lambda: ["random", "other"])
+    """`random`: frequency-matched random features; `other`: the same number of top features of
+    another concept (the next one in name order)."""
+    n_images: int = Field(default=8, gt=0)
+    """Images per concept: the first ones of the dataset that show it (labelled with it, or with
+    at least one patch of it)."""
+    concepts: list[str] | None = None
+    """Concepts to test; default every concept of the level that the head predicts."""
+
+    @field_validator("m")
+    @classmethod
+    def _m_positive(cls, values: list[int]) -> list[int]:
+        if any(v <= 0 for v in values):
+            raise ValueError("every m must be positive")
+        return values
+
+
 # --------------------------------------------------------------------------- compare
 
 
@@ -477,6 +538,8 @@ class Spec(SpecModel):
     """Task heads by key."""
     edits: list[EditSpec] = Field(default_factory=list)
     """Interventions."""
+    experiments: list[ExperimentSpec] = Field(default_factory=list)
+    """Concept-suppression experiments with dose-response and controls."""
     compare: list[CompareSpec] = Field(default_factory=list)
     """Cross-model comparisons."""
     stability: list[StabilitySpec] = Field(default_factory=list)
@@ -653,6 +716,8 @@ def cross_check(spec: Spec, check_paths: bool = True) -> list[tuple[tuple[Any, .
         n_saes = len(sae_sweep(spec.sae))
         if edit.sae >= n_saes:
             problems.append((("edits", i, "sae"), f"the sweep has {n_saes} SAE(s); index {edit.sae} is out of range"))
+    for i, exp in enumerate(spec.experiments):
+        problems += _check_experiment(spec, i, exp, models, datasets, recorded)
     for i, cmp in enumerate(spec.compare):
         need("model", recorded, cmp.a, ("compare", i, "a"))
         need("model", recorded, cmp.b, ("compare", i, "b"))
@@ -671,6 +736,37 @@ def cross_check(spec: Spec, check_paths: bool = True) -> list[tuple[tuple[Any, .
         for key, model in spec.models.items():
             if model.source and _looks_local(model.source) and not Path(model.source).exists():
                 problems.append((("models", key, "source"), f"local model path {model.source!r} does not exist"))
+    return problems
+
+
+def _check_experiment(spec: Spec, i: int, exp: ExperimentSpec, models: set[str], datasets: set[str], recorded: set[str]) -> list[tuple[tuple[Any, ...], str]]:
+    """An experiment's references: its model is recorded, its head reads it, its SAEs and layer exist,
+    and `where: concept` has masks to find the concept's patches in."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    loc = ("experiments", i)
+    if exp.model not in models:
+        problems.append(((*loc, "model"), f"model {exp.model!r} is not declared (declared: {', '.join(sorted(models))})"))
+    elif exp.model not in recorded:
+        problems.append(((*loc, "model"), f"model {exp.model!r} is not recorded, so it has no SAE"))
+    head = spec.heads.get(exp.head)
+    if head is None:
+        problems.append(((*loc, "head"), f"head {exp.head!r} is not declared (declared: {', '.join(sorted(spec.heads)) or 'none'})"))
+    elif head.model != exp.model:
+        problems.append(((*loc, "head"), f"head {exp.head!r} reads model {head.model!r}, not {exp.model!r}"))
+    if exp.dataset is not None and exp.dataset not in datasets:
+        problems.append(((*loc, "dataset"), f"dataset {exp.dataset!r} is not declared (declared: {', '.join(sorted(datasets))})"))
+    model = spec.models.get(exp.model)
+    if model is not None and exp.layer is not None and exp.layer not in model.layers:
+        problems.append(((*loc, "layer"), f"layer {exp.layer} is not recorded for {exp.model!r} (layers {model.layers})"))
+    n_saes = len(sae_sweep(spec.sae))
+    for j, index in enumerate(exp.saes):
+        if not 0 <= index < n_saes:
+            problems.append(((*loc, "saes", j), f"the sweep has {n_saes} SAE(s); index {index} is out of range"))
+    ds_key = exp.dataset or (head.val or head.train if head is not None else None)
+    ds = spec.datasets.get(ds_key) if ds_key else None
+    has_masks = ds is not None and ds.kind in ("demo", "seg_folder", "ade20k")
+    if ds is not None and not has_masks and (head is not None and head.task == "segmentation" or "concept" in exp.where):
+        problems.append(((*loc, "where" if "concept" in exp.where else "head"), f"dataset {ds_key!r} ({ds.kind}) has no masks to find the concept's patches in"))
     return problems
 
 
@@ -704,15 +800,14 @@ def sae_id(model_key: str, layer: int, config: SAEConfig) -> str:
 
 
 def sae_sweep(sae: SAESpec) -> list[SAEConfig]:
-    """Expand the sweep lists in a fixed order (expansion, sparsity, seed)."""
-    sparsities: list[tuple[float, int]] = (
-        [(l1, 0) for l1 in sae.l1_coeff] if sae.kind == "relu" else [(0.0, k) for k in sae.k]
-    )
+    """Expand the sweep lists in a fixed order (kind, expansion, sparsity, seed)."""
     configs = []
-    for expansion in sae.expansion:
-        for l1, k in sparsities:
-            for seed in sae.seeds:
-                configs.append(SAEConfig(len(configs), sae.kind, expansion, l1, k, seed))
+    for kind in sae.kinds:
+        sparsities: list[tuple[float, int]] = [(l1, 0) for l1 in sae.l1_coeff] if kind == "relu" else [(0.0, k) for k in sae.k]
+        for expansion in sae.expansion:
+            for l1, k in sparsities:
+                for seed in sae.seeds:
+                    configs.append(SAEConfig(len(configs), kind, expansion, l1, k, seed))
     return configs
 
 

@@ -47,6 +47,22 @@ def _table(name: str, doc: str, *columns: tuple[str, pa.DataType, str]) -> Table
     return TableDef(name, doc, tuple(Column(*c) for c in columns))
 
 
+def _splice_columns(prefix: str, metric: str, head: str) -> list[tuple[str, pa.DataType, str]]:
+    """`saes` columns of the spliced task metric for the model's first head of one task."""
+    return [
+        (f"{prefix}_head", pa.string(), f"The model's first {head} in the spec (null if none): the head the next four columns score."),
+        (f"{prefix}_clean", pa.float64(), f"Its validation {metric} on the unedited model."),
+        (f"{prefix}_spliced", pa.float64(), f"Its {metric} with the patch tokens at the SAE's layer replaced by x̂ (no error term)."),
+        (f"{prefix}_ablated", pa.float64(), f"Its {metric} with them replaced by the mean activation."),
+        (f"{prefix}_recovered", pa.float64(), "(spliced − ablated) / (clean − ablated): the share of the head's skill the SAE keeps."),
+    ]
+
+
+KEYED_TABLES = {"saes": "sae_id"}
+"""Tables whose parts from different stages add columns to the same rows: `saes` gets its metrics
+from `analyse` and its spliced task metrics from `splice`; the view merges them by key."""
+
+
 TABLES: dict[str, TableDef] = {
     t.name: t
     for t in [
@@ -82,6 +98,8 @@ TABLES: dict[str, TableDef] = {
             ("fvu", pa.float64(), "Σ‖x−x̂‖² / Σ‖x−x̄‖² over all patches (centred fraction of variance unexplained)."),
             ("n_dead", pa.int64(), "Features that never fire on the evaluation set."),
             ("n_dense", pa.int64(), "Features firing on more than `analysis.dense_threshold` of patches."),
+            *_splice_columns("cls", "accuracy", "classification head"),
+            *_splice_columns("seg", "mIoU", "segmentation head"),
         ),
         _table(
             "train_log",
@@ -202,6 +220,42 @@ TABLES: dict[str, TableDef] = {
             ("after_map", pa.list_(pa.int32()), "Segmentation: predicted class per patch after."),
         ),
         _table(
+            "experiments",
+            "Concept-suppression experiments: one row per (SAE, head, concept, arm, m, factor, where, image).",
+            ("experiment", pa.string(), "Experiment name from the spec."),
+            ("sae_id", pa.string(), "SAE edited with."),
+            ("head", pa.string(), "Head key."),
+            ("task", pa.string(), "`classification` or `segmentation`."),
+            ("level", pa.string(), "Concept level: `patch` (mask classes) or `image` (class labels)."),
+            ("concept", pa.string(), "The concept under test (a head class)."),
+            ("arm", pa.string(), "`concept` (its top-m features by AP), `random` (frequency-matched random features) or `other` (another concept's top-m)."),
+            ("arm_source", pa.string(), "Whose features the arm edits: the concept, the other concept, or null (random)."),
+            ("m", pa.int32(), "Number of features edited."),
+            ("factor", pa.float64(), "Features scaled by this (1 = no edit, 0 = suppressed, < 0 pushed negative)."),
+            ("where", pa.string(), "`all` patches, or only the `concept`'s ground-truth patches."),
+            ("features", pa.list_(pa.int32()), "Edited features."),
+            ("n_patches_edited", pa.int32(), "Patches the edit was applied to."),
+            ("dataset", pa.string(), "Dataset of the image."),
+            ("image_idx", pa.int64(), "Edited image."),
+            ("concept_px_before", pa.int64(), "Segmentation: pixels predicted as the concept before."),
+            ("concept_px_after", pa.int64(), "Segmentation: pixels predicted as the concept after."),
+            ("concept_px_removed", pa.int64(), "Segmentation: pixels predicted as the concept before and as something else after."),
+            ("removed_frac", pa.float64(), "Segmentation: concept_px_removed / concept_px_before (null if the concept was not predicted)."),
+            ("other_px_changed", pa.int64(), "Segmentation: pixels not predicted as the concept before whose class changed."),
+            ("other_changed_frac", pa.float64(), "Segmentation: other_px_changed / image_px (the side effect, as a fraction of the image)."),
+            ("image_px", pa.int64(), "Segmentation: pixels of the prediction (model input resolution)."),
+            ("class_px_delta", pa.list_(pa.int64()), "Segmentation: change of every class's predicted pixels (by class index)."),
+            ("before_map", pa.list_(pa.int32()), "Segmentation: predicted class per patch before."),
+            ("after_map", pa.list_(pa.int32()), "Segmentation: predicted class per patch after."),
+            ("p_before", pa.float64(), "Classification: the concept's probability before."),
+            ("p_after", pa.float64(), "Classification: the concept's probability after."),
+            ("p_delta", pa.float64(), "Classification: p_after − p_before."),
+            ("other_p_delta", pa.float64(), "Classification: mean absolute change of the other classes' probabilities."),
+            ("top1_before", pa.int32(), "Classification: top class index before."),
+            ("top1_after", pa.int32(), "Classification: top class index after."),
+            ("flipped", pa.bool_(), "Classification: the top class changed."),
+        ),
+        _table(
             "matches",
             "Best match of every feature of one SAE among the features of another.",
             ("comparison", pa.string(), "`<a>~<b>` for models, `<model>~seeds` for stability."),
@@ -310,7 +364,14 @@ def connect(run_dir: Path, memory_limit: str | None = None, threads: int | None 
         raise QueryError(f"cannot open the tables: {str(exc).strip()}") from None
     for name, files in parts.items():
         declared = TABLES[name].schema if name in TABLES else None
-        con.register(name, ds.dataset([str(f) for f in files], format="parquet", schema=declared))
+        source = ds.dataset([str(f) for f in files], format="parquet", schema=declared)  # missing columns read as null
+        key = KEYED_TABLES.get(name)
+        if key is None:
+            con.register(name, source)
+        else:  # one row per key; any_value skips the nulls of parts that lack a column
+            con.register(f"_{name}_parts", source)
+            cols = ", ".join(f'any_value("{c.name}") AS "{c.name}"' for c in TABLES[name].columns if c.name != key)
+            con.execute(f'CREATE VIEW "{name}" AS SELECT "{key}", {cols} FROM "_{name}_parts" GROUP BY "{key}" ORDER BY "{key}"')
     for name, table_def in TABLES.items():
         if name not in parts:  # empty, with the declared columns, so queries never fail on absence
             con.register(name, table_def.schema.empty_table())

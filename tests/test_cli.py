@@ -53,7 +53,7 @@ def test_query_formats(run_dir: Path, tmp_path: Path) -> None:
 def full_run(tmp_path_factory) -> Path:
     """Every table, list columns included (synthetic values)."""
     run = tmp_path_factory.mktemp("full")
-    write_synthetic_run(run, SyntheticRun(saes=[SyntheticSAE("dino", 12), SyntheticSAE("clip", 12, seed=1)], n_images=6, image_px=32, grid=(3, 3), top_k=3))
+    write_synthetic_run(run, SyntheticRun(saes=[SyntheticSAE("dino", 12), SyntheticSAE("clip", 12, seed=1)], n_images=6, image_px=32, grid=(3, 3), top_k=3, experiments=True))
     return run
 
 

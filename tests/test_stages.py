@@ -38,9 +38,12 @@ RECORD_DINO = {"record/dinov2", "train/dinov2-L11", "analyse/dinov2-L11"}
 RECORD_RANDOM = {"record/random", "train/random-L11", "analyse/random-L11"}
 TOKENS = {"tokens/dinov2"}
 HEADS = {"heads/category", "heads/segment"}
-EDITS = {"edits/suppress-category", "edits/suppress-evidence", "edits/suppress-segment"}
+EDITS = {"edits/suppress-evidence"}
+EXPERIMENTS = {"experiments/segment-concepts", "experiments/category-concepts"}
+SPLICE = {"splice/dinov2-demo_val"}
+EDITS |= EXPERIMENTS  # experiments read what edits read: a head, the SAEs and their analysis
 MATCHES = {"compare/dinov2~random", "stability/dinov2"}
-EVERYTHING_SEEDED = RECORD_DINO | RECORD_RANDOM | TOKENS | HEADS | EDITS | MATCHES
+EVERYTHING_SEEDED = RECORD_DINO | RECORD_RANDOM | TOKENS | HEADS | EDITS | MATCHES | SPLICE
 
 CASES = [
     # (field, new value, stages whose key must change: no more, no fewer)
@@ -55,14 +58,15 @@ CASES = [
     ("record.shard_mb", 64, EVERYTHING_SEEDED),
     ("models.random.layers", [10], {"record/random", "train/random-L10", "analyse/random-L10", "train/random-L11",
                                     "analyse/random-L11", "compare/dinov2~random"}),  # L11 gone, L10 new
-    ("sae.lr", 1e-3, {"train/dinov2-L11", "analyse/dinov2-L11", "train/random-L11", "analyse/random-L11"} | EDITS | MATCHES),
+    ("sae.lr", 1e-3, {"train/dinov2-L11", "analyse/dinov2-L11", "train/random-L11", "analyse/random-L11"} | EDITS | MATCHES | SPLICE),
     ("analysis.top_k", 8, {"analyse/dinov2-L11", "analyse/random-L11"} | EDITS),
-    ("heads.category.epochs", 5, {"heads/category", "edits/suppress-category", "edits/suppress-evidence"}),
-    ("edits.0.value", 1.0, {"edits/suppress-category"}),
+    ("heads.category.epochs", 5, {"heads/category", "edits/suppress-evidence", "experiments/category-concepts"} | SPLICE),
+    ("edits.0.value", 1.0, {"edits/suppress-evidence"}),
+    ("experiments.0.n_images", 4, {"experiments/segment-concepts"}),
     ("compare.0.min_score", 0.3, {"compare/dinov2~random"}),
     ("stability.0.min_score", 0.3, {"stability/dinov2"}),
     ("run.seed", 1, EVERYTHING_SEEDED),
-    ("datasets.demo_val.max_images", 50, {"images/demo_val"} | TOKENS | HEADS | EDITS),
+    ("datasets.demo_val.max_images", 50, {"images/demo_val"} | TOKENS | HEADS | EDITS | SPLICE),
 ]
 
 
@@ -72,7 +76,7 @@ def test_a_spec_change_moves_exactly_the_keys_that_read_it(field: str, value: An
 
 
 def test_every_kind_is_declared_in_one_shape() -> None:
-    assert list(KINDS) == ["images", "record", "train", "analyse", "tokens", "heads", "edits", "compare", "stability"]
+    assert list(KINDS) == ["images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability"]
     for kind in KINDS.values():
         assert issubclass(kind.params, StageParams) and kind.params.model_config["frozen"]
         assert issubclass(kind.out, StageOut)
@@ -90,12 +94,19 @@ def test_stage_refuses_params_of_another_kind() -> None:
 
 def test_defaults_are_resolved_once_in_the_builder() -> None:
     stages = {s.name: s for s in build_stages(parse_spec_text(yaml.safe_dump(DEMO)))}
-    edit = stages["edits/suppress-category"].params
+    edit = stages["edits/suppress-evidence"].params
     assert edit.layer == 11 and edit.edit.layer == 11            # the model's first recorded layer
     assert edit.dataset_key == "demo_val" and edit.edit.dataset == "demo_val"  # the head's validation data
     stability = stages["stability/dinov2"].params
     assert (stability.a.sae_tag, stability.b.sae_tag) == ("topk-x8-k32-s0", "topk-x8-k32-s1")
     assert stages["stability/dinov2"].inputs["record_a"] is stages["record/dinov2"]
+    experiment = stages["experiments/segment-concepts"].params
+    assert experiment.level == "patch" and experiment.dataset_key == "demo_val" and experiment.experiment.layer == 11
+    assert stages["experiments/category-concepts"].params.level == "image"
+    splice = stages["splice/dinov2-demo_val"]
+    assert splice.params.heads == {"category": "cls", "segment": "seg"}
+    assert {role: s.name for role, s in splice.inputs.items()} == {
+        "record": "record/dinov2", "train/L11": "train/dinov2-L11", "head/category": "heads/category", "head/segment": "heads/segment"}
     tokens = stages["tokens/dinov2"].params
     assert tokens.from_layer == 11 and tokens.edit_layers == [11]
     assert sorted(tokens.head_datasets) == ["demo_train", "demo_val"]  # their images are found in `demo` by path at run time
@@ -106,7 +117,7 @@ def test_defaults_are_resolved_once_in_the_builder() -> None:
 def test_a_model_only_a_head_reads_gets_tokens_but_no_recording() -> None:
     data = yaml.safe_load(yaml.safe_dump(DEMO))
     data["record"]["models"] = ["random"]
-    data["edits"], data["compare"], data["stability"] = [], [], []
+    data["edits"], data["compare"], data["stability"], data["experiments"] = [], [], [], []
     stages = {s.name: s for s in build_stages(parse_spec_text(yaml.safe_dump(data)))}
     assert "record/dinov2" not in stages and stages["tokens/dinov2"].inputs == {}
     assert stages["tokens/dinov2"].params.from_layer is None

@@ -38,6 +38,7 @@ from saev_report import __version__, fsutil, tables
 from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
 from saev_report.render import charts, overlays
+from saev_report.render.concepts import build_concept_pages
 from saev_report.spec import ReportSpec
 
 
@@ -193,9 +194,10 @@ class SiteBuilder:
         self.saes: list[SaeInfo] = []
         self._by_id: dict[str, SaeInfo] = {}
         self.comparisons: list[dict[str, str]] = []
-        self.has_edits = self.has_compare = False
+        self.has_edits = self.has_compare = self.has_experiments = False
         # Tables from before concept detection have no best_concept column (and no concepts rows).
         self.has_concepts = "best_concept" in {r[0] for r in con.sql("DESCRIBE features").fetchall()}
+        self.concepts: list[dict[str, Any]] = []
 
     # ---- infrastructure
 
@@ -231,6 +233,8 @@ class SiteBuilder:
             "report_px": self.report.thumbnail_px,
             "version": __version__,
             "has_edits": self.has_edits,
+            "has_concepts": self.has_concepts,
+            "has_experiments": self.has_experiments,
             "has_compare": self.has_compare,
             "comparisons": self.comparisons,
             "saes_nav": self.saes,
@@ -688,7 +692,8 @@ class SiteBuilder:
     def build_index(self) -> None:
         saes = []
         for s in self.saes:
-            saes.append({**s.metrics, "sae_id": s.sae_id, "model_label": s.model_label, "short": s.short, "list_page": s.list_page, "data_file": s.data_file, "n_pages": len(s.pages)})
+            blank = {c.name: None for c in tables.TABLES["saes"].columns}  # older runs lack the splice columns
+            saes.append({**blank, **s.metrics, "sae_id": s.sae_id, "model_label": s.model_label, "short": s.short, "list_page": s.list_page, "data_file": s.data_file, "n_pages": len(s.pages)})
         logs: dict[str, dict[str, list[float]]] = {}
         for s in self.saes:
             rows = fetch_rows(self.con, "SELECT step, loss, mse, l0 FROM train_log WHERE sae_id = ? ORDER BY step", [s.sae_id])
@@ -741,6 +746,7 @@ class SiteBuilder:
         self.copy_assets()
         self.load_saes()
         self.has_edits = _count(self.con, "edits") > 0
+        self.has_experiments = _count(self.con, "experiments") > 0
         self.comparisons = [
             {"name": r["comparison"], "href": addr.compare_page(r["comparison"])} for r in fetch_rows(self.con, "SELECT DISTINCT comparison FROM matches ORDER BY comparison")
         ]
@@ -753,6 +759,7 @@ class SiteBuilder:
             self.build_sae(sae, indexes.pop(sae.sae_id))
         self.stats.n_saes = len(self.saes)
         self.build_edits()
+        self.concepts = build_concept_pages(self)
         self.build_compare()
         self.build_index()
         self.stats.n_thumbnails = len({name for name in self.thumb_names.values() if name})

@@ -55,6 +55,7 @@ class SyntheticRun:
     edits: bool = True
     matches: bool = True
     concepts: bool = True
+    experiments: bool = False
     photos: bool = True
     features_per_part: int = 2000
     seed: int = 0
@@ -248,7 +249,29 @@ def write_synthetic_run(run_dir: Path, run: SyntheticRun | None = None) -> dict[
         _write_edits(tables, run, rng, facts)
     if run.matches and len(run.saes) >= 2:
         _write_matches(tables, run, rng, facts)
+    if run.experiments:
+        _write_experiments(tables, run, rng)
     return facts
+
+
+def _write_experiments(tables: Path, run: SyntheticRun, rng: np.random.Generator) -> None:
+    """Segmentation concept-suppression rows for the first SAE: the concept's own arm removes most pixels, controls few."""
+    sae, cells = run.saes[0], run.grid[0] * run.grid[1]
+    rows = []
+    for arm, removed_frac in (("concept", 0.9), ("random", 0.05), ("other", 0.1)):
+        for m in (1, 4):
+            for factor in (1.0, 0.0, -2.0):
+                for image in range(min(3, run.n_images)):
+                    before = 20 * int(rng.integers(3, 10))
+                    removed = 0 if factor == 1.0 else round(before * removed_frac)
+                    rows.append({
+                        "experiment": "synthetic", "sae_id": sae.sae_id, "head": "seg", "task": "segmentation", "level": "patch",
+                        "concept": run.labels[0], "arm": arm, "m": m, "factor": factor, "where": "all", "features": list(range(m)),
+                        "dataset": "demo", "image_idx": image, "concept_px_before": before, "concept_px_removed": removed,
+                        "removed_frac": removed / before, "other_changed_frac": 0.0,
+                        "before_map": rng.integers(0, 3, cells).tolist(), "after_map": rng.integers(0, 3, cells).tolist(),
+                    })
+    write_table(tables / "experiments" / "part-0.parquet", "experiments", rows, SPEC_HASH)
 
 
 def _write_concepts(path: Path, sae: SyntheticSAE, run: SyntheticRun, dead: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:

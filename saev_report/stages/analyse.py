@@ -36,6 +36,13 @@ class AnalyseOut(StageOut):
 
         return pq.read_table(self.features_part(tag)).to_pylist()
 
+    def concepts(self, tag: str) -> list[dict]:
+        """The `concepts` rows of the SAE with sweep tag `tag` (empty when the analysis had no concept labels)."""
+        import pyarrow.parquet as pq
+
+        part = self.table_part("concepts", tag)
+        return pq.read_table(part).to_pylist() if part.is_file() else []
+
 
 def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     from saev_report.analyse import analyse_store, write_analysis

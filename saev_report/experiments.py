@@ -1,0 +1,500 @@
+"""Concept-suppression experiments and spliced task metrics: does editing a concept's features do
+what the concept reading predicts, and how much of the head's skill survives the SAE?
+
+**Experiments** (issue #11, "automatic hypotheses and their tests"). For every concept the `concepts`
+table reads (a mask class at patch level, an image label at image level), take its top-m features by
+AP and scale them by each factor (1 → 0 → −1 → −2: the paper pushes features below zero) with the
+error-preserving edit of `edits.py` (x' = x + dec(f') − dec(f)), everywhere or only on the concept's
+ground-truth patches. Two controls go through the same edit on the same images:
+
+- `random`: for each top feature, a random alive feature of nearly the same firing frequency;
+- `other`: the top-m features of another concept (the next one in name order).
+
+Segmentation heads are scored on the pixels of the bilinearly upsampled prediction: the concept's
+predicted pixels removed, and the pixels of every other class that changed (a fraction of the
+image). Classification heads: the concept's probability, the mean |Δp| of the other classes, top-1
+flips. One row per (image, arm, m, factor) goes to the `experiments` table.
+
+**Spliced metrics** (the "CE loss recovered" of SAELens / ViT-Prisma): the head's score with the
+patch tokens at layer L replaced by x̂ (no error term), next to the clean score and the score with
+them replaced by the mean activation; recovered = (spliced − ablated) / (clean − ablated).
+
+Everything here is a function of tensors, heads, SAEs, datasets and table rows: no spec inside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saev_report.backbones import Backbone
+from saev_report.datasets import BadImage, ImageDataset
+from saev_report.edits import CapturedImage, FeatureEdit, SAELike, class_index, matched_control, resume_edits
+from saev_report.heads import IGNORE, LinearHead, confusion_matrix, mask_like_image, patch_targets, scores_from_confusion, upsampled_logits
+from saev_report.progress import log, track
+
+Arm = Literal["concept", "random", "other"]
+Where = Literal["all", "concept"]
+EDITS_PER_PASS = 32
+"""Edited copies of one image resumed together (bounds memory at large m × factors × arms)."""
+
+
+# --------------------------------------------------------------------------- choosing features
+
+
+def ranked_features(concept_rows: Iterable[Mapping[str, Any]], sae_id: str, level: str) -> dict[str, list[int]]:
+    """Features of each concept of one SAE and level, best AP first (ties: lower feature id)."""
+    by_concept: dict[str, list[tuple[float, int]]] = {}
+    for row in concept_rows:
+        if row["sae_id"] != sae_id or row["level"] != level or row["ap"] is None or math.isnan(row["ap"]):
+            continue
+        by_concept.setdefault(row["concept"], []).append((-float(row["ap"]), int(row["feature"])))
+    return {concept: [f for _, f in sorted(pairs)] for concept, pairs in sorted(by_concept.items())}
+
+
+def other_concept(concept: str, concepts: Sequence[str]) -> str | None:
+    """The control concept of `concept`: the next one in name order (wrapping), None if it is alone."""
+    names = sorted(set(concepts))
+    if len(names) < 2 or concept not in names:
+        return None
+    return names[(names.index(concept) + 1) % len(names)]
+
+
+@dataclass(frozen=True)
+class ArmFeatures:
+    """The features one arm edits for one concept at one m."""
+
+    concept: str
+    arm: Arm
+    m: int
+    features: tuple[int, ...]
+    source: str | None
+    """Whose features they are: the concept itself, the other concept, or None (random)."""
+
+
+def plan_arms(
+    ranked: Mapping[str, Sequence[int]],
+    concept: str,
+    ms: Sequence[int],
+    controls: Sequence[str],
+    feature_rows: Mapping[int, Mapping[str, Any]],
+    seed: int,
+) -> list[ArmFeatures]:
+    """The concept's top-m features for every m, and each control arm of the same size.
+
+    Random controls are drawn once for the largest m and truncated, so the m = 4 control is the
+    first 4 of the m = 16 one, like the concept's own features. An arm that cannot be filled (too
+    few features, no frequency data) is left out rather than run smaller.
+    """
+    own = list(ranked.get(concept, []))
+    arms: list[ArmFeatures] = []
+    biggest = min(max(ms), len(own)) if own and ms else 0
+    random_features: list[int] = []
+    if "random" in controls and biggest:
+        rng = np.random.default_rng([seed, *concept.encode()])
+        exclude = set(own[:biggest])
+        for feature in own[:biggest]:
+            match = matched_control(feature_rows, feature, exclude | set(random_features), rng)
+            if match is None:
+                break
+            random_features.append(match)
+    other = other_concept(concept, list(ranked)) if "other" in controls else None
+    for m in sorted(set(ms)):
+        if m > len(own):
+            continue
+        arms.append(ArmFeatures(concept, "concept", m, tuple(own[:m]), concept))
+        if len(random_features) >= m:
+            arms.append(ArmFeatures(concept, "random", m, tuple(random_features[:m]), None))
+        if other is not None and len(ranked[other]) >= m:
+            arms.append(ArmFeatures(concept, "other", m, tuple(ranked[other][:m]), other))
+    return arms
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+def patch_classes(dataset: ImageDataset, position: int, image_size: int, grid: tuple[int, int], n_classes: int) -> tuple[Tensor, Tensor] | None:
+    """(mask [H, W], majority class per patch [P]) at the model input's geometry, IGNORE unlabelled; None without a mask."""
+    if dataset.records[position].mask_path is None:
+        return None
+    image = dataset.image(position)
+    mask_hw = mask_like_image(dataset.mask(position), image.size, image_size, dataset.ignore_index, n_classes)
+    return mask_hw, patch_targets(mask_hw[None], grid, n_classes).flatten()
+
+
+def concept_images(
+    dataset: ImageDataset,
+    concept: str,
+    level: str,
+    n_images: int,
+    seg_classes: Sequence[str] | None,
+    patch_class_of: Mapping[int, Tensor],
+) -> list[int]:
+    """Up to n_images dataset positions showing the concept, in dataset order.
+
+    Image level: images labelled with the concept. Patch level: images where at least one patch's
+    majority class is the concept (`patch_class_of[position]`, from `patch_classes`).
+    """
+    if level == "image":
+        return [i for i, r in enumerate(dataset.records) if r.label == concept][:n_images]
+    target = class_index(seg_classes or [], concept)
+    if target is None:
+        return []
+    return [p for p, classes in sorted(patch_class_of.items()) if bool((classes == target).any())][:n_images]
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def segmentation_measure(before_chw: Tensor, after_chw: Tensor, size: tuple[int, int], concept: int) -> dict[str, Any]:
+    """Pixel-level effect of one edit on the concept's predicted pixels and on everything else."""
+    pred_b = upsampled_logits(before_chw[None], size)[0].argmax(0).flatten().cpu()
+    pred_a = upsampled_logits(after_chw[None], size)[0].argmax(0).flatten().cpu()
+    n_classes = before_chw.shape[0]
+    was_concept = pred_b == concept
+    changed = pred_a != pred_b
+    before_px = torch.bincount(pred_b, minlength=n_classes)
+    after_px = torch.bincount(pred_a, minlength=n_classes)
+    n_before = int(was_concept.sum())
+    n_removed = int((was_concept & changed).sum())
+    n_other_changed = int((~was_concept & changed).sum())
+    return {
+        "concept_px_before": n_before, "concept_px_after": int(after_px[concept]), "concept_px_removed": n_removed,
+        "removed_frac": n_removed / n_before if n_before else None,
+        "other_px_changed": n_other_changed, "image_px": int(pred_b.numel()),
+        "other_changed_frac": n_other_changed / pred_b.numel(),
+        "class_px_delta": (after_px - before_px).tolist(),
+        "before_map": before_chw.argmax(0).flatten().cpu().tolist(), "after_map": after_chw.argmax(0).flatten().cpu().tolist(),
+    }
+
+
+def classification_measure(before_c: Tensor, after_c: Tensor, concept: int) -> dict[str, Any]:
+    """Effect of one edit on the concept's probability, the other classes' and the top-1 class."""
+    p_b = torch.softmax(before_c.double(), 0).cpu()
+    p_a = torch.softmax(after_c.double(), 0).cpu()
+    others = torch.ones_like(p_b, dtype=torch.bool)
+    others[concept] = False
+    top_b, top_a = int(p_b.argmax()), int(p_a.argmax())
+    return {
+        "p_before": float(p_b[concept]), "p_after": float(p_a[concept]), "p_delta": float(p_a[concept] - p_b[concept]),
+        "other_p_delta": float((p_a - p_b)[others].abs().mean()) if others.any() else 0.0,
+        "top1_before": top_b, "top1_after": top_a, "flipped": top_b != top_a,
+    }
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One edit of one image: which arm, at which m and factor, on which patches."""
+
+    arms: ArmFeatures
+    factor: float
+    where: Where
+
+
+def trial_edit(trial: Trial, concept_patches: Sequence[int] | None) -> FeatureEdit:
+    """The `edits.FeatureEdit` of a trial: scale the arm's features by the factor where asked."""
+    patches: Sequence[int] | str = "all" if trial.where == "all" else tuple(concept_patches or ())
+    return FeatureEdit(trial.arms.features, "scale", float(trial.factor), patches)
+
+
+@torch.no_grad()
+def run_trials(backbone: Backbone, sae: SAELike, head: LinearHead, captured: CapturedImage, trials: Sequence[FeatureEdit]) -> tuple[Tensor, list[Tensor]]:
+    """Head logits before, and after each edit (resumed EDITS_PER_PASS at a time).
+
+    A factor-1 edit changes no feature, so `edits` reproduces x exactly: it is answered with the
+    unedited logits instead of a forward pass.
+    """
+    before = head(captured.final_td[None], backbone.layout)[0]
+    after: list[Tensor | None] = [before if edit.action == "scale" and edit.value == 1.0 else None for edit in trials]
+    todo = [i for i, out in enumerate(after) if out is None]
+    for start in range(0, len(todo), EDITS_PER_PASS):
+        chunk = todo[start : start + EDITS_PER_PASS]
+        final_btd, _ = resume_edits(backbone, sae, captured, [trials[i] for i in chunk])
+        for i, logits in zip(chunk, head(final_btd, backbone.layout)):
+            after[i] = logits
+    return before, [a for a in after if a is not None]
+
+
+def run_experiment(
+    *,
+    name: str,
+    backbone: Backbone,
+    sae: SAELike,
+    sae_id: str,
+    head: LinearHead,
+    head_key: str,
+    dataset: ImageDataset,
+    layer: int,
+    concept_rows: Iterable[Mapping[str, Any]],
+    feature_rows: Mapping[int, Mapping[str, Any]],
+    level: str,
+    ms: Sequence[int],
+    factors: Sequence[float],
+    wheres: Sequence[Where],
+    controls: Sequence[str],
+    n_images: int,
+    concepts: Sequence[str] | None = None,
+    seed: int = 0,
+    tokens_cache: dict[int, tuple[Tensor, Tensor, tuple[int, int]]] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of the `experiments` table for one (SAE, head): every concept × arm × m × factor × where × image.
+
+    `tokens_cache` (position → layer-L tokens, final tokens, image size) lets several SAEs of one
+    layer share each image's forward pass, which is most of an experiment's cost.
+
+    `concept_rows` are `concepts` table rows (sae_id, feature, concept, level, ap); `feature_rows` are
+    the SAE's `features` rows by feature (freq, dead) for the frequency-matched controls. Concepts are
+    those of `level` that the head predicts (and `concepts`, if given).
+    """
+    backbone.eval()
+    head = head.to(backbone.device).eval()
+    ranked = ranked_features(concept_rows, sae_id, level)
+    wanted = [c for c in ranked if class_index(head.classes, c) is not None and (concepts is None or c in concepts)]
+    if not wanted:
+        log(f"  [yellow]experiment {name}[/]: no {level}-level concept of {sae_id} is a class of head {head_key} "
+            f"(concepts: {', '.join(list(ranked)[:5]) or 'none'}; head classes: {', '.join(head.classes[:5])}); nothing to test")
+    seg_classes = dataset.seg_classes or []
+    grid, n_seg = backbone.layout.grid, len(seg_classes)
+    needs_masks = level == "patch" or "concept" in wheres
+    patch_class_of: dict[int, Tensor] = {}
+    if needs_masks:
+        for position in range(len(dataset.records)):
+            try:
+                found = patch_classes(dataset, position, backbone.image_size, grid, n_seg)
+            except BadImage:
+                continue
+            if found is not None:
+                patch_class_of[position] = found[1]
+
+    jobs: dict[int, list[tuple[str, Trial]]] = {}
+    for concept in wanted:
+        arms = plan_arms({c: ranked[c] for c in ranked if c in wanted}, concept, ms, controls, feature_rows, seed)
+        trials = [Trial(a, float(f), w) for a in arms for f in factors for w in wheres]
+        for position in concept_images(dataset, concept, level, n_images, seg_classes, patch_class_of):
+            jobs.setdefault(position, []).extend((concept, t) for t in trials)
+
+    rows: list[dict[str, Any]] = []
+    for position in track(sorted(jobs), f"experiment {name}", unit="img"):
+        tokens = layer_tokens(backbone, dataset, position, layer, tokens_cache)
+        if tokens is None:
+            continue
+        acts_td, final_td, size = tokens
+        captured = CapturedImage(layer, acts_td, final_td, sae.encode(acts_td[backbone.layout.patch_slice]))
+        edits = []
+        for concept, trial in jobs[position]:
+            seg_id = class_index(seg_classes, concept)
+            patches = None
+            if trial.where == "concept" and position in patch_class_of and seg_id is not None:
+                patches = torch.nonzero(patch_class_of[position] == seg_id).flatten().tolist()
+            edits.append(trial_edit(trial, patches))
+        before, afters = run_trials(backbone, sae, head, captured, edits)
+        for (concept, trial), edit, after in zip(jobs[position], edits, afters):
+            target = class_index(head.classes, concept)
+            assert target is not None
+            measure = (classification_measure(before, after, target) if head.task == "classification"
+                       else segmentation_measure(before, after, size, target))
+            rows.append({
+                "experiment": name, "sae_id": sae_id, "head": head_key, "task": head.task, "level": level,
+                "concept": concept, "arm": trial.arms.arm, "arm_source": trial.arms.source, "m": trial.arms.m,
+                "factor": trial.factor, "where": trial.where, "features": list(trial.arms.features),
+                "n_patches_edited": len(edit.patches) if edit.patches != "all" else backbone.layout.n_patches,
+                "dataset": dataset.key, "image_idx": dataset.records[position].index, **measure,
+            })
+    return rows
+
+
+@torch.no_grad()
+def layer_tokens(backbone: Backbone, dataset: ImageDataset, position: int, layer: int,
+                 cache: dict[int, tuple[Tensor, Tensor, tuple[int, int]]] | None) -> tuple[Tensor, Tensor, tuple[int, int]] | None:
+    """(tokens at layer L, final tokens, image size) of one image, from `cache` when there; None if unreadable."""
+    if cache is not None and position in cache:
+        return cache[position]
+    try:
+        pixels_3hw = backbone.preprocess(dataset.image(position))
+    except BadImage:
+        return None
+    captured = backbone.capture(pixels_3hw[None].to(backbone.device), [layer], final=True)
+    tokens = (captured[layer][0], captured["final"][0], (int(pixels_3hw.shape[-2]), int(pixels_3hw.shape[-1])))
+    if cache is not None:
+        cache[position] = tokens
+    return tokens
+
+
+def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (sae_id, head, concept, arm, m, factor, where): pooled removal and mean side effects.
+
+    removed_frac pools pixels over images (Σ removed / Σ predicted before), so images where the head
+    barely saw the concept weigh little; other_changed_frac and the probability deltas are means
+    over images.
+    """
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["sae_id"], r["head"], r["concept"], r["arm"], r["m"], r["factor"], r["where"]), []).append(r)
+    out = []
+    for (sid, head, concept, arm, m, factor, where), group in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        summary: dict[str, Any] = {"sae_id": sid, "head": head, "concept": concept, "arm": arm, "m": m, "factor": factor,
+                                   "where": where, "n_images": len(group)}
+        if group[0]["task"] == "segmentation":
+            before = sum(r["concept_px_before"] for r in group)
+            summary["removed_frac"] = sum(r["concept_px_removed"] for r in group) / before if before else None
+            summary["other_changed_frac"] = float(np.mean([r["other_changed_frac"] for r in group]))
+        else:
+            summary["p_delta"] = float(np.mean([r["p_delta"] for r in group]))
+            summary["other_p_delta"] = float(np.mean([r["other_p_delta"] for r in group]))
+            summary["flip_frac"] = float(np.mean([bool(r["flipped"]) for r in group]))
+        out.append(summary)
+    return out
+
+
+def log_summary(name: str, sae_id: str, summary: Sequence[Mapping[str, Any]]) -> None:
+    """One log line per arm at the strongest setting run (largest m, most negative factor)."""
+    if not summary:
+        return
+    m, factor = max(s["m"] for s in summary), min(s["factor"] for s in summary)
+    key = "removed_frac" if "removed_frac" in summary[0] else "p_delta"
+    for arm in ("concept", "random", "other"):
+        values = [s[key] for s in summary if (s["arm"], s["m"], s["factor"]) == (arm, m, factor) and s[key] is not None]
+        if values:
+            log(f"  {name} {sae_id} {arm}: m={m}, factor {factor:g}: median {key} {float(np.median(values)):.3f} over {len(values)} concept(s)")
+
+
+# --------------------------------------------------------------------------- spliced metrics
+
+
+@dataclass
+class SplicedScores:
+    """A head's validation score three ways; `metric` is `accuracy` (classification) or `miou`."""
+
+    metric: str
+    clean: float
+    spliced: float
+    ablated: float
+    n_images: int
+
+    @property
+    def recovered(self) -> float | None:
+        """(spliced − ablated) / (clean − ablated): 1 = the SAE keeps everything the head uses."""
+        gap = self.clean - self.ablated
+        return (self.spliced - self.ablated) / gap if abs(gap) > 1e-12 else None
+
+
+@torch.no_grad()
+def spliced_tokens(acts_btd: Tensor, sae: SAELike, patch_slice: slice, mean_d: Tensor) -> tuple[Tensor, Tensor]:
+    """(patch tokens replaced by x̂ = dec(enc(x)) with no error term, patch tokens replaced by `mean_d`)."""
+    spliced, ablated = acts_btd.clone(), acts_btd.clone()
+    patches_bpd = acts_btd[:, patch_slice]
+    b, p, d = patches_bpd.shape
+    spliced[:, patch_slice] = sae.decode(sae.encode(patches_bpd.reshape(b * p, d))).reshape(b, p, d).to(acts_btd.dtype)
+    ablated[:, patch_slice] = mean_d.to(acts_btd.dtype)
+    return spliced, ablated
+
+
+@torch.no_grad()
+def spliced_scores(
+    backbone: Backbone,
+    saes: Mapping[str, SAELike],
+    mean_d: Tensor,
+    heads: Mapping[str, LinearHead],
+    dataset: ImageDataset,
+    layer: int,
+    batch_size: int = 16,
+) -> dict[tuple[str, str], SplicedScores]:
+    """Clean / spliced / mean-ablated scores of every head on `dataset` for every SAE of one layer,
+    by (sae key, head key).
+
+    Each batch is captured once at layer L; every SAE's spliced and ablated copies resume once
+    from there and every head reads the same final tokens. `mean_d` is the mean patch activation
+    at layer L that replaces the patches when ablating. Each head scores the images it has a
+    target for (a head class label, or a mask).
+    """
+    backbone.eval()
+    heads = {key: head.to(backbone.device).eval() for key, head in heads.items()}
+    tallies = {(s, h): {arm: _Tally(head.task, len(head.classes)) for arm in ("clean", "spliced", "ablated")}
+               for s in saes for h, head in heads.items()}
+    n_used = dict.fromkeys(heads, 0)
+    mean_d = mean_d.to(backbone.device)
+    for start in track(range(0, len(dataset.records), batch_size), f"spliced L{layer}", unit="batch"):
+        pixels, targets = [], {key: ([], []) for key in heads}  # per head: (positions in the batch, targets)
+        for position in range(start, min(start + batch_size, len(dataset.records))):
+            try:
+                found = None
+                if any(head.task == "segmentation" for head in heads.values()):
+                    found = patch_classes(dataset, position, backbone.image_size, backbone.layout.grid, len(dataset.seg_classes or []))
+                pixels_3hw = backbone.preprocess(dataset.image(position))
+            except BadImage:
+                continue
+            for key, head in heads.items():
+                label = dataset.records[position].label
+                if head.task == "classification" and label in head.classes:
+                    target = torch.tensor(head.classes.index(label))
+                elif head.task == "segmentation" and found is not None:
+                    target = found[0]
+                else:
+                    continue
+                targets[key][0].append(len(pixels))
+                targets[key][1].append(target)
+            pixels.append(pixels_3hw)
+        if not pixels:
+            continue
+        captured = backbone.capture(torch.stack(pixels).to(backbone.device), [layer], final=True)
+        for sae_key, sae in saes.items():
+            spliced, ablated = spliced_tokens(captured[layer], sae, backbone.layout.patch_slice, mean_d)
+            finals = {"clean": captured["final"], "spliced": backbone.resume(spliced, layer), "ablated": backbone.resume(ablated, layer)}
+            for head_key, head in heads.items():
+                rows, batch_targets = targets[head_key]
+                if not rows:
+                    continue
+                for arm, final_btd in finals.items():
+                    tallies[(sae_key, head_key)][arm].add(head(final_btd[rows], backbone.layout), torch.stack(batch_targets))
+        for head_key in heads:
+            n_used[head_key] += len(targets[head_key][0])
+    return {
+        (s, h): SplicedScores("accuracy" if heads[h].task == "classification" else "miou",
+                              t["clean"].score(), t["spliced"].score(), t["ablated"].score(), n_used[h])
+        for (s, h), t in tallies.items()
+    }
+
+
+def store_patch_mean(store: Any) -> Tensor:
+    """Mean patch activation [d] over an `ActivationStore` (float64 sums), the mean-ablation value."""
+    patches = store.meta.patch_slice
+    total, count = torch.zeros(store.d_model, dtype=torch.float64), 0
+    for position in range(store.n_images):
+        acts_pd = store.image_acts(position)[patches].double()
+        total += acts_pd.sum(0)
+        count += acts_pd.shape[0]
+    return (total / max(count, 1)).float()
+
+
+class _Tally:
+    """Running accuracy (classification) or confusion matrix → mIoU (segmentation)."""
+
+    def __init__(self, task: str, n_classes: int):
+        self.task, self.n_classes = task, n_classes
+        self.correct = self.total = 0
+        self.confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64)
+
+    def add(self, logits: Tensor, targets: Tensor) -> None:
+        if self.task == "classification":
+            self.correct += int((logits.argmax(1).cpu() == targets).sum())
+            self.total += len(targets)
+        else:
+            pred = upsampled_logits(logits, tuple(targets.shape[-2:])).argmax(1).cpu()
+            self.confusion += confusion_matrix(pred, targets.long(), self.n_classes)
+
+    def score(self) -> float:
+        if self.task == "classification":
+            return self.correct / self.total if self.total else float("nan")
+        return scores_from_confusion(self.confusion)["miou"]
+
+
+__all__ = [
+    "ArmFeatures", "SplicedScores", "Trial", "classification_measure", "concept_images", "other_concept", "plan_arms",
+    "log_summary", "ranked_features", "run_experiment", "segmentation_measure", "spliced_scores", "spliced_tokens",
+    "store_patch_mean", "summarise",
+]

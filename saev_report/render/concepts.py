@@ -1,0 +1,157 @@
+"""Concept pages: one page per tested concept with dose-response curves (plotly), the controls on
+the same axes, and before/after examples; plus an overview of every concept's strongest edit.
+
+Everything is read from the `experiments` table through DuckDB; the aggregation is SQL, so this
+module needs no stage code. Pages live under `concepts/`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from saev_report.render import addresses as addr
+from saev_report.render import charts, overlays
+
+if TYPE_CHECKING:
+    from saev_report.render.site import SiteBuilder
+
+ARM_STYLE = {"concept": "solid", "random": "dot", "other": "dash"}
+ARM_NAME = {"concept": "its top features", "random": "random features (frequency-matched)", "other": "another concept's top features"}
+EXAMPLES = 4
+
+# Pooled over images: Σ removed / Σ predicted before (images where the head barely saw the concept weigh little).
+SUMMARY_SQL = """
+SELECT sae_id, head, task, level, concept, arm, m, factor, "where", count(*) AS n_images,
+       sum(concept_px_removed) / nullif(sum(concept_px_before), 0) AS removed_frac,
+       avg(other_changed_frac) AS other_changed_frac,
+       avg(p_delta) AS p_delta, avg(other_p_delta) AS other_p_delta, avg(flipped::INT) AS flip_frac
+FROM experiments GROUP BY ALL ORDER BY level, concept, sae_id, head, "where", arm, m, factor
+"""
+
+
+def concept_page(level: str, concept: str) -> str:
+    return f"concepts/{addr.safe_name(level)}-{addr.safe_name(concept)}.html"
+
+
+def effect_key(task: str) -> tuple[str, str]:
+    """The summary column a dose-response curve plots for a task, and its axis title."""
+    if task == "segmentation":
+        return "removed_frac", "concept's predicted pixels removed"
+    return "p_delta", "change of the concept's probability"
+
+
+def dose_response(rows: list[dict[str, Any]], title: str) -> dict[str, Any]:
+    """Plotly figure: effect against factor, one line per (arm, m); colour = m, dash = arm.
+
+    `rows` are summary rows of one (SAE, head, concept, where). The factor axis runs from 1 (no edit)
+    down to the most negative factor, the direction of the edit.
+    """
+    key, y_title = effect_key(rows[0]["task"]) if rows else ("removed_frac", "")
+    ms = sorted({r["m"] for r in rows})
+    traces = []
+    for arm in ("concept", "random", "other"):
+        for i, m in enumerate(ms):
+            line = sorted((r for r in rows if r["arm"] == arm and r["m"] == m), key=lambda r: -r["factor"])
+            if not line:
+                continue
+            name = f"m={m}: {ARM_NAME[arm]}"
+            traces.append({
+                "type": "scatter", "mode": "lines+markers", "name": charts.plotly_text(name),
+                "x": [r["factor"] for r in line], "y": charts.round_sig([r[key] if r[key] is not None else float("nan") for r in line]),
+                "line": {"color": charts.PALETTE[i % len(charts.PALETTE)], "dash": ARM_STYLE[arm], "width": 2 if arm == "concept" else 1.5},
+                "hovertemplate": charts.plotly_text(name) + "<br>factor %{x}<br>" + y_title + " %{y}<extra></extra>",
+            })
+    layout = charts.base_layout(title, "factor the features are scaled by (1 = no edit)", y_title, height=360)
+    layout["xaxis"]["autorange"] = "reversed"
+    layout["legend"] = {"orientation": "v", "x": 1.02, "xanchor": "left", "y": 1, "font": {"size": 11}}
+    layout["margin"]["r"] = 260
+    return {"data": traces, "layout": layout}
+
+
+def strongest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The concept arm's strongest setting (largest m, most negative factor, `all` patches if run)
+    with the controls at the same setting: the row a reader compares first."""
+    own = [r for r in rows if r["arm"] == "concept"]
+    if not own:
+        return None
+    where = "all" if any(r["where"] == "all" for r in own) else own[0]["where"]
+    m = max(r["m"] for r in own if r["where"] == where)
+    factor = min(r["factor"] for r in own if r["where"] == where and r["m"] == m)
+    at = {r["arm"]: r for r in rows if r["where"] == where and r["m"] == m and r["factor"] == factor}
+    key, _ = effect_key(own[0]["task"])
+    side = "other_changed_frac" if key == "removed_frac" else "other_p_delta"
+    return {"m": m, "factor": factor, "where": where, "key": key,
+            **{f"{arm}_{name}": (at[arm][col] if arm in at else None) for arm in ARM_STYLE for name, col in (("effect", key), ("side", side))},
+            "flip_frac": at["concept"].get("flip_frac") if "concept" in at else None}
+
+
+def build_concept_pages(builder: "SiteBuilder") -> list[dict[str, Any]]:
+    """Render `concepts/index.html` and one page per concept; returns the overview rows."""
+    from saev_report.render.site import fetch_rows
+
+    summary = fetch_rows(builder.con, SUMMARY_SQL)
+    if not summary:
+        return []
+    classes = {r["head"]: r["classes"] or [] for r in fetch_rows(builder.con, "SELECT head, classes FROM heads")}
+    by_concept: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in summary:
+        by_concept.setdefault((r["level"], r["concept"]), []).append(r)
+    overview = []
+    for (level, concept), rows in by_concept.items():
+        page = concept_page(level, concept)
+        panels = []
+        for key in sorted({(r["sae_id"], r["head"], r["where"]) for r in rows}):
+            sid, head, where = key
+            group = [r for r in rows if (r["sae_id"], r["head"], r["where"]) == key]
+            sae = builder.sae_by_id(sid)
+            label = sae.short if sae else sid
+            figure = dose_response(group, f"{label} · head {head} · edited on {'every patch' if where == 'all' else 'the concept’s patches'}")
+            best = strongest(group)
+            panels.append({"sae_id": sid, "label": label, "head": head, "where": where, "task": group[0]["task"],
+                           "figure_id": f"dose-{len(panels)}", "figure": figure, "best": best,
+                           "examples": examples(builder, sid, head, level, concept, where, best, classes.get(head, []))})
+            if best:
+                overview.append({"level": level, "concept": concept, "href": page, "sae_id": sid, "label": label, "head": head,
+                                 "task": group[0]["task"], "n_images": group[0]["n_images"], **best})
+        builder.write(f"data/{page.removesuffix('.html')}.js",
+                      charts.data_script(page, {p["figure_id"]: p["figure"] for p in panels}))
+        builder.render("concept.html", page, level=level, concept=concept, panels=panels, data_key=page,
+                       data_file=f"data/{page.removesuffix('.html')}.js")
+    builder.render("concepts.html", "concepts/index.html", overview=overview)
+    return overview
+
+
+def examples(builder: "SiteBuilder", sae_id: str, head: str, level: str, concept: str, where: str,
+             best: dict[str, Any] | None, classes: list[str]) -> list[dict[str, Any]]:
+    """Up to EXAMPLES images at the strongest setting: the image, and (segmentation) the class maps
+    before and after, or (classification) the probability before and after."""
+    from saev_report.render.site import fetch_rows
+
+    if best is None:
+        return []
+    rows = fetch_rows(
+        builder.con,
+        "SELECT x.*, i.path FROM experiments x LEFT JOIN images i ON i.dataset = x.dataset AND i.image_idx = x.image_idx "
+        "WHERE x.sae_id = ? AND x.head = ? AND x.level = ? AND x.concept = ? AND x.\"where\" = ? AND x.arm = 'concept' "
+        "AND x.m = ? AND x.factor = ? ORDER BY x.image_idx LIMIT ?",
+        [sae_id, head, level, concept, where, best["m"], best["factor"], EXAMPLES],
+    )
+    px = builder.report.thumbnail_px
+    builder.ensure_thumbnails((r["path"] for r in rows), px)
+    out = []
+    for r in rows:
+        thumb = builder.thumb(r["path"], px)
+        item = {"image_idx": r["image_idx"], "image": builder.img("t", thumb), "maps": {}, "p_before": r["p_before"], "p_after": r["p_after"],
+                "removed_frac": r["removed_frac"], "other_changed_frac": r["other_changed_frac"]}
+        for key in ("before_map", "after_map"):
+            classes_p = list(r.get(key) or [])
+            side = int(round(len(classes_p) ** 0.5))
+            if thumb and classes_p and side * side == len(classes_p):
+                name = overlays.classmap_name(thumb, (side, side), classes_p)
+                rel = addr.image_file("s", name)
+                if not overlays.place(builder.staging / rel, builder.previous_file(rel)):
+                    overlays.render_class_map(str(builder.staging / addr.image_file("t", thumb)), str(builder.staging / rel), (side, side), classes_p)
+                    builder.stats.n_images_rendered += 1
+                item["maps"][key] = rel
+        out.append(item)
+    return out

@@ -1,0 +1,327 @@
+"""Concept-suppression experiments and spliced metrics: feature ranking and controls, pixel and
+probability measurements against plain numpy, a planted concept that its edit removes while the
+controls do not, and spliced scores that are exactly clean (perfect SAE) or ablated (useless SAE)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from saev_report import experiments as ex
+from saev_report.datasets import ImageDataset, ImageRecord
+from saev_report.heads import LinearHead
+from saev_report.sae import SparseAutoencoder
+from saev_report.spec import SpecError, parse_spec_text
+from saev_report.tables import to_arrow
+
+transformers = pytest.importorskip("transformers")
+from saev_report.backbones.hf import HFBackbone  # noqa: E402
+
+IMAGE, D, N_LAYERS = 56, 32, 3  # 4×4 patch grid
+SID = "tiny/L3/x"
+
+
+@pytest.fixture(scope="module")
+def backbone(one_thread) -> HFBackbone:
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=2, intermediate_size=64,
+                                       image_size=IMAGE, patch_size=14)
+    return HFBackbone(transformers.Dinov2Model(config), "dinov2", name="tiny", image_size=IMAGE).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- choosing features
+
+
+def concept_row(feature: int, concept: str, ap: float, level: str = "patch", sae_id: str = SID) -> dict:
+    return {"sae_id": sae_id, "feature": feature, "concept": concept, "level": level, "ap": ap}
+
+
+def test_ranked_features_sort_by_ap_within_one_sae_and_level():
+    rows = [concept_row(3, "cat", 0.2), concept_row(1, "cat", 0.9), concept_row(2, "cat", 0.9), concept_row(7, "dog", 0.5),
+            concept_row(9, "cat", float("nan")), concept_row(4, "cat", 0.99, level="image"), concept_row(5, "cat", 1.0, sae_id="other")]
+    assert ex.ranked_features(rows, SID, "patch") == {"cat": [1, 2, 3], "dog": [7]}
+    assert ex.ranked_features(rows, SID, "image") == {"cat": [4]}
+
+
+def test_other_concept_is_the_next_name_wrapping():
+    assert ex.other_concept("b", ["c", "a", "b"]) == "c"
+    assert ex.other_concept("c", ["c", "a", "b"]) == "a"
+    assert ex.other_concept("a", ["a"]) is None
+
+
+def test_plan_arms_sizes_nesting_and_disjoint_random_controls():
+    ranked = {"cat": list(range(0, 10)), "dog": list(range(10, 13))}
+    freq = {f: {"freq": 10 ** (-1 - f / 20), "dead": False} for f in range(60)}
+    arms = ex.plan_arms(ranked, "cat", [1, 4, 16], ["random", "other"], freq, seed=0)
+    by = {(a.arm, a.m): a for a in arms}
+    assert set(by) == {("concept", 1), ("random", 1), ("other", 1), ("concept", 4), ("random", 4)}  # no m=16: only 10 features; dog has 3
+    assert by[("concept", 4)].features == (0, 1, 2, 3) and by[("other", 1)].features == (10,) and by[("other", 1)].source == "dog"
+    assert by[("random", 4)].features[:1] == by[("random", 1)].features  # nested like the concept's own
+    assert not set(by[("random", 4)].features) & set(ranked["cat"][:4])
+    assert len(set(by[("random", 4)].features)) == 4
+    again = ex.plan_arms(ranked, "cat", [1, 4, 16], ["random", "other"], freq, seed=0)
+    assert again == arms
+    assert [a.arm for a in ex.plan_arms(ranked, "cat", [4], [], freq, seed=0)] == ["concept"]
+
+
+# --------------------------------------------------------------------------- measurements against numpy
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 5), st.integers(0, 10_000))
+def test_segmentation_measure_matches_numpy(n_classes, seed):
+    rng = np.random.default_rng(seed)
+    before, after = rng.normal(size=(2, n_classes, 3, 5))
+    concept = int(rng.integers(n_classes))
+    got = ex.segmentation_measure(torch.tensor(before), torch.tensor(after), (3, 5), concept)  # same size: no upsampling
+    pb, pa = before.argmax(0).ravel(), after.argmax(0).ravel()
+    removed = int(((pb == concept) & (pa != concept)).sum())
+    assert got["concept_px_before"] == int((pb == concept).sum()) and got["concept_px_removed"] == removed
+    assert got["other_px_changed"] == int(((pb != concept) & (pa != pb)).sum())
+    assert got["other_changed_frac"] == pytest.approx(got["other_px_changed"] / 15)
+    assert got["class_px_delta"] == (np.bincount(pa, minlength=n_classes) - np.bincount(pb, minlength=n_classes)).tolist()
+    if (pb == concept).any():
+        assert got["removed_frac"] == pytest.approx(removed / (pb == concept).sum())
+    else:
+        assert got["removed_frac"] is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 10_000))
+def test_classification_measure_matches_numpy(n_classes, seed):
+    rng = np.random.default_rng(seed)
+    before, after = rng.normal(size=(2, n_classes)) * 3
+    concept = int(rng.integers(n_classes))
+    got = ex.classification_measure(torch.tensor(before), torch.tensor(after), concept)
+
+    def softmax(z):
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    pb, pa = softmax(before), softmax(after)
+    others = np.arange(n_classes) != concept
+    assert got["p_delta"] == pytest.approx(pa[concept] - pb[concept])
+    assert got["other_p_delta"] == pytest.approx(np.abs(pa - pb)[others].mean())
+    assert got["flipped"] == (before.argmax() != after.argmax())
+
+
+def test_summarise_pools_pixels_over_images():
+    base = {"sae_id": SID, "head": "seg", "task": "segmentation", "concept": "cat", "arm": "concept", "m": 1, "factor": 0.0, "where": "all"}
+    rows = [{**base, "concept_px_before": 100, "concept_px_removed": 90, "other_changed_frac": 0.0},
+            {**base, "concept_px_before": 10, "concept_px_removed": 0, "other_changed_frac": 0.1}]
+    [summary] = ex.summarise(rows)
+    assert summary["removed_frac"] == pytest.approx(90 / 110) and summary["other_changed_frac"] == pytest.approx(0.05)
+    assert summary["n_images"] == 2
+
+
+# --------------------------------------------------------------------------- a planted concept, end to end
+
+
+def _masked_dataset(tmp_path: Path, n: int = 4) -> ImageDataset:
+    """Photos with a mask: the left half of every image is `cat` (class 1), the rest background."""
+    from skimage import data as skdata
+
+    records = []
+    for i, name in enumerate(["chelsea", "astronaut", "coffee", "rocket", "horse", "camera"][:n]):
+        Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((IMAGE, IMAGE)).save(tmp_path / f"{name}.png")
+        mask = np.zeros((IMAGE, IMAGE), np.uint8)
+        mask[:, : IMAGE // 2] = 1
+        Image.fromarray(mask).save(tmp_path / f"{name}-mask.png")
+        records.append(ImageRecord(i, str(tmp_path / f"{name}.png"), "cat", str(tmp_path / f"{name}-mask.png")))
+    return ImageDataset("photos", records, ["cat"], ["background", "cat"], 255)
+
+
+def planted(backbone, dataset):
+    """An orthonormal SAE at the last layer; a head whose `cat` logit reads one feature's decoder
+    direction, and a concepts table naming that feature cat's best."""
+    q_fd, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(5)))
+    sae = SparseAutoencoder(D, D, seed=0)
+    with torch.no_grad():
+        sae.W_dec_fd.copy_(q_fd)
+        sae.W_enc_df.copy_(q_fd.T)
+        sae.b_enc_f.zero_()
+        sae.b_dec_d.zero_()
+    pixels = torch.stack([backbone.preprocess(dataset.image(i)) for i in range(len(dataset))])
+    with torch.no_grad():
+        f = sae.encode(backbone.capture(pixels, [N_LAYERS])[N_LAYERS][:, backbone.layout.patch_slice].flatten(0, 1))
+    order = f.mean(0).argsort(descending=True).tolist()
+    cat, bg = order[0], order[1]
+    linear = torch.nn.Linear(D, 2)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.weight[1] = 8 * q_fd[cat]
+        linear.bias[0] = 0.0
+    head = LinearHead(linear, "segmentation", dataset.seg_classes).eval().requires_grad_(False)
+    freq = (f > 0).double().mean(0)
+    features = {j: {"freq": float(freq[j]) or 1e-4, "dead": False} for j in range(D)}
+    concepts = [concept_row(cat, "cat", 0.95), concept_row(bg, "background", 0.9)]
+    concepts += [concept_row(j, c, 0.1) for j in range(D) if j not in (cat, bg) for c in ("cat", "background")]
+    return sae, head, features, concepts, cat
+
+
+def test_editing_a_planted_concept_removes_it_and_the_controls_do_not(backbone, tmp_path):
+    dataset = _masked_dataset(tmp_path)
+    sae, head, features, concepts, cat = planted(backbone, dataset)
+    rows = ex.run_experiment(
+        name="plant", backbone=backbone, sae=sae, sae_id=SID, head=head, head_key="seg", dataset=dataset, layer=N_LAYERS,
+        concept_rows=concepts, feature_rows=features, level="patch", ms=[1, 2], factors=[1.0, 0.0, -2.0],
+        wheres=["all", "concept"], controls=["random", "other"], n_images=3, seed=0,
+    )
+    to_arrow("experiments", rows)  # every row fits the declared schema
+    summary = {(s["concept"], s["arm"], s["m"], s["factor"], s["where"]): s for s in ex.summarise(rows)}
+    assert {r["image_idx"] for r in rows} == {0, 1, 2}  # n_images per concept, first in dataset order
+    assert {s["n_images"] for s in summary.values()} == {3}
+    for arm in ("concept", "random", "other"):
+        identity = summary[("cat", arm, 1, 1.0, "all")]
+        assert identity["removed_frac"] == 0 and identity["other_changed_frac"] == 0  # factor 1 is no edit
+    hit = summary[("cat", "concept", 1, -2.0, "all")]
+    assert hit["removed_frac"] > 0.5
+    assert summary[("cat", "random", 1, -2.0, "all")]["removed_frac"] < 0.5 * hit["removed_frac"]
+    assert summary[("cat", "other", 1, -2.0, "all")]["removed_frac"] < 0.5 * hit["removed_frac"]
+    assert [r["features"] for r in rows if r["arm"] == "concept" and r["concept"] == "cat" and r["m"] == 1][0] == [cat]
+    # Only the concept's patches: the head reads the last layer, so patches outside it keep their class.
+    n_cat_patches = 8  # the left half of a 4×4 grid
+    for r in rows:
+        if r["where"] == "concept" and r["concept"] == "cat":
+            assert r["n_patches_edited"] == n_cat_patches
+            right = [p for p in range(16) if p % 4 >= 2]
+            assert [r["after_map"][p] for p in right] == [r["before_map"][p] for p in right]
+    again = ex.run_experiment(
+        name="plant", backbone=backbone, sae=sae, sae_id=SID, head=head, head_key="seg", dataset=dataset, layer=N_LAYERS,
+        concept_rows=concepts, feature_rows=features, level="patch", ms=[1, 2], factors=[1.0, 0.0, -2.0],
+        wheres=["all", "concept"], controls=["random", "other"], n_images=3, seed=0, tokens_cache=(cache := {}),
+    )
+    assert again == rows  # deterministic, controls included, and a shared forward pass changes nothing
+    assert sorted(cache) == [0, 1, 2]
+
+
+def test_image_level_concepts_score_the_class_probability(backbone, tmp_path):
+    dataset = _masked_dataset(tmp_path, n=2)
+    sae, _, features, concepts, cat = planted(backbone, dataset)
+    linear = torch.nn.Linear(D, 2)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.weight[0] = 20 * sae.W_dec_fd[cat]  # the CLS token reads the planted direction
+    head = LinearHead(linear, "classification", ["cat", "dog"]).eval().requires_grad_(False)
+    image_concepts = [{**r, "level": "image"} for r in concepts if r["concept"] == "cat"]
+    image_concepts += [concept_row(j, "dog", 0.5, level="image") for j in range(3)]
+    rows = ex.run_experiment(
+        name="cls", backbone=backbone, sae=sae, sae_id=SID, head=head, head_key="cls", dataset=dataset, layer=N_LAYERS - 1,
+        concept_rows=image_concepts, feature_rows=features, level="image", ms=[1], factors=[1.0, -2.0],
+        wheres=["all"], controls=["random"], n_images=4, seed=0,
+    )
+    to_arrow("experiments", rows)
+    assert {r["concept"] for r in rows} == {"cat"}  # no image is labelled dog
+    assert all(r["p_before"] is not None and r.get("removed_frac") is None for r in rows)
+    identity = [r for r in rows if r["factor"] == 1.0]
+    assert all(r["p_delta"] == 0.0 and not r["flipped"] for r in identity)
+
+
+# --------------------------------------------------------------------------- spliced metrics
+
+
+class IdentitySAE:
+    """Perfect reconstruction: the spliced forward pass is the clean one."""
+
+    def encode(self, x_nd):
+        return x_nd.clone()
+
+    def decode(self, f_nf):
+        return f_nf.clone()
+
+
+class MeanSAE:
+    """Reconstructs every patch as the mean: the spliced forward pass is the mean-ablated one."""
+
+    def __init__(self, mean_d):
+        self.mean_d = mean_d
+
+    def encode(self, x_nd):
+        return torch.zeros(len(x_nd), 1)
+
+    def decode(self, f_nf):
+        return self.mean_d.expand(len(f_nf), -1).clone()
+
+
+def test_spliced_scores_are_clean_for_a_perfect_sae_and_ablated_for_a_useless_one(backbone, tmp_path):
+    dataset = _masked_dataset(tmp_path, n=6)
+    dataset.records[3] = ImageRecord(3, dataset.records[3].path, "dog", dataset.records[3].mask_path)
+    dataset.records[4] = ImageRecord(4, dataset.records[4].path, None, dataset.records[4].mask_path)  # unlabelled
+    dataset.classes = ["cat", "dog"]
+    torch.manual_seed(1)
+    heads = {"cls": LinearHead(torch.nn.Linear(D, 2), "classification", ["cat", "dog"]),
+             "seg": LinearHead(torch.nn.Linear(D, 2), "segmentation", dataset.seg_classes)}
+    heads = {k: h.eval().requires_grad_(False) for k, h in heads.items()}
+    mean_d = torch.randn(D, generator=torch.Generator().manual_seed(2))
+    scores = ex.spliced_scores(backbone, {"perfect": IdentitySAE(), "useless": MeanSAE(mean_d)}, mean_d, heads, dataset,
+                               layer=1, batch_size=4)
+    pixels = torch.stack([backbone.preprocess(dataset.image(i)) for i in range(6)])
+    final = backbone.forward_final(pixels)
+    for head_key, head in heads.items():
+        perfect, useless = scores[("perfect", head_key)], scores[("useless", head_key)]
+        assert perfect.metric == ("accuracy" if head.task == "classification" else "miou")
+        assert perfect.n_images == (5 if head.task == "classification" else 6)
+        assert perfect.spliced == perfect.clean and useless.spliced == useless.ablated
+        assert perfect.clean == useless.clean and perfect.ablated == useless.ablated
+        if perfect.clean != perfect.ablated:
+            assert perfect.recovered == 1.0 and useless.recovered == 0.0
+        # The clean score against a direct computation of the head on the full forward pass.
+        logits = head(final, backbone.layout)
+        if head.task == "classification":
+            keep = [i for i, r in enumerate(dataset.records) if r.label is not None]
+            labels = torch.tensor([dataset.classes.index(dataset.records[i].label) for i in keep])
+            assert perfect.clean == pytest.approx(float((logits[keep].argmax(1) == labels).double().mean()))
+        else:
+            from saev_report.heads import confusion_matrix, scores_from_confusion, upsampled_logits
+
+            masks = torch.stack([ex.patch_classes(dataset, i, IMAGE, (4, 4), 2)[0] for i in range(6)]).long()
+            pred = upsampled_logits(logits, (IMAGE, IMAGE)).argmax(1)
+            assert perfect.clean == pytest.approx(scores_from_confusion(confusion_matrix(pred, masks, 2))["miou"])
+
+
+def test_recovered_is_undefined_without_a_gap():
+    assert ex.SplicedScores("accuracy", 0.5, 0.4, 0.5, 10).recovered is None
+    assert ex.SplicedScores("accuracy", 0.9, 0.7, 0.1, 10).recovered == pytest.approx(0.75)
+    assert math.isnan(ex.SplicedScores("miou", float("nan"), 0.1, 0.1, 0).clean)
+
+
+# --------------------------------------------------------------------------- spec
+
+
+SPEC = """
+run: {name: t}
+datasets:
+  imgs: {kind: image_folder, root: /nowhere}
+  demo: {kind: demo}
+models:
+  m: {family: imgfocus, layers: [11]}
+record: {dataset: demo}
+heads:
+  cls: {task: classification, model: m, train: imgs}
+  seg: {task: segmentation, model: m, train: demo}
+experiments:
+"""
+
+
+def test_experiment_specs_validate_their_references():
+    ok = parse_spec_text(SPEC + "  - {name: e, model: m, head: seg, where: [all, concept]}\n", check_paths=False)
+    assert ok.experiments[0].m == [1, 4, 16] and ok.experiments[0].factors == [1.0, 0.0, -1.0, -2.0]
+    with pytest.raises(SpecError) as err:
+        parse_spec_text(SPEC + "  - {name: e, model: m, head: cls, where: [concept], saes: [3], layer: 4, m: [0]}\n", check_paths=False)
+    text = str(err.value)
+    assert "experiments.0.m" in text
+    with pytest.raises(SpecError) as err:
+        parse_spec_text(SPEC + "  - {name: e, model: m, head: cls, where: [concept], saes: [3], layer: 4}\n", check_paths=False)
+    text = str(err.value)
+    assert "experiments.0.saes.0" in text and "experiments.0.layer" in text and "no masks" in text
+    with pytest.raises(SpecError, match="experiments.0.head"):
+        parse_spec_text(SPEC + "  - {name: e, model: m, head: nope}\n", check_paths=False)

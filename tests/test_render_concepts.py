@@ -1,0 +1,105 @@
+"""Concept pages: dose-response figures with the controls on the same axes, the strongest-setting
+summary, escaping of concept names, and links that resolve; from synthetic tables."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saev_report.render import concepts as rc
+from saev_report.render.site import build_site
+from saev_report.render.synthetic import SyntheticRun, SyntheticSAE, write_synthetic_run
+from saev_report.spec import ReportSpec
+from saev_report.tables import read_table, write_table
+
+EVIL = "<script>alert(1)</script>"
+REPORT = ReportSpec(title="concepts test", thumbnail_px=64)
+
+
+def summary_row(arm: str, m: int, factor: float, effect: float, task: str = "segmentation") -> dict:
+    key = "removed_frac" if task == "segmentation" else "p_delta"
+    return {"task": task, "arm": arm, "m": m, "factor": factor, "where": "all", key: effect,
+            "other_changed_frac": 0.01, "other_p_delta": 0.01, "flip_frac": 0.5}
+
+
+def test_dose_response_has_one_line_per_arm_and_m_on_shared_axes():
+    rows = [summary_row(arm, m, f, 0.1 * m * (1 - f)) for arm in ("concept", "random", "other") for m in (1, 4) for f in (1.0, 0.0, -1.0)]
+    fig = rc.dose_response(rows, "t")
+    assert len(fig["data"]) == 6
+    dashes = {t["line"]["dash"] for t in fig["data"]}
+    assert dashes == {"solid", "dot", "dash"}
+    for trace in fig["data"]:
+        assert trace["x"] == [1.0, 0.0, -1.0]  # from no edit towards the strongest
+    assert fig["layout"]["xaxis"]["autorange"] == "reversed"
+
+
+def test_strongest_setting_takes_largest_m_and_lowest_factor_with_its_controls():
+    rows = [summary_row(arm, m, f, {"concept": 0.8, "random": 0.02, "other": 0.1}[arm] * m / 4 * (1 - f) / 3)
+            for arm in ("concept", "random", "other") for m in (1, 4) for f in (1.0, 0.0, -2.0)]
+    best = rc.strongest(rows)
+    assert (best["m"], best["factor"]) == (4, -2.0)
+    assert best["concept_effect"] == pytest.approx(0.8) and best["random_effect"] == pytest.approx(0.02)
+    assert best["other_side"] == 0.01
+    assert rc.strongest([summary_row("random", 1, 0.0, 0.1)]) is None
+
+
+def _experiment_rows(concept: str, sae_id: str, n_images: int, grid: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for arm in ("concept", "random", "other"):
+        for m in (1, 4):
+            for factor in (1.0, 0.0, -2.0):
+                for image in range(n_images):
+                    before = 20 * int(rng.integers(3, 10))
+                    removed = 0 if factor == 1.0 else round(before * (0.9 if arm == "concept" else 0.05))
+                    rows.append({
+                        "experiment": "e", "sae_id": sae_id, "head": "seg", "task": "segmentation", "level": "patch", "concept": concept,
+                        "arm": arm, "m": m, "factor": factor, "where": "all", "features": [1, 2][:m], "dataset": "photos", "image_idx": image,
+                        "concept_px_before": before, "concept_px_removed": removed, "removed_frac": removed / before,
+                        "other_changed_frac": 0.0, "before_map": rng.integers(0, 3, grid * grid).tolist(),
+                        "after_map": rng.integers(0, 3, grid * grid).tolist(),
+                    })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    run = SyntheticRun(saes=[SyntheticSAE("dino", 20)], n_images=6, image_px=64, grid=(6, 6), top_k=4, labels=["cat", "bird", "boat", "dog", "fish", "cow"], edits=False, matches=False,
+                       features_per_part=20)
+    write_synthetic_run(run_dir, run)
+    sae_id = read_table(run_dir, "saes").column("sae_id")[0].as_py()
+    dataset = read_table(run_dir, "images").column("dataset")[0].as_py()
+    rows = _experiment_rows("cat", sae_id, 3, 6) + _experiment_rows(EVIL, sae_id, 2, 6)
+    for r in rows:
+        r["dataset"] = dataset
+    write_table(run_dir / "tables" / "experiments" / "part-0.parquet", "experiments", rows, "synthetic")
+    out = run_dir / "site"
+    build_site(run_dir, out, REPORT, {"dino": "DINOv2"}, workers=1)
+    return out
+
+
+def test_a_page_per_concept_with_figures_and_examples(built):
+    index = (built / "concepts" / "index.html").read_text(encoding="utf-8")
+    pages = sorted((built / "concepts").glob("patch-*.html"))
+    assert len(pages) == 2
+    cat = (built / rc.concept_page("patch", "cat")).read_text(encoding="utf-8")
+    assert 'data-concept-figure="dose-0"' in cat and cat.count("predicted classes after") == 3
+    assert "90%" in index and "5%" in index  # the strongest setting's effect and the random control's, pooled over images
+    data = (built / "data" / "concepts" / "patch-cat.js").read_text(encoding="utf-8")
+    figures = json.loads(re.search(r"=(\{.*\});", data).group(1))
+    assert len(figures["dose-0"]["data"]) == 6
+    for img in re.findall(r'src="([^"]+\.jpg)"', cat):
+        assert (built / "concepts" / img).resolve().is_file(), img
+    assert 'href="concepts/index.html"' in (built / "index.html").read_text(encoding="utf-8")
+
+
+def test_concept_names_are_escaped(built):
+    html = "\n".join(p.read_text(encoding="utf-8") for p in built.rglob("*.html"))
+    assert EVIL not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    for js in (built / "data" / "concepts").glob("*.js"):
+        assert "<" not in js.read_text(encoding="utf-8")
