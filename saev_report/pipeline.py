@@ -34,7 +34,7 @@ STAGE_VERSIONS = {
     "images": 1,
     "record": 1,
     "train": 1,
-    "analyse": 2,
+    "analyse": 3,  # 3: quantile_exemplars, class_split, similar_features
     "heads": 1,
     "edits": 1,
     "compare": 1,
