@@ -469,7 +469,7 @@ def similar_table(sae_id: str, idx_fk: np.ndarray, cos_fk: np.ndarray) -> pa.Tab
         "sae_id": pa.array([sae_id] * (n_features * k), type=pa.string()),
         "feature": pa.array(np.repeat(np.arange(n_features), k).astype(np.int32)),
         "rank": pa.array(np.tile(np.arange(k), n_features).astype(np.int32)),
-        "similar": pa.array(idx_fk.reshape(-1).astype(np.int32)),
+        "similar_feature": pa.array(idx_fk.reshape(-1).astype(np.int32)),
         "cosine": pa.array(cos_fk.reshape(-1).astype(np.float64)),
     }
     return tables.to_arrow("similar_features", pa.table(columns))

@@ -165,7 +165,7 @@ TABLES: dict[str, TableDef] = {
             ("sae_id", pa.string(), "SAE id."),
             ("feature", pa.int32(), "Feature index."),
             ("rank", pa.int32(), "0 = most similar."),
-            ("similar", pa.int32(), "The other feature."),
+            ("similar_feature", pa.int32(), "The other feature."),
             ("cosine", pa.float64(), "Cosine between the two decoder directions."),
         ),
         _table(

@@ -1,4 +1,5 @@
-/* saev-report atlas: index charts, per-SAE density scatter, and the searchable feature list.
+/* saev-report atlas: index charts, per-SAE density scatter, the searchable feature list, heat-maps
+ * painted over shared thumbnails, and keyboard navigation between feature pages.
  * Plain JS, no frameworks, no network: every data file is a <script> that registers itself in
  * SAEV.data, so the site works from file://. Text from the data is only ever set with
  * textContent (never innerHTML), and escaped before plotly draws it as pseudo-HTML. */
@@ -156,7 +157,30 @@
     show();
   }
 
-  // ------------------------------------------------------------------ feature list
+  // ------------------------------------------------------------------ list state (shared by the list and feature pages)
+
+  /* The list's sort and filters live in the address (#sort=freq&dir=asc&q=cat&p=2), so a filtered,
+   * sorted list can be shared, and feature pages opened from it step through the same order. */
+  var DEFAULTS = { q: "", sort: "max_act", dir: "desc", label: "", fmin: "", fmax: "", amin: "", pmin: "", dead: "1", dense: "0", pages: "0", p: "1" };
+  var STATE_KEYS = Object.keys(DEFAULTS);
+
+  function readState(hash) {
+    var params = new URLSearchParams(String(hash || "").replace(/^#/, ""));
+    var state = {};
+    STATE_KEYS.forEach(function (k) { state[k] = params.has(k) ? params.get(k) : DEFAULTS[k]; });
+    return state;
+  }
+
+  function stateHash(state, withPage) {
+    var params = new URLSearchParams();
+    STATE_KEYS.forEach(function (k) {
+      if (k === "p" && !withPage) return;
+      var v = String(state[k] === undefined ? DEFAULTS[k] : state[k]).trim();
+      if (v !== DEFAULTS[k]) params.set(k, v);
+    });
+    var text = params.toString();
+    return text ? "#" + text : "";
+  }
 
   var SORTS = {
     max_act: function (d, i) { return d.max_act[i]; },
@@ -172,9 +196,10 @@
     return isFinite(v) ? v : null;
   }
 
-  /* "1234" → ids starting with 1234; "#1234" or "DINOv2-6K/1234" → exactly 1234; else label substring. */
+  /* "1234" → ids starting with 1234; "#1234" or "DINOv2-6K/1234" → exactly 1234; else a substring of the
+   * top label or (when the concepts stage ran) of the best concept. */
   function matcher(d, query) {
-    var q = query.trim().toLowerCase();
+    var q = String(query || "").trim().toLowerCase();
     if (!q) return function () { return true; };
     var m = /^(?:.*\/|#)?(\d+)$/.exec(q);
     if (m) {
@@ -184,9 +209,59 @@
         return exact ? id === m[1] : id.indexOf(m[1]) === 0;
       };
     }
-    var hits = d.labels.map(function (l) { return l.toLowerCase().indexOf(q) >= 0; });
-    return function (i) { return d.label[i] >= 0 && hits[d.label[i]]; };
+    var hit = function (list) { return (list || []).map(function (l) { return l.toLowerCase().indexOf(q) >= 0; }); };
+    var labelHits = hit(d.labels), conceptHits = hit(d.concepts);
+    return function (i) {
+      return (d.label[i] >= 0 && labelHits[d.label[i]]) || (d.concept !== undefined && d.concept[i] >= 0 && conceptHits[d.concept[i]]);
+    };
   }
+
+  /* Indices of the features the list shows for `state`, in its order. */
+  function computeOrder(d, state) {
+    var match = matcher(d, state.q);
+    var fmin = parseNumber(state.fmin), fmax = parseNumber(state.fmax), amin = parseNumber(state.amin), pmin = parseNumber(state.pmin);
+    var label = state.label === "" ? -1 : d.labels.indexOf(state.label);
+    var hideDead = state.dead === "1", hideDense = state.dense === "1", pagesOnly = state.pages === "1";
+    var order = [];
+    for (var i = 0; i < d.feature.length; i++) {
+      if (hideDead && d.dead[i]) continue;
+      if (hideDense && d.dense[i]) continue;
+      if (pagesOnly && !d.page[i]) continue;
+      if (state.label !== "" && d.label[i] !== label) continue;
+      if (fmin !== null && !(d.freq[i] >= fmin)) continue;
+      if (fmax !== null && !(d.freq[i] <= fmax)) continue;
+      if (amin !== null && !(d.max_act[i] >= amin)) continue;
+      if (pmin !== null && !(d.purity[i] >= pmin)) continue;
+      if (!match(i)) continue;
+      order.push(i);
+    }
+    var get = SORTS[state.sort] || SORTS.max_act;
+    var sign = state.dir === "asc" ? 1 : -1;
+    order.sort(function (a, b) {
+      var va = get(d, a), vb = get(d, b);
+      if (va === null && vb === null) return d.feature[a] - d.feature[b];
+      if (va === null) return 1; // missing values last in either direction
+      if (vb === null) return -1;
+      if (va < vb) return -sign;
+      if (va > vb) return sign;
+      return d.feature[a] - d.feature[b];
+    });
+    return order;
+  }
+
+  function describeState(state) {
+    var sortName = { max_act: "max activation", freq: "frequency", mean_act: "mean activation", purity: "label purity", label: "top label", feature: "feature id" };
+    var parts = [(sortName[state.sort] || "max activation") + (state.dir === "asc" ? " ↑" : " ↓")];
+    if (state.q) parts.push("search “" + state.q + "”");
+    if (state.label) parts.push("label " + state.label);
+    return parts.join(", ");
+  }
+
+  function thumbOf(d, i) {
+    return d.thumb && d.thumb[i] >= 0 ? root + d.thumbs[d.thumb[i]] : null;
+  }
+
+  // ------------------------------------------------------------------ feature list
 
   function initFeatureList() {
     var key = body.getAttribute("data-key");
@@ -198,87 +273,57 @@
     d.labels.forEach(function (l, i) { $("label").appendChild(el("option", { value: String(i) }, l)); });
     var page = 0;
     var order = [];
+    var FIELDS = ["q", "sort", "dir", "fmin", "fmax", "amin", "pmin"];
 
-    function readHash() {
-      var params = new URLSearchParams(window.location.hash.slice(1));
-      var set = function (id, name) { if (params.has(name)) $(id).value = params.get(name); };
-      set("q", "q"); set("sort", "sort"); set("dir", "dir"); set("fmin", "fmin"); set("fmax", "fmax"); set("amin", "amin"); set("pmin", "pmin");
-      if (params.has("label")) {
-        var li = d.labels.indexOf(params.get("label"));
-        $("label").value = li >= 0 ? String(li) : "";
-      }
-      if (params.has("dead")) $("hide-dead").checked = params.get("dead") === "1";
-      if (params.has("dense")) $("hide-dense").checked = params.get("dense") === "1";
-      if (params.has("pages")) $("pages-only").checked = params.get("pages") === "1";
-      return Math.max(0, (parseInt(params.get("p"), 10) || 1) - 1);
+    function stateToForm(state) {
+      FIELDS.forEach(function (id) { $(id).value = state[id]; });
+      var li = d.labels.indexOf(state.label);
+      $("label").value = li >= 0 ? String(li) : "";
+      $("hide-dead").checked = state.dead === "1";
+      $("hide-dense").checked = state.dense === "1";
+      $("pages-only").checked = state.pages === "1";
+      return Math.max(0, (parseInt(state.p, 10) || 1) - 1);
     }
 
-    function writeHash() {
-      var params = new URLSearchParams();
-      ["q", "fmin", "fmax", "amin", "pmin"].forEach(function (id) { if ($(id).value.trim()) params.set(id, $(id).value.trim()); });
-      if ($("sort").value !== "max_act") params.set("sort", $("sort").value);
-      if ($("dir").value !== "desc") params.set("dir", $("dir").value);
-      if ($("label").value !== "") params.set("label", d.labels[Number($("label").value)]);
-      if (!$("hide-dead").checked) params.set("dead", "0");
-      if ($("hide-dense").checked) params.set("dense", "1");
-      if ($("pages-only").checked) params.set("pages", "1");
-      if (page > 0) params.set("p", String(page + 1));
-      var hash = params.toString();
-      history.replaceState(null, "", hash ? "#" + hash : window.location.pathname + window.location.search);
+    function formState() {
+      var state = {};
+      FIELDS.forEach(function (id) { state[id] = $(id).value.trim(); });
+      state.label = $("label").value === "" ? "" : d.labels[Number($("label").value)];
+      state.dead = $("hide-dead").checked ? "1" : "0";
+      state.dense = $("hide-dense").checked ? "1" : "0";
+      state.pages = $("pages-only").checked ? "1" : "0";
+      state.p = String(page + 1);
+      return state;
     }
 
-    function recompute() {
-      var match = matcher(d, $("q").value);
-      var fmin = parseNumber($("fmin").value), fmax = parseNumber($("fmax").value);
-      var amin = parseNumber($("amin").value), pmin = parseNumber($("pmin").value);
-      var label = $("label").value === "" ? -1 : Number($("label").value);
-      var hideDead = $("hide-dead").checked, hideDense = $("hide-dense").checked, pagesOnly = $("pages-only").checked;
-      order = [];
-      for (var i = 0; i < d.feature.length; i++) {
-        if (hideDead && d.dead[i]) continue;
-        if (hideDense && d.dense[i]) continue;
-        if (pagesOnly && !d.page[i]) continue;
-        if (label >= 0 && d.label[i] !== label) continue;
-        if (fmin !== null && !(d.freq[i] >= fmin)) continue;
-        if (fmax !== null && !(d.freq[i] <= fmax)) continue;
-        if (amin !== null && !(d.max_act[i] >= amin)) continue;
-        if (pmin !== null && !(d.purity[i] >= pmin)) continue;
-        if (!match(i)) continue;
-        order.push(i);
-      }
-      var get = SORTS[$("sort").value] || SORTS.max_act;
-      var sign = $("dir").value === "asc" ? 1 : -1;
-      order.sort(function (a, b) {
-        var va = get(d, a), vb = get(d, b);
-        if (va === null && vb === null) return d.feature[a] - d.feature[b];
-        if (va === null) return 1; // missing values last in either direction
-        if (vb === null) return -1;
-        if (va < vb) return -sign;
-        if (va > vb) return sign;
-        return d.feature[a] - d.feature[b];
-      });
-    }
+    function recompute() { order = computeOrder(d, formState()); }
 
     function render() {
       var pages = Math.max(1, Math.ceil(order.length / PAGE_SIZE));
       page = Math.min(page, pages - 1);
+      var state = formState();
+      var carry = stateHash(state, false); // feature pages step through this order
       var tbody = $("rows");
       tbody.textContent = "";
       order.slice(page * PAGE_SIZE, (page + 1) * PAGE_SIZE).forEach(function (i) {
         var tr = el("tr");
         var f = d.feature[i];
+        var href = f + ".html" + carry;
         var thumbCell = el("td", { class: "thumb" });
-        if (d.thumb[i]) {
-          var img = el("img", { src: root + d.thumb[i], alt: "", loading: "lazy", width: "48", height: "48" });
-          var a = el("a", { href: f + ".html" });
-          a.appendChild(img);
-          thumbCell.appendChild(a);
+        var src = thumbOf(d, i);
+        if (src) {
+          var img = el("img", { src: src, alt: "", loading: "lazy", width: "48", height: "48" });
+          if (d.page[i]) {
+            var a = el("a", { href: href });
+            a.appendChild(img);
+            thumbCell.appendChild(a);
+          } else thumbCell.appendChild(img);
         } else {
           thumbCell.appendChild(el("span"));
         }
         tr.appendChild(thumbCell);
         var name = el("td", { class: "mono" });
-        if (d.page[i]) name.appendChild(el("a", { href: f + ".html" }, d.short + "/" + f));
+        if (d.page[i]) name.appendChild(el("a", { href: href }, d.short + "/" + f));
         else name.textContent = d.short + "/" + f;
         if (d.dead[i]) name.appendChild(el("span", { class: "chip chip-warn" }, "dead"));
         if (d.dense[i]) name.appendChild(el("span", { class: "chip chip-warn" }, "dense"));
@@ -287,6 +332,7 @@
         tr.appendChild(el("td", { class: "num" }, fmt(d.mean_act[i])));
         tr.appendChild(el("td", { class: "num" }, fmt(d.max_act[i])));
         tr.appendChild(el("td", {}, d.label[i] >= 0 ? d.labels[d.label[i]] : "–"));
+        if (d.concept) tr.appendChild(el("td", {}, d.concept[i] >= 0 ? d.concepts[d.concept[i]] : "–"));
         tr.appendChild(el("td", { class: "num" }, pct(d.purity[i])));
         tbody.appendChild(tr);
       });
@@ -294,9 +340,13 @@
       $("pageinfo").textContent = "page " + (page + 1) + " of " + pages;
       $("prev").disabled = page === 0;
       $("next").disabled = page >= pages - 1;
-      writeHash();
+      var withPages = order.filter(function (i) { return d.page[i]; });
+      $("random").disabled = withPages.length === 0;
+      var hash = stateHash(formState(), true);
+      history.replaceState(null, "", hash || window.location.pathname + window.location.search);
     }
 
+    if (d.concept && $("concept-head")) $("concept-head").hidden = false;
     var timer = null;
     function update() {
       clearTimeout(timer);
@@ -314,13 +364,234 @@
     });
     $("prev").addEventListener("click", function () { page = Math.max(0, page - 1); render(); });
     $("next").addEventListener("click", function () { page += 1; render(); });
+    $("random").addEventListener("click", function () {
+      var withPages = order.filter(function (i) { return d.page[i]; });
+      if (!withPages.length) return;
+      var i = withPages[Math.floor(Math.random() * withPages.length)];
+      window.location.href = d.feature[i] + ".html" + stateHash(formState(), false);
+    });
+    window.addEventListener("hashchange", function () { page = stateToForm(readState(window.location.hash)); recompute(); render(); });
 
-    page = readHash();
+    page = stateToForm(readState(window.location.hash));
     recompute();
     render();
+  }
+
+  // ------------------------------------------------------------------ heat-maps
+
+  function jsonScript(id) {
+    var node = document.getElementById(id);
+    if (!node) return null;
+    try {
+      return JSON.parse(node.textContent);
+    } catch (e) {
+      console.warn("saev-report: bad data in #" + id);
+      return null;
+    }
+  }
+
+  function base64Bytes(text) {
+    var bin = atob(text);
+    var out = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+
+  /* The page's maps are one zlib stream; DecompressionStream needs no server (file:// is fine). */
+  function inflate(bytes, done) {
+    if (typeof DecompressionStream === "undefined" || typeof Response === "undefined") return; // plain images stay
+    var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
+    new Response(stream).arrayBuffer().then(function (buf) { done(new Uint8Array(buf)); }, function () {
+      console.warn("saev-report: cannot inflate the heat-maps; showing plain images");
+    });
+  }
+
+  /* One canvas per exemplar, at patch-grid resolution (one pixel per patch), stretched over the
+   * thumbnail by CSS with smoothing; colours from assets/colormap.js; the strongest patch outlined. */
+  function paintHeat(fig, q, gh, gw) {
+    var cmap = SAEV.colormap;
+    var box = fig.querySelector(".pic");
+    if (!box) return;
+    var canvas = el("canvas", { class: "heat-layer", width: String(gw), height: String(gh), "aria-hidden": "true" });
+    var ctx = canvas.getContext("2d");
+    if (!ctx) return;
+    var image = ctx.createImageData(gw, gh);
+    var peak = 0;
+    for (var p = 0; p < gh * gw; p++) {
+      var v = q[p];
+      if (v > q[peak]) peak = p;
+      image.data[4 * p] = cmap.rgb[3 * v];
+      image.data[4 * p + 1] = cmap.rgb[3 * v + 1];
+      image.data[4 * p + 2] = cmap.rgb[3 * v + 2];
+      image.data[4 * p + 3] = v > 0 ? Math.round(255 * cmap.maxAlpha * Math.sqrt(v / 255)) : 0;
+    }
+    ctx.putImageData(image, 0, 0);
+    box.appendChild(canvas);
+    if (q[peak] > 0) {
+      var mark = el("span", { class: "peak", "aria-hidden": "true" });
+      mark.style.left = (100 * (peak % gw) / gw) + "%";
+      mark.style.top = (100 * Math.floor(peak / gw) / gh) + "%";
+      mark.style.width = (100 / gw) + "%";
+      mark.style.height = (100 / gh) + "%";
+      mark.style.borderColor = cmap.outline;
+      box.appendChild(mark);
+      fig.setAttribute("data-peak", String(peak));
+    }
+    fig.classList.add("heat-on");
+  }
+
+  function initHeat() {
+    var data = jsonScript("heat");
+    if (!data || !data.z || !SAEV.colormap) return;
+    var figures = Array.prototype.slice.call(document.querySelectorAll("figure.heat"));
+    inflate(base64Bytes(data.z), function (bytes) {
+      var offset = 0;
+      figures.forEach(function (fig) {
+        var g = (fig.getAttribute("data-g") || "").split("x");
+        var gh = Number(g[0]), gw = Number(g[1]);
+        if (!(gh > 0 && gw > 0) || offset + gh * gw > bytes.length) return;
+        paintHeat(fig, bytes.subarray(offset, offset + gh * gw), gh, gw);
+        offset += gh * gw;
+      });
+      body.setAttribute("data-heat-drawn", String(document.querySelectorAll("figure.heat-on").length));
+    });
+  }
+
+  // ------------------------------------------------------------------ feature page
+
+  function setLink(id, text, href) {
+    var a = document.getElementById(id);
+    if (!a) {
+      a = el("a", { id: id, rel: id });
+      var bar = document.querySelector(".prevnext");
+      if (id === "prev") bar.insertBefore(a, bar.firstChild);
+      else bar.appendChild(a);
+    }
+    if (href === null) {
+      a.hidden = true;
+      return;
+    }
+    a.hidden = false;
+    a.textContent = text;
+    a.setAttribute("href", href);
+  }
+
+  /* Previous / next / random within the order of the list this page was opened from (its address
+   * carries the list's state; without one, the list's default order). Keys: ← → (or p, n) and r. */
+  function featureNav(d, feature) {
+    var state = readState(window.location.hash);
+    var carry = stateHash(state, false);
+    var navigable = function (order) { return order.filter(function (i) { return d.page[i]; }); };
+    var order = navigable(computeOrder(d, state));
+    var pos = -1;
+    for (var j = 0; j < order.length; j++) if (d.feature[order[j]] === feature) { pos = j; break; }
+    if (pos < 0) { // this feature is outside the filter: step through the same sort without filters
+      state = { sort: state.sort, dir: state.dir, dead: "0" };
+      Object.keys(DEFAULTS).forEach(function (k) { if (state[k] === undefined) state[k] = DEFAULTS[k]; });
+      carry = stateHash(state, false);
+      order = navigable(computeOrder(d, state));
+      for (j = 0; j < order.length; j++) if (d.feature[order[j]] === feature) { pos = j; break; }
+    }
+    if (pos < 0) return;
+    var hrefOf = function (i) { return d.feature[i] + ".html" + carry; };
+    var prev = pos > 0 ? order[pos - 1] : null, next = pos + 1 < order.length ? order[pos + 1] : null;
+    setLink("prev", prev === null ? "" : "← " + d.feature[prev], prev === null ? null : hrefOf(prev));
+    setLink("next", next === null ? "" : d.feature[next] + " →", next === null ? null : hrefOf(next));
+    var random = function () {
+      if (order.length < 2) return null;
+      var k = Math.floor(Math.random() * (order.length - 1));
+      return hrefOf(order[k >= pos ? k + 1 : k]);
+    };
+    var rnd = document.getElementById("random");
+    rnd.hidden = order.length < 2;
+    rnd.addEventListener("click", function (ev) { var h = random(); if (h) { ev.preventDefault(); window.location.href = h; } });
+    var back = Object.assign({}, state, { p: String(Math.floor(pos / PAGE_SIZE) + 1) });
+    document.getElementById("back").setAttribute("href", "index.html" + stateHash(back, true));
+    var info = document.getElementById("order");
+    info.textContent = (pos + 1).toLocaleString() + " of " + order.length.toLocaleString() + " by " + describeState(state) +
+      " · keys: ← → previous / next, r random";
+    info.hidden = false;
+    document.addEventListener("keydown", function (ev) {
+      if (ev.altKey || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;
+      var tag = (ev.target && ev.target.tagName) || "";
+      if (tag === "INPUT" || tag === "SELECT" || tag === "TEXTAREA") return;
+      var go = null;
+      if ((ev.key === "ArrowLeft" || ev.key === "p") && prev !== null) go = hrefOf(prev);
+      else if ((ev.key === "ArrowRight" || ev.key === "n") && next !== null) go = hrefOf(next);
+      else if (ev.key === "r") go = random();
+      if (go) {
+        ev.preventDefault();
+        window.location.href = go;
+      }
+    });
+  }
+
+  function renderPanels(d) {
+    var panels = jsonScript("panels");
+    if (!panels) return;
+    var at = {};
+    d.feature.forEach(function (f, i) { at[f] = i; });
+    var shown = false;
+    var split = document.getElementById("split");
+    if (split && panels.split && panels.split.length) {
+      var list = split.querySelector(".bars");
+      panels.split.forEach(function (row) { // [label, rate, mean activation, firing images, images]
+        var li = el("li", { title: row[3] + " of " + row[4] + " images" });
+        li.appendChild(el("span", { class: "bar-label", title: row[0] }, row[0]));
+        var track = el("span", { class: "bar-track" });
+        var fill = el("span", { class: "bar-fill" });
+        fill.style.width = Math.max(0, Math.min(100, 100 * row[1])) + "%";
+        track.appendChild(fill);
+        li.appendChild(track);
+        li.appendChild(el("span", { class: "bar-value" }, pct(row[1]) + " · " + fmt(row[2])));
+        list.appendChild(li);
+      });
+      split.hidden = false;
+      shown = true;
+    }
+    var similar = document.getElementById("similar");
+    if (similar && panels.similar && panels.similar.length) {
+      var grid = similar.querySelector(".grid");
+      panels.similar.forEach(function (row) { // [feature, cosine]
+        var i = at[row[0]];
+        var fig = el("figure", { class: "tile" });
+        var src = i === undefined ? null : thumbOf(d, i);
+        var href = i !== undefined && d.page[i] ? row[0] + ".html" : null;
+        if (src) {
+          var img = el("img", { src: src, alt: "top image of feature " + row[0], loading: "lazy" });
+          if (href) { var a = el("a", { href: href }); a.appendChild(img); fig.appendChild(a); } else fig.appendChild(img);
+        }
+        var cap = el("figcaption");
+        cap.appendChild(href ? el("a", { class: "mono", href: href }, String(row[0])) : el("span", { class: "mono" }, String(row[0])));
+        if (i !== undefined && d.label[i] >= 0) cap.appendChild(el("span", { class: "chip" }, d.labels[d.label[i]]));
+        cap.appendChild(el("span", { class: "muted" }, "cos " + fmt(row[1])));
+        fig.appendChild(cap);
+        grid.appendChild(fig);
+      });
+      similar.hidden = false;
+      shown = true;
+    }
+    if (shown) document.getElementById("panels-box").hidden = false;
+  }
+
+  function initFeature() {
+    initHeat();
+    var key = body.getAttribute("data-key");
+    var feature = Number(body.getAttribute("data-feature"));
+    var ready = function () {
+      var d = SAEV.data[key];
+      if (!d) return;
+      featureNav(d, feature);
+      renderPanels(d);
+      body.setAttribute("data-nav", "ready");
+    };
+    if (SAEV.data[key]) ready();
+    else loadScript(root + key, ready); // a script tag, not an XHR: browsers allow it on file://
   }
 
   var kind = body.getAttribute("data-page");
   if (kind === "index") initIndex();
   else if (kind === "sae") initFeatureList();
+  else if (kind === "feature") initFeature();
+  else if (kind === "compare") initHeat();
 })();

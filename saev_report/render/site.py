@@ -3,14 +3,20 @@
 `build_site` reads only `<run>/tables/` and the image files the `images` table
 points to, so templates can be re-rendered without running the pipeline. It
 writes into `.<out>.partial/` next to `out_dir` and swaps it in at the end;
-images the previous site already has (same content address) are hard-linked
-instead of re-rendered, so a template-only rebuild costs little more than the
-HTML itself.
+thumbnails the previous site already has (same content address) are
+hard-linked instead of re-drawn, so a template-only rebuild costs little more
+than the HTML itself.
 
-Scale: per SAE, the small per-feature columns and the exemplar metadata are
-read once (a few MB at 24K features); the large `patch_acts` lists are streamed
-in record batches and turned into overlay JPEGs by a process pool; feature
-pages are rendered from streamed batches. Feature pages carry an inline SVG
+Every picture is stored once: one thumbnail per distinct image, drawn by a
+process pool. Heat-maps are data, not images: each feature page carries its
+exemplars' patch maps (one byte per patch, one zlib stream per page, see
+`heatmaps`) and `assets/atlas.js` paints them on canvases over the shared
+thumbnails; without scripts the plain thumbnails show.
+
+Scale: per SAE, the small per-feature columns are read once (a few MB at 24K
+features); feature pages are built `CHUNK_FEATURES` at a time from range
+queries on the exemplar, sample, class-split and similarity tables, so memory
+does not grow with the dictionary. Feature pages carry an inline SVG
 histogram, never a plotly chart; only the index, the per-SAE lists and the
 comparison pages load plotly.js.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+from bisect import bisect_left
 import os
 import shutil
 import time
@@ -37,7 +44,7 @@ from rich.markup import escape
 from saev_report import __version__, tables
 from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
-from saev_report.render import charts, overlays
+from saev_report.render import charts, heatmaps, overlays
 from saev_report.spec import ReportSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +54,8 @@ BATCH_ROWS = 2048
 POOL_MIN_JOBS = 96  # below this, a pool's start-up costs more than it saves
 MAX_CURVE_POINTS = 2000
 MAX_COMPARE_CARDS = 60
+CHUNK_FEATURES = 2048  # feature pages per round of range queries: bounds memory at any dictionary width
+BAND_NAMES = ["lowest quarter", "second quarter", "third quarter", "top quarter"]  # quantile bands, 0 = lowest
 
 T = TypeVar("T")
 
@@ -60,8 +69,8 @@ class SiteStats:
     n_feature_pages: int = 0
     n_edit_pages: int = 0
     n_compare_pages: int = 0
-    n_thumbnails: int = 0  # distinct images shown
-    n_overlays: int = 0  # exemplar heat-maps shown
+    n_thumbnails: int = 0  # distinct images shown: each stored once
+    n_heatmaps: int = 0  # exemplar heat-maps the browser draws (from patch maps, not image files)
     n_images_rendered: int = 0  # image files drawn by this build (the rest were reused)
     n_missing_images: int = 0  # images that could not be read (shown as a placeholder)
     n_bytes: int = 0
@@ -80,7 +89,8 @@ class SaeInfo:
     metrics: dict[str, Any]
     # Filled while its pages are built; read by edit/compare pages.
     pages: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # features with a page, sorted
-    thumbs: dict[int, str] = field(default_factory=dict)  # feature → file of its top exemplar overlay
+    thumbs: dict[int, str] = field(default_factory=dict)  # feature → thumbnail file of its top exemplar
+    top_maps: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)  # feature → (grid, quantised map of that exemplar)
     top_labels: dict[int, str] = field(default_factory=dict)
 
     def title(self, feature: int) -> str:
@@ -184,6 +194,8 @@ class SiteBuilder:
         self._by_id: dict[str, SaeInfo] = {}
         self.comparisons: list[dict[str, str]] = []
         self.has_edits = self.has_compare = False
+        # The concepts stage (when present) adds `features.best_concept`: search and chips use it.
+        self.has_concepts = "best_concept" in {r[0] for r in con.sql("DESCRIBE features").fetchall()}
 
     # ---- infrastructure
 
@@ -234,6 +246,7 @@ class SiteBuilder:
     def copy_assets(self) -> None:
         assets = self.staging / "assets"
         shutil.copytree(ASSETS_DIR, assets, dirs_exist_ok=True)
+        (assets / "colormap.js").write_text(heatmaps.colormap_script(), encoding="utf-8")
         plotly_js = assets / "plotly.min.js"
         bundled = _bundled_plotly_js()
         if bundled is not None:
@@ -290,15 +303,17 @@ class SiteBuilder:
         return self._by_id.get(sae_id)
 
     def feature_index(self, sae: SaeInfo) -> pa.Table:
+        concept = ", best_concept" if self.has_concepts else ""
         return fetch_table(
             self.con,
-            "SELECT feature, n_fire, freq, log10_freq, mean_act, log10_mean_act, max_act, dead, dense, top_label, label_purity "
-            "FROM features WHERE sae_id = ? ORDER BY feature",
+            "SELECT feature, n_fire, freq, log10_freq, mean_act, log10_mean_act, max_act, dead, dense, top_label, label_purity"
+            f"{concept} FROM features WHERE sae_id = ? ORDER BY feature",
             [sae.sae_id],
         )
 
     def choose_pages(self, sae: SaeInfo, index: pa.Table) -> None:
-        """Alive features get pages; with `feature_pages`, only the strongest (by max activation)."""
+        """Alive features get pages; with `feature_pages`, only the strongest (by max activation), plus every
+        feature an edit names, so that edit pages always link to a page."""
         feature = index.column("feature").to_numpy().astype(np.int64)
         max_act = np.nan_to_num(index.column("max_act").to_numpy(zero_copy_only=False).astype(np.float64), nan=0.0)
         dead = index.column("dead").to_numpy(zero_copy_only=False)
@@ -307,86 +322,132 @@ class SiteBuilder:
         if self.report.feature_pages is not None and len(chosen) > self.report.feature_pages:
             order = np.argsort(-max_act[chosen], kind="stable")[: self.report.feature_pages]
             chosen = chosen[order]
-        sae.pages = np.sort(feature[chosen])
+        edited = [int(r["f"]) for r in fetch_rows(self.con, "SELECT DISTINCT unnest(features) AS f FROM edits WHERE sae_id = ?", [sae.sae_id])]
+        sae.pages = np.union1d(feature[chosen], np.intersect1d(feature, np.asarray(edited, dtype=np.int64)))
         labels = index.column("top_label").to_pylist()
         sae.top_labels = {int(f): l for f, l in zip(feature, labels) if l is not None}
 
     def build_sae(self, sae: SaeInfo, index: pa.Table) -> None:
+        """Thumbnails, the SAE's data file, its feature pages (in chunks of features) and its list page."""
+        self.con.register("_pages", pa.table({"feature": pa.array(sae.pages, type=pa.int32())}))
+        self.ensure_sae_thumbnails(sae)
+        self.write(sae.data_file, charts.data_script(sae.data_file, self.sae_columns(sae, index)))
+        edits, matches = self.edits_by_feature(sae), self.matches_by_feature(sae)
+        pages = sae.pages.tolist()
+        with bar(f"pages {sae.sae_id}", total=len(pages), unit="page") as b:
+            for start in range(0, len(pages), CHUNK_FEATURES):
+                chunk = pages[start : start + CHUNK_FEATURES]
+                self.render_feature_chunk(sae, chunk, pages, start, edits, matches)
+                b.advance(len(chunk))
+        self.con.unregister("_pages")
+        self.render("sae.html", sae.list_page, sae=sae, n_pages=len(pages), n_features=index.num_rows)
+
+    def ensure_sae_thumbnails(self, sae: SaeInfo) -> None:
+        """One thumbnail per distinct image any page of this SAE shows; `sae.thumbs` = each feature's top image."""
         k = self.report.exemplars_shown
         px = self.report.thumbnail_px
-        meta = self.exemplar_meta(sae, k)
-        self.ensure_thumbnails(meta["path"], px)
-        thumbs = [self.thumb(p, px) for p in meta["path"]]
-        overlay_names = self.render_feature_overlays(sae, meta, thumbs, k)
-        self.stats.n_overlays += sum(1 for n in overlay_names if n)
-
-        # Exemplar images per meta row: the overlay if there is one, else the plain thumbnail.
-        shown = [self.img("o", o) if o else self.img("t", t) for o, t in zip(overlay_names, thumbs)]
-        starts = np.searchsorted(meta["feature"], sae.pages, "left")
-        ends = np.searchsorted(meta["feature"], sae.pages, "right")
-        for f, s in zip(sae.pages, starts):
-            if s < len(meta["feature"]) and meta["feature"][s] == f:
-                sae.thumbs[int(f)] = shown[s]
-        self.write(sae.data_file, charts.data_script(sae.data_file, self.sae_columns(sae, index)))
-        self.render_feature_pages(sae, meta, shown, dict(zip(sae.pages.tolist(), zip(starts.tolist(), ends.tolist()))))
-        self.render("sae.html", sae.list_page, sae=sae, n_pages=len(sae.pages), n_features=index.num_rows)
-
-    def exemplar_meta(self, sae: SaeInfo, k: int) -> dict[str, Any]:
-        """Small columns of the shown exemplars of features with pages, sorted by (feature, rank)."""
-        table = fetch_table(
+        shown = fetch_rows(
             self.con,
-            "SELECT e.feature, e.rank, e.dataset, e.image_idx, e.act, e.patch, e.grid_h, e.grid_w, i.path, i.label "
-            "FROM exemplars e LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx "
-            "WHERE e.sae_id = ? AND e.rank >= 0 AND e.rank < ? ORDER BY e.feature, e.rank",
-            [sae.sae_id, k],
+            "SELECT DISTINCT i.path FROM ("
+            " SELECT e.dataset, e.image_idx FROM exemplars e JOIN _pages USING (feature) WHERE e.sae_id = ? AND e.rank < ?"
+            " UNION SELECT q.dataset, q.image_idx FROM quantile_exemplars q JOIN _pages USING (feature) WHERE q.sae_id = ?"
+            " UNION SELECT dataset, image_idx FROM exemplars WHERE sae_id = ? AND rank = 0"
+            ") x JOIN images i ON i.dataset = x.dataset AND i.image_idx = x.image_idx ORDER BY i.path",
+            [sae.sae_id, k, sae.sae_id, sae.sae_id],
         )
-        feature = table.column("feature").to_numpy().astype(np.int64)
-        keep = np.isin(feature, sae.pages)
-        table = table.filter(pa.array(keep))
-        meta: dict[str, Any] = {name: table.column(name).to_pylist() for name in ("dataset", "path", "label")}
-        for name in ("feature", "rank", "image_idx", "patch", "grid_h", "grid_w"):
-            meta[name] = np.nan_to_num(table.column(name).to_numpy(zero_copy_only=False).astype(np.float64), nan=-1).astype(np.int64)
-        meta["act"] = table.column("act").to_numpy(zero_copy_only=False).astype(np.float64)
-        return meta
+        self.ensure_thumbnails((r["path"] for r in shown), px)
+        top = fetch_rows(
+            self.con,
+            "SELECT e.feature, i.path FROM exemplars e LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx "
+            "WHERE e.sae_id = ? AND e.rank = 0",
+            [sae.sae_id],
+        )
+        for r in top:
+            name = self.thumb(r["path"], px)
+            if name:
+                sae.thumbs[int(r["feature"])] = addr.image_file("t", name)
 
-    def render_feature_overlays(self, sae: SaeInfo, meta: dict[str, Any], thumbs: list[str | None], k: int) -> list[str | None]:
-        """Stream `patch_acts` and draw one overlay per shown exemplar; returns names aligned with `meta`."""
-        n = len(meta["feature"])
-        names: list[str | None] = [None] * n
-        if n == 0:
-            return names
-        key_sorted = meta["feature"] * k + meta["rank"]  # sorted, since meta is ordered by (feature, rank)
-        # One colour scale per feature: the largest activation among its shown exemplars.
-        group_start = np.flatnonzero(np.r_[True, meta["feature"][1:] != meta["feature"][:-1]])
-        vmax_group = np.maximum.reduceat(np.nan_to_num(meta["act"], nan=0.0), group_start)
-        vmax = np.repeat(vmax_group, np.diff(np.r_[group_start, n]))
-        with bar(f"overlays {sae.sae_id}", total=n, unit="img") as b:
-            for batch in stream_batches(self.con, "SELECT feature, rank, patch_acts FROM exemplars WHERE sae_id = ? AND rank >= 0 AND rank < ?", [sae.sae_id, k]):
-                jobs = []
-                feature = batch.column("feature").to_numpy(zero_copy_only=False).astype(np.int64)
-                rank = batch.column("rank").to_numpy(zero_copy_only=False).astype(np.int64)
-                pos = np.searchsorted(key_sorted, feature * k + rank).clip(0, n - 1)
-                hit = key_sorted[pos] == feature * k + rank
-                acts = batch.column("patch_acts")
-                offsets = acts.offsets.to_numpy()
-                values = acts.values.to_numpy(zero_copy_only=False)
-                valid = acts.is_valid().to_numpy(zero_copy_only=False)
-                for row in np.flatnonzero(hit & valid):
-                    i = int(pos[row])
-                    grid = (int(meta["grid_h"][i]), int(meta["grid_w"][i]))
-                    acts_p = values[offsets[row] : offsets[row + 1]]
-                    thumb = thumbs[i]
-                    if thumb is None or grid[0] <= 0 or grid[0] * grid[1] != len(acts_p):
-                        continue
-                    name = overlays.overlay_name(thumb, acts_p, grid, float(vmax[i]), int(meta["patch"][i]))
-                    names[i] = name
-                    rel = addr.image_file("o", name)
-                    if not overlays.place(self.staging / rel, self.previous_file(rel)):
-                        jobs.append(overlays.OverlayJob(str(self.staging / addr.image_file("t", thumb)), str(self.staging / rel), np.array(acts_p, dtype=np.float32), grid, float(vmax[i]), int(meta["patch"][i])))
-                for done in self._map(overlays.render_overlays, list(_chunks(jobs, 32)), n_items=len(jobs)):
-                    self.stats.n_images_rendered += done
-                b.advance(int(hit.sum()))
-        return names
+    def exemplar_groups(self, table: pa.Table) -> dict[int, list[dict[str, Any]]]:
+        """Exemplar rows by feature (table order kept), each with its patch map as `acts_p` (None if absent or malformed)."""
+        acts = table.column("patch_acts").combine_chunks()
+        offsets = acts.offsets.to_numpy()
+        values = acts.values.to_numpy(zero_copy_only=False)
+        valid = acts.is_valid().to_numpy(zero_copy_only=False)
+        px = self.report.thumbnail_px
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for i, r in enumerate(table.drop_columns(["patch_acts"]).to_pylist()):
+            gh, gw = int(r["grid_h"] or 0), int(r["grid_w"] or 0)
+            acts_p = values[offsets[i] : offsets[i + 1]] if valid[i] else None
+            r["acts_p"] = acts_p if acts_p is not None and gh > 0 and gh * gw == len(acts_p) else None
+            r["grid"] = f"{gh}x{gw}"
+            r["src"] = self.img("t", self.thumb(r["path"], px))
+            groups.setdefault(int(r["feature"]), []).append(r)
+        return groups
+
+    def chunk_table(self, sql: str, sae: SaeInfo, lo: int, hi: int, *params: Any) -> pa.Table:
+        return fetch_table(self.con, sql, [sae.sae_id, lo, hi, *params])
+
+    def render_feature_chunk(self, sae: SaeInfo, chunk: list[int], pages: list[int], offset: int,
+                             edits: dict[int, list[dict[str, Any]]], matches: dict[int, list[dict[str, Any]]]) -> None:
+        """Feature pages of `chunk` (sorted ids): a few range queries, then one template render per page."""
+        lo, hi = chunk[0], chunk[-1]
+        wanted = set(chunk)
+        joined = "FROM {t} e LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx WHERE e.sae_id = ? AND e.feature BETWEEN ? AND ?"
+        columns = "e.feature, e.rank, e.dataset, e.image_idx, e.act, e.grid_h, e.grid_w, e.patch_acts, i.path, i.label"
+        top = self.exemplar_groups(self.chunk_table(
+            f"SELECT {columns} {joined.format(t='exemplars')} AND e.rank < ? ORDER BY e.feature, e.rank", sae, lo, hi, self.report.exemplars_shown))
+        samples = self.exemplar_groups(self.chunk_table(
+            f"SELECT {columns}, e.band {joined.format(t='quantile_exemplars')} ORDER BY e.feature, e.band DESC, e.rank", sae, lo, hi))
+        split = _group(fetch_rows(self.con, "SELECT feature, label, rate, mean_act, n_fire_images, n_images FROM class_split "
+                                  "WHERE sae_id = ? AND feature BETWEEN ? AND ? ORDER BY feature, rank", [sae.sae_id, lo, hi]), lambda r: int(r["feature"]))
+        similar = _group(fetch_rows(self.con, "SELECT feature, similar_feature, cosine FROM similar_features "
+                                    "WHERE sae_id = ? AND feature BETWEEN ? AND ? ORDER BY feature, rank", [sae.sae_id, lo, hi]), lambda r: int(r["feature"]))
+        rows = fetch_rows(self.con, "SELECT * FROM features WHERE sae_id = ? AND feature BETWEEN ? AND ? ORDER BY feature", [sae.sae_id, lo, hi])
+        for row in rows:
+            f = int(row["feature"])
+            if f not in wanted:
+                continue
+            i = bisect_left(pages, f)
+            shown_top, shown_samples = top.get(f, []), samples.get(f, [])
+            figures = shown_top + shown_samples
+            # One colour scale per feature: its strongest shown exemplar.
+            vmax = max((float(r["act"] or 0.0) for r in figures), default=0.0)
+            with_map = [r for r in figures if r["acts_p"] is not None and vmax > 0]
+            maps_np = heatmaps.quantize(np.stack([r["acts_p"] for r in with_map]), vmax) if with_map else np.zeros((0, 0), np.uint8)
+            for r in figures:
+                r["heat"] = r["acts_p"] is not None and vmax > 0
+                del r["acts_p"]
+            if shown_top and shown_top[0]["heat"]:
+                sae.top_maps[f] = (shown_top[0]["grid"], maps_np[0])
+            self.render_feature_page(
+                sae, row, shown_top, shown_samples, vmax, heatmaps.pack(list(maps_np)),
+                panels={
+                    "split": [[r["label"], charts.round_sig([r["rate"]], 3)[0], charts.round_sig([r["mean_act"]], 3)[0], r["n_fire_images"], r["n_images"]]
+                              for r in split.get(f, [])],
+                    "similar": [[int(r["similar_feature"]), charts.round_sig([r["cosine"]], 3)[0]] for r in similar.get(f, [])],
+                },
+                edits=edits.get(f, []), matches=matches.get(f, []),
+                prev=pages[i - 1] if i > 0 else None, next=pages[i + 1] if i + 1 < len(pages) else None,
+            )
+
+    def render_feature_page(self, sae: SaeInfo, row: dict[str, Any], top: list[dict[str, Any]], samples: list[dict[str, Any]], vmax: float,
+                            maps: str, panels: dict[str, Any], edits: list[dict[str, Any]], matches: list[dict[str, Any]],
+                            prev: int | None, next: int | None) -> None:
+        f = int(row["feature"])
+        bands = [
+            {"name": BAND_NAMES[b] if b < len(BAND_NAMES) else f"band {b + 1}", "figures": [r for r in samples if r["band"] == b]}
+            for b in sorted({int(r["band"]) for r in samples}, reverse=True)
+        ]
+        self.stats.n_heatmaps += sum(int(r["heat"]) for r in top + samples)
+        self.render(
+            "feature.html",
+            addr.feature_page(sae.model, sae.slug, f),
+            sae=sae, f=row, title=sae.title(f), exemplars=top, bands=bands, vmax=vmax,
+            hist=charts.svg_histogram(row.get("hist_counts"), row.get("hist_edges")),
+            heat={"z": maps} if maps else None, panels=panels if panels["split"] or panels["similar"] else None,
+            concept=row.get("best_concept"), edits=edits, matches=matches, prev=prev, next=next,
+        )
+        self.stats.n_feature_pages += 1
 
     def sae_columns(self, sae: SaeInfo, index: pa.Table) -> dict[str, Any]:
         """The compact columnar index the feature list and scatter read (one JS file per SAE)."""
@@ -395,6 +456,11 @@ class SiteBuilder:
         vocabulary = sorted({l for l in labels if l is not None})
         label_pos = {l: i for i, l in enumerate(vocabulary)}
         has_page = np.isin(feature, sae.pages)
+        thumbs = sorted(set(sae.thumbs.values()))
+        thumb_pos = {t: i for i, t in enumerate(thumbs)}
+        concept_col = index.column("best_concept").to_pylist() if "best_concept" in index.column_names else None
+        concepts = sorted({c for c in concept_col or [] if c is not None})
+        concept_pos = {c: i for i, c in enumerate(concepts)}
 
         def col(name: str, digits: int = 4) -> list[float | None]:
             return charts.round_sig(index.column(name).to_numpy(zero_copy_only=False).astype(np.float64), digits)
@@ -415,51 +481,11 @@ class SiteBuilder:
             "dead": [int(bool(d)) for d in index.column("dead").to_pylist()],
             "dense": [int(bool(d)) for d in index.column("dense").to_pylist()],
             "page": has_page.astype(int).tolist(),
-            "thumb": [sae.thumbs.get(int(f), "") if p else "" for f, p in zip(feature, has_page)],
+            # Each distinct thumbnail once, then an index per feature (-1: none): 2–6 bytes per feature, not 40.
+            "thumbs": thumbs,
+            "thumb": [thumb_pos.get(sae.thumbs.get(int(f), ""), -1) for f in feature],
+            **({"concepts": concepts, "concept": [concept_pos[c] if c is not None else -1 for c in concept_col]} if concept_col is not None else {}),
         }
-
-    def render_feature_pages(self, sae: SaeInfo, meta: dict[str, Any], shown: list[str], spans: dict[int, tuple[int, int]]) -> None:
-        edits = self.edits_by_feature(sae)
-        matches = self.matches_by_feature(sae)
-        pages = sae.pages.tolist()
-        position = {f: i for i, f in enumerate(pages)}
-        with bar(f"pages {sae.sae_id}", total=len(pages), unit="page") as b:
-            for batch in stream_batches(self.con, "SELECT * FROM features WHERE sae_id = ? ORDER BY feature", [sae.sae_id]):
-                for row in batch.to_pylist():
-                    f = int(row["feature"])
-                    if f not in position:
-                        continue
-                    i = position[f]
-                    start, end = spans[f]
-                    exemplars = [
-                        {
-                            "src": shown[j],
-                            "label": meta["label"][j],
-                            "act": meta["act"][j],
-                            "dataset": meta["dataset"][j],
-                            "image_idx": int(meta["image_idx"][j]),
-                            "rank": int(meta["rank"][j]),
-                        }
-                        for j in range(start, end)
-                    ]
-                    neighbours = {
-                        "prev": (sae.title(pages[i - 1]), f"{pages[i - 1]}.html") if i > 0 else None,
-                        "next": (sae.title(pages[i + 1]), f"{pages[i + 1]}.html") if i + 1 < len(pages) else None,
-                    }
-                    self.render(
-                        "feature.html",
-                        addr.feature_page(sae.model, sae.slug, f),
-                        sae=sae,
-                        f=row,
-                        title=sae.title(f),
-                        exemplars=exemplars,
-                        hist=charts.svg_histogram(row.get("hist_counts"), row.get("hist_edges")),
-                        edits=edits.get(f, []),
-                        matches=matches.get(f, []),
-                        **neighbours,
-                    )
-                    self.stats.n_feature_pages += 1
-                    b.advance()
 
     def edits_by_feature(self, sae: SaeInfo) -> dict[int, list[dict[str, Any]]]:
         out: dict[int, list[dict[str, Any]]] = {}
@@ -569,53 +595,29 @@ class SiteBuilder:
         for comparison in [r["comparison"] for r in fetch_rows(self.con, "SELECT DISTINCT comparison FROM matches ORDER BY comparison")]:
             rows = fetch_rows(self.con, "SELECT * FROM matches WHERE comparison = ? ORDER BY sae_a, sae_b, score DESC", [comparison])
             directions = []
+            maps: list[np.ndarray] = []  # heat-maps in the order the template shows the cards
             for (sae_a, sae_b), group in _group(rows, lambda r: (r["sae_a"], r["sae_b"])).items():
-                directions.append(self.compare_direction(sae_a, sae_b, group))
-            self.render("compare.html", addr.compare_page(comparison), comparison=comparison, directions=directions)
+                directions.append(self.compare_direction(sae_a, sae_b, group, maps))
+            heat = {"z": heatmaps.pack(maps)} if maps else None
+            self.render("compare.html", addr.compare_page(comparison), comparison=comparison, directions=directions, heat=heat)
             self.stats.n_compare_pages += 1
 
-    def feature_card(self, sae_id: str, feature: int, score: float | None = None) -> dict[str, Any]:
+    def feature_card(self, sae_id: str, feature: int, score: float | None = None, maps: list[np.ndarray] | None = None) -> dict[str, Any]:
+        """A linked thumbnail of a feature's top exemplar; its heat-map (if known) is appended to `maps` in page order."""
         sae = self.sae_by_id(sae_id)
+        top_map = sae.top_maps.get(int(feature)) if sae else None
+        if top_map is not None and maps is not None:
+            maps.append(top_map[1])
         return {
             "title": sae.title(feature) if sae else f"{sae_id}/{feature}",
             "href": sae.page(feature) if sae else None,
             "thumb": sae.thumbs.get(int(feature)) if sae else None,
+            "grid": top_map[0] if top_map is not None and maps is not None else None,
             "label": sae.top_labels.get(int(feature)) if sae else None,
             "score": score,
         }
 
-    def draw_top_exemplars(self, sae: SaeInfo | None, features: list[int]) -> None:
-        """Overlay of the top exemplar of features that have no page (and so no picture yet)."""
-        if sae is None:
-            return
-        wanted = sorted({int(f) for f in features} - set(sae.thumbs))
-        if not wanted:
-            return
-        rows = fetch_rows(
-            self.con,
-            "SELECT e.feature, e.act, e.patch, e.grid_h, e.grid_w, e.patch_acts, i.path FROM exemplars e "
-            "LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx "
-            "WHERE e.sae_id = ? AND e.rank = 0 AND list_contains(?, e.feature)",
-            [sae.sae_id, wanted],
-        )
-        px = self.report.thumbnail_px
-        self.ensure_thumbnails((r["path"] for r in rows), px)
-        for r in rows:
-            thumb = self.thumb(r["path"], px)
-            grid = (r["grid_h"] or 0, r["grid_w"] or 0)
-            acts_p = np.asarray(r["patch_acts"] or [], dtype=np.float32)
-            if thumb is None or grid[0] * grid[1] != len(acts_p) or len(acts_p) == 0:
-                sae.thumbs[int(r["feature"])] = self.img("t", thumb)
-                continue
-            vmax = float(r["act"] or acts_p.max())
-            name = overlays.overlay_name(thumb, acts_p, grid, vmax, int(r["patch"] or 0))
-            rel = addr.image_file("o", name)
-            if not overlays.place(self.staging / rel, self.previous_file(rel)):
-                overlays.render_overlay(overlays.OverlayJob(str(self.staging / addr.image_file("t", thumb)), str(self.staging / rel), acts_p, grid, vmax, int(r["patch"] or 0)))
-                self.stats.n_images_rendered += 1
-            sae.thumbs[int(r["feature"])] = rel
-
-    def compare_direction(self, sae_a: str, sae_b: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def compare_direction(self, sae_a: str, sae_b: str, rows: list[dict[str, Any]], maps: list[np.ndarray]) -> dict[str, Any]:
         counts, edges = charts.score_histogram([r["score"] for r in rows])
         matched = [r for r in rows if r["matched"]]
         unmatched = [r for r in rows if not r["matched"]]
@@ -629,9 +631,12 @@ class SiteBuilder:
         unmatched.sort(key=lambda r: (not has_page(a, r["feature_a"]), r["score"] if r["score"] is not None else -2))
         n_matched = len(matched)
         matched, unmatched = matched[:MAX_COMPARE_CARDS], unmatched[:MAX_COMPARE_CARDS]
-        # Features outside the page cap still get a picture: their top exemplar's overlay.
-        self.draw_top_exemplars(a, [r["feature_a"] for r in matched + unmatched])
-        self.draw_top_exemplars(b, [r["feature_b"] for r in matched])
+        # Cards in template order (pairs a, b; then unmatched), so their heat-maps line up with `maps`.
+        pairs = [
+            {"a": self.feature_card(sae_a, r["feature_a"], maps=maps), "b": self.feature_card(sae_b, r["feature_b"], maps=maps), "score": r["score"], "mutual": r["mutual"]}
+            for r in matched
+        ]
+        lonely = [self.feature_card(sae_a, r["feature_a"], r["score"], maps=maps) for r in unmatched]
         return {
             "sae_a": sae_a,
             "sae_b": sae_b,
@@ -641,11 +646,8 @@ class SiteBuilder:
             "n_matched": n_matched,
             "n_mutual": sum(1 for r in rows if r["mutual"]),
             "hist": charts.svg_histogram(counts, edges, width=420, height=110, x_label="best-match correlation", unit="features"),
-            "pairs": [
-                {"a": self.feature_card(sae_a, r["feature_a"]), "b": self.feature_card(sae_b, r["feature_b"]), "score": r["score"], "mutual": r["mutual"]}
-                for r in matched
-            ],
-            "unmatched": [self.feature_card(sae_a, r["feature_a"], r["score"]) for r in unmatched],
+            "pairs": pairs,
+            "unmatched": lonely,
         }
 
     # ---- index
@@ -811,7 +813,7 @@ def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: d
     """Render the atlas of the run's published tables into `out_dir` (replaced atomically).
 
     `model_labels` maps model keys to display names (`dino` → `DINOv2`); `workers`
-    sets the overlay process pool (default: CPU count, at most 8; 1 = in process).
+    sets the thumbnail process pool (default: CPU count, at most 8; 1 = in process).
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned pool worker is importing a script that calls build_site at top level: building here
