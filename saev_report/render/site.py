@@ -378,9 +378,11 @@ class SiteBuilder:
         for i, r in enumerate(table.drop_columns(["patch_acts"]).to_pylist()):
             gh, gw = int(r["grid_h"] or 0), int(r["grid_w"] or 0)
             acts_p = values[offsets[i] : offsets[i + 1]] if valid[i] else None
-            r["acts_p"] = acts_p if acts_p is not None and gh > 0 and gh * gw == len(acts_p) else None
+            thumb = self.thumb(r["path"], px)
+            # No heat-map over a missing picture: the placeholder shows alone.
+            r["acts_p"] = acts_p if thumb and acts_p is not None and gh > 0 and gh * gw == len(acts_p) else None
             r["grid"] = f"{gh}x{gw}"
-            r["src"] = self.img("t", self.thumb(r["path"], px))
+            r["src"] = self.img("t", thumb)
             groups.setdefault(int(r["feature"]), []).append(r)
         return groups
 
