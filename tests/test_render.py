@@ -499,10 +499,11 @@ def test_feature_page_shows_every_exemplar_image(built, browser):
     pages = sorted((out / addr.sae_dir("dino", addr.sae_slug(sae_id, "dino"))).glob("[0-9]*.html"), key=lambda p: int(p.stem))
     for page in pages[:4]:
         logs = _open(browser, page)
-        sizes = browser.execute_script(
-            "return Array.from(document.querySelectorAll('.exemplars img')).map(i => [i.complete, i.naturalWidth])"
-        )
-        assert len(sizes) == page.read_text(encoding="utf-8").count('class="tile"') > 0
+        browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")  # lazy images below the fold
+        script = "return Array.from(document.querySelectorAll('.exemplars img, .band-grid img')).map(i => [i.complete, i.naturalWidth])"
+        _wait(browser, lambda d: all(c and w > 0 for c, w in d.execute_script(script)))
+        sizes = browser.execute_script(script)
+        assert len(sizes) == page.read_text(encoding="utf-8").count('<figure class="tile') > 0
         assert all(complete and width > 0 for complete, width in sizes), sizes
         assert not _severe(logs), logs
         _no_xss(browser)
