@@ -411,7 +411,13 @@
   function paintHeat(fig, q, gh, gw) {
     var cmap = SAEV.colormap;
     var box = fig.querySelector(".pic");
-    if (!box) return;
+    if (!box) { // feature pages leave the wrapper out (bytes × 24K pages): add it now
+      var img = fig.querySelector("img");
+      if (!img) return;
+      box = el("div", { class: "pic" });
+      img.parentNode.insertBefore(box, img);
+      box.appendChild(img);
+    }
     var canvas = el("canvas", { class: "heat-layer", width: String(gw), height: String(gh), "aria-hidden": "true" });
     var ctx = canvas.getContext("2d");
     if (!ctx) return;
@@ -443,11 +449,13 @@
   function initHeat() {
     var data = jsonScript("heat");
     if (!data || !data.z || !SAEV.colormap) return;
-    var figures = Array.prototype.slice.call(document.querySelectorAll("figure.heat"));
+    // Feature pages: every exemplar tile but those marked no-heat, on the page's grid; comparison
+    // cards: tiles marked heat, each with its own grid. Either way in document order, as packed.
+    var figures = Array.prototype.slice.call(document.querySelectorAll("figure.heat, .ex > figure:not(.no-heat)"));
     inflate(base64Bytes(data.z), function (bytes) {
       var offset = 0;
       figures.forEach(function (fig) {
-        var g = (fig.getAttribute("data-g") || "").split("x");
+        var g = (fig.getAttribute("data-g") || data.g || "").split("x");
         var gh = Number(g[0]), gw = Number(g[1]);
         if (!(gh > 0 && gw > 0) || offset + gh * gw > bytes.length) return;
         paintHeat(fig, bytes.subarray(offset, offset + gh * gw), gh, gw);

@@ -286,12 +286,14 @@ def test_feature_page_content(built):
     top = read_table(run_dir, "exemplars", where + f" AND rank < {REPORT.exemplars_shown} ORDER BY rank").to_pylist()
     samples = read_table(run_dir, "quantile_exemplars", where + " ORDER BY band DESC, rank").to_pylist()
     assert len(top) == min(8, REPORT.exemplars_shown) and len(samples) == 12
-    assert html.count('<figure class="tile heat" data-g="6x6"') == len(top) + len(samples)
+    assert html.count("<figure><img") == len(top) + len(samples) and "no-heat" not in html
     assert "img/o/" not in html  # no per-feature pictures: every <img> is a shared thumbnail
     assert {src.split("/img/")[1] for src in re.findall(r'<img src="([^"]+)"', html)} <= {
         str(p.relative_to(out / "img")) for p in (out / "img" / "t").rglob("*.jpg")}
     # The page's packed maps are the exemplars' patch maps on one scale: the strongest shown activation.
-    packed = json.loads(re.search(r'<script type="application/json" id="heat">(.*?)</script>', html).group(1))["z"]
+    heat = json.loads(re.search(r'<script type="application/json" id="heat">(.*?)</script>', html).group(1))
+    packed = heat["z"]
+    assert heat["g"] == "6x6"
     vmax = max(r["act"] for r in top + samples)
     expected = heatmaps.quantize(np.array([r["patch_acts"] for r in top + samples]), vmax)
     assert heatmaps.unpack(packed) == expected.tobytes()
@@ -371,10 +373,15 @@ def test_process_pool_path_draws_the_same_files(tmp_path, monkeypatch):
     write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 12)], edits=False, matches=False))
     inline = build_site(run_dir, tmp_path / "a", REPORT, workers=1)
     monkeypatch.setattr(site_mod, "POOL_MIN_JOBS", 1)
+    monkeypatch.setattr(site_mod, "PAGE_POOL_MIN_PAGES", 1)
+    monkeypatch.setattr(site_mod, "PAGES_PER_TASK", 3)
     pooled = build_site(run_dir, tmp_path / "b", REPORT, workers=2)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "img").rglob("*.jpg"))
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / "img").rglob("*.jpg"))
     assert files_a == files_b and pooled.n_images_rendered == inline.n_images_rendered > 0
+    pages_a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a" / "features").rglob("*.html")}
+    pages_b = {p.relative_to(tmp_path / "b"): p.read_bytes() for p in (tmp_path / "b" / "features").rglob("*.html")}
+    assert pages_a == pages_b and len(pages_a) == pooled.n_feature_pages + 1  # rendered by the workers, identically
 
 
 def test_missing_images_and_sparse_tables_still_build(tmp_path):
@@ -503,7 +510,7 @@ def test_feature_page_shows_every_exemplar_image(built, browser):
         script = "return Array.from(document.querySelectorAll('.exemplars img, .band-grid img')).map(i => [i.complete, i.naturalWidth])"
         _wait(browser, lambda d: all(c and w > 0 for c, w in d.execute_script(script)))
         sizes = browser.execute_script(script)
-        assert len(sizes) == page.read_text(encoding="utf-8").count('<figure class="tile') > 0
+        assert len(sizes) == page.read_text(encoding="utf-8").count("<figure><img") > 0
         assert all(complete and width > 0 for complete, width in sizes), sizes
         assert not _severe(logs), logs
         _no_xss(browser)
@@ -539,7 +546,7 @@ def test_heatmaps_are_painted_from_the_patch_maps(built, browser):
     feature = int(np.flatnonzero(~facts["features"][sae_id]["dead"])[2])
     page = _feature_dir(out, "dino", sae_id) / f"{feature}.html"
     logs = _open(browser, page)
-    n_heat = page.read_text(encoding="utf-8").count('class="tile heat"')
+    n_heat = page.read_text(encoding="utf-8").count("<figure><img")
     _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-heat-drawn')") == str(n_heat))
     # Each canvas holds one pixel per patch: compare them with the numpy reference of the table's maps.
     where = f"WHERE sae_id = '{sae_id}' AND feature = {feature}"
@@ -547,7 +554,7 @@ def test_heatmaps_are_painted_from_the_patch_maps(built, browser):
     rows += read_table(run_dir, "quantile_exemplars", where + " ORDER BY band DESC, rank").to_pylist()
     q = heatmaps.quantize(np.array([r["patch_acts"] for r in rows]), max(r["act"] for r in rows))
     painted = browser.execute_script(
-        "return Array.from(document.querySelectorAll('figure.heat')).map(f => {"
+        "return Array.from(document.querySelectorAll('.ex > figure')).map(f => {"
         " const c = f.querySelector('canvas'); const m = f.querySelector('.peak');"
         " return [Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data), c.width, c.height,"
         "         f.getAttribute('data-peak'), m ? [m.style.left, m.style.top] : null,"
@@ -581,7 +588,7 @@ def test_without_decompression_the_plain_images_show(built, browser):
         logs = _open(browser, _feature_dir(out, "dino", sae_id) / f"{feature}.html")
         _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready")
         state = browser.execute_script(
-            "return [document.querySelectorAll('canvas').length, Array.from(document.querySelectorAll('figure.heat img')).map(i => i.complete && i.naturalWidth > 0)]"
+            "return [document.querySelectorAll('canvas').length, Array.from(document.querySelectorAll('.ex > figure img')).map(i => i.complete && i.naturalWidth > 0)]"
         )
         assert state[0] == 0 and state[1] and all(state[1])
         assert not _severe(logs), logs

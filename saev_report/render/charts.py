@@ -95,13 +95,14 @@ def svg_histogram(
     top = counts_b.max()
     base = pad_t + plot_h
     bars = "".join(
-        f"M{pad_l + i * bar_w:.1f} {base}v{-plot_h * count / top:.1f}h{max(bar_w - 1, 0.5):.1f}V{base}z" for i, count in enumerate(counts_b) if count > 0
+        f"M{pad_l + i * bar_w:.1f} {base}v{-plot_h * count / top:.1f}h{max(bar_w - 1, 0.5):.1f}V{base}z".replace(".0", "")
+        for i, count in enumerate(counts_b) if count > 0
     )
     peak = int(counts_b.argmax())
     label = (f"histogram of {int(counts_b.sum()):,} {unit} over {_fmt(edges_b1[0])} to {_fmt(edges_b1[-1])}; "
              f"most in {_fmt(edges_b1[peak])} to {_fmt(edges_b1[peak + 1])}")
     return Markup(
-        f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" aria-label="{label}">'
+        f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">'
         f"<title>{label}</title><path d=\"{bars}\" fill=\"{color}\"/>"
         f'<line x1="{pad_l}" x2="{width - pad_l}" y1="{base + 0.5}" y2="{base + 0.5}" stroke="#94a3b8"/>'
         f'<text x="{pad_l}" y="{height - 4}" class="tick">{_fmt(edges_b1[0])}</text>'

@@ -57,7 +57,7 @@ def pack(maps: Sequence[np.ndarray]) -> str:
     if not maps:
         return ""
     raw = b"".join(np.ascontiguousarray(m, dtype=np.uint8).tobytes() for m in maps)
-    return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+    return base64.b64encode(zlib.compress(raw, 6)).decode("ascii")
 
 
 def unpack(text: str) -> bytes:

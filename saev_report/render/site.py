@@ -52,6 +52,8 @@ TEMPLATES_DIR = PROJECT_ROOT / "templates"
 ASSETS_DIR = PROJECT_ROOT / "site"
 BATCH_ROWS = 2048
 POOL_MIN_JOBS = 96  # below this, a pool's start-up costs more than it saves
+PAGE_POOL_MIN_PAGES = 4096  # smaller sites render their pages in process: worker start-up would dominate
+PAGES_PER_TASK = 128  # feature pages per pool task: pickling a page's context costs far less than rendering it
 MAX_CURVE_POINTS = 2000
 MAX_COMPARE_CARDS = 60
 CHUNK_FEATURES = 2048  # feature pages per round of range queries: bounds memory at any dictionary width
@@ -142,7 +144,9 @@ def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
     """Jinja environment; autoescape is on for every template (labels come from datasets)."""
     if not (templates_dir / "base.html").is_file() or not (ASSETS_DIR / "atlas.js").is_file():
         raise FileNotFoundError(f"site templates/assets not found at {templates_dir} and {ASSETS_DIR}: use a source checkout (pip install -e .)")
-    env = Environment(loader=FileSystemLoader(str(templates_dir)), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    # auto_reload off: templates do not change during a build, and checking them costs a stat per page.
+    env = Environment(loader=FileSystemLoader(str(templates_dir)), autoescape=True, undefined=StrictUndefined, trim_blocks=True,
+                      lstrip_blocks=True, auto_reload=False)
     env.filters["num"] = fmt_num
     env.filters["pct"] = fmt_pct
     env.filters["script_json"] = charts.script_json
@@ -187,6 +191,9 @@ class SiteBuilder:
         self.model_labels = model_labels
         self.workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
         self._pool: Executor | None = None
+        self._queue: list[tuple[str, str, dict[str, Any]]] = []  # feature pages waiting for the pool
+        self._pending: list[Any] = []  # futures of page batches
+        self.n_pages_total = 0
         self.env = make_env()
         self.stats = SiteStats(out_dir=staging)
         self.thumb_names: dict[tuple[str, int], str | None] = {}  # (image path, px) → thumbnail name
@@ -224,8 +231,9 @@ class SiteBuilder:
         overlays.ensure_dir(path.parent)
         path.write_text(text, encoding="utf-8")
 
-    def render(self, template: str, page: str, **context: Any) -> None:
-        base = {
+    def base_context(self, page: str) -> dict[str, Any]:
+        """What every template sees (plain data only: feature pages travel to pool workers)."""
+        return {
             "root": addr.root_of(page),
             "site_title": self.report.title,
             "report_px": self.report.thumbnail_px,
@@ -233,9 +241,44 @@ class SiteBuilder:
             "has_edits": self.has_edits,
             "has_compare": self.has_compare,
             "comparisons": self.comparisons,
-            "saes_nav": self.saes,
+            "saes_nav": [{"list_page": s.list_page, "short": s.short, "sae_id": s.sae_id} for s in self.saes],
         }
-        self.write(page, self.env.get_template(template).render(**base, **context))
+
+    def render(self, template: str, page: str, **context: Any) -> None:
+        self.write(page, self.env.get_template(template).render(**self.base_context(page), **context))
+
+    def render_later(self, template: str, page: str, **context: Any) -> None:
+        """Queue a page for the pool (feature pages: the bulk of a build); rendered now without a pool."""
+        self._queue.append((template, page, {**self.base_context(page), **context}))  # context wins over the base
+        if len(self._queue) >= PAGES_PER_TASK:
+            self.flush_pages()
+
+    def flush_pages(self, wait: bool = False) -> None:
+        """Hand the queued pages to the pool (the build goes on querying meanwhile); `wait` for all of them."""
+        if self._queue:
+            batch, self._queue = PageBatch(str(self.staging), self._queue), []
+            future = None
+            if self.workers > 1 and self.n_pages_total >= PAGE_POOL_MIN_PAGES:
+                try:
+                    future = self._pool_for_pages().submit(render_page_batch, batch)
+                except BrokenProcessPool:
+                    self.workers = 1
+            if future is None:
+                render_page_batch(batch, self.env)
+            else:
+                self._pending.append((future, batch))
+        if wait:
+            for future, batch in self._pending:
+                try:
+                    future.result()  # re-raises a worker's error
+                except BrokenProcessPool:  # see _map: render here instead
+                    render_page_batch(batch, self.env)
+            self._pending = []
+
+    def _pool_for_pages(self) -> Executor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
 
     def img(self, kind: str, name: str | None) -> str:
         return addr.image_file(kind, name) if name else "assets/missing.svg"
@@ -383,6 +426,8 @@ class SiteBuilder:
             r["acts_p"] = acts_p if thumb and acts_p is not None and gh > 0 and gh * gw == len(acts_p) else None
             r["grid"] = f"{gh}x{gw}"
             r["src"] = self.img("t", thumb)
+            r["act_text"] = fmt_num(r["act"], 3)
+            r["label_text"] = r["label"] if r["label"] is not None else "unlabelled"
             groups.setdefault(int(r["feature"]), []).append(r)
         return groups
 
@@ -441,12 +486,14 @@ class SiteBuilder:
             for b in sorted({int(r["band"]) for r in samples}, reverse=True)
         ]
         self.stats.n_heatmaps += sum(int(r["heat"]) for r in top + samples)
-        self.render(
+        self.render_later(
             "feature.html",
             addr.feature_page(sae.model, sae.slug, f),
-            sae=sae, f=row, title=sae.title(f), exemplars=top, bands=bands, vmax=vmax,
+            sae={"short": sae.short, "sae_id": sae.sae_id, "data_file": sae.data_file}, f=row,
+            saes_nav=[],  # the crumbs lead to the lists: a menu of every SAE on every feature page is bytes × 24K
+            title=sae.title(f), exemplars=top, bands=bands, vmax=vmax,
             hist=charts.svg_histogram(row.get("hist_counts"), row.get("hist_edges")),
-            heat={"z": maps} if maps else None, panels=panels if panels["split"] or panels["similar"] else None,
+            heat={"g": (top + samples)[0]["grid"], "z": maps} if maps else None, panels=panels if panels["split"] or panels["similar"] else None,
             concept=row.get("best_concept"), edits=edits, matches=matches, prev=prev, next=next,
         )
         self.stats.n_feature_pages += 1
@@ -698,14 +745,39 @@ class SiteBuilder:
         for sae in self.saes:  # every page set first, so cross-links between SAEs know which pages exist
             indexes[sae.sae_id] = self.feature_index(sae)
             self.choose_pages(sae, indexes[sae.sae_id])
+        self.n_pages_total = sum(len(s.pages) for s in self.saes)
         for sae in self.saes:
             self.build_sae(sae, indexes.pop(sae.sae_id))
+        self.flush_pages(wait=True)
         self.stats.n_saes = len(self.saes)
         self.build_edits()
         self.build_compare()
         self.build_index()
         self.stats.n_thumbnails = len({name for name in self.thumb_names.values() if name})
         return self.stats
+
+
+@dataclass(frozen=True)
+class PageBatch:
+    staging: str  # site root being built
+    pages: list[tuple[str, str, dict[str, Any]]]  # (template, page path, full context)
+
+
+_worker_env: Environment | None = None
+
+
+def render_page_batch(batch: PageBatch, env: Environment | None = None) -> int:
+    """Render and write a batch of pages (in a pool worker, with its own cached jinja environment)."""
+    global _worker_env
+    if env is None:
+        _worker_env = _worker_env or make_env()
+        env = _worker_env
+    root = Path(batch.staging)
+    for template, page, context in batch.pages:
+        path = root / page
+        overlays.ensure_dir(path.parent)
+        path.write_text(env.get_template(template).render(**context), encoding="utf-8")
+    return len(batch.pages)
 
 
 def legend_names(saes: list[SaeInfo]) -> dict[str, str]:

@@ -55,6 +55,7 @@ class SyntheticRun:
     edits: bool = True
     matches: bool = True
     photos: bool = True
+    image_format: str = "png"  # "jpg" for large sets: faster to write and read, as ImageNet is
     features_per_part: int = 2000
     seed: int = 0
 
@@ -76,8 +77,8 @@ def _source_photos() -> list[np.ndarray]:
     return out
 
 
-def make_images(folder: Path, n: int, px: int, rng: np.random.Generator, photos: bool = True) -> list[Path]:
-    """`n` small real PNG files: random crops of bundled photos, or drawn shapes."""
+def make_images(folder: Path, n: int, px: int, rng: np.random.Generator, photos: bool = True, image_format: str = "png") -> list[Path]:
+    """`n` small real image files (PNG or JPEG): random crops of bundled photos, or drawn shapes."""
     folder.mkdir(parents=True, exist_ok=True)
     sources = _source_photos() if photos else []
     paths = []
@@ -97,8 +98,8 @@ def make_images(folder: Path, n: int, px: int, rng: np.random.Generator, photos:
             for _ in range(4):
                 x0, y0 = rng.integers(0, px, 2)
                 draw.ellipse((x0, y0, x0 + px // 3, y0 + px // 3), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-        path = folder / f"img_{i:04d}.png"
-        image.save(path)
+        path = folder / f"img_{i:05d}.{image_format}"
+        image.save(path, quality=90) if image_format == "jpg" else image.save(path)
         paths.append(path)
     return paths
 
@@ -238,7 +239,7 @@ def write_synthetic_run(run_dir: Path, run: SyntheticRun | None = None) -> dict[
     rng = np.random.default_rng(run.seed)
     run_dir = Path(run_dir)
     tables = run_dir / "tables"
-    paths = make_images(run_dir / "images", run.n_images, run.image_px, rng, run.photos)
+    paths = make_images(run_dir / "images", run.n_images, run.image_px, rng, run.photos, run.image_format)
     image_labels = [run.labels[i % len(run.labels)] for i in range(run.n_images)]
     write_table(
         tables / "images" / "part-0.parquet",
