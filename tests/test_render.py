@@ -687,3 +687,29 @@ def test_every_page_kind_and_every_link_in_the_browser(built, browser):
         assert not broken and not _severe(logs + browser.get_log("browser")), (page, broken, logs)
         _no_xss(browser)
     assert checked > 300
+
+
+def test_search_uses_the_best_concept_column_when_present(tmp_path, browser):
+    """The concepts stage adds `features.best_concept`; the list shows and searches it without a code change."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 30)], edits=False, matches=False))
+    part = run_dir / "tables" / "features" / "part-0.parquet"
+    table = pq.read_table(part)
+    concepts = [None if dead else ("striped fur" if f % 3 == 0 else "sky") for f, dead in
+                zip(table.column("feature").to_pylist(), table.column("dead").to_pylist())]
+    pq.write_table(table.append_column("best_concept", pa.array(concepts, type=pa.string())), part)
+    out = tmp_path / "site"
+    build_site(run_dir, out, REPORT, workers=1)
+    folder = _feature_dir(out, "dino", "dino/L10/relu-x1-l1_0.0004-s0")
+    feature = next(f for f, c in enumerate(concepts) if c == "striped fur")
+    assert '<span class="chip" title="best concept">striped fur</span>' in (folder / f"{feature}.html").read_text(encoding="utf-8")
+    logs = _open(browser, folder / "index.html")
+    browser.find_element("id", "q").send_keys("STRIPED")
+    _wait(browser, lambda d: "q=STRIPED" in d.current_url)
+    count = browser.execute_script("return document.getElementById('count').textContent")
+    assert count.startswith(f"{sum(c == 'striped fur' for c in concepts)} of")
+    assert not browser.execute_script("return document.getElementById('concept-head').hidden")
+    assert not _severe(logs + browser.get_log("browser"))
