@@ -42,7 +42,10 @@ def _plain(value: Any) -> Any:
 def script_json(value: Any) -> str:
     """JSON that can sit inside <script> (inline or in a .js file): `<`, `>`, `&` and
     U+2028/9 are \\u-escaped, so `</script>` or `<!--` in a label cannot end the script."""
-    text = json.dumps(_plain(value), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    try:  # plain Python data (most page data) needs no conversion pass
+        text = json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):  # numpy values, NaN/inf
+        text = json.dumps(_plain(value), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
@@ -54,6 +57,13 @@ def data_script(path: str, value: Any) -> str:
 def plotly_text(text: str) -> str:
     """Plotly draws text as pseudo-HTML (`<b>`, `<a href>`): escape it so labels show literally."""
     return html.escape(str(text), quote=False)
+
+
+def sig(value: float | None, digits: int = 4) -> float | None:
+    """One value to `digits` significant digits (None for missing or non-finite)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.{digits}g}")
 
 
 def round_sig(values: Sequence[float] | np.ndarray, digits: int = 4) -> list[float | None]:

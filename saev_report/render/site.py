@@ -39,7 +39,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from rich.markup import escape
+from markupsafe import Markup, escape
+from rich.markup import escape as rich_escape
 
 from saev_report import __version__, tables
 from saev_report.progress import bar, log
@@ -194,6 +195,7 @@ class SiteBuilder:
         self._queue: list[tuple[str, str, dict[str, Any]]] = []  # feature pages waiting for the pool
         self._pending: list[Any] = []  # futures of page batches
         self.n_pages_total = 0
+        self._labels_html: dict[str | None, Markup] = {}
         self.env = make_env()
         self.stats = SiteStats(out_dir=staging)
         self.thumb_names: dict[tuple[str, int], str | None] = {}  # (image path, px) → thumbnail name
@@ -425,11 +427,17 @@ class SiteBuilder:
             # No heat-map over a missing picture: the placeholder shows alone.
             r["acts_p"] = acts_p if thumb and acts_p is not None and gh > 0 and gh * gw == len(acts_p) else None
             r["grid"] = f"{gh}x{gw}"
-            r["src"] = self.img("t", thumb)
-            r["act_text"] = fmt_num(r["act"], 3)
-            r["label_text"] = r["label"] if r["label"] is not None else "unlabelled"
+            # Escaped once here, not per tile by the template (millions of tiles at 24K features).
+            r["src"] = Markup(self.img("t", thumb))  # our own path: [0-9a-z/.] only
+            r["act_text"] = Markup(fmt_num(r["act"], 3))
+            r["label_text"] = self.escaped_label(r["label"])
             groups.setdefault(int(r["feature"]), []).append(r)
         return groups
+
+    def escaped_label(self, label: str | None) -> Markup:
+        if label not in self._labels_html:
+            self._labels_html[label] = escape(label) if label is not None else Markup("unlabelled")
+        return self._labels_html[label]
 
     def chunk_table(self, sql: str, sae: SaeInfo, lo: int, hi: int, *params: Any) -> pa.Table:
         return fetch_table(self.con, sql, [sae.sae_id, lo, hi, *params])
@@ -469,9 +477,9 @@ class SiteBuilder:
             self.render_feature_page(
                 sae, row, shown_top, shown_samples, vmax, heatmaps.pack(list(maps_np)),
                 panels={
-                    "split": [[r["label"], charts.round_sig([r["rate"]], 3)[0], charts.round_sig([r["mean_act"]], 3)[0], r["n_fire_images"], r["n_images"]]
+                    "split": [[r["label"], charts.sig(r["rate"], 3), charts.sig(r["mean_act"], 3), r["n_fire_images"], r["n_images"]]
                               for r in split.get(f, [])],
-                    "similar": [[int(r["similar_feature"]), charts.round_sig([r["cosine"]], 3)[0]] for r in similar.get(f, [])],
+                    "similar": [[int(r["similar_feature"]), charts.sig(r["cosine"], 3)] for r in similar.get(f, [])],
                 },
                 edits=edits.get(f, []), matches=matches.get(f, []),
                 prev=pages[i - 1] if i > 0 else None, next=pages[i + 1] if i + 1 < len(pages) else None,
@@ -916,6 +924,6 @@ def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: d
     stats.seconds = time.perf_counter() - started
     log(
         f"site: {stats.n_feature_pages:,} feature pages, {stats.n_edit_pages} edit pages, {stats.n_compare_pages} comparisons, "
-        f"{stats.n_images_rendered:,} images drawn, {stats.n_bytes / 2**20:.1f} MB in {stats.seconds:.1f} s → {escape(str(out_dir))}/index.html"
+        f"{stats.n_images_rendered:,} images drawn, {stats.n_bytes / 2**20:.1f} MB in {stats.seconds:.1f} s → {rich_escape(str(out_dir))}/index.html"
     )
     return stats
