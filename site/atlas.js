@@ -446,23 +446,37 @@
     fig.classList.add("heat-on");
   }
 
-  function initHeat() {
+  /* Paints the page's packed maps onto its heat figures in document order. `paint()` takes the figures
+   * present now; call it again after adding figures (the quantile bands) and it continues the stream. */
+  function heatPainter() {
     var data = jsonScript("heat");
-    if (!data || !data.z || !SAEV.colormap) return;
-    // Feature pages: every exemplar tile but those marked no-heat, on the page's grid; comparison
-    // cards: tiles marked heat, each with its own grid. Either way in document order, as packed.
-    var figures = Array.prototype.slice.call(document.querySelectorAll("figure.heat, .ex > figure:not(.no-heat)"));
-    inflate(base64Bytes(data.z), function (bytes) {
-      var offset = 0;
-      figures.forEach(function (fig) {
+    if (!data || !data.z || !SAEV.colormap || typeof DecompressionStream === "undefined") return function () {};
+    var bytes = null, offset = 0, done = [], waiting = [];
+    var selector = "figure.heat, .ex > figure:not(.no-heat)";
+    function run() {
+      Array.prototype.forEach.call(document.querySelectorAll(selector), function (fig) {
+        if (done.indexOf(fig) >= 0) return;
         var g = (fig.getAttribute("data-g") || data.g || "").split("x");
         var gh = Number(g[0]), gw = Number(g[1]);
         if (!(gh > 0 && gw > 0) || offset + gh * gw > bytes.length) return;
         paintHeat(fig, bytes.subarray(offset, offset + gh * gw), gh, gw);
         offset += gh * gw;
+        done.push(fig);
       });
-      body.setAttribute("data-heat-drawn", String(document.querySelectorAll("figure.heat-on").length));
+      body.setAttribute("data-heat-drawn", String(done.length));
+    }
+    inflate(base64Bytes(data.z), function (b) {
+      bytes = b;
+      run();
+      waiting.forEach(function (f) { f(); });
     });
+    return function paint(then) {
+      if (bytes) { run(); if (then) then(); } else waiting.push(function () { run(); if (then) then(); });
+    };
+  }
+
+  function initHeat() {
+    heatPainter()();
   }
 
   // ------------------------------------------------------------------ feature page
@@ -534,8 +548,89 @@
     });
   }
 
-  function renderPanels(d) {
-    var panels = jsonScript("panels");
+  function show(id) {
+    var node = document.getElementById(id);
+    if (node) node.hidden = false;
+    return node;
+  }
+
+  /* Bars of the log10 activation histogram as one SVG path (same drawing as charts.svg_histogram). */
+  function drawHistogram(hist) {
+    var box = document.getElementById("hist");
+    if (!box || !hist) return;
+    var counts = hist[0], W = 360, H = 96, padL = 4, padB = 18, padT = 4;
+    var plotW = W - 2 * padL, plotH = H - padB - padT, barW = plotW / counts.length, base = padT + plotH;
+    var top = Math.max.apply(null, counts), d = "";
+    counts.forEach(function (c, i) {
+      if (c > 0) d += "M" + (padL + i * barW).toFixed(1) + " " + base + "v" + (-plotH * c / top).toFixed(1) + "h" + Math.max(barW - 1, 0.5).toFixed(1) + "V" + base + "z";
+    });
+    var NS = "http://www.w3.org/2000/svg";
+    var svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("class", "hist");
+    svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+    svg.setAttribute("width", String(W));
+    svg.setAttribute("height", String(H));
+    var path = document.createElementNS(NS, "path");
+    path.setAttribute("d", d);
+    path.setAttribute("fill", "#2563eb");
+    svg.appendChild(path);
+    [[padL, "start", hist[1]], [W - padL, "end", hist[2]]].forEach(function (t) {
+      var text = document.createElementNS(NS, "text");
+      text.setAttribute("x", String(t[0]));
+      text.setAttribute("y", String(H - 4));
+      text.setAttribute("class", "tick");
+      text.setAttribute("text-anchor", t[1]);
+      text.textContent = fmt(t[2]);
+      svg.appendChild(text);
+    });
+    var title = document.createElementNS(NS, "title");
+    title.textContent = counts.reduce(function (a, b) { return a + b; }, 0).toLocaleString() + " firing patches";
+    svg.appendChild(title);
+    box.insertBefore(svg, box.firstChild);
+    box.hidden = false;
+  }
+
+  /* Quantile-band samples: tiles like the top images (thumbnails named by position in the data file). */
+  function drawBands(d, bands) {
+    var box = document.querySelector("#bands .bands");
+    if (!box || !bands || !bands.length) return;
+    bands.forEach(function (band) { // [name, [[thumb, activation, label, has heat-map], ...]]
+      var div = el("div", { class: "band" });
+      div.appendChild(el("h3", {}, band[0]));
+      var grid = el("div", { class: "grid band-grid ex" });
+      band[1].forEach(function (s) {
+        var fig = el("figure", s[3] ? {} : { class: "no-heat" });
+        fig.appendChild(el("img", { src: s[0] >= 0 ? root + d.thumbs[s[0]] : root + "assets/missing.svg", alt: "", loading: "lazy" }));
+        fig.appendChild(el("figcaption", {}, fmt(s[1]) + " " + (s[2] === null ? "unlabelled" : s[2])));
+        grid.appendChild(fig);
+      });
+      div.appendChild(grid);
+      box.appendChild(div);
+    });
+    show("bands");
+  }
+
+  function drawMatches(matches) {
+    var box = document.getElementById("matches");
+    if (!box || !matches || !matches.length) return;
+    var tbody = box.querySelector("tbody");
+    matches.forEach(function (m) { // [comparison, its page, best match title, its page or null, score, matched, mutual]
+      var tr = el("tr");
+      var c = el("td");
+      c.appendChild(el("a", { href: root + m[1] }, m[0]));
+      tr.appendChild(c);
+      var b = el("td");
+      b.appendChild(m[3] ? el("a", { class: "mono", href: root + m[3] }, m[2]) : el("span", { class: "mono" }, m[2]));
+      tr.appendChild(b);
+      tr.appendChild(el("td", { class: "num" }, fmt(m[4])));
+      tr.appendChild(el("td", {}, m[5] ? "yes" : "no"));
+      tr.appendChild(el("td", {}, m[6] ? "yes" : "no"));
+      tbody.appendChild(tr);
+    });
+    box.hidden = false;
+  }
+
+  function renderPanels(d, panels) {
     if (!panels) return;
     var at = {};
     d.feature.forEach(function (f, i) { at[f] = i; });
@@ -583,14 +678,20 @@
   }
 
   function initFeature() {
-    initHeat();
+    var paint = heatPainter();
+    paint(); // the top images at once
+    var panels = jsonScript("panels") || {};
+    drawHistogram(panels.hist);
+    drawMatches(panels.matches);
     var key = body.getAttribute("data-key");
     var feature = Number(body.getAttribute("data-feature"));
     var ready = function () {
       var d = SAEV.data[key];
       if (!d) return;
+      drawBands(d, panels.bands);
+      paint(); // and the band samples, continuing the page's map stream
       featureNav(d, feature);
-      renderPanels(d);
+      renderPanels(d, panels);
       body.setAttribute("data-nav", "ready");
     };
     if (SAEV.data[key]) ready();

@@ -239,7 +239,7 @@ def test_every_internal_link_resolves_and_nothing_is_remote(built):
             checked += 1
     assert checked > 500
     for own in (out / "assets" / "style.css", out / "assets" / "atlas.js"):  # no CDN, no fonts, no fetch()
-        text = own.read_text(encoding="utf-8")
+        text = own.read_text(encoding="utf-8").replace('"http://www.w3.org/2000/svg"', "")  # a namespace name, never fetched
         assert "http" not in text and "fetch(" not in text
 
 
@@ -286,7 +286,7 @@ def test_feature_page_content(built):
     top = read_table(run_dir, "exemplars", where + f" AND rank < {REPORT.exemplars_shown} ORDER BY rank").to_pylist()
     samples = read_table(run_dir, "quantile_exemplars", where + " ORDER BY band DESC, rank").to_pylist()
     assert len(top) == min(8, REPORT.exemplars_shown) and len(samples) == 12
-    assert html.count("<figure><img") == len(top) + len(samples) and "no-heat" not in html
+    assert html.count("<figure><img") == len(top) and "no-heat" not in html  # the band samples come as data
     assert "img/o/" not in html  # no per-feature pictures: every <img> is a shared thumbnail
     assert {src.split("/img/")[1] for src in re.findall(r'<img src="([^"]+)"', html)} <= {
         str(p.relative_to(out / "img")) for p in (out / "img" / "t").rglob("*.jpg")}
@@ -303,7 +303,12 @@ def test_feature_page_content(built):
     similar = read_table(run_dir, "similar_features", where + " ORDER BY rank").to_pylist()
     assert [row[0] for row in panels["similar"]] == [r["similar_feature"] for r in similar]
     assert 'rel="prev"' in html and 'rel="next"' in html
-    assert "<svg class=\"hist\"" in html
+    feature_row = read_table(run_dir, "features", where).to_pylist()[0]
+    assert panels["hist"][0] == feature_row["hist_counts"]
+    bands = [(name, [(s[1], s[2]) for s in samples_b]) for name, samples_b in panels["bands"]]
+    image_label = {r["image_idx"]: r["label"] for r in read_table(run_dir, "images").to_pylist()}
+    assert [x for _, b in bands for x in b] == [(charts.sig(r["act"], 3), image_label[r["image_idx"]]) for r in samples]
+    assert [name for name, _ in bands] == ["top quarter", "third quarter", "second quarter", "lowest quarter"]
     assert "plotly" not in html  # feature pages stay light
 
 
@@ -506,11 +511,14 @@ def test_feature_page_shows_every_exemplar_image(built, browser):
     pages = sorted((out / addr.sae_dir("dino", addr.sae_slug(sae_id, "dino"))).glob("[0-9]*.html"), key=lambda p: int(p.stem))
     for page in pages[:4]:
         logs = _open(browser, page)
+        _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready")  # bands drawn
         browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")  # lazy images below the fold
         script = "return Array.from(document.querySelectorAll('.exemplars img, .band-grid img')).map(i => [i.complete, i.naturalWidth])"
         _wait(browser, lambda d: all(c and w > 0 for c, w in d.execute_script(script)))
         sizes = browser.execute_script(script)
-        assert len(sizes) == page.read_text(encoding="utf-8").count("<figure><img") > 0
+        html = page.read_text(encoding="utf-8")
+        n_samples = sum(len(b[1]) for b in json.loads(re.search(r'id="panels">(.*?)</script>', html).group(1))["bands"])
+        assert len(sizes) == html.count("<figure><img") + n_samples > 0
         assert all(complete and width > 0 for complete, width in sizes), sizes
         assert not _severe(logs), logs
         _no_xss(browser)
@@ -546,7 +554,8 @@ def test_heatmaps_are_painted_from_the_patch_maps(built, browser):
     feature = int(np.flatnonzero(~facts["features"][sae_id]["dead"])[2])
     page = _feature_dir(out, "dino", sae_id) / f"{feature}.html"
     logs = _open(browser, page)
-    n_heat = page.read_text(encoding="utf-8").count("<figure><img")
+    html = page.read_text(encoding="utf-8")
+    n_heat = html.count("<figure><img") + sum(len(b[1]) for b in json.loads(re.search(r'id="panels">(.*?)</script>', html).group(1))["bands"])
     _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-heat-drawn')") == str(n_heat))
     # Each canvas holds one pixel per patch: compare them with the numpy reference of the table's maps.
     where = f"WHERE sae_id = '{sae_id}' AND feature = {feature}"

@@ -93,6 +93,8 @@ class SaeInfo:
     # Filled while its pages are built; read by edit/compare pages.
     pages: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # features with a page, sorted
     thumbs: dict[int, str] = field(default_factory=dict)  # feature → thumbnail file of its top exemplar
+    thumb_list: list[str] = field(default_factory=list)  # every thumbnail its pages show; pages name them by position
+    thumb_pos: dict[str, int] = field(default_factory=dict)
     top_maps: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)  # feature → (grid, quantised map of that exemplar)
     top_labels: dict[int, str] = field(default_factory=dict)
 
@@ -401,6 +403,8 @@ class SiteBuilder:
             [sae.sae_id, k, sae.sae_id, sae.sae_id],
         )
         self.ensure_thumbnails((r["path"] for r in shown), px)
+        sae.thumb_list = sorted({addr.image_file("t", n) for n in (self.thumb(r["path"], px) for r in shown) if n})
+        sae.thumb_pos = {t: i for i, t in enumerate(sae.thumb_list)}
         top = fetch_rows(
             self.con,
             "SELECT e.feature, i.path FROM exemplars e LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx "
@@ -477,32 +481,34 @@ class SiteBuilder:
             self.render_feature_page(
                 sae, row, shown_top, shown_samples, vmax, heatmaps.pack(list(maps_np)),
                 panels={
+                    "hist": _hist_json(row.get("hist_counts"), row.get("hist_edges")),
+                    # [thumbnail position in the SAE's data file, activation, label, has a heat-map] by band, top band first
+                    "bands": [[BAND_NAMES[b] if b < len(BAND_NAMES) else f"band {b + 1}",
+                               [[sae.thumb_pos.get(str(r["src"]), -1), charts.sig(r["act"], 3), r["label"], int(r["heat"])] for r in shown_samples if r["band"] == b]]
+                              for b in sorted({int(r["band"]) for r in shown_samples}, reverse=True)],
+                    "matches": [[m["comparison"], m["compare_href"], m["title"], m["href"], charts.sig(m["score"], 3), bool(m["matched"]), bool(m["mutual"])]
+                                for m in matches.get(f, [])],
                     "split": [[r["label"], charts.sig(r["rate"], 3), charts.sig(r["mean_act"], 3), r["n_fire_images"], r["n_images"]]
                               for r in split.get(f, [])],
                     "similar": [[int(r["similar_feature"]), charts.sig(r["cosine"], 3)] for r in similar.get(f, [])],
                 },
-                edits=edits.get(f, []), matches=matches.get(f, []),
+                edits=edits.get(f, []),
                 prev=pages[i - 1] if i > 0 else None, next=pages[i + 1] if i + 1 < len(pages) else None,
             )
 
     def render_feature_page(self, sae: SaeInfo, row: dict[str, Any], top: list[dict[str, Any]], samples: list[dict[str, Any]], vmax: float,
-                            maps: str, panels: dict[str, Any], edits: list[dict[str, Any]], matches: list[dict[str, Any]],
-                            prev: int | None, next: int | None) -> None:
+                            maps: str, panels: dict[str, Any], edits: list[dict[str, Any]], prev: int | None, next: int | None) -> None:
+        """One feature page: statistics and top images in the HTML, the rest as data atlas.js draws (see feature.html)."""
         f = int(row["feature"])
-        bands = [
-            {"name": BAND_NAMES[b] if b < len(BAND_NAMES) else f"band {b + 1}", "figures": [r for r in samples if r["band"] == b]}
-            for b in sorted({int(r["band"]) for r in samples}, reverse=True)
-        ]
         self.stats.n_heatmaps += sum(int(r["heat"]) for r in top + samples)
         self.render_later(
             "feature.html",
             addr.feature_page(sae.model, sae.slug, f),
             sae={"short": sae.short, "sae_id": sae.sae_id, "data_file": sae.data_file}, f=row,
-            saes_nav=[],  # the crumbs lead to the lists: a menu of every SAE on every feature page is bytes × 24K
-            title=sae.title(f), exemplars=top, bands=bands, vmax=vmax,
-            hist=charts.svg_histogram(row.get("hist_counts"), row.get("hist_edges")),
-            heat={"g": (top + samples)[0]["grid"], "z": maps} if maps else None, panels=panels if panels["split"] or panels["similar"] else None,
-            concept=row.get("best_concept"), edits=edits, matches=matches, prev=prev, next=next,
+            saes_nav=[], comparisons=[],  # the crumbs lead to the lists: menus on every feature page are bytes × 24K
+            title=sae.title(f), exemplars=top, vmax=vmax,
+            heat={"g": (top + samples)[0]["grid"], "z": maps} if maps else None, panels=panels,
+            concept=row.get("best_concept"), edits=edits, prev=prev, next=next,
         )
         self.stats.n_feature_pages += 1
 
@@ -513,8 +519,7 @@ class SiteBuilder:
         vocabulary = sorted({l for l in labels if l is not None})
         label_pos = {l: i for i, l in enumerate(vocabulary)}
         has_page = np.isin(feature, sae.pages)
-        thumbs = sorted(set(sae.thumbs.values()))
-        thumb_pos = {t: i for i, t in enumerate(thumbs)}
+        thumbs, thumb_pos = sae.thumb_list, sae.thumb_pos
         concept_col = index.column("best_concept").to_pylist() if "best_concept" in index.column_names else None
         concepts = sorted({c for c in concept_col or [] if c is not None})
         concept_pos = {c: i for i, c in enumerate(concepts)}
@@ -763,6 +768,15 @@ class SiteBuilder:
         self.build_index()
         self.stats.n_thumbnails = len({name for name in self.thumb_names.values() if name})
         return self.stats
+
+
+def _hist_json(counts: Sequence[int] | None, edges: Sequence[float] | None) -> list[Any] | None:
+    """[counts, first edge, last edge] (log10 activation) for the page's histogram; None without one."""
+    counts = list(counts or [])
+    edges = list(edges or [])
+    if not counts or len(edges) != len(counts) + 1 or max(counts) <= 0:
+        return None
+    return [[int(c) for c in counts], charts.sig(edges[0], 3), charts.sig(edges[-1], 3)]
 
 
 @dataclass(frozen=True)
