@@ -554,6 +554,41 @@
     return node;
   }
 
+  /* The panels' frames, made here rather than carried by each of 24K pages. */
+  var FRAMES = [
+    ["bands", "Across the activation range", "a uniform sample of the images it fires on, by quarter of their activations", "div", "bands"],
+    ["split", "Class split", "share of each label's images it fires on · mean max activation there", "ol", "bars"],
+    ["similar", "Similar features", "nearest decoder directions (cosine)", "div", "grid mini"],
+    ["matches", "Counterparts in other SAEs", null, "div", "table-scroll"]
+  ];
+
+  function buildFrames() {
+    var more = document.getElementById("more");
+    if (!more) return;
+    var pair = el("div", { class: "two-col", id: "panels-box", hidden: "" });
+    FRAMES.forEach(function (f) {
+      var card = el("section", { class: "card", id: f[0], hidden: "" });
+      var head = el("div", { class: "card-head" });
+      head.appendChild(el("h2", {}, f[1]));
+      if (f[2]) head.appendChild(el("span", { class: "muted small" }, f[2]));
+      card.appendChild(head);
+      var inner = el(f[3], { class: f[4] });
+      if (f[0] === "matches") {
+        var table = el("table", { class: "data" });
+        var tr = el("tr");
+        ["comparison", "best match", "correlation", "matched", "mutual"].forEach(function (h, i) { tr.appendChild(el("th", i === 2 ? { class: "num" } : {}, h)); });
+        var thead = el("thead");
+        thead.appendChild(tr);
+        table.appendChild(thead);
+        table.appendChild(el("tbody"));
+        inner.appendChild(table);
+      }
+      card.appendChild(inner);
+      (f[0] === "split" || f[0] === "similar" ? pair : more).appendChild(card);
+      if (f[0] === "bands") more.appendChild(pair);
+    });
+  }
+
   /* Bars of the log10 activation histogram as one SVG path (same drawing as charts.svg_histogram). */
   function drawHistogram(hist) {
     var box = document.getElementById("hist");
@@ -680,6 +715,7 @@
   function initFeature() {
     var paint = heatPainter();
     paint(); // the top images at once
+    buildFrames();
     var panels = jsonScript("panels") || {};
     drawHistogram(panels.hist);
     drawMatches(panels.matches);

@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw
 from saev_report.render.addresses import image_file
 
 CROP_FRACTION = 7 / 8  # must match Backbone.preprocess (resize to size·8/7, centre crop)
-STYLE_VERSION = "3"  # bump to re-render every overlay after changing how they look
-JPEG_QUALITY = 80
+STYLE_VERSION = "4"  # bump to re-render every overlay after changing how they look
+JPEG_QUALITY = 72  # thumbnails are the bulk of a site's images: ~25 % smaller than 80, no visible loss at 160 px
 
 EDIT_RGB = (236, 72, 153)
 

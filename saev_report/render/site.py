@@ -271,13 +271,19 @@ class SiteBuilder:
                 render_page_batch(batch, self.env)
             else:
                 self._pending.append((future, batch))
+                # Back-pressure: queued contexts are memory; let the workers catch up before querying on.
+                while len(self._pending) > 2 * self.workers:
+                    self._settle(*self._pending.pop(0))
         if wait:
             for future, batch in self._pending:
-                try:
-                    future.result()  # re-raises a worker's error
-                except BrokenProcessPool:  # see _map: render here instead
-                    render_page_batch(batch, self.env)
+                self._settle(future, batch)
             self._pending = []
+
+    def _settle(self, future: Any, batch: PageBatch) -> None:
+        try:
+            future.result()  # re-raises a worker's error
+        except BrokenProcessPool:  # see _map: render here instead
+            render_page_batch(batch, self.env)
 
     def _pool_for_pages(self) -> Executor:
         if self._pool is None:
