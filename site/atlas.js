@@ -524,12 +524,16 @@
       var k = Math.floor(Math.random() * (order.length - 1));
       return hrefOf(order[k >= pos ? k + 1 : k]);
     };
-    var rnd = document.getElementById("random");
+    var rnd = el("a", { id: "random", href: "index.html" }, "random");
+    var bar = document.querySelector(".prevnext");
+    bar.insertBefore(rnd, document.getElementById("next"));
     rnd.hidden = order.length < 2;
     rnd.addEventListener("click", function (ev) { var h = random(); if (h) { ev.preventDefault(); window.location.href = h; } });
     var back = Object.assign({}, state, { p: String(Math.floor(pos / PAGE_SIZE) + 1) });
     document.getElementById("back").setAttribute("href", "index.html" + stateHash(back, true));
-    var info = document.getElementById("order");
+    var info = el("p", { id: "order", class: "muted small" });
+    var crumbs = document.querySelector("nav.crumbs");
+    crumbs.parentNode.insertBefore(info, crumbs.nextSibling);
     info.textContent = (pos + 1).toLocaleString() + " of " + order.length.toLocaleString() + " by " + describeState(state) +
       " · keys: ← → previous / next, r random";
     info.hidden = false;
@@ -591,8 +595,11 @@
 
   /* Bars of the log10 activation histogram as one SVG path (same drawing as charts.svg_histogram). */
   function drawHistogram(hist) {
-    var box = document.getElementById("hist");
-    if (!box || !hist) return;
+    var hero = document.querySelector(".feature-hero");
+    if (!hero || !hist) return;
+    var box = el("figure", { class: "hist-box", id: "hist" });
+    box.appendChild(el("figcaption", { class: "muted small" }, "log₁₀ activation over firing patches"));
+    hero.appendChild(box);
     var counts = hist[0], W = 360, H = 96, padL = 4, padB = 18, padT = 4;
     var plotW = W - 2 * padL, plotH = H - padB - padT, barW = plotW / counts.length, base = padT + plotH;
     var top = Math.max.apply(null, counts), d = "";
