@@ -1,14 +1,16 @@
 """Benchmark: building the static atlas of one synthetic 24K-feature SAE.
 
-    python bench/site.py            # 24,576 features (the paper's width)
-    python bench/site.py --quick    # 2,048 features
+    python bench/site.py            # 24,576 features, 16 exemplars each over 10,000 distinct images
+    python bench/site.py --quick    # 2,048 features over 1,000 images
 
-Reports seconds per 1,000 feature pages for a fresh build (thumbnails, one
-heat-map overlay per shown exemplar, pages, indexes) and for a template-only
-rebuild (every image reused from the previous site), each against a baseline
-measured in the same run: writing files of the same sizes and layout as the
-built site with no work behind them (the I/O floor of any site that size).
-Also peak RSS of the build (main process and pool workers) and the site's size.
+A fresh build (one thumbnail per distinct image, a page per feature with its
+packed patch maps, indexes) and a template-only rebuild (every thumbnail
+reused from the previous site) are each timed against a baseline measured in
+the same run: writing files of the same sizes and layout as the built site
+with no work behind them (the I/O floor of any site that size). Also peak RSS
+(main process and pool workers), the site's size, bytes per feature page and
+per distinct image, and the projection to the paper's case: 24,576 features
+over ImageNet-1K.
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ def build_twice(run_dir: Path, site: Path, report: ReportSpec, workers: int | No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2,048 features instead of 24,576")
+    parser.add_argument("--quick", action="store_true", help="2,048 features over 1,000 images instead of 24,576 over 10,000")
     parser.add_argument("--features", type=int, help="override the number of features")
-    parser.add_argument("--workers", type=int, default=None, help="overlay processes (default: CPU count, at most 8)")
-    parser.add_argument("--exemplars", type=int, default=12, help="exemplars shown per feature page")
+    parser.add_argument("--images", type=int, help="override the number of distinct images")
+    parser.add_argument("--workers", type=int, default=None, help="thumbnail processes (default: CPU count, at most 8)")
+    parser.add_argument("--exemplars", type=int, default=16, help="exemplars shown per feature page")
     parser.add_argument("--keep", type=Path, help="build here and keep the site (default: a temporary folder)")
     args = parser.parse_args()
     n_features = args.features or (2048 if args.quick else 24576)
@@ -86,15 +89,17 @@ def main() -> None:
     run_dir = root / "run"
     synthetic = SyntheticRun(
         saes=[SyntheticSAE("dino", n_features, d_model=768)],
-        n_images=min(2000, max(200, n_features // 12)),
+        n_images=args.images or (1000 if args.quick else 10_000),
         image_px=224,
+        image_format="jpg",
         grid=(16, 16),
         top_k=16,
         edits=False,
         matches=False,
         features_per_part=2048,
     )
-    print(f"writing synthetic tables: {n_features:,} features, {synthetic.n_images:,} images, 16 exemplars of 16×16 patches each ...", flush=True)
+    print(f"writing synthetic tables: {n_features:,} features, {synthetic.n_images:,} images, 16 exemplars + 12 quantile samples "
+          "of 16×16 patches each ...", flush=True)
     started = time.perf_counter()
     # A child process, so the generator's memory does not count in the build's peak RSS.
     child = multiprocessing.get_context("spawn").Process(target=write_synthetic_run, args=(run_dir, synthetic))
@@ -121,20 +126,34 @@ def main() -> None:
     cpu_baseline = cpu_seconds() - cpu0
     shutil.rmtree(baseline_dir)
     per_k = 1000 / max(pages, 1)
-    site_mb = tree_bytes(site) / 2**20
+    site_bytes = tree_bytes(site)
+    thumb_bytes = tree_bytes(site / "img" / "t")
+    page_bytes = tree_bytes(site / "features")
+    fixed_bytes = site_bytes - thumb_bytes - page_bytes  # assets (plotly.js), data files, index
+    per_page, per_image = page_bytes / max(pages, 1), thumb_bytes / max(stats.n_thumbnails, 1)
     print()
-    print(f"features {n_features:,}; feature pages {pages:,}; overlays {stats.n_overlays:,}; thumbnails {stats.n_thumbnails:,}; workers {args.workers or min(os.cpu_count() or 1, 8)}")
-    print(f"{'per 1,000 feature pages':46s} {'wall s':>8s} {'CPU s':>8s} {'wall ×baseline':>15s}")
+    print(f"features {n_features:,}; feature pages {pages:,}; heat-maps {stats.n_heatmaps:,} (drawn in the browser); "
+          f"thumbnails {stats.n_thumbnails:,}; workers {args.workers or min(os.cpu_count() or 1, 8)}")
+    print(f"{'':46s} {'wall s':>8s} {'CPU s':>8s} {'wall ×baseline':>15s}")
     rows = [
         (f"baseline: write the site's {n_files:,} files as bytes", baseline, cpu_baseline),
-        ("fresh build (overlays drawn)", stats.seconds, cpu_fresh),
-        ("template-only rebuild (images reused)", rebuild.seconds, cpu_rebuild),
+        ("fresh build", stats.seconds, cpu_fresh),
+        ("template-only rebuild (thumbnails reused)", rebuild.seconds, cpu_rebuild),
     ]
     for name, wall, cpu in rows:
-        print(f"{name:46s} {wall * per_k:8.2f} {cpu * per_k:8.2f} {wall / baseline:14.1f}×")
+        print(f"{name:46s} {wall:8.1f} {cpu:8.1f} {wall / baseline:14.1f}×")
+    print(f"per 1,000 pages: fresh {stats.seconds * per_k:.2f} s, rebuild {rebuild.seconds * per_k:.2f} s")
     print(f"images drawn: fresh {stats.n_images_rendered:,}, rebuild {rebuild.n_images_rendered:,}")
     print(f"peak RSS: build process {rss_main:,.0f} MB, largest pool worker {rss_children:,.0f} MB")
-    print(f"site size {site_mb:,.1f} MB ({site_mb * per_k:,.1f} MB / 1,000 pages; plotly.js {(site / 'assets' / 'plotly.min.js').stat().st_size / 2**20:.1f} MB of it)")
+    print(f"site size {site_bytes / 2**20:,.1f} MB: feature pages {page_bytes / 2**20:,.1f} MB ({per_page / 1024:.1f} KB each), "
+          f"thumbnails {thumb_bytes / 2**20:,.1f} MB ({per_image / 1024:.1f} KB each), the rest {fixed_bytes / 2**20:.1f} MB "
+          f"(plotly.js {(site / 'assets' / 'plotly.min.js').stat().st_size / 2**20:.1f} MB)")
+    # The paper: 24,576 features; its exemplars (16 top + 12 samples) can show at most that many distinct
+    # ImageNet-1K train images, and at most the 1,281,167 there are.
+    paper_images = min(1_281_167, 24_576 * 28)
+    paper = 24_576 * per_page + paper_images * per_image + fixed_bytes
+    print(f"projection, paper (24,576 features over ImageNet-1K, ≤ {paper_images:,} distinct exemplar images): "
+          f"{paper / 2**30:.2f} GB per SAE ({24_576 * per_page / 2**30:.2f} GB pages + {paper_images * per_image / 2**30:.2f} GB thumbnails)")
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Protocol
+from typing import Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +82,12 @@ class AnalysisResult:
     """The `features` table (one row per feature)."""
     exemplars: pa.Table
     """The `exemplars` table (≤ top_k rows per feature, only images where it fires)."""
+    quantile_exemplars: pa.Table
+    """The `quantile_exemplars` table (a uniform sample of firing images, in quantile bands)."""
+    class_split: pa.Table
+    """The `class_split` table (empty without labels)."""
+    similar_features: pa.Table
+    """The `similar_features` table (empty when the SAE exposes no decoder)."""
     concepts: pa.Table | None = None
     """The `concepts` table (None when the analysis had no concept labels)."""
 
@@ -203,25 +209,33 @@ class TopImages:
     image entering the top-k takes over a cell freed by an image leaving it.
     """
 
-    def __init__(self, n_features: int, k: int, n_patches: int, device: torch.device):
+    def __init__(self, n_features: int, k: int, n_patches: int, device: torch.device, map_dtype: torch.dtype = torch.float32):
         self.k = k
         self.keys_fk = torch.full((n_features, k), -1, dtype=torch.int64, device=device)
         self.cell_fk = torch.arange(k, device=device).repeat(n_features, 1)
-        self.maps_fkp = torch.zeros(n_features, k, n_patches, device=device)
+        self.maps_fkp = torch.zeros(n_features, k, n_patches, device=device, dtype=map_dtype)
 
     def update(self, img_max_bf: torch.Tensor, f_bpf: torch.Tensor, first_pos: int) -> None:
-        n_images, k = img_max_bf.shape[0], self.k
+        n_images = img_max_bf.shape[0]
         if first_pos + n_images > _POS_MASK:
             raise ValueError("more than 2**32 images in one analysis")
         # Negative values (and -0.0) have negative int32 bits: clamp them to +0.0.
         bits_bf = img_max_bf.float().contiguous().view(torch.int32).clamp_min(0).long()
         pos_b = torch.arange(first_pos, first_pos + n_images, device=bits_bf.device)
         keys_bf = (bits_bf << _POS_BITS) | (_POS_MASK - pos_b)[:, None]
+        self.merge(keys_bf, f_bpf)
+
+    def merge(self, keys_bf: torch.Tensor, f_bpf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep the k largest keys per feature among the slots and this batch's images (key -1: never).
+
+        Returns (changed features, their pick of [old slots | batch images]) for subclasses that
+        keep more per slot, or None when nothing changed."""
+        n_images, k = keys_bf.shape[0], self.k
         # Only features where some image beats the current k-th slot change; once the
         # slots fill up that is a shrinking minority.
         changed_c = torch.nonzero(keys_bf.amax(0) > self.keys_fk[:, -1]).squeeze(1)
         if changed_c.numel() == 0:
-            return
+            return None
         keys_ck, pick_ck = torch.cat([self.keys_fk[changed_c], keys_bf[:, changed_c].T], dim=1).topk(k, dim=1)
 
         # Cells: survivors keep theirs, entrants take the freed ones. Each row frees as many
@@ -243,7 +257,9 @@ class TopImages:
             maps_ep = f_bpf.transpose(1, 2).contiguous()[image_e, feature_e]
         else:
             maps_ep = f_bpf[image_e, :, feature_e]
-        self.maps_fkp[feature_e, new_cell_ck[entrant_row, entrant_slot]] = maps_ep.float()
+        finite = torch.finfo(self.maps_fkp.dtype).max  # float16 maps saturate rather than overflow to inf
+        self.maps_fkp[feature_e, new_cell_ck[entrant_row, entrant_slot]] = maps_ep.clamp_max(finite).to(self.maps_fkp.dtype)
+        return changed_c, pick_ck
 
     def values_fk(self) -> torch.Tensor:
         """Activations (float32); empty slots are -inf."""
@@ -258,6 +274,220 @@ class TopImages:
     def maps(self, feature_n: torch.Tensor, rank_n: torch.Tensor) -> torch.Tensor:
         """[n, patches] activation maps of the given (feature, rank) slots."""
         return self.maps_fkp[feature_n, self.cell_fk[feature_n, rank_n]]
+
+
+# --------------------------------------------------------------------------- panels
+#
+# What a feature page shows beyond the top images, each with memory bounded by F
+# (never by the number of images): a uniform sample of the images a feature fires
+# on, split into quantile bands; its firing rate per image label; its nearest
+# neighbours by decoder direction. The first two ride along the streaming pass as
+# `ScanHook`s; the third needs only the decoder.
+
+QUANTILE_BANDS = 4
+"""Bands of each feature's image-activation distribution shown on its page (quarters)."""
+SAMPLES_PER_BAND = 3
+"""Images per band; the reservoir holds QUANTILE_BANDS × SAMPLES_PER_BAND."""
+CLASS_SPLIT_LABELS = 10
+"""Labels kept per feature in `class_split` (highest activation rate first)."""
+SIMILAR_FEATURES = 8
+"""Nearest features by decoder cosine kept per feature."""
+SIMILAR_BLOCK_ROWS = 1024
+"""Rows of the cosine matrix computed at once: SIMILAR_BLOCK_ROWS × F floats, never F²."""
+
+_M31 = (1 << 31) - 1
+
+
+class ScanHook(Protocol):
+    def update(self, f_bpf: torch.Tensor, img_max_bf: torch.Tensor, image_idx_b: np.ndarray, first_pos: int) -> None: ...
+
+
+def sample_priority(pos_b: torch.Tensor, feature_f: torch.Tensor) -> torch.Tensor:
+    """[B, F] pseudo-random priorities in [0, 2³¹) of (stream position, feature) pairs.
+
+    A fixed integer hash (murmur3-style mixing on 31-bit words, so int64 never
+    overflows) rather than a random generator: the sample does not depend on the
+    batch size, and a reference can recompute it."""
+    x = ((pos_b[:, None] & _M31) * 0x5BD1E995 + feature_f[None, :] * 0x1B873593) & _M31
+    for shift, mult in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, 0x3C6EF372)):
+        x = ((x ^ (x >> shift)) * mult) & _M31
+    return x ^ (x >> 16)
+
+
+class QuantileSamples(TopImages):
+    """A uniform reservoir of the images each feature fires on, with their patch maps.
+
+    Priority sampling: every (image, feature) pair where the feature fires gets a
+    hash priority, and the slots keep the largest priorities, so each slot set is
+    a uniform sample without replacement of the images the feature fired on. At
+    the end the sample is sorted by activation and cut into QUANTILE_BANDS equal
+    bands: band b holds sampled images between the b/B and (b+1)/B sample
+    quantiles, i.e. a uniform sample of that band of the feature's distribution.
+    Maps are kept in float16 (they end up as 8-bit heat-maps): F·slots·patches·2
+    bytes, 150 MB at 24,576 × 12 × 256.
+    """
+
+    def __init__(self, n_features: int, n_patches: int, device: torch.device,
+                 bands: int = QUANTILE_BANDS, per_band: int = SAMPLES_PER_BAND):
+        super().__init__(n_features, bands * per_band, n_patches, device, map_dtype=torch.float16)
+        self.bands = bands
+        self.act_fk = torch.zeros(n_features, bands * per_band, device=device)
+        self.feature_f = torch.arange(n_features, device=device)
+
+    def update(self, f_bpf: torch.Tensor, img_max_bf: torch.Tensor, image_idx_b: np.ndarray, first_pos: int) -> None:
+        n_images = img_max_bf.shape[0]
+        pos_b = torch.arange(first_pos, first_pos + n_images, device=img_max_bf.device)
+        prio_bf = sample_priority(pos_b, self.feature_f)
+        keys_bf = torch.where(img_max_bf > 0, (prio_bf << _POS_BITS) | pos_b[:, None], torch.full_like(prio_bf, -1))
+        picked = self.merge(keys_bf, f_bpf)
+        if picked is not None:
+            changed_c, pick_ck = picked
+            candidates = torch.cat([self.act_fk[changed_c], img_max_bf[:, changed_c].T.float()], dim=1)
+            self.act_fk[changed_c] = candidates.gather(1, pick_ck)
+
+    def positions_fk(self) -> torch.Tensor:
+        return torch.where(self.keys_fk >= 0, self.keys_fk & _POS_MASK, torch.full_like(self.keys_fk, -1))
+
+    def table(self, sae_id: str, dataset_key: str, image_idx: np.ndarray, grid: tuple[int, int]) -> pa.Table:
+        """The `quantile_exemplars` rows: by feature, band (0 = lowest), rank within the band (0 = strongest)."""
+        keys_fk = self.keys_fk.cpu().numpy()
+        act_fk = np.where(keys_fk >= 0, self.act_fk.cpu().numpy(), -np.inf)
+        n_f = (keys_fk >= 0).sum(1)
+        order_fk = np.argsort(-act_fk, axis=1, kind="stable")  # strongest first; empty slots last
+        rows_feature, rows_band, rows_rank, rows_slot = [], [], [], []
+        for n in np.unique(n_f[n_f > 0]):
+            features = np.flatnonzero(n_f == n)
+            # Ascending sample order cut into equal bands (np.array_split sizes), then strongest first within each.
+            ascending = np.arange(n)[::-1]
+            for band, members in enumerate(np.array_split(ascending, self.bands)):
+                for rank, j in enumerate(sorted(members)):
+                    rows_feature.append(features)
+                    rows_band.append(np.full(len(features), band))
+                    rows_rank.append(np.full(len(features), rank))
+                    rows_slot.append(order_fk[features, j])
+        if rows_feature:
+            feature_n, band_n, rank_n, slot_n = (np.concatenate(x) for x in (rows_feature, rows_band, rows_rank, rows_slot))
+            order = np.lexsort((rank_n, band_n, feature_n))
+            feature_n, band_n, rank_n, slot_n = feature_n[order], band_n[order], rank_n[order], slot_n[order]
+        else:
+            feature_n = band_n = rank_n = slot_n = np.zeros(0, dtype=np.int64)
+        pos_n = self.positions_fk().cpu().numpy()[feature_n, slot_n]
+        maps_np = self.maps(torch.as_tensor(feature_n, device=self.keys_fk.device), torch.as_tensor(slot_n, device=self.keys_fk.device)).float().cpu().numpy()
+        n = len(feature_n)
+        columns = {
+            "sae_id": pa.array([sae_id] * n, type=pa.string()),
+            "feature": pa.array(feature_n.astype(np.int32)),
+            "band": pa.array(band_n.astype(np.int32)),
+            "rank": pa.array(rank_n.astype(np.int32)),
+            "dataset": pa.array([dataset_key] * n, type=pa.string()),
+            "image_idx": pa.array(image_idx[pos_n].astype(np.int64) if n else np.zeros(0, np.int64)),
+            "act": pa.array(act_fk[feature_n, slot_n].astype(np.float64)),
+            "patch": pa.array(maps_np.argmax(1).astype(np.int32) if n else np.zeros(0, np.int32)),
+            "grid_h": pa.array(np.full(n, grid[0], dtype=np.int32)),
+            "grid_w": pa.array(np.full(n, grid[1], dtype=np.int32)),
+            "patch_acts": _list_array(maps_np.reshape(n, -1).astype(np.float32), pa.float32()),
+        }
+        return tables.to_arrow("quantile_exemplars", pa.table(columns))
+
+
+class ClassSplit:
+    """Per (image label, feature): images, images where the feature fires, and the sum of their max activations.
+
+    Memory is labels × F (int32 + float64): 295 MB for ImageNet-1K at 24,576 features."""
+
+    def __init__(self, n_features: int, labels: Mapping[int, str | None], device: torch.device):
+        acc = _float64_device(device)
+        labelled = {int(i): v for i, v in labels.items() if v is not None}
+        self.names = sorted(set(labelled.values()))
+        code = {name: c for c, name in enumerate(self.names)}
+        self.keys = np.array(sorted(labelled), dtype=np.int64)
+        self.codes = np.array([code[labelled[i]] for i in self.keys], dtype=np.int64)
+        n_labels = len(self.names)
+        self.n_images_l = np.zeros(n_labels, dtype=np.int64)
+        self.n_fire_lf = torch.zeros(n_labels, n_features, dtype=torch.int32, device=acc)
+        self.act_sum_lf = torch.zeros(n_labels, n_features, dtype=torch.float64, device=acc)
+
+    def label_codes(self, image_idx_b: np.ndarray) -> np.ndarray:
+        """Label code of each image, -1 when unlabelled."""
+        if len(self.keys) == 0:
+            return np.full(len(image_idx_b), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.keys, image_idx_b), len(self.keys) - 1)
+        return np.where(self.keys[at] == image_idx_b, self.codes[at], -1)
+
+    def update(self, f_bpf: torch.Tensor, img_max_bf: torch.Tensor, image_idx_b: np.ndarray, first_pos: int) -> None:
+        code_b = self.label_codes(np.asarray(image_idx_b, dtype=np.int64).reshape(-1))
+        keep = np.flatnonzero(code_b >= 0)
+        if len(keep) == 0:
+            return
+        acc = self.n_fire_lf.device
+        self.n_images_l += np.bincount(code_b[keep], minlength=len(self.names))
+        code_k = torch.as_tensor(code_b[keep], device=acc)
+        img_max_kf = img_max_bf[torch.as_tensor(keep, device=img_max_bf.device)].to(acc)
+        self.n_fire_lf.index_add_(0, code_k, (img_max_kf > 0).int())
+        self.act_sum_lf.index_add_(0, code_k, img_max_kf.clamp_min(0).double())
+
+    def table(self, sae_id: str, top: int = CLASS_SPLIT_LABELS) -> pa.Table:
+        """The `class_split` rows: per feature, the `top` labels with the highest firing rate (ties: label order)."""
+        n_fire_lf = self.n_fire_lf.cpu().numpy().astype(np.int64)
+        act_sum_lf = self.act_sum_lf.cpu().numpy()
+        n_labels, n_features = n_fire_lf.shape
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate_lf = n_fire_lf / np.maximum(self.n_images_l, 1)[:, None]
+        order_lf = np.argsort(-rate_lf, axis=0, kind="stable")[:top]  # [top, F]: label codes by rate
+        feature_tf = np.broadcast_to(np.arange(n_features), order_lf.shape)
+        keep = n_fire_lf[order_lf, feature_tf] > 0
+        rank_tf = np.broadcast_to(np.arange(order_lf.shape[0])[:, None], order_lf.shape)
+        # Feature-major row order.
+        label_n, feature_n, rank_n = (a.T[keep.T] for a in (order_lf, feature_tf, rank_tf))
+        n_fire_n = n_fire_lf[label_n, feature_n]
+        columns = {
+            "sae_id": pa.array([sae_id] * len(label_n), type=pa.string()),
+            "feature": pa.array(feature_n.astype(np.int32)),
+            "rank": pa.array(rank_n.astype(np.int32)),
+            "label": pa.array([self.names[c] for c in label_n], type=pa.string()),
+            "n_images": pa.array(self.n_images_l[label_n].astype(np.int64)),
+            "n_fire_images": pa.array(n_fire_n.astype(np.int64)),
+            "rate": pa.array(rate_lf[label_n, feature_n].astype(np.float64)),
+            "mean_act": pa.array(act_sum_lf[label_n, feature_n] / np.maximum(n_fire_n, 1)),
+        }
+        return tables.to_arrow("class_split", pa.table(columns))
+
+
+@torch.inference_mode()
+def similar_features(W_dec_fd: torch.Tensor, k: int = SIMILAR_FEATURES, block_rows: int = SIMILAR_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """([F, k] nearest other features, [F, k] their cosines) by decoder direction, best first.
+
+    The cosine matrix is made `block_rows` rows at a time, so memory is
+    block_rows × F, not F². A zero decoder row has cosine 0 with everything."""
+    w_fd = W_dec_fd.detach().float()
+    n_features = w_fd.shape[0]
+    k = min(k, n_features - 1)
+    unit_fd = w_fd / w_fd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    idx_fk = np.zeros((n_features, max(k, 0)), dtype=np.int64)
+    cos_fk = np.zeros((n_features, max(k, 0)), dtype=np.float64)
+    if k <= 0:
+        return idx_fk, cos_fk
+    for start in range(0, n_features, block_rows):
+        stop = min(start + block_rows, n_features)
+        cos_bf = unit_fd[start:stop] @ unit_fd.T
+        rows = torch.arange(stop - start, device=cos_bf.device)
+        cos_bf[rows, rows + start] = -math.inf  # never yourself
+        values_bk, index_bk = cos_bf.topk(k, dim=1)
+        idx_fk[start:stop] = index_bk.cpu().numpy()
+        cos_fk[start:stop] = values_bk.cpu().numpy()
+    return idx_fk, cos_fk
+
+
+def similar_table(sae_id: str, idx_fk: np.ndarray, cos_fk: np.ndarray) -> pa.Table:
+    n_features, k = idx_fk.shape
+    columns = {
+        "sae_id": pa.array([sae_id] * (n_features * k), type=pa.string()),
+        "feature": pa.array(np.repeat(np.arange(n_features), k).astype(np.int32)),
+        "rank": pa.array(np.tile(np.arange(k), n_features).astype(np.int32)),
+        "similar_feature": pa.array(idx_fk.reshape(-1).astype(np.int32)),
+        "cosine": pa.array(cos_fk.reshape(-1).astype(np.float64)),
+    }
+    return tables.to_arrow("similar_features", pa.table(columns))
 
 
 # --------------------------------------------------------------------------- the pass
@@ -276,9 +506,11 @@ class ScanResult:
 
 @torch.inference_mode()
 def scan(batches: Iterable[Batch], sae: SAELike, top_k: int, device: torch.device, reconstruction: bool = True,
-         concepts: ConceptStats | None = None) -> ScanResult:
+         hooks: Sequence[ScanHook] = (), concepts: ConceptStats | None = None) -> ScanResult:
     """The streaming pass: metrics (unless `reconstruction=False`), feature statistics, top-k images with maps,
-    and (given `concepts`) the concept-detection histograms."""
+    and (given `concepts`) the concept-detection histograms.
+
+    Each of `hooks` sees every batch's features and per-image maxima (the panels ride along here)."""
     n_features, d_model = int(sae.n_features), int(sae.d_model)
     recon = ReconstructionStats(d_model, device) if reconstruction else None
     stats = FeatureStats(n_features, device)
@@ -299,6 +531,8 @@ def scan(batches: Iterable[Batch], sae: SAELike, top_k: int, device: torch.devic
         entries = firing_entries(f_nf)
         n_active = stats.update(f_nf, img_max_bf, entries)
         top.update(img_max_bf, f_bpf, n_images_seen)
+        for hook in hooks:
+            hook.update(f_bpf, img_max_bf, image_idx_b, n_images_seen)
         if recon is not None:
             recon.update(xn_nd, sae.decode_normalized(f_nf), n_active)
         if concepts is not None:
@@ -483,8 +717,13 @@ def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], l
     (un-normalised) activations. `labels` maps dataset image index → label;
     `n_images` only sizes the progress bar.
     """
-    concepts = ConceptStats(concept_labels, int(sae.n_features), device) if concept_labels is not None else None
-    result = scan(_checked_progress(batches, f"analyse {sae_id}", n_images, grid), sae, spec.top_k, device, concepts=concepts)
+    n_features = int(sae.n_features)
+    samples = QuantileSamples(n_features, grid[0] * grid[1], device)
+    split = ClassSplit(n_features, labels, device) if labels else None
+    hooks = [samples] + ([split] if split else [])
+    concepts = ConceptStats(concept_labels, n_features, device) if concept_labels is not None else None
+    result = scan(_checked_progress(batches, f"analyse {sae_id}", n_images, grid), sae, spec.top_k, device, hooks=hooks,
+                  concepts=concepts)
     ex = exemplars(result.top, result.image_idx)
     image_fk = np.full((int(sae.n_features), spec.top_k), -1, dtype=np.int64)
     image_fk[ex.feature_n, ex.rank_n] = ex.image_idx_n
@@ -500,7 +739,15 @@ def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], l
         "n_dead": int((n_fire == 0).sum()),
         "n_dense": int((n_fire / max(result.n_patches, 1) > spec.dense_threshold).sum()),
     }
-    return AnalysisResult(metrics, features, exemplar_table(sae_id, dataset_key, ex, grid), concept_table)
+    W_dec_fd = getattr(sae, "W_dec_fd", None)
+    similar = similar_table(sae_id, *similar_features(W_dec_fd)) if isinstance(W_dec_fd, torch.Tensor) else tables.to_arrow("similar_features", {})
+    return AnalysisResult(
+        metrics, features, exemplar_table(sae_id, dataset_key, ex, grid),
+        quantile_exemplars=samples.table(sae_id, dataset_key, result.image_idx, grid),
+        class_split=split.table(sae_id) if split else tables.to_arrow("class_split", {}),
+        similar_features=similar,
+        concepts=concept_table,
+    )
 
 
 def store_batches(store, images_per_batch: int) -> Iterator[Batch]:
@@ -522,8 +769,11 @@ def analyse_store(store, sae: SAELike, labels: Mapping[int, str | None] | None, 
 
 
 def write_analysis(result: AnalysisResult, out_dir: Path, spec_hash: str, stem: str = "part") -> dict[str, Path]:
-    """Write the `features`, `exemplars` and `concepts` parts (the `saes` row also needs training info: the caller's)."""
-    parts = {"features": result.features, "exemplars": result.exemplars}
+    """Write the `features`, `exemplars`, panel and `concepts` parts (the `saes` row also needs training info: the caller's)."""
+    parts = {
+        "features": result.features, "exemplars": result.exemplars, "quantile_exemplars": result.quantile_exemplars,
+        "class_split": result.class_split, "similar_features": result.similar_features,
+    }
     if result.concepts is not None:
         parts["concepts"] = result.concepts
     return {name: tables.write_table(Path(out_dir) / name / f"{stem}.parquet", name, table, spec_hash) for name, table in parts.items()}

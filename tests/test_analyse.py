@@ -428,3 +428,113 @@ def test_real_activation_store(demo, tmp_path):
     want = run(acts, image_idx, sae, spec, labels, grid=(2, 3))
     assert got.features.equals(want.features) and got.exemplars.equals(want.exemplars)
     assert got.metrics == pytest.approx(want.metrics, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- panels
+
+
+def _encode_all(acts_ipd: np.ndarray, sae) -> np.ndarray:
+    n_images, n_patches, d = acts_ipd.shape
+    with torch.no_grad():
+        f = sae.encode_normalized(sae.normalize(torch.from_numpy(acts_ipd.reshape(-1, d)))).numpy()
+    return f.reshape(n_images, n_patches, -1)
+
+
+def _priority_reference(pos: int, feature: int) -> int:
+    """analyse.sample_priority in plain Python integers."""
+    m31 = (1 << 31) - 1
+    x = ((pos & m31) * 0x5BD1E995 + feature * 0x1B873593) & m31
+    for shift, mult in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, 0x3C6EF372)):
+        x = ((x ^ (x >> shift)) * mult) & m31
+    return x ^ (x >> 16)
+
+
+def quantile_reference(f_ipf: np.ndarray, image_idx: np.ndarray, bands: int, per_band: int) -> list[tuple]:
+    """(feature, band, rank, image_idx, act, map) from the whole set: the R highest-priority firing images,
+    sorted by activation, cut into equal bands with numpy's array_split sizes."""
+    img_max = f_ipf.max(1)
+    rows = []
+    for j in range(f_ipf.shape[2]):
+        firing = [p for p in range(len(image_idx)) if img_max[p, j] > 0]
+        sample = sorted(firing, key=lambda p: -((_priority_reference(p, j) << 32) | p))[: bands * per_band]
+        by_act = sorted(range(len(sample)), key=lambda s: (-img_max[sample[s], j], s))  # ties: higher priority first
+        ascending = by_act[::-1]
+        for band, members in enumerate(np.array_split(np.array(ascending, dtype=int), bands)):
+            ranked = sorted(members.tolist(), key=by_act.index)
+            for rank, s in enumerate(ranked):
+                p = sample[s]
+                rows.append((j, band, rank, int(image_idx[p]), float(img_max[p, j]), f_ipf[p, :, j]))
+    return rows
+
+
+@pytest.mark.parametrize("images_per_batch", [1, 4, 23])
+def test_quantile_samples_match_reference(demo, images_per_batch):
+    acts, image_idx, sae, labels = demo
+    result = run(acts, image_idx, sae, AnalysisSpec(top_k=3), labels, images_per_batch=images_per_batch, grid=(2, 3))
+    ref = quantile_reference(_encode_all(acts, sae), image_idx, analyse.QUANTILE_BANDS, analyse.SAMPLES_PER_BAND)
+    q = result.quantile_exemplars.to_pydict()
+    got = list(zip(q["feature"], q["band"], q["rank"], q["image_idx"], q["act"]))
+    assert got == [r[:5] for r in ref]
+    np.testing.assert_allclose(np.array(q["patch_acts"]), np.array([r[5] for r in ref]), rtol=1e-3)  # float16 maps
+    # 23 images > 12 slots: the dense feature's sample is a strict subset, spread over all four bands
+    dense = [r for r in got if r[0] == 7]
+    assert len(dense) == 12 and sorted({r[1] for r in dense}) == [0, 1, 2, 3]
+    assert max(r[4] for r in dense if r[1] == 0) <= min(r[4] for r in dense if r[1] == 3)
+    assert not any(r[0] == 5 for r in got)  # dead: no samples
+
+
+def test_sample_priority_matches_python_integers():
+    pos = torch.tensor([0, 1, 7, 2**31 + 5, 2**32 - 1])
+    feats = torch.tensor([0, 3, 24575, 2**24])
+    got = analyse.sample_priority(pos, feats).numpy()
+    want = [[_priority_reference(int(p), int(f)) for f in feats] for p in pos]
+    np.testing.assert_array_equal(got, want)
+    assert got.min() >= 0 and got.max() < 2**31
+
+
+def test_class_split_matches_reference(demo):
+    acts, image_idx, sae, labels = demo
+    result = run(acts, image_idx, sae, AnalysisSpec(top_k=3), labels, images_per_batch=5, grid=(2, 3))
+    img_max = _encode_all(acts, sae).max(1)
+    names = sorted(set(labels.values()))
+    expected = []
+    for j in range(img_max.shape[1]):
+        stats = []
+        for name in names:
+            members = [p for p, i in enumerate(image_idx) if labels.get(int(i)) == name]
+            firing = [p for p in members if img_max[p, j] > 0]
+            if firing:
+                stats.append((name, len(members), len(firing), len(firing) / len(members), float(np.mean(np.array([img_max[p, j] for p in firing], dtype=np.float64)))))
+        stats.sort(key=lambda s: (-s[3], names.index(s[0])))
+        expected += [(j, rank, *s) for rank, s in enumerate(stats[: analyse.CLASS_SPLIT_LABELS])]
+    c = result.class_split.to_pydict()
+    got = list(zip(c["feature"], c["rank"], c["label"], c["n_images"], c["n_fire_images"], c["rate"], c["mean_act"]))
+    assert [g[:5] for g in got] == [e[:5] for e in expected]
+    np.testing.assert_allclose([g[5:] for g in got], [e[5:] for e in expected], rtol=1e-12)
+    assert any(g[5] < 1 for g in got) and not any(g[0] == 5 for g in got)
+    # without labels there is nothing to split
+    assert run(acts, image_idx, sae, AnalysisSpec(top_k=3), None, grid=(2, 3)).class_split.num_rows == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_features=st.integers(2, 70), d=st.integers(1, 9), k=st.integers(1, 10), block=st.integers(1, 80), seed=st.integers(0, 1000))
+def test_similar_features_match_dense_numpy(n_features, d, k, block, seed):
+    w = np.random.default_rng(seed).normal(size=(n_features, d))
+    w[0] = 0.0  # a zero decoder row: cosine 0 with everything
+    idx, cos = analyse.similar_features(torch.from_numpy(w), k=k, block_rows=block)
+    unit = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+    full = unit @ unit.T
+    np.fill_diagonal(full, -np.inf)
+    want = np.sort(full, axis=1)[:, ::-1][:, : min(k, n_features - 1)]
+    np.testing.assert_allclose(cos, want, atol=1e-5)  # float32 inside
+    np.testing.assert_allclose(np.take_along_axis(full, idx, 1), cos, atol=1e-5)  # the indices carry those cosines
+    assert not (idx == np.arange(n_features)[:, None]).any()
+
+
+def test_panel_tables_are_written(demo, tmp_path):
+    acts, image_idx, sae, labels = demo
+    result = run(acts, image_idx, sae, AnalysisSpec(top_k=2), labels, grid=(2, 3))
+    paths = analyse.write_analysis(result, tmp_path, spec_hash="abc")
+    assert set(paths) == {"features", "exemplars", "quantile_exemplars", "class_split", "similar_features"}
+    similar = pq.read_table(paths["similar_features"]).to_pydict()
+    assert len(similar["feature"]) == 40 * analyse.SIMILAR_FEATURES and similar["rank"][:8] == list(range(8))

@@ -133,3 +133,13 @@ def test_killed_recording_resumes_to_identical_shards(tmp_path: Path, cache_dir:
         [fresh_store] = (tmp_path / "runs/fresh/cache/record").glob(f"{model}-*[!l]/L10")
         assert _shard_digests(killed_store) == _shard_digests(fresh_store)
         assert json.loads((killed_store / "meta.json").read_text())["complete"]
+
+
+def test_page_panel_tables_on_a_real_build(built: tuple[Path, Path]) -> None:
+    _, run = built
+    n = {t: query(run, f"SELECT count(*) AS n FROM {t}").column("n")[0].as_py() for t in ("quantile_exemplars", "class_split", "similar_features")}
+    assert n["similar_features"] == 4 * 2 * 384 * 8  # every feature of the 4 SAEs, 8 neighbours each
+    assert n["quantile_exemplars"] > 0 and n["class_split"] > 0
+    # every feature page's exemplar images are shared thumbnails: no per-feature pictures
+    site = run / "site"
+    assert not (site / "img" / "o").exists() and len(list((site / "img" / "t").rglob("*.jpg"))) <= 48 + 48

@@ -8,6 +8,7 @@ file:// URLs and are skipped only where chromium/chromedriver are missing.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from html import escape as html_escape
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from saev_report.render import addresses as addr
-from saev_report.render import charts, overlays
+from saev_report.render import charts, heatmaps, overlays
 from saev_report.render import site as site_mod
 from saev_report.render.site import build_site
 from saev_report.render.synthetic import SyntheticRun, SyntheticSAE, write_synthetic_run
@@ -134,8 +135,12 @@ def test_plotly_text_escapes_pseudo_html():
 
 
 def test_svg_histogram_is_numbers_only():
-    svg = str(charts.svg_histogram([1, 5, 0, 2], [0.0, 0.5, 1.0, 1.5, 2.0]))
-    assert svg.count("<rect") == 4 and "5 patches" in svg
+    svg = str(charts.svg_histogram([1, 5, 0, 2], [0.0, 0.5, 1.0, 1.5, 2.0], height=96))
+    heights = [-float(h) for h in re.findall(r"M[\d.]+ [\d.]+v(-[\d.]+)", svg)]
+    assert len(heights) == 3  # one bar per non-empty bin, all in one path
+    np.testing.assert_allclose(np.array(heights) / max(heights), [0.2, 1.0, 0.4], atol=0.01)
+    assert "8 patches" in svg and "most in 0.5 to 1" in svg
+    assert not re.search(r"[<>\"]", re.sub(r"<[^<>]*>", "", svg))  # text nodes are numbers and fixed words
     assert "No histogram" in str(charts.svg_histogram([], []))
     assert "No histogram" in str(charts.svg_histogram([1, 2], [0.0, 1.0]))  # edges must be counts + 1
 
@@ -143,6 +148,10 @@ def test_svg_histogram_is_numbers_only():
 def test_evil_labels_never_reach_html_unescaped(built):
     _, out, _, _ = built
     html = "\n".join(p.read_text(encoding="utf-8") for p in out.rglob("*.html"))
+    # JSON data blocks hold labels as JSON strings ("\"onload..."): safe as long as nothing in them can end the block.
+    blocks = re.findall(r'<script type="application/json" id="\w+">(.*?)</script>', html, flags=re.S)
+    assert blocks and not any("<" in b or ">" in b or "&" in b for b in blocks)
+    html = re.sub(r'<script type="application/json" id="\w+">.*?</script>', "", html, flags=re.S)
     for label in EVIL_LABELS + [LABELS["clip"]]:
         if "<" in label or '"' in label:
             assert label not in html, label
@@ -162,36 +171,25 @@ def test_crop_box_matches_backbone_preprocessing():
     assert overlays.crop_box(64, 64) == (4, 4, 60, 60)
 
 
-def test_overlay_colours_match_a_numpy_reference(tmp_path):
-    px, grid = 60, (6, 6)
-    thumb = tmp_path / "t.jpg"
-    Image.new("RGB", (px, px), (120, 120, 120)).save(thumb, quality=100)
-    acts_hw = np.zeros(grid, dtype=np.float32)
-    acts_hw[0:3, 0:3] = 2.0  # a block at vmax: its centre patch is flat after upsampling
-    acts_hw[4:6, 3:6] = 1.0  # a block at half the colour scale
-    dest = tmp_path / "o.jpg"
-    overlays.render_overlay(overlays.OverlayJob(str(thumb), str(dest), acts_hw.reshape(-1), grid, 2.0, patch=35))
-    got = np.asarray(Image.open(dest).convert("RGB"), dtype=np.float64)
-    faded = np.asarray(overlays._faded_thumb(str(thumb)).convert("RGB"), dtype=np.float64)[15, 15]
-
-    def expected(t):
-        colour = overlays.COLORMAP_256x3[round(t * 255)].astype(np.float64)
-        alpha = overlays.MAX_ALPHA * np.sqrt(t)
-        return faded * (1 - alpha) + colour * alpha
-
-    assert np.abs(got[15, 15] - expected(1.0)).max() < 8  # centre of patch (1, 1)
-    assert np.abs(got[3, 50] - faded).max() < 8  # zero activation: the faded photo shows through
-    # The maximising patch (5, 5), pixels 50–59, is outlined in cyan.
-    edge = got[52:58, 50:52].reshape(-1, 3).mean(axis=0)
-    assert np.abs(edge - np.array(overlays.OUTLINE_RGB)).max() < 40, edge
+def test_quantize_keeps_firing_patches_visible_and_one_scale():
+    q = heatmaps.quantize(np.array([[0.0, 1e-6, 0.5, 1.0, 2.0, -1.0, np.nan]]), vmax=1.0)[0]
+    assert q.tolist() == [0, 1, 128, 255, 255, 0, 0]
+    assert heatmaps.quantize(np.ones((1, 3)), vmax=0.0).tolist() == [[0, 0, 0]]
 
 
-def test_heat_layer_is_transparent_where_the_feature_is_silent():
-    acts_hw = np.zeros((4, 4), dtype=np.float32)
-    acts_hw[1, 1] = 3.0
-    layer = np.asarray(overlays.heat_layer(acts_hw, 3.0, 4))
-    assert layer[1, 1, 3] == round(overlays.MAX_ALPHA * 255)
-    assert layer[3, 3, 3] == 0
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 255), min_size=1, max_size=64), min_size=0, max_size=12))
+def test_pack_round_trips(maps):
+    arrays = [np.array(m, dtype=np.uint8) for m in maps]
+    assert heatmaps.unpack(heatmaps.pack(arrays)) == b"".join(a.tobytes() for a in arrays)
+
+
+def test_rgba_reference_matches_the_colormap_rule():
+    px = heatmaps.rgba(np.array([0, 1, 255]))
+    assert px[0, 3] == 0 and px[2, 3] == round(255 * heatmaps.MAX_ALPHA)
+    assert tuple(px[2, :3]) == tuple(heatmaps.COLORMAP_256x3[255]) == (252, 255, 164)
+    script = heatmaps.colormap_script()
+    assert script.count(",") == 256 * 3 - 1 + 2 and "maxAlpha:0.85" in script
 
 
 def test_thumbnail_names_are_content_addressed(tmp_path):
@@ -242,7 +240,7 @@ def test_every_internal_link_resolves_and_nothing_is_remote(built):
             checked += 1
     assert checked > 500
     for own in (out / "assets" / "style.css", out / "assets" / "atlas.js"):  # no CDN, no fonts, no fetch()
-        text = own.read_text(encoding="utf-8")
+        text = own.read_text(encoding="utf-8").replace('"http://www.w3.org/2000/svg"', "")  # a namespace name, never fetched
         assert "http" not in text and "fetch(" not in text
 
 
@@ -254,10 +252,12 @@ def test_sae_data_files_point_at_existing_pages_and_images(built):
         text = js.read_text(encoding="utf-8")
         data = json.loads(text[text.index("]=") + 2 : text.rindex(";")])
         page_dir = out / data["page_dir"]
+        assert len(set(data["thumbs"])) == len(data["thumbs"])  # each thumbnail listed once
         for f, page, thumb in zip(data["feature"], data["page"], data["thumb"]):
             assert (page_dir / f"{f}.html").is_file() == bool(page)
-            if thumb:
-                assert (out / thumb).is_file()
+            if thumb >= 0:
+                assert (out / data["thumbs"][thumb]).is_file()
+        assert sum(t >= 0 for t in data["thumb"]) >= sum(data["page"]) > 0
 
 
 def test_pages_exist_for_alive_features_only(built):
@@ -282,12 +282,34 @@ def test_feature_page_content(built):
     feature = int(np.flatnonzero(~dead)[3])
     page = out / addr.feature_page("dino", addr.sae_slug(sae_id, "dino"), feature)
     html = page.read_text(encoding="utf-8")
-    assert f"<title>DINOv2-40/{feature} · Atlas &lt;test&gt;</title>" in html
-    exemplars = read_table(run_dir, "exemplars", f"WHERE sae_id = '{sae_id}' AND feature = {feature}").num_rows
-    assert html.count('class="tile"') == min(exemplars, REPORT.exemplars_shown)
-    assert html.count("img/o/") == min(exemplars, REPORT.exemplars_shown)
+    assert f"<title>DINOv2-40/{feature}</title>" in html and "Atlas &lt;test&gt;" in html
+    where = f"WHERE sae_id = '{sae_id}' AND feature = {feature}"
+    top = read_table(run_dir, "exemplars", where + f" AND rank < {REPORT.exemplars_shown} ORDER BY rank").to_pylist()
+    samples = read_table(run_dir, "quantile_exemplars", where + " ORDER BY band DESC, rank").to_pylist()
+    assert len(top) == min(8, REPORT.exemplars_shown) and len(samples) == 12
+    assert html.count("<figure><img") == len(top) and "no-heat" not in html  # the band samples come as data
+    assert "img/o/" not in html  # no per-feature pictures: every <img> is a shared thumbnail
+    assert {src.split("/img/")[1] for src in re.findall(r'<img src="([^"]+)"', html)} <= {
+        str(p.relative_to(out / "img")) for p in (out / "img" / "t").rglob("*.jpg")}
+    # The page's packed maps are the exemplars' patch maps on one scale: the strongest shown activation.
+    heat = json.loads(re.search(r'<script type="application/json" id="heat">(.*?)</script>', html).group(1))
+    packed = heat["z"]
+    assert heat["g"] == "6x6"
+    vmax = max(r["act"] for r in top + samples)
+    expected = heatmaps.quantize(np.array([r["patch_acts"] for r in top + samples]), vmax)
+    assert heatmaps.unpack(packed) == expected.tobytes()
+    panels = json.loads(re.search(r'<script type="application/json" id="panels">(.*?)</script>', html).group(1))
+    split = read_table(run_dir, "class_split", where + " ORDER BY rank").to_pylist()
+    assert [row[0] for row in panels["split"]] == [r["label"] for r in split]
+    similar = read_table(run_dir, "similar_features", where + " ORDER BY rank").to_pylist()
+    assert [row[0] for row in panels["similar"]] == [r["similar_feature"] for r in similar]
     assert 'rel="prev"' in html and 'rel="next"' in html
-    assert "<svg class=\"hist\"" in html
+    feature_row = read_table(run_dir, "features", where).to_pylist()[0]
+    assert panels["hist"][0] == feature_row["hist_counts"]
+    bands = [(name, [(s[1], s[2]) for s in samples_b]) for name, samples_b in panels["bands"]]
+    image_label = {r["image_idx"]: r["label"] for r in read_table(run_dir, "images").to_pylist()}
+    assert [x for _, b in bands for x in b] == [(charts.sig(r["act"], 3), image_label[r["image_idx"]]) for r in samples]
+    assert [name for name, _ in bands] == ["top quarter", "third quarter", "second quarter", "lowest quarter"]
     assert "plotly" not in html  # feature pages stay light
 
 
@@ -342,7 +364,9 @@ def test_compare_page_counts_and_pictures(built):
         rows = [m for m in facts["matches"] if m["sae_a"] == sae_a]
         assert f"<dt>matched</dt><dd>{sum(m['matched'] for m in rows)}</dd>" in html
         assert f"<dt>features</dt><dd>{len(rows)}</dd>" in html
-    assert 'class="pair"' in html and html.count("img/o/") >= html.count('class="pair"')
+    assert 'class="pair"' in html and html.count('class="tile heat"') >= html.count('class="pair"')
+    packed = json.loads(re.search(r'<script type="application/json" id="heat">(.*?)</script>', html).group(1))["z"]
+    assert len(heatmaps.unpack(packed)) == 36 * html.count('class="tile heat"')
 
 
 def test_segmentation_edit_page_has_both_maps_and_a_legend(built):
@@ -384,10 +408,15 @@ def test_process_pool_path_draws_the_same_files(tmp_path, monkeypatch):
     write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 12)], edits=False, matches=False))
     inline = build_site(run_dir, tmp_path / "a", REPORT, workers=1)
     monkeypatch.setattr(site_mod, "POOL_MIN_JOBS", 1)
+    monkeypatch.setattr(site_mod, "PAGE_POOL_MIN_PAGES", 1)
+    monkeypatch.setattr(site_mod, "PAGES_PER_TASK", 3)
     pooled = build_site(run_dir, tmp_path / "b", REPORT, workers=2)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "img").rglob("*.jpg"))
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / "img").rglob("*.jpg"))
     assert files_a == files_b and pooled.n_images_rendered == inline.n_images_rendered > 0
+    pages_a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a" / "features").rglob("*.html")}
+    pages_b = {p.relative_to(tmp_path / "b"): p.read_bytes() for p in (tmp_path / "b" / "features").rglob("*.html")}
+    assert pages_a == pages_b and len(pages_a) == pooled.n_feature_pages + 1  # rendered by the workers, identically
 
 
 def test_missing_images_and_sparse_tables_still_build(tmp_path):
@@ -398,7 +427,7 @@ def test_missing_images_and_sparse_tables_still_build(tmp_path):
     shutil.rmtree(run_dir / "tables" / "saes")  # features without an saes row still get pages
     shutil.rmtree(run_dir / "tables" / "train_log")
     stats = build_site(run_dir, tmp_path / "site", REPORT, workers=1)
-    assert stats.n_feature_pages > 0 and stats.n_missing_images == 10 and stats.n_overlays == 0
+    assert stats.n_feature_pages > 0 and stats.n_missing_images == 10 and stats.n_heatmaps == 0
     page = next((tmp_path / "site" / "features").rglob("[0-9]*.html")).read_text(encoding="utf-8")
     assert "assets/missing.svg" in page
 
@@ -475,7 +504,7 @@ def test_index_renders_its_charts(built, browser):
 
 
 def test_search_finds_a_feature(built, browser):
-    _, out, _, facts = built
+    run_dir, out, _, facts = built
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -492,11 +521,14 @@ def test_search_finds_a_feature(built, browser):
     WebDriverWait(browser, 10).until(lambda d: len(rows(d)) == 1)
     assert rows(browser)[0].startswith(title)
     link = browser.find_element(By.CSS_SELECTOR, "#rows tr td.mono a")
-    assert link.get_attribute("href").endswith(f"/{feature}.html")
+    href = urlsplit(link.get_attribute("href"))
+    assert href.path.endswith(f"/{feature}.html") and href.fragment == f"q=%23{feature}"  # the page knows the list's state
     # Label search (substring, case-insensitive) finds exactly the features with that top label.
     box.clear()
     box.send_keys("BIRD")
-    expected = sum(1 for l, d in zip(facts["features"][sae_id]["top_label"], facts["features"][sae_id]["dead"]) if l == "bird" and not d)
+    # (the search also reads each feature's best concept, when the run has concept statistics)
+    rows = read_table(run_dir, "features", f"WHERE sae_id = '{sae_id}' AND NOT dead").to_pylist()
+    expected = sum(1 for r in rows if "bird" in (r["top_label"] or "").lower() or "bird" in (r.get("best_concept") or "").lower())
     # The filter state goes into the address (so a filtered list can be shared): wait for it, then count.
     WebDriverWait(browser, 10).until(lambda d: "q=BIRD" in d.current_url)
     assert browser.execute_script("return document.getElementById('count').textContent").startswith(f"{expected} of")
@@ -531,10 +563,14 @@ def test_feature_page_shows_every_exemplar_image(built, browser):
     pages = sorted((out / addr.sae_dir("dino", addr.sae_slug(sae_id, "dino"))).glob("[0-9]*.html"), key=lambda p: int(p.stem))
     for page in pages[:4]:
         logs = _open(browser, page)
-        sizes = browser.execute_script(
-            "return Array.from(document.querySelectorAll('.exemplars img')).map(i => [i.complete, i.naturalWidth])"
-        )
-        assert len(sizes) == page.read_text(encoding="utf-8").count('class="tile"') > 0
+        _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready")  # bands drawn
+        browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")  # lazy images below the fold
+        script = "return Array.from(document.querySelectorAll('.exemplars img, .band-grid img')).map(i => [i.complete, i.naturalWidth])"
+        _wait(browser, lambda d: all(c and w > 0 for c, w in d.execute_script(script)))
+        sizes = browser.execute_script(script)
+        html = page.read_text(encoding="utf-8")
+        n_samples = sum(len(b[1]) for b in json.loads(re.search(r'id="panels">(.*?)</script>', html).group(1))["bands"])
+        assert len(sizes) == html.count("<figure><img") + n_samples > 0
         assert all(complete and width > 0 for complete, width in sizes), sizes
         assert not _severe(logs), logs
         _no_xss(browser)
@@ -549,3 +585,187 @@ def test_every_page_kind_loads_cleanly(built, browser):
         broken = browser.execute_script("return Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).map(i => i.src)")
         assert not broken and not _severe(logs), (page, broken, logs)
         _no_xss(browser)
+
+
+# --------------------------------------------------------------------------- heat-maps, navigation, links (browser)
+
+
+def _wait(driver, condition, timeout: float = 20):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def _feature_dir(out: Path, model: str, sae_id: str) -> Path:
+    return out / addr.sae_dir(model, addr.sae_slug(sae_id, model))
+
+
+def test_heatmaps_are_painted_from_the_patch_maps(built, browser):
+    run_dir, out, _, facts = built
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    feature = int(np.flatnonzero(~facts["features"][sae_id]["dead"])[2])
+    page = _feature_dir(out, "dino", sae_id) / f"{feature}.html"
+    logs = _open(browser, page)
+    html = page.read_text(encoding="utf-8")
+    n_heat = html.count("<figure><img") + sum(len(b[1]) for b in json.loads(re.search(r'id="panels">(.*?)</script>', html).group(1))["bands"])
+    _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-heat-drawn')") == str(n_heat))
+    # Each canvas holds one pixel per patch: compare them with the numpy reference of the table's maps.
+    where = f"WHERE sae_id = '{sae_id}' AND feature = {feature}"
+    rows = read_table(run_dir, "exemplars", where + f" AND rank < {REPORT.exemplars_shown} ORDER BY rank").to_pylist()
+    rows += read_table(run_dir, "quantile_exemplars", where + " ORDER BY band DESC, rank").to_pylist()
+    q = heatmaps.quantize(np.array([r["patch_acts"] for r in rows]), max(r["act"] for r in rows))
+    painted = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.ex > figure')).map(f => {"
+        " const c = f.querySelector('canvas'); const m = f.querySelector('.peak');"
+        " return [Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data), c.width, c.height,"
+        "         f.getAttribute('data-peak'), m ? [m.style.left, m.style.top] : null,"
+        "         getComputedStyle(c).position, c.getBoundingClientRect().width / f.querySelector('img').getBoundingClientRect().width]; })"
+    )
+    assert len(painted) == len(rows) == n_heat
+    n_opaque = 0
+    for q_p, (pixels, width, height, peak, mark, position, scale) in zip(q, painted):
+        assert (width, height) == (6, 6) and position == "absolute" and abs(scale - 1) < 0.01  # stretched over the photo
+        got = np.array(pixels, dtype=np.int64).reshape(-1, 4)
+        want = heatmaps.rgba(q_p).astype(np.int64)
+        assert (got[:, 3] == 0).tolist() == (q_p == 0).tolist()  # silent patches are transparent
+        assert np.abs(got[:, 3] - want[:, 3]).max() <= 1
+        opaque = want[:, 3] >= 64  # canvases store premultiplied colour: faint patches lose precision
+        assert np.abs(got[opaque, :3] - want[opaque, :3]).max(initial=0) <= 4
+        n_opaque += int(opaque.sum())
+        strongest = int(np.argmax(q_p))  # the outline sits on the strongest patch
+        assert peak == str(strongest)
+        assert [float(v.rstrip("%")) for v in mark] == pytest.approx([100 * (strongest % 6) / 6, 100 * (strongest // 6) / 6], abs=1e-3)
+    assert n_opaque > 10
+    assert not _severe(logs), logs
+    _no_xss(browser)
+
+
+def test_without_decompression_the_plain_images_show(built, browser):
+    _, out, _, facts = built
+    sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
+    feature = int(np.flatnonzero(~facts["features"][sae_id]["dead"])[1])
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": "delete window.DecompressionStream;"})
+    try:
+        logs = _open(browser, _feature_dir(out, "dino", sae_id) / f"{feature}.html")
+        _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready")
+        state = browser.execute_script(
+            "return [document.querySelectorAll('canvas').length, Array.from(document.querySelectorAll('.ex > figure img')).map(i => i.complete && i.naturalWidth > 0)]"
+        )
+        assert state[0] == 0 and state[1] and all(state[1])
+        assert not _severe(logs), logs
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """One SAE of 130 features with a page each: more than one list page (50 rows)."""
+    run_dir = tmp_path_factory.mktemp("wide")
+    facts = write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 130)], edits=False, matches=False, dead_frac=0.1))
+    out = run_dir / "site"
+    build_site(run_dir, out, REPORT, LABELS, workers=1)
+    features = read_table(run_dir, "features").to_pylist()
+    return out, facts, features
+
+
+def _order(features: list[dict], sort: str, ascending: bool, hide_dead: bool = True) -> list[int]:
+    """The list's order in plain Python: by the column as the data file rounds it, missing last, ties by feature id."""
+    rows = [r for r in features if not (hide_dead and r["dead"])]
+    values = charts.round_sig([r[sort] if r[sort] is not None else math.nan for r in rows])
+    keyed = [((v is None), (v if ascending else -v) if v is not None else 0.0, r["feature"]) for v, r in zip(values, rows)]
+    return [int(k[2]) for k in sorted(keyed)]
+
+
+def test_deep_link_restores_sort_filter_and_page(wide, browser):
+    out, _, features = wide
+    folder = _feature_dir(out, "dino", "dino/L10/relu-x1-l1_0.0004-s0")
+    logs = _open(browser, folder / "index.html")
+    browser.get((folder / "index.html").resolve().as_uri() + "#sort=freq&dir=asc&p=2")
+    browser.refresh()
+    _wait(browser, lambda d: d.execute_script("return document.getElementById('pageinfo').textContent").startswith("page 2 of"))
+    state = browser.execute_script("return [document.getElementById('sort').value, document.getElementById('dir').value,"
+                                   " Array.from(document.querySelectorAll('#rows td.mono a')).map(a => a.textContent)]")
+    order = _order(features, "freq", ascending=True)
+    assert state[0] == "freq" and state[1] == "asc"
+    assert [int(t.split("/")[-1]) for t in state[2]] == order[50:100]
+    assert not _severe(logs + browser.get_log("browser"))
+
+
+def test_keyboard_steps_through_the_list_order(wide, browser):
+    out, _, features = wide
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    folder = _feature_dir(out, "dino", "dino/L10/relu-x1-l1_0.0004-s0")
+    order = _order(features, "max_act", ascending=False)
+    start = order[10]
+    _open(browser, folder / f"{start}.html")  # no state in the address: the list's default order
+    _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready")
+
+    def at(driver) -> tuple[int, str]:
+        parts = urlsplit(driver.current_url)
+        return int(Path(parts.path).stem), parts.fragment
+
+    ActionChains(browser).send_keys(Keys.ARROW_RIGHT).perform()
+    _wait(browser, lambda d: at(d)[0] != start and d.execute_script("return document.readyState") == "complete")
+    assert at(browser)[0] == order[11]
+    # Sparsity order carried in the address: ← goes to the next rarer feature.
+    by_freq = _order(features, "freq", ascending=True)
+    browser.get((folder / f"{by_freq[20]}.html").resolve().as_uri() + "#sort=freq&dir=asc")
+    _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready" and at(d)[0] == by_freq[20])
+    assert browser.find_element("id", "next").get_attribute("href").endswith(f"/{by_freq[21]}.html#sort=freq&dir=asc")
+    ActionChains(browser).send_keys(Keys.ARROW_LEFT).perform()
+    _wait(browser, lambda d: at(d)[0] == by_freq[19])
+    assert at(browser)[1] == "sort=freq&dir=asc"
+    assert browser.find_element("id", "back").get_attribute("href").endswith("index.html#sort=freq&dir=asc")
+    # r: a random other feature of the same order, the order kept.
+    _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready")
+    ActionChains(browser).send_keys("r").perform()
+    _wait(browser, lambda d: at(d)[0] != by_freq[19])
+    assert at(browser)[0] in by_freq and at(browser)[1] == "sort=freq&dir=asc"
+    assert not _severe(browser.get_log("browser"))
+
+
+def test_every_page_kind_and_every_link_in_the_browser(built, browser):
+    """Every page kind loads without console errors; every link on it, including the ones scripts add, resolves."""
+    _, out, _, _ = built
+    features = sorted((out / "features").rglob("[0-9]*.html"))
+    pages = [out / "index.html", *(out / "features").rglob("index.html"), *features[:: max(1, len(features) // 12)],
+             out / "edits" / "index.html", *(out / "edits").rglob("[0-9]*.html"), *(out / "compare").glob("*.html")]
+    checked = 0
+    for page in pages:
+        logs = _open(browser, page)
+        kind = browser.execute_script("return document.body.getAttribute('data-page')")
+        if kind == "feature":
+            _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready")
+        links = browser.execute_script("return Array.from(document.querySelectorAll('a[href], img[src]')).map(a => a.href || a.src)")
+        for link in links:
+            parts = urlsplit(link)
+            assert parts.scheme == "file", (page, link)
+            assert Path(unquote(parts.path)).is_file(), (page.relative_to(out), link)
+            checked += 1
+        broken = browser.execute_script("return Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).map(i => i.src)")
+        assert not broken and not _severe(logs + browser.get_log("browser")), (page, broken, logs)
+        _no_xss(browser)
+    assert checked > 300
+
+
+def test_search_uses_the_best_concept_column_when_present(tmp_path, browser):
+    """The concepts stage adds `features.best_concept`: feature pages show it and the list searches it."""
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 30)], edits=False, matches=False))
+    rows = read_table(run_dir, "features", "WHERE NOT dead").to_pylist()
+    concept = next(r["best_concept"] for r in rows if r["best_concept"] in ("bird", "boat"))  # plain text: the others are XSS probes
+    feature = next(int(r["feature"]) for r in rows if r["best_concept"] == concept)
+    out = tmp_path / "site"
+    build_site(run_dir, out, REPORT, workers=1)
+    folder = _feature_dir(out, "dino", "dino/L10/relu-x1-l1_0.0004-s0")
+    assert f">{concept}</span>" in (folder / f"{feature}.html").read_text(encoding="utf-8")
+    logs = _open(browser, folder / "index.html")
+    browser.find_element("id", "q").send_keys(concept.upper())
+    _wait(browser, lambda d: f"q={concept.upper()}" in d.current_url)
+    count = browser.execute_script("return document.getElementById('count').textContent")
+    expected = sum(1 for r in rows if concept in (r["top_label"] or "").lower() or concept in (r["best_concept"] or "").lower())
+    assert count.startswith(f"{expected} of")
+    assert not browser.execute_script("return document.querySelector('th[data-needs=concepts]').hidden")
+    assert not _severe(logs + browser.get_log("browser"))

@@ -42,7 +42,10 @@ def _plain(value: Any) -> Any:
 def script_json(value: Any) -> str:
     """JSON that can sit inside <script> (inline or in a .js file): `<`, `>`, `&` and
     U+2028/9 are \\u-escaped, so `</script>` or `<!--` in a label cannot end the script."""
-    text = json.dumps(_plain(value), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    try:  # plain Python data (most page data) needs no conversion pass
+        text = json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):  # numpy values, NaN/inf
+        text = json.dumps(_plain(value), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
@@ -54,6 +57,13 @@ def data_script(path: str, value: Any) -> str:
 def plotly_text(text: str) -> str:
     """Plotly draws text as pseudo-HTML (`<b>`, `<a href>`): escape it so labels show literally."""
     return html.escape(str(text), quote=False)
+
+
+def sig(value: float | None, digits: int = 4) -> float | None:
+    """One value to `digits` significant digits (None for missing or non-finite)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.{digits}g}")
 
 
 def round_sig(values: Sequence[float] | np.ndarray, digits: int = 4) -> list[float | None]:
@@ -81,7 +91,10 @@ def svg_histogram(
     unit: str = "patches",
     color: str = "#2563eb",
 ) -> Markup:
-    """Bar histogram as inline SVG (numbers only are interpolated, so it is safe markup)."""
+    """Bar histogram as inline SVG (numbers only are interpolated, so it is safe markup).
+
+    All bars are one `<path>` (a few hundred bytes: this sits on every feature page);
+    the peak bin and the total are in the accessible label."""
     counts_b = np.nan_to_num(np.asarray(counts if counts is not None else [], dtype=np.float64), nan=0.0)
     edges_b1 = np.asarray(edges if edges is not None else [], dtype=np.float64)
     if counts_b.size == 0 or edges_b1.size != counts_b.size + 1 or counts_b.max(initial=0) <= 0 or not np.isfinite(edges_b1).all():
@@ -90,24 +103,22 @@ def svg_histogram(
     plot_w, plot_h = width - 2 * pad_l, height - pad_b - pad_t
     bar_w = plot_w / counts_b.size
     top = counts_b.max()
-    parts = [
-        f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-        f'aria-label="histogram over {_fmt(edges_b1[0])} to {_fmt(edges_b1[-1])}">'
-    ]
-    for i, count in enumerate(counts_b):
-        h = plot_h * count / top
-        x = pad_l + i * bar_w
-        parts.append(
-            f'<rect x="{x:.1f}" y="{pad_t + plot_h - h:.1f}" width="{max(bar_w - 1, 0.5):.1f}" height="{h:.1f}" fill="{color}">'
-            f"<title>{_fmt(edges_b1[i])} to {_fmt(edges_b1[i + 1])}: {int(count):,} {unit}</title></rect>"
-        )
     base = pad_t + plot_h
-    parts.append(f'<line x1="{pad_l}" x2="{width - pad_l}" y1="{base + 0.5}" y2="{base + 0.5}" stroke="#94a3b8"/>')
-    parts.append(f'<text x="{pad_l}" y="{height - 4}" class="tick">{_fmt(edges_b1[0])}</text>')
-    parts.append(f'<text x="{width / 2:.0f}" y="{height - 4}" class="tick" text-anchor="middle">{x_label}</text>')
-    parts.append(f'<text x="{width - pad_l}" y="{height - 4}" class="tick" text-anchor="end">{_fmt(edges_b1[-1])}</text>')
-    parts.append("</svg>")
-    return Markup("".join(parts))
+    bars = "".join(
+        f"M{pad_l + i * bar_w:.1f} {base}v{-plot_h * count / top:.1f}h{max(bar_w - 1, 0.5):.1f}V{base}z".replace(".0", "")
+        for i, count in enumerate(counts_b) if count > 0
+    )
+    peak = int(counts_b.argmax())
+    label = (f"histogram of {int(counts_b.sum()):,} {unit} over {_fmt(edges_b1[0])} to {_fmt(edges_b1[-1])}; "
+             f"most in {_fmt(edges_b1[peak])} to {_fmt(edges_b1[peak + 1])}")
+    return Markup(
+        f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">'
+        f"<title>{label}</title><path d=\"{bars}\" fill=\"{color}\"/>"
+        f'<line x1="{pad_l}" x2="{width - pad_l}" y1="{base + 0.5}" y2="{base + 0.5}" stroke="#94a3b8"/>'
+        f'<text x="{pad_l}" y="{height - 4}" class="tick">{_fmt(edges_b1[0])}</text>'
+        f'<text x="{width / 2:.0f}" y="{height - 4}" class="tick" text-anchor="middle">{x_label}</text>'
+        f'<text x="{width - pad_l}" y="{height - 4}" class="tick" text-anchor="end">{_fmt(edges_b1[-1])}</text></svg>'
+    )
 
 
 def score_histogram(scores: Sequence[float], bins: int = 40) -> tuple[list[int], list[float]]:

@@ -3,14 +3,20 @@
 `build_site` reads only `<run>/tables/` and the image files the `images` table
 points to, so templates can be re-rendered without running the pipeline. It
 writes into `.<out>.partial/` next to `out_dir` and swaps it in at the end;
-images the previous site already has (same content address) are hard-linked
-instead of re-rendered, so a template-only rebuild costs little more than the
-HTML itself.
+thumbnails the previous site already has (same content address) are
+hard-linked instead of re-drawn, so a template-only rebuild costs little more
+than the HTML itself.
 
-Scale: per SAE, the small per-feature columns and the exemplar metadata are
-read once (a few MB at 24K features); the large `patch_acts` lists are streamed
-in record batches and turned into overlay JPEGs by a process pool; feature
-pages are rendered from streamed batches. Feature pages carry an inline SVG
+Every picture is stored once: one thumbnail per distinct image, drawn by a
+process pool. Heat-maps are data, not images: each feature page carries its
+exemplars' patch maps (one byte per patch, one zlib stream per page, see
+`heatmaps`) and `assets/atlas.js` paints them on canvases over the shared
+thumbnails; without scripts the plain thumbnails show.
+
+Scale: per SAE, the small per-feature columns are read once (a few MB at 24K
+features); feature pages are built `CHUNK_FEATURES` at a time from range
+queries on the exemplar, sample, class-split and similarity tables, so memory
+does not grow with the dictionary. Feature pages carry an inline SVG
 histogram, never a plotly chart; only the index, the per-SAE lists and the
 comparison pages load plotly.js.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+from bisect import bisect_left
 import os
 import shutil
 import time
@@ -32,12 +39,13 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from rich.markup import escape
+from markupsafe import Markup, escape
+from rich.markup import escape as rich_escape
 
 from saev_report import __version__, fsutil, tables
 from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
-from saev_report.render import charts, overlays
+from saev_report.render import charts, heatmaps, overlays
 from saev_report.render.concepts import build_concept_pages
 from saev_report.spec import ReportSpec
 
@@ -56,8 +64,12 @@ BATCH_ROWS = 2048
 CONCEPTS_SHOWN = 3
 """Best concepts listed per level on a feature page."""
 POOL_MIN_JOBS = 96  # below this, a pool's start-up costs more than it saves
+PAGE_POOL_MIN_PAGES = 4096  # smaller sites render their pages in process: worker start-up would dominate
+PAGES_PER_TASK = 128  # feature pages per pool task: pickling a page's context costs far less than rendering it
 MAX_CURVE_POINTS = 2000
 MAX_COMPARE_CARDS = 60
+CHUNK_FEATURES = 2048  # feature pages per round of range queries: bounds memory at any dictionary width
+BAND_NAMES = ["lowest quarter", "second quarter", "third quarter", "top quarter"]  # quantile bands, 0 = lowest
 
 T = TypeVar("T")
 
@@ -71,8 +83,8 @@ class SiteStats:
     n_feature_pages: int = 0
     n_edit_pages: int = 0
     n_compare_pages: int = 0
-    n_thumbnails: int = 0  # distinct images shown
-    n_overlays: int = 0  # exemplar heat-maps shown
+    n_thumbnails: int = 0  # distinct images shown: each stored once
+    n_heatmaps: int = 0  # exemplar heat-maps the browser draws (from patch maps, not image files)
     n_images_rendered: int = 0  # image files drawn by this build (the rest were reused)
     n_missing_images: int = 0  # images that could not be read (shown as a placeholder)
     n_bytes: int = 0
@@ -91,7 +103,10 @@ class SaeInfo:
     metrics: dict[str, Any]
     # Filled while its pages are built; read by edit/compare pages.
     pages: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # features with a page, sorted
-    thumbs: dict[int, str] = field(default_factory=dict)  # feature → file of its top exemplar overlay
+    thumbs: dict[int, str] = field(default_factory=dict)  # feature → thumbnail file of its top exemplar
+    thumb_list: list[str] = field(default_factory=list)  # every thumbnail its pages show; pages name them by position
+    thumb_pos: dict[str, int] = field(default_factory=dict)
+    top_maps: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)  # feature → (grid, quantised map of that exemplar)
     top_labels: dict[int, str] = field(default_factory=dict)
 
     def title(self, feature: int) -> str:
@@ -143,7 +158,9 @@ def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
     """Jinja environment; autoescape is on for every template (labels come from datasets)."""
     if not (templates_dir / "base.html").is_file() or not (ASSETS_DIR / "atlas.js").is_file():
         raise FileNotFoundError(f"site templates/assets not found at {templates_dir} and {ASSETS_DIR}: reinstall saev-report")
-    env = Environment(loader=FileSystemLoader(str(templates_dir)), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    # auto_reload off: templates do not change during a build, and checking them costs a stat per page.
+    env = Environment(loader=FileSystemLoader(str(templates_dir)), autoescape=True, undefined=StrictUndefined, trim_blocks=True,
+                      lstrip_blocks=True, auto_reload=False)
     env.filters["num"] = fmt_num
     env.filters["pct"] = fmt_pct
     env.filters["script_json"] = charts.script_json
@@ -188,6 +205,10 @@ class SiteBuilder:
         self.model_labels = model_labels
         self.workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
         self._pool: Executor | None = None
+        self._queue: list[tuple[str, str, dict[str, Any]]] = []  # feature pages waiting for the pool
+        self._pending: list[Any] = []  # futures of page batches
+        self.n_pages_total = 0
+        self._labels_html: dict[str | None, Markup] = {}
         self.env = make_env()
         self.stats = SiteStats(out_dir=staging)
         self.thumb_names: dict[tuple[str, int], str | None] = {}  # (image path, px) → thumbnail name
@@ -226,8 +247,9 @@ class SiteBuilder:
         overlays.ensure_dir(path.parent)
         path.write_text(text, encoding="utf-8")
 
-    def render(self, template: str, page: str, **context: Any) -> None:
-        base = {
+    def base_context(self, page: str) -> dict[str, Any]:
+        """What every template sees (plain data only: feature pages travel to pool workers)."""
+        return {
             "root": addr.root_of(page),
             "site_title": self.report.title,
             "report_px": self.report.thumbnail_px,
@@ -237,9 +259,50 @@ class SiteBuilder:
             "has_experiments": self.has_experiments,
             "has_compare": self.has_compare,
             "comparisons": self.comparisons,
-            "saes_nav": self.saes,
+            "saes_nav": [{"list_page": s.list_page, "short": s.short, "sae_id": s.sae_id} for s in self.saes],
         }
-        self.write(page, self.env.get_template(template).render(**base, **context))
+
+    def render(self, template: str, page: str, **context: Any) -> None:
+        self.write(page, self.env.get_template(template).render(**self.base_context(page), **context))
+
+    def render_later(self, template: str, page: str, **context: Any) -> None:
+        """Queue a page for the pool (feature pages: the bulk of a build); rendered now without a pool."""
+        self._queue.append((template, page, {**self.base_context(page), **context}))  # context wins over the base
+        if len(self._queue) >= PAGES_PER_TASK:
+            self.flush_pages()
+
+    def flush_pages(self, wait: bool = False) -> None:
+        """Hand the queued pages to the pool (the build goes on querying meanwhile); `wait` for all of them."""
+        if self._queue:
+            batch, self._queue = PageBatch(str(self.staging), self._queue), []
+            future = None
+            if self.workers > 1 and self.n_pages_total >= PAGE_POOL_MIN_PAGES:
+                try:
+                    future = self._pool_for_pages().submit(render_page_batch, batch)
+                except BrokenProcessPool:
+                    self.workers = 1
+            if future is None:
+                render_page_batch(batch, self.env)
+            else:
+                self._pending.append((future, batch))
+                # Back-pressure: queued contexts are memory; let the workers catch up before querying on.
+                while len(self._pending) > 2 * self.workers:
+                    self._settle(*self._pending.pop(0))
+        if wait:
+            for future, batch in self._pending:
+                self._settle(future, batch)
+            self._pending = []
+
+    def _settle(self, future: Any, batch: PageBatch) -> None:
+        try:
+            future.result()  # re-raises a worker's error
+        except BrokenProcessPool:  # see _map: render here instead
+            render_page_batch(batch, self.env)
+
+    def _pool_for_pages(self) -> Executor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
 
     def img(self, kind: str, name: str | None) -> str:
         return addr.image_file(kind, name) if name else "assets/missing.svg"
@@ -250,6 +313,7 @@ class SiteBuilder:
     def copy_assets(self) -> None:
         assets = self.staging / "assets"
         shutil.copytree(ASSETS_DIR, assets, dirs_exist_ok=True)
+        (assets / "colormap.js").write_text(heatmaps.colormap_script(), encoding="utf-8")
         plotly_js = assets / "plotly.min.js"
         bundled = _bundled_plotly_js()
         if bundled is not None:
@@ -306,15 +370,17 @@ class SiteBuilder:
         return self._by_id.get(sae_id)
 
     def feature_index(self, sae: SaeInfo) -> pa.Table:
+        concept = ", best_concept, best_concept_ap" if self.has_concepts else ""
         return fetch_table(
             self.con,
             "SELECT feature, n_fire, freq, log10_freq, mean_act, log10_mean_act, max_act, dead, dense, top_label, label_purity"
-            f"{', best_concept, best_concept_ap' if self.has_concepts else ''} FROM features WHERE sae_id = ? ORDER BY feature",
+            f"{concept} FROM features WHERE sae_id = ? ORDER BY feature",
             [sae.sae_id],
         )
 
     def choose_pages(self, sae: SaeInfo, index: pa.Table) -> None:
-        """Alive features get pages; with `feature_pages`, only the strongest (by max activation)."""
+        """Alive features get pages; with `feature_pages`, only the strongest (by max activation), plus every
+        feature an edit names, so that edit pages always link to a page."""
         feature = index.column("feature").to_numpy().astype(np.int64)
         max_act = np.nan_to_num(index.column("max_act").to_numpy(zero_copy_only=False).astype(np.float64), nan=0.0)
         dead = index.column("dead").to_numpy(zero_copy_only=False)
@@ -323,86 +389,150 @@ class SiteBuilder:
         if self.report.feature_pages is not None and len(chosen) > self.report.feature_pages:
             order = np.argsort(-max_act[chosen], kind="stable")[: self.report.feature_pages]
             chosen = chosen[order]
-        sae.pages = np.sort(feature[chosen])
+        edited = [int(r["f"]) for r in fetch_rows(self.con, "SELECT DISTINCT unnest(features) AS f FROM edits WHERE sae_id = ?", [sae.sae_id])]
+        sae.pages = np.union1d(feature[chosen], np.intersect1d(feature, np.asarray(edited, dtype=np.int64)))
         labels = index.column("top_label").to_pylist()
         sae.top_labels = {int(f): l for f, l in zip(feature, labels) if l is not None}
 
     def build_sae(self, sae: SaeInfo, index: pa.Table) -> None:
+        """Thumbnails, the SAE's data file, its feature pages (in chunks of features) and its list page."""
+        self.con.register("_pages", pa.table({"feature": pa.array(sae.pages, type=pa.int32())}))
+        self.ensure_sae_thumbnails(sae)
+        self.write(sae.data_file, charts.data_script(sae.data_file, self.sae_columns(sae, index)))
+        edits, matches = self.edits_by_feature(sae), self.matches_by_feature(sae)
+        pages = sae.pages.tolist()
+        with bar(f"pages {sae.sae_id}", total=len(pages), unit="page") as b:
+            for start in range(0, len(pages), CHUNK_FEATURES):
+                chunk = pages[start : start + CHUNK_FEATURES]
+                self.render_feature_chunk(sae, chunk, pages, start, edits, matches)
+                b.advance(len(chunk))
+        self.con.unregister("_pages")
+        self.render("sae.html", sae.list_page, sae=sae, n_pages=len(pages), n_features=index.num_rows)
+
+    def ensure_sae_thumbnails(self, sae: SaeInfo) -> None:
+        """One thumbnail per distinct image any page of this SAE shows; `sae.thumbs` = each feature's top image."""
         k = self.report.exemplars_shown
         px = self.report.thumbnail_px
-        meta = self.exemplar_meta(sae, k)
-        self.ensure_thumbnails(meta["path"], px)
-        thumbs = [self.thumb(p, px) for p in meta["path"]]
-        overlay_names = self.render_feature_overlays(sae, meta, thumbs, k)
-        self.stats.n_overlays += sum(1 for n in overlay_names if n)
-
-        # Exemplar images per meta row: the overlay if there is one, else the plain thumbnail.
-        shown = [self.img("o", o) if o else self.img("t", t) for o, t in zip(overlay_names, thumbs)]
-        starts = np.searchsorted(meta["feature"], sae.pages, "left")
-        ends = np.searchsorted(meta["feature"], sae.pages, "right")
-        for f, s in zip(sae.pages, starts):
-            if s < len(meta["feature"]) and meta["feature"][s] == f:
-                sae.thumbs[int(f)] = shown[s]
-        self.write(sae.data_file, charts.data_script(sae.data_file, self.sae_columns(sae, index)))
-        self.render_feature_pages(sae, meta, shown, dict(zip(sae.pages.tolist(), zip(starts.tolist(), ends.tolist()))))
-        self.render("sae.html", sae.list_page, sae=sae, n_pages=len(sae.pages), n_features=index.num_rows)
-
-    def exemplar_meta(self, sae: SaeInfo, k: int) -> dict[str, Any]:
-        """Small columns of the shown exemplars of features with pages, sorted by (feature, rank)."""
-        table = fetch_table(
+        shown = fetch_rows(
             self.con,
-            "SELECT e.feature, e.rank, e.dataset, e.image_idx, e.act, e.patch, e.grid_h, e.grid_w, i.path, i.label "
-            "FROM exemplars e LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx "
-            "WHERE e.sae_id = ? AND e.rank >= 0 AND e.rank < ? ORDER BY e.feature, e.rank",
-            [sae.sae_id, k],
+            "SELECT DISTINCT i.path FROM ("
+            " SELECT e.dataset, e.image_idx FROM exemplars e JOIN _pages USING (feature) WHERE e.sae_id = ? AND e.rank < ?"
+            " UNION SELECT q.dataset, q.image_idx FROM quantile_exemplars q JOIN _pages USING (feature) WHERE q.sae_id = ?"
+            " UNION SELECT dataset, image_idx FROM exemplars WHERE sae_id = ? AND rank = 0"
+            ") x JOIN images i ON i.dataset = x.dataset AND i.image_idx = x.image_idx ORDER BY i.path",
+            [sae.sae_id, k, sae.sae_id, sae.sae_id],
         )
-        feature = table.column("feature").to_numpy().astype(np.int64)
-        keep = np.isin(feature, sae.pages)
-        table = table.filter(pa.array(keep))
-        meta: dict[str, Any] = {name: table.column(name).to_pylist() for name in ("dataset", "path", "label")}
-        for name in ("feature", "rank", "image_idx", "patch", "grid_h", "grid_w"):
-            meta[name] = np.nan_to_num(table.column(name).to_numpy(zero_copy_only=False).astype(np.float64), nan=-1).astype(np.int64)
-        meta["act"] = table.column("act").to_numpy(zero_copy_only=False).astype(np.float64)
-        return meta
+        self.ensure_thumbnails((r["path"] for r in shown), px)
+        sae.thumb_list = sorted({addr.image_file("t", n) for n in (self.thumb(r["path"], px) for r in shown) if n})
+        sae.thumb_pos = {t: i for i, t in enumerate(sae.thumb_list)}
+        top = fetch_rows(
+            self.con,
+            "SELECT e.feature, i.path FROM exemplars e LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx "
+            "WHERE e.sae_id = ? AND e.rank = 0",
+            [sae.sae_id],
+        )
+        for r in top:
+            name = self.thumb(r["path"], px)
+            if name:
+                sae.thumbs[int(r["feature"])] = addr.image_file("t", name)
 
-    def render_feature_overlays(self, sae: SaeInfo, meta: dict[str, Any], thumbs: list[str | None], k: int) -> list[str | None]:
-        """Stream `patch_acts` and draw one overlay per shown exemplar; returns names aligned with `meta`."""
-        n = len(meta["feature"])
-        names: list[str | None] = [None] * n
-        if n == 0:
-            return names
-        key_sorted = meta["feature"] * k + meta["rank"]  # sorted, since meta is ordered by (feature, rank)
-        # One colour scale per feature: the largest activation among its shown exemplars.
-        group_start = np.flatnonzero(np.r_[True, meta["feature"][1:] != meta["feature"][:-1]])
-        vmax_group = np.maximum.reduceat(np.nan_to_num(meta["act"], nan=0.0), group_start)
-        vmax = np.repeat(vmax_group, np.diff(np.r_[group_start, n]))
-        with bar(f"overlays {sae.sae_id}", total=n, unit="img") as b:
-            for batch in stream_batches(self.con, "SELECT feature, rank, patch_acts FROM exemplars WHERE sae_id = ? AND rank >= 0 AND rank < ?", [sae.sae_id, k]):
-                jobs = []
-                feature = batch.column("feature").to_numpy(zero_copy_only=False).astype(np.int64)
-                rank = batch.column("rank").to_numpy(zero_copy_only=False).astype(np.int64)
-                pos = np.searchsorted(key_sorted, feature * k + rank).clip(0, n - 1)
-                hit = key_sorted[pos] == feature * k + rank
-                acts = batch.column("patch_acts")
-                offsets = acts.offsets.to_numpy()
-                values = acts.values.to_numpy(zero_copy_only=False)
-                valid = acts.is_valid().to_numpy(zero_copy_only=False)
-                for row in np.flatnonzero(hit & valid):
-                    i = int(pos[row])
-                    grid = (int(meta["grid_h"][i]), int(meta["grid_w"][i]))
-                    acts_p = values[offsets[row] : offsets[row + 1]]
-                    thumb = thumbs[i]
-                    if thumb is None or grid[0] <= 0 or grid[0] * grid[1] != len(acts_p):
-                        continue
-                    name = overlays.overlay_name(thumb, acts_p, grid, float(vmax[i]), int(meta["patch"][i]))
-                    names[i] = name
-                    rel = addr.image_file("o", name)
-                    if not overlays.place(self.staging / rel, self.previous_file(rel)):
-                        jobs.append(overlays.OverlayJob(str(self.staging / addr.image_file("t", thumb)), str(self.staging / rel), np.array(acts_p, dtype=np.float32), grid, float(vmax[i]), int(meta["patch"][i])))
-                for done in self._map(overlays.render_overlays, list(_chunks(jobs, 32)), n_items=len(jobs)):
-                    self.stats.n_images_rendered += done
-                b.advance(int(hit.sum()))
-        return names
+    def exemplar_groups(self, table: pa.Table) -> dict[int, list[dict[str, Any]]]:
+        """Exemplar rows by feature (table order kept), each with its patch map as `acts_p` (None if absent or malformed)."""
+        acts = table.column("patch_acts").combine_chunks()
+        offsets = acts.offsets.to_numpy()
+        values = acts.values.to_numpy(zero_copy_only=False)
+        valid = acts.is_valid().to_numpy(zero_copy_only=False)
+        px = self.report.thumbnail_px
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for i, r in enumerate(table.drop_columns(["patch_acts"]).to_pylist()):
+            gh, gw = int(r["grid_h"] or 0), int(r["grid_w"] or 0)
+            acts_p = values[offsets[i] : offsets[i + 1]] if valid[i] else None
+            thumb = self.thumb(r["path"], px)
+            # No heat-map over a missing picture: the placeholder shows alone.
+            r["acts_p"] = acts_p if thumb and acts_p is not None and gh > 0 and gh * gw == len(acts_p) else None
+            r["grid"] = f"{gh}x{gw}"
+            # Escaped once here, not per tile by the template (millions of tiles at 24K features).
+            r["src"] = Markup(self.img("t", thumb))  # our own path: [0-9a-z/.] only
+            r["act_text"] = Markup(fmt_num(r["act"], 3))
+            r["label_text"] = self.escaped_label(r["label"])
+            groups.setdefault(int(r["feature"]), []).append(r)
+        return groups
+
+    def escaped_label(self, label: str | None) -> Markup:
+        if label not in self._labels_html:
+            self._labels_html[label] = escape(label) if label is not None else Markup("unlabelled")
+        return self._labels_html[label]
+
+    def chunk_table(self, sql: str, sae: SaeInfo, lo: int, hi: int, *params: Any) -> pa.Table:
+        return fetch_table(self.con, sql, [sae.sae_id, lo, hi, *params])
+
+    def render_feature_chunk(self, sae: SaeInfo, chunk: list[int], pages: list[int], offset: int,
+                             edits: dict[int, list[dict[str, Any]]], matches: dict[int, list[dict[str, Any]]]) -> None:
+        """Feature pages of `chunk` (sorted ids): a few range queries, then one template render per page."""
+        lo, hi = chunk[0], chunk[-1]
+        wanted = set(chunk)
+        joined = "FROM {t} e LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx WHERE e.sae_id = ? AND e.feature BETWEEN ? AND ?"
+        columns = "e.feature, e.rank, e.dataset, e.image_idx, e.act, e.grid_h, e.grid_w, e.patch_acts, i.path, i.label"
+        top = self.exemplar_groups(self.chunk_table(
+            f"SELECT {columns} {joined.format(t='exemplars')} AND e.rank < ? ORDER BY e.feature, e.rank", sae, lo, hi, self.report.exemplars_shown))
+        samples = self.exemplar_groups(self.chunk_table(
+            f"SELECT {columns}, e.band {joined.format(t='quantile_exemplars')} ORDER BY e.feature, e.band DESC, e.rank", sae, lo, hi))
+        split = _group(fetch_rows(self.con, "SELECT feature, label, rate, mean_act, n_fire_images, n_images FROM class_split "
+                                  "WHERE sae_id = ? AND feature BETWEEN ? AND ? ORDER BY feature, rank", [sae.sae_id, lo, hi]), lambda r: int(r["feature"]))
+        similar = _group(fetch_rows(self.con, "SELECT feature, similar_feature, cosine FROM similar_features "
+                                    "WHERE sae_id = ? AND feature BETWEEN ? AND ? ORDER BY feature, rank", [sae.sae_id, lo, hi]), lambda r: int(r["feature"]))
+        concepts = self.concepts_by_feature(sae, lo, hi)
+        rows = fetch_rows(self.con, "SELECT * FROM features WHERE sae_id = ? AND feature BETWEEN ? AND ? ORDER BY feature", [sae.sae_id, lo, hi])
+        for row in rows:
+            f = int(row["feature"])
+            if f not in wanted:
+                continue
+            i = bisect_left(pages, f)
+            shown_top, shown_samples = top.get(f, []), samples.get(f, [])
+            figures = shown_top + shown_samples
+            # One colour scale per feature: its strongest shown exemplar.
+            vmax = max((float(r["act"] or 0.0) for r in figures), default=0.0)
+            with_map = [r for r in figures if r["acts_p"] is not None and vmax > 0]
+            maps_np = heatmaps.quantize(np.stack([r["acts_p"] for r in with_map]), vmax) if with_map else np.zeros((0, 0), np.uint8)
+            for r in figures:
+                r["heat"] = r["acts_p"] is not None and vmax > 0
+                del r["acts_p"]
+            if shown_top and shown_top[0]["heat"]:
+                sae.top_maps[f] = (shown_top[0]["grid"], maps_np[0])
+            self.render_feature_page(
+                sae, row, shown_top, shown_samples, vmax, heatmaps.pack(list(maps_np)),
+                panels={
+                    "hist": _hist_json(row.get("hist_counts"), row.get("hist_edges")),
+                    # [thumbnail position in the SAE's data file, activation, label, has a heat-map] by band, top band first
+                    "bands": [[BAND_NAMES[b] if b < len(BAND_NAMES) else f"band {b + 1}",
+                               [[sae.thumb_pos.get(str(r["src"]), -1), charts.sig(r["act"], 3), r["label"], int(r["heat"])] for r in shown_samples if r["band"] == b]]
+                              for b in sorted({int(r["band"]) for r in shown_samples}, reverse=True)],
+                    "matches": [[m["comparison"], m["compare_href"], m["title"], m["href"], charts.sig(m["score"], 3), bool(m["matched"]), bool(m["mutual"])]
+                                for m in matches.get(f, [])],
+                    "split": [[r["label"], charts.sig(r["rate"], 3), charts.sig(r["mean_act"], 3), r["n_fire_images"], r["n_images"]]
+                              for r in split.get(f, [])],
+                    "similar": [[int(r["similar_feature"]), charts.sig(r["cosine"], 3)] for r in similar.get(f, [])],
+                },
+                edits=edits.get(f, []), concepts=concepts.get(f, []),
+                prev=pages[i - 1] if i > 0 else None, next=pages[i + 1] if i + 1 < len(pages) else None,
+            )
+
+    def render_feature_page(self, sae: SaeInfo, row: dict[str, Any], top: list[dict[str, Any]], samples: list[dict[str, Any]], vmax: float,
+                            maps: str, panels: dict[str, Any], edits: list[dict[str, Any]], concepts: list[dict[str, Any]],
+                            prev: int | None, next: int | None) -> None:
+        """One feature page: statistics and top images in the HTML, the rest as data atlas.js draws (see feature.html)."""
+        f = int(row["feature"])
+        self.stats.n_heatmaps += sum(int(r["heat"]) for r in top + samples)
+        self.render_later(
+            "feature.html",
+            addr.feature_page(sae.model, sae.slug, f),
+            sae={"short": sae.short, "sae_id": sae.sae_id, "data_file": sae.data_file}, f=row,
+            saes_nav=[], comparisons=[],  # the crumbs lead to the lists: menus on every feature page are bytes × 24K
+            title=sae.title(f), exemplars=top, vmax=vmax,
+            heat={"g": (top + samples)[0]["grid"], "z": maps} if maps else None, panels=panels,
+            concept=row.get("best_concept"), concepts=concepts, edits=edits, prev=prev, next=next,
+        )
+        self.stats.n_feature_pages += 1
 
     def sae_columns(self, sae: SaeInfo, index: pa.Table) -> dict[str, Any]:
         """The compact columnar index the feature list and scatter read (one JS file per SAE)."""
@@ -411,7 +541,7 @@ class SiteBuilder:
         vocabulary = sorted({l for l in labels if l is not None})
         label_pos = {l: i for i, l in enumerate(vocabulary)}
         has_page = np.isin(feature, sae.pages)
-
+        thumbs, thumb_pos = sae.thumb_list, sae.thumb_pos
         def col(name: str, digits: int = 4) -> list[float | None]:
             return charts.round_sig(index.column(name).to_numpy(zero_copy_only=False).astype(np.float64), digits)
 
@@ -438,65 +568,22 @@ class SiteBuilder:
             "dead": [int(bool(d)) for d in index.column("dead").to_pylist()],
             "dense": [int(bool(d)) for d in index.column("dense").to_pylist()],
             "page": has_page.astype(int).tolist(),
-            "thumb": [sae.thumbs.get(int(f), "") if p else "" for f, p in zip(feature, has_page)],
+            # Each distinct thumbnail once, then an index per feature (-1: none): 2–6 bytes per feature, not 40.
+            "thumbs": thumbs,
+            "thumb": [thumb_pos.get(sae.thumbs.get(int(f), ""), -1) for f in feature],
         }
 
-    def render_feature_pages(self, sae: SaeInfo, meta: dict[str, Any], shown: list[str], spans: dict[int, tuple[int, int]]) -> None:
-        edits = self.edits_by_feature(sae)
-        matches = self.matches_by_feature(sae)
-        concepts = self.concepts_by_feature(sae)
-        pages = sae.pages.tolist()
-        position = {f: i for i, f in enumerate(pages)}
-        with bar(f"pages {sae.sae_id}", total=len(pages), unit="page") as b:
-            for batch in stream_batches(self.con, "SELECT * FROM features WHERE sae_id = ? ORDER BY feature", [sae.sae_id]):
-                for row in batch.to_pylist():
-                    f = int(row["feature"])
-                    if f not in position:
-                        continue
-                    i = position[f]
-                    start, end = spans[f]
-                    exemplars = [
-                        {
-                            "src": shown[j],
-                            "label": meta["label"][j],
-                            "act": meta["act"][j],
-                            "dataset": meta["dataset"][j],
-                            "image_idx": int(meta["image_idx"][j]),
-                            "rank": int(meta["rank"][j]),
-                        }
-                        for j in range(start, end)
-                    ]
-                    neighbours = {
-                        "prev": (sae.title(pages[i - 1]), f"{pages[i - 1]}.html") if i > 0 else None,
-                        "next": (sae.title(pages[i + 1]), f"{pages[i + 1]}.html") if i + 1 < len(pages) else None,
-                    }
-                    self.render(
-                        "feature.html",
-                        addr.feature_page(sae.model, sae.slug, f),
-                        sae=sae,
-                        f=row,
-                        title=sae.title(f),
-                        exemplars=exemplars,
-                        hist=charts.svg_histogram(row.get("hist_counts"), row.get("hist_edges")),
-                        edits=edits.get(f, []),
-                        matches=matches.get(f, []),
-                        concepts=concepts.get(f, []),
-                        **neighbours,
-                    )
-                    self.stats.n_feature_pages += 1
-                    b.advance()
-
-    def concepts_by_feature(self, sae: SaeInfo, per_level: int = CONCEPTS_SHOWN) -> dict[int, list[dict[str, Any]]]:
-        """The best concepts of every feature with a page: `per_level` per level, by AP above chance."""
+    def concepts_by_feature(self, sae: SaeInfo, lo: int, hi: int, per_level: int = CONCEPTS_SHOWN) -> dict[int, list[dict[str, Any]]]:
+        """The best concepts of features `lo`..`hi`: `per_level` per level, by AP above chance."""
         if not self.has_concepts:
             return {}
         rows = fetch_rows(
             self.con,
             "SELECT feature, concept, level, ap, null_ap, base_rate, iou, threshold, support FROM ("
             "  SELECT *, row_number() OVER (PARTITION BY feature, level ORDER BY ap_lift DESC NULLS LAST, concept) AS r"
-            "  FROM concepts WHERE sae_id = ? AND list_contains(?, feature)) "
+            "  FROM concepts WHERE sae_id = ? AND feature BETWEEN ? AND ?) "
             "WHERE r <= ? ORDER BY feature, level DESC, r",
-            [sae.sae_id, sae.pages.tolist(), per_level],
+            [sae.sae_id, lo, hi, per_level],
         )
         return _group(rows, lambda r: int(r["feature"]))
 
@@ -608,53 +695,29 @@ class SiteBuilder:
         for comparison in [r["comparison"] for r in fetch_rows(self.con, "SELECT DISTINCT comparison FROM matches ORDER BY comparison")]:
             rows = fetch_rows(self.con, "SELECT * FROM matches WHERE comparison = ? ORDER BY sae_a, sae_b, score DESC", [comparison])
             directions = []
+            maps: list[np.ndarray] = []  # heat-maps in the order the template shows the cards
             for (sae_a, sae_b), group in _group(rows, lambda r: (r["sae_a"], r["sae_b"])).items():
-                directions.append(self.compare_direction(sae_a, sae_b, group))
-            self.render("compare.html", addr.compare_page(comparison), comparison=comparison, directions=directions)
+                directions.append(self.compare_direction(sae_a, sae_b, group, maps))
+            heat = {"z": heatmaps.pack(maps)} if maps else None
+            self.render("compare.html", addr.compare_page(comparison), comparison=comparison, directions=directions, heat=heat)
             self.stats.n_compare_pages += 1
 
-    def feature_card(self, sae_id: str, feature: int, score: float | None = None) -> dict[str, Any]:
+    def feature_card(self, sae_id: str, feature: int, score: float | None = None, maps: list[np.ndarray] | None = None) -> dict[str, Any]:
+        """A linked thumbnail of a feature's top exemplar; its heat-map (if known) is appended to `maps` in page order."""
         sae = self.sae_by_id(sae_id)
+        top_map = sae.top_maps.get(int(feature)) if sae else None
+        if top_map is not None and maps is not None:
+            maps.append(top_map[1])
         return {
             "title": sae.title(feature) if sae else f"{sae_id}/{feature}",
             "href": sae.page(feature) if sae else None,
             "thumb": sae.thumbs.get(int(feature)) if sae else None,
+            "grid": top_map[0] if top_map is not None and maps is not None else None,
             "label": sae.top_labels.get(int(feature)) if sae else None,
             "score": score,
         }
 
-    def draw_top_exemplars(self, sae: SaeInfo | None, features: list[int]) -> None:
-        """Overlay of the top exemplar of features that have no page (and so no picture yet)."""
-        if sae is None:
-            return
-        wanted = sorted({int(f) for f in features} - set(sae.thumbs))
-        if not wanted:
-            return
-        rows = fetch_rows(
-            self.con,
-            "SELECT e.feature, e.act, e.patch, e.grid_h, e.grid_w, e.patch_acts, i.path FROM exemplars e "
-            "LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx "
-            "WHERE e.sae_id = ? AND e.rank = 0 AND list_contains(?, e.feature)",
-            [sae.sae_id, wanted],
-        )
-        px = self.report.thumbnail_px
-        self.ensure_thumbnails((r["path"] for r in rows), px)
-        for r in rows:
-            thumb = self.thumb(r["path"], px)
-            grid = (r["grid_h"] or 0, r["grid_w"] or 0)
-            acts_p = np.asarray(r["patch_acts"] or [], dtype=np.float32)
-            if thumb is None or grid[0] * grid[1] != len(acts_p) or len(acts_p) == 0:
-                sae.thumbs[int(r["feature"])] = self.img("t", thumb)
-                continue
-            vmax = float(r["act"] or acts_p.max())
-            name = overlays.overlay_name(thumb, acts_p, grid, vmax, int(r["patch"] or 0))
-            rel = addr.image_file("o", name)
-            if not overlays.place(self.staging / rel, self.previous_file(rel)):
-                overlays.render_overlay(overlays.OverlayJob(str(self.staging / addr.image_file("t", thumb)), str(self.staging / rel), acts_p, grid, vmax, int(r["patch"] or 0)))
-                self.stats.n_images_rendered += 1
-            sae.thumbs[int(r["feature"])] = rel
-
-    def compare_direction(self, sae_a: str, sae_b: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def compare_direction(self, sae_a: str, sae_b: str, rows: list[dict[str, Any]], maps: list[np.ndarray]) -> dict[str, Any]:
         counts, edges = charts.score_histogram([r["score"] for r in rows])
         matched = [r for r in rows if r["matched"]]
         unmatched = [r for r in rows if not r["matched"]]
@@ -668,9 +731,12 @@ class SiteBuilder:
         unmatched.sort(key=lambda r: (not has_page(a, r["feature_a"]), r["score"] if r["score"] is not None else -2))
         n_matched = len(matched)
         matched, unmatched = matched[:MAX_COMPARE_CARDS], unmatched[:MAX_COMPARE_CARDS]
-        # Features outside the page cap still get a picture: their top exemplar's overlay.
-        self.draw_top_exemplars(a, [r["feature_a"] for r in matched + unmatched])
-        self.draw_top_exemplars(b, [r["feature_b"] for r in matched])
+        # Cards in template order (pairs a, b; then unmatched), so their heat-maps line up with `maps`.
+        pairs = [
+            {"a": self.feature_card(sae_a, r["feature_a"], maps=maps), "b": self.feature_card(sae_b, r["feature_b"], maps=maps), "score": r["score"], "mutual": r["mutual"]}
+            for r in matched
+        ]
+        lonely = [self.feature_card(sae_a, r["feature_a"], r["score"], maps=maps) for r in unmatched]
         return {
             "sae_a": sae_a,
             "sae_b": sae_b,
@@ -680,11 +746,8 @@ class SiteBuilder:
             "n_matched": n_matched,
             "n_mutual": sum(1 for r in rows if r["mutual"]),
             "hist": charts.svg_histogram(counts, edges, width=420, height=110, x_label="best-match correlation", unit="features"),
-            "pairs": [
-                {"a": self.feature_card(sae_a, r["feature_a"]), "b": self.feature_card(sae_b, r["feature_b"]), "score": r["score"], "mutual": r["mutual"]}
-                for r in matched
-            ],
-            "unmatched": [self.feature_card(sae_a, r["feature_a"], r["score"]) for r in unmatched],
+            "pairs": pairs,
+            "unmatched": lonely,
         }
 
     # ---- index
@@ -755,8 +818,10 @@ class SiteBuilder:
         for sae in self.saes:  # every page set first, so cross-links between SAEs know which pages exist
             indexes[sae.sae_id] = self.feature_index(sae)
             self.choose_pages(sae, indexes[sae.sae_id])
+        self.n_pages_total = sum(len(s.pages) for s in self.saes)
         for sae in self.saes:
             self.build_sae(sae, indexes.pop(sae.sae_id))
+        self.flush_pages(wait=True)
         self.stats.n_saes = len(self.saes)
         self.build_edits()
         self.concepts = build_concept_pages(self)
@@ -764,6 +829,38 @@ class SiteBuilder:
         self.build_index()
         self.stats.n_thumbnails = len({name for name in self.thumb_names.values() if name})
         return self.stats
+
+
+def _hist_json(counts: Sequence[int] | None, edges: Sequence[float] | None) -> list[Any] | None:
+    """[counts, first edge, last edge] (log10 activation) for the page's histogram; None without one."""
+    counts = list(counts or [])
+    edges = list(edges or [])
+    if not counts or len(edges) != len(counts) + 1 or max(counts) <= 0:
+        return None
+    return [[int(c) for c in counts], charts.sig(edges[0], 3), charts.sig(edges[-1], 3)]
+
+
+@dataclass(frozen=True)
+class PageBatch:
+    staging: str  # site root being built
+    pages: list[tuple[str, str, dict[str, Any]]]  # (template, page path, full context)
+
+
+_worker_env: Environment | None = None
+
+
+def render_page_batch(batch: PageBatch, env: Environment | None = None) -> int:
+    """Render and write a batch of pages (in a pool worker, with its own cached jinja environment)."""
+    global _worker_env
+    if env is None:
+        _worker_env = _worker_env or make_env()
+        env = _worker_env
+    root = Path(batch.staging)
+    for template, page, context in batch.pages:
+        path = root / page
+        overlays.ensure_dir(path.parent)
+        path.write_text(env.get_template(template).render(**context), encoding="utf-8")
+    return len(batch.pages)
 
 
 def legend_names(saes: list[SaeInfo]) -> dict[str, str]:
@@ -862,7 +959,7 @@ def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: d
     """Render the atlas of the run's published tables into `out_dir` (replaced atomically).
 
     `model_labels` maps model keys to display names (`dino` → `DINOv2`); `workers`
-    sets the overlay process pool (default: CPU count, at most 8; 1 = in process).
+    sets the thumbnail process pool (default: CPU count, at most 8; 1 = in process).
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned pool worker is importing a script that calls build_site at top level: building here
@@ -891,6 +988,6 @@ def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: d
     stats.seconds = time.perf_counter() - started
     log(
         f"site: {stats.n_feature_pages:,} feature pages, {stats.n_edit_pages} edit pages, {stats.n_compare_pages} comparisons, "
-        f"{stats.n_images_rendered:,} images drawn, {stats.n_bytes / 2**20:.1f} MB in {stats.seconds:.1f} s → {escape(str(out_dir))}/index.html"
+        f"{stats.n_images_rendered:,} images drawn, {stats.n_bytes / 2**20:.1f} MB in {stats.seconds:.1f} s → {rich_escape(str(out_dir))}/index.html"
     )
     return stats

@@ -57,6 +57,7 @@ class SyntheticRun:
     concepts: bool = True
     experiments: bool = False
     photos: bool = True
+    image_format: str = "png"  # "jpg" for large sets: faster to write and read, as ImageNet is
     features_per_part: int = 2000
     seed: int = 0
 
@@ -78,8 +79,8 @@ def _source_photos() -> list[np.ndarray]:
     return out
 
 
-def make_images(folder: Path, n: int, px: int, rng: np.random.Generator, photos: bool = True) -> list[Path]:
-    """`n` small real PNG files: random crops of bundled photos, or drawn shapes."""
+def make_images(folder: Path, n: int, px: int, rng: np.random.Generator, photos: bool = True, image_format: str = "png") -> list[Path]:
+    """`n` small real image files (PNG or JPEG): random crops of bundled photos, or drawn shapes."""
     folder.mkdir(parents=True, exist_ok=True)
     sources = _source_photos() if photos else []
     paths = []
@@ -99,8 +100,8 @@ def make_images(folder: Path, n: int, px: int, rng: np.random.Generator, photos:
             for _ in range(4):
                 x0, y0 = rng.integers(0, px, 2)
                 draw.ellipse((x0, y0, x0 + px // 3, y0 + px // 3), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-        path = folder / f"img_{i:04d}.png"
-        image.save(path)
+        path = folder / f"img_{i:05d}.{image_format}"
+        image.save(path, quality=90) if image_format == "jpg" else image.save(path)
         paths.append(path)
     return paths
 
@@ -190,13 +191,57 @@ def _exemplar_parts(sae: SyntheticSAE, run: SyntheticRun, max_act: np.ndarray, d
         }
 
 
+def _panel_parts(sae: SyntheticSAE, run: SyntheticRun, max_act: np.ndarray, dead: np.ndarray, rng: np.random.Generator, labels: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(table, columns) parts of the analysis panels: quantile samples, class split and similar features."""
+    gh, gw = run.grid
+    bands, per_band = 4, 3
+    for start in range(0, sae.n_features, run.features_per_part):
+        features = np.arange(start, min(start + run.features_per_part, sae.n_features))
+        features = features[~dead[features]]
+        if len(features) == 0:
+            continue
+        per = bands * per_band
+        feature_col = np.repeat(features, per)
+        band_col = np.tile(np.repeat(np.arange(bands), per_band), len(features))
+        rank_col = np.tile(np.arange(per_band), len(features) * bands)
+        # Band b holds activations in ((b)/4, (b+1)/4] of the max, strongest first within it.
+        fraction = (band_col + 1 - rng.uniform(0, 1, len(feature_col)) ** 0.5) / bands
+        acts = fraction * max_act[feature_col] * 0.9
+        centres = rng.integers(0, gh * gw, len(acts))
+        yield "quantile_exemplars", {
+            "sae_id": [sae.sae_id] * len(acts), "feature": feature_col.astype(np.int32), "band": band_col.astype(np.int32),
+            "rank": rank_col.astype(np.int32), "dataset": ["demo"] * len(acts), "image_idx": rng.integers(0, run.n_images, len(acts)),
+            "act": acts, "patch": centres.astype(np.int32), "grid_h": np.full(len(acts), gh, dtype=np.int32),
+            "grid_w": np.full(len(acts), gw, dtype=np.int32), "patch_acts": list(_blob_maps(centres, acts, (gh, gw), rng)),
+        }
+        n_labels = min(len(labels), 10)
+        label_idx = np.argsort(rng.random((len(features), len(labels))), axis=1)[:, :n_labels]
+        rate = np.sort(rng.beta(1.0, 3.0, (len(features), n_labels)), axis=1)[:, ::-1]
+        n_images = max(1, run.n_images // max(len(labels), 1))
+        yield "class_split", {
+            "sae_id": [sae.sae_id] * rate.size, "feature": np.repeat(features, n_labels).astype(np.int32),
+            "rank": np.tile(np.arange(n_labels), len(features)).astype(np.int32),
+            "label": [labels[i] for i in label_idx.reshape(-1)], "n_images": np.full(rate.size, n_images, dtype=np.int64),
+            "n_fire_images": np.round(rate.reshape(-1) * n_images).astype(np.int64), "rate": rate.reshape(-1),
+            "mean_act": (rate * max_act[features, None] * 0.5).reshape(-1),
+        }
+        k = min(8, sae.n_features - 1)
+        others = (features[:, None] + rng.integers(1, sae.n_features, (len(features), k))) % sae.n_features
+        cosine = np.sort(rng.uniform(0.05, 0.6, (len(features), k)), axis=1)[:, ::-1]
+        yield "similar_features", {
+            "sae_id": [sae.sae_id] * others.size, "feature": np.repeat(features, k).astype(np.int32),
+            "rank": np.tile(np.arange(k), len(features)).astype(np.int32), "similar_feature": others.reshape(-1).astype(np.int32),
+            "cosine": cosine.reshape(-1),
+        }
+
+
 def write_synthetic_run(run_dir: Path, run: SyntheticRun | None = None) -> dict[str, Any]:
     """Write images and every table of a synthetic run; returns facts tests check against."""
     run = run or SyntheticRun()
     rng = np.random.default_rng(run.seed)
     run_dir = Path(run_dir)
     tables = run_dir / "tables"
-    paths = make_images(run_dir / "images", run.n_images, run.image_px, rng, run.photos)
+    paths = make_images(run_dir / "images", run.n_images, run.image_px, rng, run.photos, run.image_format)
     image_labels = [run.labels[i % len(run.labels)] for i in range(run.n_images)]
     write_table(
         tables / "images" / "part-0.parquet",
@@ -223,6 +268,8 @@ def write_synthetic_run(run_dir: Path, run: SyntheticRun | None = None) -> dict[
         write_table(tables / "features" / f"part-{s_i}.parquet", "features", cols, SPEC_HASH)
         for p_i, part in enumerate(_exemplar_parts(sae, run, max_act, dead, rng)):
             write_table(tables / "exemplars" / f"part-{s_i}-{p_i:04d}.parquet", "exemplars", part, SPEC_HASH)
+        for p_i, (table, part) in enumerate(_panel_parts(sae, run, max_act, dead, rng, run.labels)):
+            write_table(tables / table / f"part-{s_i}-{p_i:04d}.parquet", table, part, SPEC_HASH)
         facts["features"][sae.sae_id] = {"dead": dead, "max_act": max_act, "top_label": cols["top_label"]}
         l0 = float(rng.uniform(20, 200))
         sae_rows.append(

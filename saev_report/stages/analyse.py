@@ -77,4 +77,4 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
 
 
-ANALYSE = StageKind(name="analyse", version=3, params=AnalyseParams, out=AnalyseOut, action=analyse)
+ANALYSE = StageKind(name="analyse", version=4, params=AnalyseParams, out=AnalyseOut, action=analyse)
