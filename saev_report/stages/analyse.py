@@ -34,6 +34,7 @@ class AnalyseOut(StageOut):
 
 
 def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
+    from saev_report import distributed
     from saev_report.analyse import analyse_store, write_analysis
     from saev_report.progress import log
     from saev_report.runtime import pick_device
@@ -45,10 +46,14 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     saes = take(inputs, "train", TrainOut)
     labels = take(inputs, "images", ImagesOut).labels()
     labels_or_none = labels if any(v is not None for v in labels.values()) else None
+    shard = distributed.current()  # under torchrun each rank scans its share; all get the merged result
     rows = []
     for config in sae_sweep(params.sae):
         sid = sae_id(params.model_key, params.layer, config)
-        result = analyse_store(store, saes.sae(config.tag, device), labels_or_none, params.analysis, sid, params.dataset_key, device)
+        result = analyse_store(store, saes.sae(config.tag, device), labels_or_none, params.analysis, sid, params.dataset_key,
+                               device, shard=shard)
+        if not shard.is_main:
+            continue
         write_analysis(result, out_dir / "tables", params.digest(), stem=config.tag)
         trained = saes.sae_config(config.tag)
         rows.append({
@@ -58,7 +63,8 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
         })
         m = result.metrics
         log(f"  {sid}: MSE {m['mse']:.4f}, FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['n_dead']}, dense {m['n_dense']}")
-    write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
+    if shard.is_main:
+        write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
 
 
-ANALYSE = StageKind(name="analyse", version=2, params=AnalyseParams, out=AnalyseOut, action=analyse)
+ANALYSE = StageKind(name="analyse", version=2, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True)
