@@ -102,7 +102,7 @@ def merge_stores(parts: Sequence[Path], target: Path) -> Path:
             for entry, first in zip(meta.shards, np.cumsum([0] + [s.n_images for s in meta.shards])):
                 stored = np.load(part / entry.file, mmap_mode="r")
                 # bf16 → float32 → bf16 round-trips exactly, so the bytes are unchanged
-                writer.add(store.image_indices[first:first + entry.n_images], from_storage(np.asarray(stored), meta.dtype))
+                writer.add(store.image_indices[first:first + entry.n_images], from_storage(np.array(stored), meta.dtype))
             for skipped in meta.skipped:
                 writer.skip(skipped.image_idx, skipped.path, skipped.reason)
         writer.close()
