@@ -165,15 +165,21 @@ def evaluate(sae: SparseAutoencoder, xn_nd: torch.Tensor) -> tuple[float, float]
 # --------------------------------------------------------------------------- one scale
 
 
-def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev) -> dict[str, float]:
-    print(f"\n== {scale.name}: d={scale.d}, F={scale.n_features:,}, batch={scale.batch:,} ==", flush=True)
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a step's time is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev, device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    print(f"\n== {scale.name}: d={scale.d}, F={scale.n_features:,}, batch={scale.batch:,}, {device} ==", flush=True)
     data = Planted(scale.d, scale.n_features, scale.l0_true)
-    base = settled_sae(scale, data)
-    batches = [base.normalize(data.batch(scale.batch)) for _ in range(rounds)]
-    held_out = base.normalize(data.batch(scale.batch))
+    base = settled_sae(scale, data).to(device)
+    batches = [base.normalize(data.batch(scale.batch).to(device)) for _ in range(rounds)]
+    held_out = base.normalize(data.batch(scale.batch).to(device))
     warm_optimizer = make_adam(base, LR)
     for _ in range(warm_steps):  # settle a little under training before the copies fork
-        ours_step(base, warm_optimizer, base.normalize(data.batch(scale.batch)), sparse=True)
+        ours_step(base, warm_optimizer, base.normalize(data.batch(scale.batch).to(device)), sparse=True)
 
     sparse_sae, dense_sae = copy.deepcopy(base), copy.deepcopy(base)
     contenders = {
@@ -181,7 +187,8 @@ def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev) -> dict[str, f
         "dense": (lambda xn, s=dense_sae, o=make_adam(dense_sae, LR): ours_step(s, o, xn, False)),
     }
     if saev is not None:
-        ref = saev_model(saev, base)
+        ref = saev_model(saev, base.cpu()).to(device)
+        base.to(device)
         contenders["saev"] = lambda xn, r=ref, o=saev_adam(ref): saev_step(r, o, xn)
     W_df = base.W_enc_df.detach().clone()
     contenders["matmul"] = lambda xn: xn @ W_df
@@ -191,8 +198,10 @@ def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev) -> dict[str, f
     names = list(contenders)
     for r, xn_nd in enumerate(batches):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
+            _sync(device)
             start = time.perf_counter()
             result = contenders[name](xn_nd)
+            _sync(device)
             times[name].append(time.perf_counter() - start)
             if name == "sparse":
                 l0s.append(result)
@@ -261,7 +270,9 @@ def main() -> None:
     parser.add_argument("--agreement-steps", type=int, default=None, help="0 skips the from-scratch agreement run")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc's mmap/trim behaviour as it is")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (every contender runs there)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if not args.system_malloc:
         keep_freed_memory()  # as train_saes does on CPU; applies to every contender alike
     if args.threads:
@@ -274,7 +285,7 @@ def main() -> None:
     wanted = set(args.scales.split(","))
     for scale in scales(args.quick, args.batch_demo, args.batch_paper):
         if scale.name in wanted:
-            bench_scale(scale, rounds if scale.name == "demo" else 3, warm_steps=2, saev=saev)
+            bench_scale(scale, rounds if scale.name == "demo" else 3, warm_steps=2, saev=saev, device=device)
     agreement_steps = args.agreement_steps if args.agreement_steps is not None else (0 if args.quick else 40)
     if agreement_steps:
         agreement_from_scratch(agreement_steps)
