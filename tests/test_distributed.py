@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from saev_report import distributed
 from saev_report.analyse import scan
+from saev_report.compare import match_features
 from saev_report.distributed import Shard
 
 
@@ -91,6 +92,10 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         mine = shard.range(acts_ipd.shape[0], align=4)
         merged = scan(_batches(mine, acts_ipd, 4), sae, 3, torch.device("cpu")).merge_ranks(5, 3, 6, torch.device("cpu"))
         results["scan"] = _summary(merged)
+        maps_a, maps_b = _maps()
+        mine = shard.range(len(maps_a), align=1)  # batches of 4 images, as the compare stage cuts them
+        results["match"] = _match_summary(match_features(maps_a[mine.start:mine.stop], maps_b[mine.start:mine.stop],
+                                                         block=3, step_rows=64, shard=shard))
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -105,6 +110,20 @@ def _summary(result) -> dict:
         "sq_err": float(result.recon.sq_err), "mean": result.recon.mean_d.tolist(), "m2": result.recon.m2_d.tolist(),
         "n_active": result.recon.n_active,
     }
+
+
+def _maps() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Feature maps of 5 batches of 4 images: A on a 4×4 grid (6 features), B on 3×3 (7), B partly A's."""
+    g = torch.Generator().manual_seed(2)
+    a = [torch.randn(4, 6, 4, 4, generator=g).relu_() + 3.0 for _ in range(5)]  # a large mean: the shift matters
+    b = [torch.nn.functional.adaptive_avg_pool2d(torch.cat([x[:, [2, 0, 5]], torch.randn(4, 4, 4, 4, generator=g)], 1), 3)
+         for x in a]
+    return a, b
+
+
+def _match_summary(result) -> dict:
+    return {"best_b": result.best_b_for_a.tolist(), "best_a": result.best_a_for_b.tolist(), "n": result.n_positions,
+            "score_a": result.score_a.tolist(), "score_b": result.score_b.tolist()}
 
 
 def _all_slots(top):
@@ -136,3 +155,14 @@ def test_scan_merged_over_ranks_equals_one_pass(two_ranks: list[dict]) -> None:
         for key in ("act_sum", "mean", "m2"):  # float64 sums: equal up to summation order
             np.testing.assert_allclose(merged["scan"][key], one[key], rtol=1e-12)
         assert merged["scan"]["sq_err"] == pytest.approx(one["sq_err"], rel=1e-12)
+
+
+def test_matching_merged_over_ranks_equals_one_pass(two_ranks: list[dict]) -> None:
+    maps_a, maps_b = _maps()
+    one = _match_summary(match_features(maps_a, maps_b, block=3, step_rows=64))
+    assert one["best_b"][0] == 1 and one["best_b"][2] == 0  # B's features 0 and 1 are A's 2 and 0, pooled
+    for merged in two_ranks:
+        assert merged["match"]["best_b"] == one["best_b"] and merged["match"]["best_a"] == one["best_a"]
+        assert merged["match"]["n"] == one["n"] == 20 * 9
+        np.testing.assert_allclose(merged["match"]["score_a"], one["score_a"], rtol=1e-6)
+        np.testing.assert_allclose(merged["match"]["score_b"], one["score_b"], rtol=1e-6)
