@@ -120,8 +120,10 @@ def _stage_files(run: Path, kind: str, pattern: str = "*") -> dict[str, bytes]:
     return out
 
 
-def _rows(run: Path, table: str, drop: tuple[str, ...] = ()) -> list[dict]:
-    rows = pq.read_table(run / "tables" / table).to_pylist()
+def _rows(run: Path, kind: str, table: str, drop: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of `table` from every finished `kind` stage of the run (both specs' stages, whichever was built last)."""
+    parts = [p for p in sorted((run / "cache" / kind).glob(f"*/tables/{table}/*.parquet")) if ".partial" not in str(p)]
+    rows = [r for part in parts for r in pq.read_table(part).to_pylist()]
     return sorted(({k: v for k, v in r.items() if k not in drop} for r in rows), key=repr)
 
 
@@ -152,7 +154,7 @@ def test_two_ranks_train_the_sweep_to_identical_saes(builds: tuple[Path, Path]) 
     one, two = builds
     spread = [{k: v for k, v in _stage_files(run, "train", "*s[01]/*").items()} for run in builds]
     assert len(spread[0]) == 2 * 2 * 2 and spread[0] == spread[1]  # 2 layers × 2 SAEs × (weights, config)
-    logs = [[r for r in _rows(run, "train_log", drop=("seconds",)) if not r["sae_id"].endswith("s7")] for run in builds]
+    logs = [[r for r in _rows(run, "train", "train_log", drop=("seconds",)) if not r["sae_id"].endswith("s7")] for run in builds]
     assert logs[0] and logs[0] == logs[1]
 
 
@@ -160,7 +162,7 @@ def test_two_ranks_train_the_sweep_to_identical_saes(builds: tuple[Path, Path]) 
 def test_two_ranks_analyse_to_equal_tables(builds: tuple[Path, Path]) -> None:
     one, two = builds
     for table in ("features", "exemplars"):
-        a, b = _rows(one, table), _rows(two, table)
+        a, b = _rows(one, "analyse", table), _rows(two, "analyse", table)
         assert a and len(a) == len(b)
         for ra, rb in zip(a, b):
             assert ra.keys() == rb.keys()
@@ -169,7 +171,8 @@ def test_two_ranks_analyse_to_equal_tables(builds: tuple[Path, Path]) -> None:
                     assert ra[key] == pytest.approx(rb[key], rel=1e-9, nan_ok=True), key
                 else:
                     assert ra[key] == rb[key], key
-    assert {r["sae_id"]: r["n_patches_eval"] for r in _rows(one, "saes")} == {r["sae_id"]: r["n_patches_eval"] for r in _rows(two, "saes")}
+    saes = [{r["sae_id"]: r["n_patches_eval"] for r in _rows(run, "analyse", "saes")} for run in builds]
+    assert len(saes[0]) == 4 and saes[0] == saes[1]  # 2 layers × 2 SAEs, each over all 26 images
 
 
 @pytest.mark.slow
