@@ -178,7 +178,7 @@ def build(
     nproc: Annotated[int, typer.Option(help="Processes for `--launcher torchrun`.", min=1)] = 2,
     executor: Annotated[Executor, typer.Option(help="`slurm`: submit each stage as a Slurm job (needs the `slurm` extra); resources from the spec's `slurm` section or the flags below.")] = Executor.local,
     partition: Annotated[Optional[str], typer.Option(help="Slurm partition (overrides `slurm.partition`).")] = None,
-    gpus: Annotated[Optional[int], typer.Option(help="GPUs per record/train/analyse job (overrides `slurm.gpus`).", min=1)] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="GPUs per record/train/analyse/compare job (overrides `slurm.gpus`).", min=1)] = None,
     time_min: Annotated[Optional[int], typer.Option(help="Time limit per job in minutes (overrides `slurm.time_min`).", min=1)] = None,
 ) -> None:
     """Run the pipeline: record → train → analyse → tokens → heads → edits → compare → tables → site.

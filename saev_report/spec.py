@@ -444,14 +444,14 @@ class StabilitySpec(SpecModel):
 
 class SlurmSpec(SpecModel):
     """Cluster resources for `saev-report build --executor slurm` (flags override them).
-    Every stage is one job; record, train and analyse jobs get `gpus` GPUs, one rank on each."""
+    Every stage is one job; record, train, analyse, compare and stability jobs get `gpus` GPUs, one rank on each."""
 
     partition: str | None = None
     """Slurm partition; default: the cluster's default."""
     account: str | None = None
     """Slurm account to charge; default: yours."""
     gpus: int = Field(default=1, ge=1)
-    """GPUs (and torch.distributed ranks) of each record, train and analyse job; other stages use one."""
+    """GPUs (and torch.distributed ranks) of each record, train, analyse, compare and stability job; other stages use one."""
     cpus_per_gpu: int = Field(default=8, ge=1)
     """CPU cores per rank (image decoding, the shuffled reader)."""
     mem_gb_per_gpu: int = Field(default=64, ge=1)

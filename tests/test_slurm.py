@@ -27,7 +27,8 @@ def test_every_unfinished_stage_is_a_job_after_its_inputs(tmp_path: Path) -> Non
     by_name = {j.name: j for j in jobs}
     for stage in stages:
         assert set(by_name[stage.name].after) == {d.name for d in stage.deps}
-        assert by_name[stage.name].ranks == (4 if stage.kind.name in ("record", "train", "analyse") else 1)
+        parallel = ("record", "train", "analyse", "compare", "stability")
+        assert by_name[stage.name].ranks == (4 if stage.kind.name in parallel else 1)
     assert set(by_name[FINISH].after) == {s.name for s in stages}
 
 
