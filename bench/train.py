@@ -174,17 +174,24 @@ def evaluate(sae: SparseAutoencoder, xn_nd: torch.Tensor) -> tuple[float, float]
 # --------------------------------------------------------------------------- one scale
 
 
-def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev, fresh: bool = False, saev_chunk: int = 4096) -> dict[str, float]:
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a step's time is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev, fresh: bool = False, saev_chunk: int = 4096,
+                device: torch.device = torch.device("cpu")) -> dict[str, float]:
     init = "fresh init" if fresh else "settled"
-    print(f"\n== {scale.name}: d={scale.d}, F={scale.n_features:,}, batch={scale.batch:,}, {init} ==", flush=True)
+    print(f"\n== {scale.name}: d={scale.d}, F={scale.n_features:,}, batch={scale.batch:,}, {init}, {device} ==", flush=True)
     data = Planted(scale.d, scale.n_features, scale.l0_true)
-    base = settled_sae(scale, data, fresh)
-    batches = [base.normalize(data.batch(scale.batch)) for _ in range(rounds)]
-    held_out = base.normalize(data.batch(scale.batch))
+    base = settled_sae(scale, data, fresh).to(device)
+    batches = [base.normalize(data.batch(scale.batch).to(device)) for _ in range(rounds)]
+    held_out = base.normalize(data.batch(scale.batch).to(device))
     if not fresh:
         warm_optimizer = make_adam(base, LR)
         for _ in range(warm_steps):  # settle a little under training before the copies fork
-            ours_step(base, warm_optimizer, base.normalize(data.batch(scale.batch)), sparse=True)
+            ours_step(base, warm_optimizer, base.normalize(data.batch(scale.batch).to(device)), sparse=True)
         del warm_optimizer
     base.release_workspace()  # only the copies train from here: don't hold an n × F buffer for it
 
@@ -197,7 +204,8 @@ def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev, fresh: bool = 
         "dense": (lambda xn, s=dense_sae, o=make_adam(dense_sae, LR): ours_step(s, o, xn, False)),
     }
     if saev is not None:
-        ref = saev_model(saev, base)
+        ref = saev_model(saev, base.cpu()).to(device)
+        base.to(device)
         contenders["saev"] = lambda xn, r=ref, o=saev_adam(ref): saev_step(r, o, xn, saev_chunk)
     W_df = base.W_enc_df.detach().clone()
     contenders["matmul"] = lambda xn: xn @ W_df
@@ -207,8 +215,10 @@ def bench_scale(scale: Scale, rounds: int, warm_steps: int, saev, fresh: bool = 
     names = list(contenders)
     for r, xn_nd in enumerate(batches):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
+            _sync(device)
             start = time.perf_counter()
             result = contenders[name](xn_nd)
+            _sync(device)
             times[name].append(time.perf_counter() - start)
             if name == "sparse":
                 l0s.append(result)
@@ -279,7 +289,9 @@ def main() -> None:
     parser.add_argument("--saev-chunk", type=int, default=4096, help="saev's step accumulates gradients over chunks of this many rows")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc's mmap/trim behaviour as it is")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (every contender runs there)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if not args.system_malloc:
         keep_freed_memory()  # as train_saes does on CPU; applies to every contender alike
     if args.threads:
@@ -292,7 +304,8 @@ def main() -> None:
     wanted = set(args.scales.split(","))
     for scale in scales(args.quick, args.batch_demo, args.batch_paper):
         if scale.name in wanted:
-            bench_scale(scale, rounds if scale.name == "demo" else 3, warm_steps=2, saev=saev, fresh=args.fresh, saev_chunk=args.saev_chunk)
+            bench_scale(scale, rounds if scale.name == "demo" else 3, warm_steps=2, saev=saev, fresh=args.fresh, saev_chunk=args.saev_chunk,
+                        device=device)
     agreement_steps = args.agreement_steps if args.agreement_steps is not None else (0 if args.quick else 40)
     if agreement_steps:
         agreement_from_scratch(agreement_steps)

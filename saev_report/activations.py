@@ -532,18 +532,22 @@ class ActivationStore:
         return out_nd, image * self.tokens_per_image + tokens.start + tok
 
     # ---- sequential
-    def iter_batches(self, batch_rows: int, *, patches_only: bool = False, prefetch: int = 2) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    def iter_batches(self, batch_rows: int, *, patches_only: bool = False, prefetch: int = 2,
+                     images: range | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         """Every row (or every patch row) in store order: `(acts_nd float32, global row indices)`.
 
         Batches hold `batch_rows` rows (the last may be shorter); they are read
         ahead by `prefetch` batches in a background thread (0: no thread).
+        `images` (stored positions, step 1) restricts the read to those images, e.g. one rank's share.
         """
         if batch_rows < 1:
             raise ValueError("batch_rows must be >= 1")
         tokens = self.token_slice(patches_only)
-        n_selected = self.n_images * (tokens.stop - tokens.start)
+        n_tok = tokens.stop - tokens.start
+        images = range(self.n_images) if images is None else images
+        first, n_selected = images.start * n_tok, min(images.stop, self.n_images) * n_tok
         batches = (self._read_rows(start, min(start + batch_rows, n_selected), tokens)
-                   for start in range(0, n_selected, batch_rows))
+                   for start in range(first, n_selected, batch_rows))
         return _in_background(batches, prefetch) if prefetch > 0 else batches
 
     # ---- shuffled

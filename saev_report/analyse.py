@@ -50,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from saev_report import progress, tables
+from saev_report import distributed, progress, tables
 from saev_report.concepts import BestConcepts, ConceptLabels, ConceptStats, best_concepts
 from saev_report.spec import AnalysisSpec
 
@@ -116,15 +116,30 @@ class ReconstructionStats:
         # Subtracting in float64 keeps float32 rounding out of the residual.
         self.sq_err += (x_nd - xhat_nd.to(self.device, torch.float64)).square_().sum()
         # Chan et al.: merge this batch's mean and centred M2 into the running ones.
-        n_b = x_nd.shape[0]
         mean_b = x_nd.mean(0)
-        m2_b = (x_nd - mean_b).square_().sum(0)
+        self._merge(x_nd.shape[0], mean_b, (x_nd - mean_b).square_().sum(0))
+        self.n_active += n_active
+
+    def merge_ranks(self) -> None:
+        """Fold every rank's sums into this one (all ranks end equal): counts and Σ‖x−x̂‖² add,
+        the per-rank means and M2 combine by Chan et al. in rank order."""
+        counts = distributed.gather((self.n_patches, self.n_active))
+        means, m2s = distributed.gather_tensor(self.mean_d), distributed.gather_tensor(self.m2_d)
+        distributed.sum_(self.sq_err)
+        self.n_patches, self.n_active = 0, 0
+        self.mean_d.zero_()
+        self.m2_d.zero_()
+        for (n_b, n_active), mean_b, m2_b in zip(counts, means, m2s):
+            if n_b:
+                self._merge(n_b, mean_b, m2_b)
+            self.n_active += n_active
+
+    def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n = self.n_patches + n_b
         delta = mean_b - self.mean_d
         self.mean_d += delta * (n_b / n)
         self.m2_d += m2_b + delta.square() * (self.n_patches * n_b / n)
         self.n_patches = n
-        self.n_active += n_active
 
     def metrics(self, d_model: int) -> dict[str, float]:
         n = max(self.n_patches, 1)
@@ -196,6 +211,12 @@ class FeatureStats:
             self.max_act_f = torch.maximum(self.max_act_f, img_max_bf.amax(0).to(acc))
         return int(idx.numel())
 
+    def merge_ranks(self) -> None:
+        """Sum the counts, sums and histograms of every rank, take the maxima (exact)."""
+        for total in (self.n_fire_f, self.act_sum_f, self.fine_hist_fh):
+            distributed.sum_(total)
+        distributed.max_(self.max_act_f)
+
 
 class TopImages:
     """Running top-k images per feature by max patch activation, with their patch maps.
@@ -260,6 +281,18 @@ class TopImages:
         finite = torch.finfo(self.maps_fkp.dtype).max  # float16 maps saturate rather than overflow to inf
         self.maps_fkp[feature_e, new_cell_ck[entrant_row, entrant_slot]] = maps_ep.clamp_max(finite).to(self.maps_fkp.dtype)
         return changed_c, pick_ck
+
+    def merge_ranks(self, first_pos: int) -> None:
+        """Merge every rank's top-k into the global one; this rank's stream starts at global
+        position `first_pos`. Keys are re-based to global positions, so the merged keys, ties
+        included, are those of one pass over all ranks' images in rank order."""
+        shifted_fk = torch.where(self.keys_fk >= 0, self.keys_fk - first_pos, self.keys_fk)
+        self.keys_fk, source_fk = distributed.topk_keys(shifted_fk)
+        n_features, k = self.keys_fk.shape
+        ranked_fkp = self.maps_fkp.gather(1, self.cell_fk[:, :, None].expand_as(self.maps_fkp))
+        all_maps_fkp = torch.cat(distributed.gather_tensor(ranked_fkp), dim=1)
+        self.maps_fkp = all_maps_fkp.gather(1, source_fk[:, :, None].expand(n_features, k, self.maps_fkp.shape[2])).contiguous()
+        self.cell_fk = torch.arange(k, device=self.keys_fk.device).repeat(n_features, 1)
 
     def values_fk(self) -> torch.Tensor:
         """Activations (float32); empty slots are -inf."""
@@ -503,6 +536,24 @@ class ScanResult:
     top: TopImages | None
     """None when no batch came."""
 
+    @torch.inference_mode()  # the accumulators are inference tensors of `scan`
+    def merge_ranks(self, n_features: int, top_k: int, n_patches: int, device: torch.device) -> "ScanResult":
+        """Every rank's scan of its share of the images, merged exactly (on every rank).
+
+        Each accumulator has a `merge_ranks` that folds in the other ranks' state; an
+        accumulator added to the scan adds its own (sums add, maxima max, top-k re-rank).
+        The panel hooks and `ConceptStats` have none yet, which is why the analyse stage
+        is not declared `parallel`.
+        """
+        image_idx = distributed.gather(self.image_idx)
+        first_pos = sum(len(part) for part in image_idx[:distributed.current().rank])
+        if self.recon is not None:
+            self.recon.merge_ranks()
+        self.stats.merge_ranks()
+        top = self.top or TopImages(n_features, top_k, n_patches, device)  # a rank that got no images
+        top.merge_ranks(first_pos)
+        return ScanResult(sum(distributed.gather(self.n_patches)), np.concatenate(image_idx), self.recon, self.stats, top)
+
 
 @torch.inference_mode()
 def scan(batches: Iterable[Batch], sae: SAELike, top_k: int, device: torch.device, reconstruction: bool = True,
@@ -715,7 +766,8 @@ def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], l
 
     Each batch holds whole images with `grid[0] * grid[1]` patches each, raw
     (un-normalised) activations. `labels` maps dataset image index → label;
-    `n_images` only sizes the progress bar.
+    `n_images` only sizes the progress bar. Under torchrun (`shard`) each rank passes its
+    share of the images, in order, and every rank gets the merged result.
     """
     n_features = int(sae.n_features)
     samples = QuantileSamples(n_features, grid[0] * grid[1], device)
@@ -750,12 +802,13 @@ def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], l
     )
 
 
-def store_batches(store, images_per_batch: int) -> Iterator[Batch]:
-    """Whole-image batches of patch tokens from an `activations.ActivationStore`."""
+def store_batches(store, images_per_batch: int, images: range | None = None) -> Iterator[Batch]:
+    """Whole-image batches of patch tokens from an `activations.ActivationStore` (optionally only `images`)."""
     n_patches = store.meta.n_patches
     if not n_patches:
         raise ValueError(f"{store.dir}: patches were not recorded, nothing to analyse")
-    for acts_nd, rows_n in store.iter_batches(images_per_batch * n_patches, patches_only=True):
+    share = {} if images is None else {"images": images}
+    for acts_nd, rows_n in store.iter_batches(images_per_batch * n_patches, patches_only=True, **share):
         image_pos, _ = store.row_image_token(rows_n[::n_patches])
         yield acts_nd.view(-1, n_patches, store.d_model), store.image_indices[image_pos]
 

@@ -142,9 +142,10 @@ def schema(
 def plan(
     spec: SpecArg,
     check_paths: Annotated[bool, typer.Option(help="Check that dataset folders exist.")] = False,
+    gpus: Annotated[int, typer.Option(help="Also estimate the time on this many GPUs (torchrun ranks, or GPUs per Slurm job).", min=1)] = 1,
 ) -> None:
-    """Show the stages of a build, their cache status, and estimated disk and time for recording."""
-    from saev_report.plan import plan_rows, recording_estimates
+    """Show the stages of a build, their cache status, and estimated disk and time for recording and training."""
+    from saev_report.plan import plan_rows, recording_estimates, training_estimates
 
     parsed = _load(spec, check_paths)
     table = Table(title=f"stages of {parsed.run.name} ({parsed.run_dir})")
@@ -154,15 +155,42 @@ def plan(
         colour = {"done": "green", "partial": "yellow"}.get(row["status"], "white")
         table.add_row(escape(row["stage"]), row["key"], f"[{colour}]{row['status']}[/]")
     out.print(table)
+    n_gpus = f"time ({gpus} GPUs)"
     est = Table(title="recording estimates")
-    for col in ("model", "layers", "images", "tokens/img", "d", "dtype", "disk", "GFLOP/img", "time (CPU)", "time (GPU)"):
+    columns = ["model", "layers", "images", "tokens/img", "d", "dtype", "disk", "GFLOP/img", "time (CPU)", "time (GPU)"]
+    keys = ["model", "layers", "images", "tokens", "d", "dtype", "disk", "gflop", "cpu_time", "gpu_time"]
+    if gpus > 1:
+        columns, keys = columns + [n_gpus], keys + ["gpus_time"]
+    for col in columns:
         est.add_column(col, justify="right" if col not in ("model", "dtype") else "left")
-    for row in recording_estimates(parsed):
-        est.add_row(*[escape(str(row[c])) for c in ("model", "layers", "images", "tokens", "d", "dtype", "disk", "gflop", "cpu_time", "gpu_time")])
+    for row in recording_estimates(parsed, gpus):
+        est.add_row(*[escape(str(row[c])) for c in keys])
     out.print(est)
-    for row in recording_estimates(parsed):
-        out.print(f"{escape(str(row['model']))}: {row['disk']} of activations; recording ≈ {row['cpu_time']} on this CPU, ≈ {row['gpu_time']} on a GPU", highlight=False)
-    out.print("[dim]Disk = images × tokens × d × bytes per layer. Times assume 0.1 TFLOP/s (this 2-core CPU) and 30 TFLOP/s (one A6000-class GPU in fp16); treat them as order-of-magnitude.[/]")
+    train = Table(title="training estimates (dense step, one pass per sweep)")
+    columns, keys = ["model", "layer", "SAEs", "patches", "work", "time (GPU)"], ["model", "layer", "saes", "patches", "flop", "gpu_time"]
+    if gpus > 1:
+        columns, keys = columns + [n_gpus], keys + ["gpus_time"]
+    for col in columns:
+        train.add_column(col, justify="left" if col == "model" else "right")
+    for row in training_estimates(parsed, gpus):
+        train.add_row(*[escape(str(row[c])) for c in keys])
+    out.print(train)
+    on_n = f", ≈ {{}} on {gpus} GPUs" if gpus > 1 else ""
+    for row in recording_estimates(parsed, gpus):
+        out.print(f"{escape(str(row['model']))}: {row['disk']} of activations; recording ≈ {row['cpu_time']} on this CPU, ≈ {row['gpu_time']} on a GPU"
+                  + on_n.format(row["gpus_time"]), highlight=False)
+    out.print("[dim]Disk = images × tokens × d × bytes per layer. Times assume 0.1 TFLOP/s (this 2-core CPU) and 30 TFLOP/s (one A6000-class GPU in fp16); "
+              "N GPUs split the images, and the SAEs of a sweep (or each SAE's batches, with fewer SAEs than GPUs); communication and disk reads are left out. Treat them as order-of-magnitude.[/]")
+
+
+class Launcher(str, Enum):
+    none = "none"
+    torchrun = "torchrun"
+
+
+class Executor(str, Enum):
+    local = "local"
+    slurm = "slurm"
 
 
 @app.command()
@@ -170,6 +198,12 @@ def build(
     spec: SpecArg,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these stage kinds (and what they need): images, record, train, analyse, tokens, heads, edits, experiments, splice, compare, stability.")] = None,
     no_site: Annotated[bool, typer.Option("--no-site", help="Skip rendering the site.")] = False,
+    launcher: Annotated[Launcher, typer.Option(help="`torchrun`: start `--nproc` processes on this machine (one per GPU) that split record, train and analyse.")] = Launcher.none,
+    nproc: Annotated[int, typer.Option(help="Processes for `--launcher torchrun`.", min=1)] = 2,
+    executor: Annotated[Executor, typer.Option(help="`slurm`: submit each stage as a Slurm job (needs the `slurm` extra); resources from the spec's `slurm` section or the flags below.")] = Executor.local,
+    partition: Annotated[Optional[str], typer.Option(help="Slurm partition (overrides `slurm.partition`).")] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="GPUs per record/train/analyse/compare job (overrides `slurm.gpus`).", min=1)] = None,
+    time_min: Annotated[Optional[int], typer.Option(help="Time limit per job in minutes (overrides `slurm.time_min`).", min=1)] = None,
 ) -> None:
     """Run the pipeline: record → train → analyse → tokens → heads → edits → experiments → splice → compare → tables → site.
 
@@ -178,11 +212,40 @@ def build(
     from saev_report import pipeline
 
     parsed = _load(spec)
+    if launcher is Launcher.torchrun:
+        raise typer.Exit(_torchrun(spec, nproc, only, no_site))
+    if executor is Executor.slurm:
+        overrides = {k: v for k, v in {"partition": partition, "gpus": gpus, "time_min": time_min}.items() if v is not None}
+        _submit_slurm(spec, parsed.model_copy(update={"slurm": parsed.slurm.model_copy(update=overrides)}), only, no_site)
+        return
     with _disk_full_ends_cleanly([parsed.run_dir, pipeline.default_cache_dir()]), user_errors(err, _debug()):
         result = pipeline.build(parsed, only=set(only) if only else None, render=not no_site)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 reports
     out.print(f"[green]done[/]: ran {len(result.ran)} stage(s), {len(result.skipped)} cached. Tables: {escape(str(result.run_dir / 'tables'))}", highlight=False)
     if result.site:
         out.print(f"site: {escape(str(result.site / 'index.html'))}", highlight=False)
+
+
+def _torchrun(spec: Path, nproc: int, only: Optional[list[str]], no_site: bool) -> int:
+    """`torchrun --standalone --nproc-per-node N -m saev_report build SPEC ...`; returns its exit code."""
+    import subprocess
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "saev_report", "build", str(spec), *[a for kind in only or [] for a in ("--only", kind)]]
+    return subprocess.call(args + (["--no-site"] if no_site else []))
+
+
+def _submit_slurm(spec_path: Path, parsed, only: Optional[list[str]], no_site: bool) -> None:
+    try:
+        from saev_report.slurm import submit_build
+    except ImportError:
+        _fail("`--executor slurm` needs submitit: pip install 'saev-report[slurm]'", 2)
+    with user_errors(err, _debug()):
+        jobs = submit_build(spec_path.resolve(), parsed, only=set(only) if only else None, render=not no_site, cluster="slurm")
+    for plan, job in jobs:
+        after = f" after {', '.join(plan.after)}" if plan.after else ""
+        out.print(f"submitted {escape(plan.name)}: job {job.job_id} ({plan.ranks} rank(s)){escape(after)}", highlight=False)
 
 
 @app.command()

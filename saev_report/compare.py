@@ -51,7 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saev_report import progress
+from saev_report import distributed, progress
+from saev_report.distributed import ONE, Shard
 
 Grid = tuple[int, int]
 
@@ -186,8 +187,11 @@ def _aligned_batches(maps_a: Iterable[Tensor], maps_b: Iterable[Tensor], grid: G
         yield torch.cat(buf_a), torch.cat(buf_b), images, target
 
 
-def _accumulate_block(maps_a: Iterable[Tensor], maps_b: Iterable[Tensor], cols: slice, grid: Grid | None, step_rows: int, device: torch.device | None, bar: progress.Bar | None) -> _BlockStats | None:
-    """One pass over both streams: sums for A and for B's columns `cols`."""
+def _accumulate_block(maps_a: Iterable[Tensor], maps_b: Iterable[Tensor], cols: slice, grid: Grid | None, step_rows: int, device: torch.device | None, bar: progress.Bar | None, shard: Shard = ONE) -> _BlockStats | None:
+    """One pass over both streams: sums for A and for B's columns `cols`.
+
+    Under torchrun (`shard`) each rank passes its share of the images (every rank some);
+    all shift by rank 0's first-batch means, so the sums add up across ranks (`_merge_ranks`)."""
     stats: _BlockStats | None = None
     shift_a = shift_b = None
     for a_nf, b_nf, images, used_grid in _aligned_batches(maps_a, maps_b, grid, step_rows, device):
@@ -195,6 +199,8 @@ def _accumulate_block(maps_a: Iterable[Tensor], maps_b: Iterable[Tensor], cols: 
         b_nf = b_nf[:, cols]
         if stats is None:
             shift_a, shift_b = a_nf.mean(0), b_nf.mean(0)
+            if shard.world > 1:  # rank 0's first batch is the one-process run's first batch
+                shift_a, shift_b = (t.to(a_nf.device) for t in distributed.broadcast((shift_a.cpu(), shift_b.cpu())))
             f64 = dict(dtype=torch.float64, device=a_nf.device)
             stats = _BlockStats(
                 0,
@@ -219,7 +225,16 @@ def _accumulate_block(maps_a: Iterable[Tensor], maps_b: Iterable[Tensor], cols: 
         stats.cross_ab += stats.product_ab
         if bar is not None:
             bar.advance(images)
+    if stats is not None and shard.world > 1:
+        _merge_ranks(stats)
     return stats
+
+
+def _merge_ranks(stats: _BlockStats) -> None:
+    """Sum every rank's shifted sums into `stats` (the same shift on all ranks, so they add)."""
+    stats.n = sum(distributed.gather(stats.n))
+    for total in (stats.sum_a, stats.sumsq_a, stats.sum_b, stats.sumsq_b, stats.cross_ab):
+        distributed.sum_(total)
 
 
 def _correlation(stats: _BlockStats) -> Tensor:
@@ -258,6 +273,7 @@ def match_features(
     step_rows: int = 4096,
     device: torch.device | str | None = None,
     label: str | None = None,
+    shard: Shard = ONE,
 ) -> MatchResult:
     """Best match of every feature of A among B's and vice versa, by Pearson r over images × positions.
 
@@ -267,6 +283,8 @@ def match_features(
     block: B features per pass; peak memory ≈ 12·F_a·block bytes. F_b > block needs re-iterable maps.
     step_rows: positions buffered per float32 matmul.
     label: progress-bar description (none when None).
+    shard: under torchrun, this rank's maps are its share of the images (each rank at least
+        one batch); the sums are merged, and every rank gets the result.
     """
     if block <= 0 or step_rows <= 0:
         raise ValueError("block and step_rows must be positive")
@@ -285,7 +303,7 @@ def match_features(
         cols = slice(start, start + block)
         description = f"{label} [{pass_no + 1}/{math.ceil(n_features_b / block)}]" if label and n_features_b else label
         with progress.bar(description, total=None, unit="img") if label else nullcontext() as bar:
-            stats = _accumulate_block(maps_a, maps_b, cols, grid, step_rows, device, bar)
+            stats = _accumulate_block(maps_a, maps_b, cols, grid, step_rows, device, bar, shard)
         if stats is None:
             raise ValueError("no feature maps to compare")
         if n_positions is not None and stats.n != n_positions:

@@ -83,6 +83,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("compare[]", spec_module.CompareSpec),
     ("stability[]", spec_module.StabilitySpec),
     ("report", spec_module.ReportSpec),
+    ("slurm", spec_module.SlurmSpec),
 ]
 
 

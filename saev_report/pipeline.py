@@ -20,6 +20,7 @@ in atomically.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from saev_report import distributed
 from saev_report.graph import build_stages
 from saev_report.locks import run_lock, sweep_cache
 from saev_report.fsutil import fsync_dir, swap_dir
@@ -46,28 +48,40 @@ def default_cache_dir() -> Path:
 
 
 def run_stage(stage: Stage, run_dir: Path) -> bool:
-    """Run one stage unless complete; return True when it ran."""
+    """Run one stage unless complete; return True when it ran.
+
+    Under torchrun every rank calls this for every stage: rank 0 decides whether the
+    stage is needed, prepares and finally publishes its folder; `parallel` kinds run
+    their action on every rank (each takes its share), the others on rank 0 alone.
+    """
+    shard = distributed.current()
     out, partial = stage.out_dir(run_dir), stage.partial_dir(run_dir)
-    if out.is_dir():
+    if distributed.broadcast(out.is_dir()):
         log(f"[green]✓[/] {escape(stage.name)} [dim](cached {out.name})[/]")
         return False
-    if partial.exists() and not stage.kind.resumable:
-        shutil.rmtree(partial)  # a half-written non-resumable stage is redone from scratch
-    elif partial.exists():
-        log(f"[yellow]↻[/] {escape(stage.name)}: resuming interrupted work")
-    partial.mkdir(parents=True, exist_ok=True)
+    if shard.is_main:
+        if partial.exists() and not stage.kind.resumable:
+            shutil.rmtree(partial)  # a half-written non-resumable stage is redone from scratch
+        elif partial.exists():
+            log(f"[yellow]↻[/] {escape(stage.name)}: resuming interrupted work")
+        partial.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # the folder exists before any rank writes into it
     inputs = {role: dep.output(run_dir) for role, dep in stage.inputs.items()}
     started = time.perf_counter()
     log(f"[bold cyan]▶[/] {escape(stage.name)}")
     try:
-        stage.kind.action(stage.params, inputs, partial)
+        if shard.is_main or stage.kind.parallel:
+            stage.kind.action(stage.params, inputs, partial)
     except BaseException:
-        if not stage.kind.resumable:  # nothing in it can be reused (a diverged SAE, say): leave no debris
+        if not stage.kind.resumable and shard.is_main:  # nothing in it can be reused (a diverged SAE, say): leave no debris
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    fsync_dir(partial)
-    os.replace(partial, out)
-    fsync_dir(out.parent)
+    distributed.barrier()  # every rank's share is written
+    if shard.is_main:
+        fsync_dir(partial)
+        os.replace(partial, out)
+        fsync_dir(out.parent)
+    distributed.barrier()  # no rank reads the output before it is in place
     log(f"[green]✓[/] {escape(stage.name)} [dim]({time.perf_counter() - started:.1f}s)[/]")
     return True
 
@@ -127,16 +141,23 @@ def build(spec: Spec, only: set[str] | None = None, render: bool = True, cache_d
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_dir or default_cache_dir()
-    with run_lock(run_dir):
+    # Under torchrun rank 0 holds the lock and sweeps for the whole group; the others follow it.
+    with distributed.process_group(spec.run.device, log_dir=run_dir / "logs") as shard, \
+            (run_lock(run_dir) if shard.is_main else contextlib.nullcontext()):
         stage_list = build_stages(spec, cache_dir)
-        sweep_run(run_dir, stage_list)
-        sweep_cache(cache_dir)
+        if shard.is_main:
+            sweep_run(run_dir, stage_list)
+            sweep_cache(cache_dir)
+        distributed.barrier()
         wanted = with_dependencies(stage_list, only) if only else stage_list
         ran, skipped = [], []
         for stage in wanted:
             (ran if run_stage(stage, run_dir) else skipped).append(stage.name)
-        publish_tables([s for s in stage_list if s.status(run_dir) == "done"], run_dir)
-        site = render_site(spec, run_dir) if render else None
+        site = None
+        if shard.is_main:  # tables and site are cheap: rank 0 alone
+            publish_tables([s for s in stage_list if s.status(run_dir) == "done"], run_dir)
+            site = render_site(spec, run_dir) if render else None
+        distributed.barrier()
     return BuildResult(run_dir, ran, skipped, site)
 
 

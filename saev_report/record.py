@@ -80,6 +80,14 @@ def layer_stores(layers: Sequence[int], tokens: Sequence[str]) -> list[StoreRequ
     return [StoreRequest(f"L{layer}", layer, tuple(tokens)) for layer in layers]
 
 
+def shard_images(tokens_per_image: int, d_model: int, dtype: str, batch_size: int, shard_mb: int) -> int:
+    """Images per shard: about `shard_mb` MiB, and whole batches, so a resumed run (or a rank
+    starting at a shard boundary) sees exactly the batches of an uninterrupted one and
+    produces bit-identical shards."""
+    per_shard = images_per_shard_for(tokens_per_image, d_model, dtype, shard_mb)
+    return max(batch_size, per_shard // batch_size * batch_size)
+
+
 def record_activations(
     backbone: Backbone,
     dataset: ImageDataset,
@@ -99,10 +107,7 @@ def record_activations(
     for request in stores:
         meta = StoreMeta.create(model=model_key, layer=request.source, dataset=dataset.key, d_model=backbone.d_model,
                                 dtype=dtype, token_kinds=list(request.tokens), layout=layout)
-        per_shard = images_per_shard_for(meta.tokens_per_image, backbone.d_model, dtype, shard_mb)
-        # Shards hold whole batches, so a resumed run sees exactly the batches an uninterrupted
-        # one would, and produces bit-identical shards.
-        per_shard = max(batch_size, per_shard // batch_size * batch_size)
+        per_shard = shard_images(meta.tokens_per_image, backbone.d_model, dtype, batch_size, shard_mb)
         writers[request.name] = ShardWriter(out_dir / request.name, meta, per_shard)
     token_idx = {r.name: layout.indices(r.tokens) for r in stores}
     layers = sorted({r.source for r in stores if r.source != "final"})
@@ -176,6 +181,12 @@ def all_kinds(layout: TokenLayout) -> tuple[str, ...]:
     return tuple(k for k in TOKEN_KINDS if layout.indices([k]))
 
 
+def layer_requests(layout: TokenLayout, layers: Sequence[int], tokens: Sequence[str]) -> list[StoreRequest]:
+    """The record stage's stores: `L<layer>` with `tokens` and `L<layer>-rest` with the other kinds."""
+    rest = rest_kinds(layout, tokens)
+    return layer_stores(layers, tokens) + [StoreRequest(f"L{layer}-rest", layer, rest) for layer in layers if rest]
+
+
 def record_layers(
     backbone: Backbone,
     dataset: ImageDataset,
@@ -192,8 +203,7 @@ def record_layers(
     """The record stage: per layer, `L<layer>` with `tokens` (what SAEs train on) and `L<layer>-rest`
     with the other kinds (a few tokens, so heads and edits can resume the forward pass from any
     recorded layer instead of running the model again)."""
-    rest = rest_kinds(backbone.layout, tokens)
-    stores = layer_stores(layers, tokens) + [StoreRequest(f"L{layer}-rest", layer, rest) for layer in layers if rest]
+    stores = layer_requests(backbone.layout, layers, tokens)
     record_activations(backbone, dataset, model_key=model_key, stores=stores, out_dir=out_dir, dtype=dtype,
                        batch_size=batch_size, shard_mb=shard_mb, device=device)
     write_image_index(out_dir, backbone.image_size, dataset.records)

@@ -500,6 +500,27 @@ class StabilitySpec(SpecModel):
     """A feature whose best match in the other seed's SAE correlates below this has no counterpart."""
 
 
+# --------------------------------------------------------------------------- slurm
+
+
+class SlurmSpec(SpecModel):
+    """Cluster resources for `saev-report build --executor slurm` (flags override them).
+    Every stage is one job; record, train, analyse, compare and stability jobs get `gpus` GPUs, one rank on each."""
+
+    partition: str | None = None
+    """Slurm partition; default: the cluster's default."""
+    account: str | None = None
+    """Slurm account to charge; default: yours."""
+    gpus: int = Field(default=1, ge=1)
+    """GPUs (and torch.distributed ranks) of each record, train, analyse, compare and stability job; other stages use one."""
+    cpus_per_gpu: int = Field(default=8, ge=1)
+    """CPU cores per rank (image decoding, the shuffled reader)."""
+    mem_gb_per_gpu: int = Field(default=64, ge=1)
+    """Host memory per rank in GB."""
+    time_min: int = Field(default=720, ge=1)
+    """Wall-clock limit of each stage's job in minutes; a stage killed at the limit resumes when resubmitted."""
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -546,6 +567,8 @@ class Spec(SpecModel):
     """Seed-stability comparisons."""
     report: ReportSpec = ReportSpec()
     """Site options."""
+    slurm: SlurmSpec = SlurmSpec()
+    """Resources when the stages run as Slurm jobs (`--executor slurm`)."""
 
     @property
     def run_dir(self) -> Path:

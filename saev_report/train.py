@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from saev_report import __version__
+from saev_report import __version__, distributed
+from saev_report.distributed import ONE, Shard
 from saev_report.progress import bar
 from saev_report.sae import SparseAutoencoder, TrainForward, save_sae
 from saev_report.spec import SAEConfig, SAESpec
@@ -109,11 +110,16 @@ def train_saes(
     sae_id_prefix: str,
     *,
     data_seed: int = 0,
+    data_parallel: Shard = ONE,
 ) -> list[TrainedSAE]:
     """Train every SAE of `configs` in one pass over `store`'s shuffled batches.
 
     Writes `out_dir/<tag>/{sae.safetensors,config.json}` per SAE and the training curves
     as `out_dir/train_log/<tag>.parquet` (table `train_log`).
+
+    With `data_parallel` of world > 1 (DDP), every rank reads the same shuffled batches,
+    steps on its contiguous slice of each and averages the gradients (weighted by slice
+    size, so the update is the full batch's); the replicas stay identical and rank 0 writes.
     """
     out_dir, device = Path(out_dir), torch.device(device)
     if device.type == "cpu":
@@ -135,13 +141,15 @@ def train_saes(
     start = time.perf_counter()
     with bar(f"train {sae_id_prefix or 'SAEs'} ×{len(runs)}", total=n_steps * batch_size, unit="patch") as progress:
         for x_nd in itertools.islice(itertools.chain(sample_batches, batches), n_steps):
-            x_nd = x_nd.to(device, torch.float32, non_blocking=True)
             n_seen += x_nd.shape[0]
             step += 1
             log_now = step % sae_spec.log_every == 0 or step == n_steps
+            mine = data_parallel.range(x_nd.shape[0])
+            share = len(mine) / x_nd.shape[0]
+            x_nd = x_nd[mine.start:mine.stop].to(device, torch.float32, non_blocking=True)
             for run in runs:
-                _step(run, x_nd, step, n_seen, sae_spec, log_now, time.perf_counter() - start)
-            progress.advance(x_nd.shape[0])
+                _step(run, x_nd, step, n_seen, sae_spec, log_now, time.perf_counter() - start, data_parallel, share)
+            progress.advance(len(mine) * data_parallel.world)
     seconds = time.perf_counter() - start
 
     results = []
@@ -150,8 +158,9 @@ def train_saes(
         run.sae.release_workspace()
         run.sae.eval()
         sae_dir = out_dir / run.config.tag
-        save_sae(run.sae.cpu(), sae_dir, extra=_checkpoint_extra(run, sae_spec, spec_hash, step, n_seen))
-        write_table(out_dir / "train_log" / f"{run.config.tag}.parquet", "train_log", run.log_rows, spec_hash)
+        if data_parallel.is_main:
+            save_sae(run.sae.cpu(), sae_dir, extra=_checkpoint_extra(run, sae_spec, spec_hash, step, n_seen))
+            write_table(out_dir / "train_log" / f"{run.config.tag}.parquet", "train_log", run.log_rows, spec_hash)
         results.append(TrainedSAE(run.sae_id, run.config, sae_dir, run.sae, step, n_seen, run.mse, run.l0, seconds))
     return results
 
@@ -218,28 +227,43 @@ def make_adam(sae: SparseAutoencoder, lr: float) -> torch.optim.Optimizer:
 
 
 def optimizer_step(
-    sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, xn_nd: Tensor, l1_coeff: float, sparse: bool
+    sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, xn_nd: Tensor, l1_coeff: float, sparse: bool,
+    data_parallel: Shard = ONE, share: float = 1.0,
 ) -> tuple[TrainForward, Tensor]:
     """The paper's update on one normalised batch: loss, backward, drop the gradient parallel to
     each atom, Adam, renormalise the atoms (and fold BatchTopK's threshold). Raises
-    FloatingPointError on a non-finite loss."""
+    FloatingPointError on a non-finite loss.
+
+    Data-parallel: this rank's batch is `share` of the full one; the gradients are summed
+    over ranks weighted by their shares (the full batch's mean-loss gradient), and BatchTopK's
+    threshold takes the smallest kept activation of any rank, so every replica stays equal."""
     out = sae.training_forward(xn_nd, sparse=sparse)
     loss = out.mse + l1_coeff * out.l1 if l1_coeff else out.mse
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if data_parallel.world > 1:
+        for param in sae.parameters():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            distributed.sum_(param.grad.mul_(share))
     sae.remove_parallel_grad_()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # the gradients (2·d·F floats) are not held between steps
     sae.normalize_decoder_()
-    if sae.kind == "batchtopk" and out.min_kept is not None:
-        sae.update_threshold(out.min_kept)
+    min_kept = out.min_kept
+    if sae.kind == "batchtopk" and data_parallel.world > 1:
+        kept = distributed.min_(torch.tensor(math.inf if min_kept is None else min_kept, dtype=torch.float64, device=xn_nd.device))
+        min_kept = None if math.isinf(float(kept)) else float(kept)
+    if sae.kind == "batchtopk" and min_kept is not None:
+        sae.update_threshold(min_kept)
     return out, loss.detach()
 
 
-def _step(run: _Run, x_nd: Tensor, step: int, n_seen: int, spec: SAESpec, log_now: bool, seconds: float) -> None:
-    """One optimiser step of one SAE on one batch (`step` is 1-based)."""
+def _step(run: _Run, x_nd: Tensor, step: int, n_seen: int, spec: SAESpec, log_now: bool, seconds: float,
+          data_parallel: Shard = ONE, share: float = 1.0) -> None:
+    """One optimiser step of one SAE on one batch (`step` is 1-based; data-parallel: this rank's slice)."""
     sae = run.sae
     lr = spec.lr * warmup(step - 1, spec.lr_warmup_steps)
     l1_coeff = run.config.l1_coeff * warmup(step - 1, spec.l1_warmup_steps) if sae.kind == "relu" else 0.0
@@ -248,7 +272,7 @@ def _step(run: _Run, x_nd: Tensor, step: int, n_seen: int, spec: SAESpec, log_no
 
     sparse = spec.sparse_backward and run.density <= SPARSE_MAX_DENSITY
     try:
-        out, loss = optimizer_step(sae, run.optimizer, sae.normalize(x_nd), l1_coeff, sparse)
+        out, loss = optimizer_step(sae, run.optimizer, sae.normalize(x_nd), l1_coeff, sparse, data_parallel, share)
     except FloatingPointError as exc:
         bad_input = not bool(torch.isfinite(x_nd).all())
         raise TrainingDiverged(run.sae_id, step, str(exc) + (" (the input batch holds NaN/inf)" if bad_input else "")) from None
@@ -259,6 +283,11 @@ def _step(run: _Run, x_nd: Tensor, step: int, n_seen: int, spec: SAESpec, log_no
         run.mse, run.l0 = out.mse.item(), out.l0
         if log_now:
             _check_weights(run, step)
+            l1, loss_value = out.l1.item(), loss.item()
+            if data_parallel.world > 1:  # the full batch's figures: share-weighted sums over ranks
+                figures = torch.tensor([run.mse, run.l0, l1, loss_value], dtype=torch.float64) * share
+                run.mse, run.l0, l1, loss_value = distributed.sum_(figures).tolist()
+                distributed.max_(run.last_fired_f)
             window = min(DEAD_WINDOW_PATCHES, n_seen)
             dead_frac = float(((n_seen - run.last_fired_f) >= window).float().mean())
             run.log_rows.append(
@@ -266,9 +295,9 @@ def _step(run: _Run, x_nd: Tensor, step: int, n_seen: int, spec: SAESpec, log_no
                     "sae_id": run.sae_id,
                     "step": step,
                     "n_patches": n_seen,
-                    "loss": loss.item(),
+                    "loss": loss_value,
                     "mse": run.mse,
-                    "l1": out.l1.item(),
+                    "l1": l1,
                     "l0": run.l0,
                     "dead_frac": dead_frac,
                     "lr": lr,

@@ -33,3 +33,14 @@ def test_plan_lists_every_stage_as_todo(tmp_path: Path) -> None:
     kinds = {r["stage"].split("/")[0] for r in rows}
     assert kinds == {"images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability"}
     assert all(r["status"] == "todo" for r in rows)
+
+
+def test_n_gpus_split_recording_and_deal_out_the_sweep() -> None:
+    from saev_report.plan import sae_train_flop, training_estimates, training_share
+
+    assert [training_share(9, g) for g in (1, 2, 4, 9, 18)] == [9.0, 5.0, 3.0, 1.0, 0.5]  # whole SAEs, then DDP
+    spec = load_spec(ROOT / "specs/clip_vs_dino.yaml", check_paths=False)
+    one, eight = recording_estimates(spec, gpus=1)[0], recording_estimates(spec, gpus=8)[0]
+    assert one["gpus_time"] == one["gpu_time"] and eight["gpus_time"] != one["gpu_time"]
+    [clip, _] = training_estimates(spec, gpus=8)
+    assert clip["saes"] == 1 and clip["flop"] == f"{sae_train_flop(768, 24_576, spec.sae.n_patches) / 1e15:,.0f} PFLOP"

@@ -77,4 +77,6 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
 
 
+# Not `parallel`: the page panels and concept statistics have no rank merge yet, so under
+# torchrun rank 0 analyses alone (`ScanResult.merge_ranks` covers metrics, stats and exemplars).
 ANALYSE = StageKind(name="analyse", version=4, params=AnalyseParams, out=AnalyseOut, action=analyse)

@@ -77,6 +77,9 @@ class StageKind(Generic[P, O]):
     action: Callable[[P, Inputs, Path], None]
     resumable: bool = False
     """A killed run keeps its `.partial` folder for the action to resume from; otherwise it is cleared."""
+    parallel: bool = False
+    """Under torchrun the action runs on every rank and splits its work (`distributed.current()`);
+    otherwise it runs on rank 0 while the others wait."""
 
 
 def take(inputs: Inputs, role: str, out_type: type[O]) -> O:

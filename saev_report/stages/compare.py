@@ -36,8 +36,13 @@ class MatchesOut(StageOut):
     pass
 
 
-def _aligned_maps(store_a, store_b, sae_a, sae_b, batch_images: int = 16):
-    """Per-side iterables of feature maps over the images both stores hold, in the same order."""
+BATCH_IMAGES = 16
+"""Images per feature-map batch (and the unit in which ranks split the images)."""
+
+
+def _aligned_maps(store_a, store_b, sae_a, sae_b, batch_images: int = 16, shard=None):
+    """Per-side iterables of feature maps over the images both stores hold, in the same order
+    (under torchrun: this rank's share of them, whole batches)."""
     import numpy as np
     import torch
 
@@ -46,6 +51,9 @@ def _aligned_maps(store_a, store_b, sae_a, sae_b, batch_images: int = 16):
     pos_a = {int(i): p for p, i in enumerate(store_a.image_indices)}
     pos_b = {int(i): p for p, i in enumerate(store_b.image_indices)}
     common = sorted(set(pos_a) & set(pos_b))
+    if shard is not None:
+        mine = shard.range(len(common), align=batch_images)
+        common = common[mine.start:mine.stop]
 
     def side(store, positions: dict[int, int], sae):
         grid = (store.meta.grid_h, store.meta.grid_w)
@@ -79,6 +87,7 @@ def stability(params: MatchParams, inputs: Inputs, out_dir: Path) -> None:
 
 def _match(comparison: str, params: MatchParams, inputs: Inputs, out_dir: Path) -> None:
     """Match `a`'s features to `b`'s; inputs `record_a`, `train_a`, `record_b`, `train_b`."""
+    from saev_report import distributed
     from saev_report.compare import match_features, match_rows
     from saev_report.progress import log
     from saev_report.tables import write_table
@@ -88,8 +97,14 @@ def _match(comparison: str, params: MatchParams, inputs: Inputs, out_dir: Path) 
     store_b = take(inputs, "record_b", RecordOut).store(b.layer)
     sae_a = take(inputs, "train_a", TrainOut).sae(a.sae_tag)
     sae_b = take(inputs, "train_b", TrainOut).sae(b.sae_tag)
-    maps_a, maps_b, common = _aligned_maps(store_a, store_b, sae_a, sae_b)
-    result = match_features(maps_a, maps_b, min_score=params.min_score, label=comparison)
+    shard = distributed.current()
+    n_common = len(set(store_a.image_indices.tolist()) & set(store_b.image_indices.tolist()))
+    if n_common < shard.world * BATCH_IMAGES:
+        shard = distributed.ONE  # too few images for every rank to get a batch: each does it all
+    maps_a, maps_b, common = _aligned_maps(store_a, store_b, sae_a, sae_b, BATCH_IMAGES, shard if shard.world > 1 else None)
+    result = match_features(maps_a, maps_b, min_score=params.min_score, label=comparison, shard=shard)
+    if not distributed.current().is_main:
+        return
     rows = match_rows(result, comparison, a.sae_id, b.sae_id, params.min_score)
     write_table(table_part(out_dir, "matches"), "matches", rows, params.digest())
     matched = [r for r in rows if r["sae_a"] == a.sae_id]
@@ -99,5 +114,5 @@ def _match(comparison: str, params: MatchParams, inputs: Inputs, out_dir: Path) 
     log(f"  {comparison}: {n_matched}/{len(matched)} features of {a.sae_id} matched (median best r {median:.3f}) over {len(common)} images")
 
 
-COMPARE = StageKind(name="compare", version=1, params=MatchParams, out=MatchesOut, action=compare)
-STABILITY = StageKind(name="stability", version=1, params=MatchParams, out=MatchesOut, action=stability)
+COMPARE = StageKind(name="compare", version=1, params=MatchParams, out=MatchesOut, action=compare, parallel=True)
+STABILITY = StageKind(name="stability", version=1, params=MatchParams, out=MatchesOut, action=stability, parallel=True)

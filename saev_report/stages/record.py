@@ -50,16 +50,18 @@ class RecordOut(StageOut):
 
 
 def record(params: RecordParams, inputs: Inputs, out_dir: Path) -> None:
-    from saev_report.record import record_layers
+    from saev_report import distributed
     from saev_report.runtime import seed_everything
+    from saev_report.sharded import record_across_ranks
 
     seed_everything(params.seed)
     backbone, device = open_backbone(params.model, params.cache_dir, params.device, params.seed)
     dataset = open_dataset(params.dataset_key, params.dataset, params.cache_dir)
-    record_layers(
-        backbone, dataset, model_key=params.model_key, layers=params.model.layers, tokens=params.model.tokens,
+    record_across_ranks(  # one process: record.record_layers
+        backbone, dataset, shard=distributed.current(), model_key=params.model_key, layers=params.model.layers, tokens=params.model.tokens,
         out_dir=out_dir, dtype=params.dtype, batch_size=params.batch_size, shard_mb=params.shard_mb, device=device,
     )
 
 
-RECORD = StageKind(name="record", version=2, params=RecordParams, out=RecordOut, action=record, resumable=True)
+RECORD = StageKind(name="record", version=2, params=RecordParams, out=RecordOut, action=record, resumable=True,
+                    parallel=True)
