@@ -30,6 +30,23 @@ from saev_report.progress import log
 
 LOCK_SUFFIX = ".lock"
 
+# Descriptors of the locks this process holds. A forked child (a DataLoader worker, say) would
+# share each lock and keep it after its parent is killed, so that the next build is refused
+# until the orphan notices; children close their copies at once (the parent's lock stays).
+_HELD_FDS: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 class RunBusy(UserError):
     """Another build holds this run folder."""
@@ -59,10 +76,12 @@ def hold(lock_file: Path, *, wait: bool, what: str) -> Iterator[None]:
                               "wait for it to finish, or stop it and run again (finished work is kept)") from None
             log(f"[yellow]waiting[/] for {_holder(lock_file)}, which is making {what}")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        _HELD_FDS.add(fd)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield
     finally:
+        _HELD_FDS.discard(fd)
         os.close(fd)  # releases the lock
 
 

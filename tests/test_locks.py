@@ -120,3 +120,26 @@ def test_a_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
     holder.wait()
     with cache_entry_lock(tmp_path, "e"):  # SIGKILL drops a flock: never stale
         pass
+
+
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path: Path) -> None:
+    """A DataLoader worker outlives a SIGKILLed build for a while: it must not hold the run lock."""
+    import time
+
+    from saev_report.locks import hold, try_hold
+
+    lock = tmp_path / ".lock"
+    ready_r, ready_w = os.pipe()
+    with hold(lock, wait=False, what="run"):
+        child = os.fork()
+        if child == 0:  # the orphan-to-be: alive well past its parent's release
+            os.write(ready_w, b"1")  # fork hooks have run by now, as in a worker started long before a kill
+            time.sleep(3)
+            os._exit(0)
+        os.read(ready_r, 1)
+    try:
+        fd = try_hold(lock)
+        assert fd is not None, "the forked child kept the lock"
+        os.close(fd)
+    finally:
+        os.waitpid(child, 0)
