@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from saev_report.render import addresses as addr
 from saev_report.render import charts, overlays
+from saev_report.render.queries import fetch_rows
 
 if TYPE_CHECKING:
     from saev_report.render.site import SiteBuilder
@@ -87,7 +88,6 @@ def strongest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def build_concept_pages(builder: "SiteBuilder") -> list[dict[str, Any]]:
     """Render `concepts/index.html` and one page per concept; returns the overview rows."""
-    from saev_report.render.site import fetch_rows
 
     summary = fetch_rows(builder.con, SUMMARY_SQL)
     if not summary:
@@ -125,7 +125,6 @@ def examples(builder: "SiteBuilder", sae_id: str, head: str, level: str, concept
              best: dict[str, Any] | None, classes: list[str]) -> list[dict[str, Any]]:
     """Up to EXAMPLES images at the strongest setting: the image, and (segmentation) the class maps
     before and after, or (classification) the probability before and after."""
-    from saev_report.render.site import fetch_rows
 
     if best is None:
         return []

@@ -46,6 +46,7 @@ from saev_report import __version__, fsutil, tables
 from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
 from saev_report.render import charts, heatmaps, overlays
+from saev_report.render.queries import fetch_rows, fetch_table, stream_batches
 from saev_report.render.concepts import build_concept_pages
 from saev_report.spec import ReportSpec
 
@@ -60,7 +61,6 @@ def _bundled(name: str) -> Path:
 
 TEMPLATES_DIR = _bundled("templates")
 ASSETS_DIR = _bundled("site")
-BATCH_ROWS = 2048
 CONCEPTS_SHOWN = 3
 """Best concepts listed per level on a feature page."""
 POOL_MIN_JOBS = 96  # below this, a pool's start-up costs more than it saves
@@ -168,25 +168,6 @@ def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
 
 
 # --------------------------------------------------------------------------- DuckDB helpers
-
-
-def _rel(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()) -> duckdb.DuckDBPyRelation:
-    return con.sql(sql, params=list(params)) if params else con.sql(sql)
-
-
-def fetch_rows(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    return tables.fetch_arrow(_rel(con, sql, params)).to_pylist()
-
-
-def fetch_table(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()) -> pa.Table:
-    return tables.fetch_arrow(_rel(con, sql, params))
-
-
-def stream_batches(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = (), rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """Record batches of a query without materialising it (DuckDB keeps insertion order)."""
-    rel = _rel(con, sql, params)
-    reader = rel.to_arrow_reader(rows) if hasattr(rel, "to_arrow_reader") else rel.fetch_arrow_reader(rows)
-    yield from reader
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
