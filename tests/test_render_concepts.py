@@ -75,6 +75,10 @@ def built(tmp_path_factory):
     sae_id = read_table(run_dir, "saes").column("sae_id")[0].as_py()
     dataset = read_table(run_dir, "images").column("dataset")[0].as_py()
     rows = _experiment_rows("cat", sae_id, 3, 6) + _experiment_rows(EVIL, sae_id, 2, 6)
+    # an image-level (classification) experiment: no class maps, probabilities instead
+    rows += [{**r, "experiment": "c", "head": "cls", "task": "classification", "level": "image", "concept": "dog",
+              "before_map": None, "after_map": None, "p_before": 0.6, "p_after": 0.6 if r["factor"] == 1.0 else 0.1}
+             for r in _experiment_rows("dog", sae_id, 2, 6)]
     for r in rows:
         r["dataset"] = dataset
     write_table(run_dir / "tables" / "experiments" / "part-0.parquet", "experiments", rows, "synthetic")
@@ -87,6 +91,7 @@ def test_a_page_per_concept_with_figures_and_examples(built):
     index = (built / "concepts" / "index.html").read_text(encoding="utf-8")
     pages = sorted((built / "concepts").glob("patch-*.html"))
     assert len(pages) == 2
+    assert (built / rc.concept_page("image", "dog")).is_file()  # a concept page without class maps renders too
     cat = (built / rc.concept_page("patch", "cat")).read_text(encoding="utf-8")
     assert 'data-concept-figure="dose-0"' in cat and cat.count("predicted classes after") == 3
     assert "90%" in index and "5%" in index  # the strongest setting's effect and the random control's, pooled over images

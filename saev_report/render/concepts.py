@@ -140,7 +140,7 @@ def examples(builder: "SiteBuilder", sae_id: str, head: str, level: str, concept
     out = []
     for r in rows:
         thumb = builder.thumb(r["path"], px)
-        item = {"image_idx": r["image_idx"], "image": builder.img("t", thumb), "maps": {}, "p_before": r["p_before"], "p_after": r["p_after"],
+        item = {"image_idx": r["image_idx"], "image": builder.img("t", thumb), "maps": {"before_map": None, "after_map": None}, "p_before": r["p_before"], "p_after": r["p_after"],
                 "removed_frac": r["removed_frac"], "other_changed_frac": r["other_changed_frac"]}
         for key in ("before_map", "after_map"):
             classes_p = list(r.get(key) or [])
