@@ -23,6 +23,7 @@ from saev_report.tables import to_arrow
 
 transformers = pytest.importorskip("transformers")
 from saev_report.backbones.hf import HFBackbone  # noqa: E402
+from tiny_models import tiny_dinov2, orthonormal_sae  # noqa: E402
 
 IMAGE, D, N_LAYERS = 56, 32, 3  # 4×4 patch grid
 SID = "tiny/L3/x"
@@ -30,10 +31,7 @@ SID = "tiny/L3/x"
 
 @pytest.fixture(scope="module")
 def backbone(one_thread) -> HFBackbone:
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=2, intermediate_size=64,
-                                       image_size=IMAGE, patch_size=14)
-    return HFBackbone(transformers.Dinov2Model(config), "dinov2", name="tiny", image_size=IMAGE).eval().requires_grad_(False)
+    return tiny_dinov2(D, N_LAYERS, IMAGE)
 
 
 # --------------------------------------------------------------------------- choosing features
@@ -141,13 +139,8 @@ def _masked_dataset(tmp_path: Path, n: int = 4) -> ImageDataset:
 def planted(backbone, dataset):
     """An orthonormal SAE at the last layer; a head whose `cat` logit reads one feature's decoder
     direction, and a concepts table naming that feature cat's best."""
-    q_fd, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(5)))
-    sae = SparseAutoencoder(D, D, seed=0)
-    with torch.no_grad():
-        sae.W_dec_fd.copy_(q_fd)
-        sae.W_enc_df.copy_(q_fd.T)
-        sae.b_enc_f.zero_()
-        sae.b_dec_d.zero_()
+    sae = orthonormal_sae(D)
+    q_fd = sae.W_dec_fd.detach()  # row f: feature f's decoder direction
     pixels = torch.stack([backbone.preprocess(dataset.image(i)) for i in range(len(dataset))])
     with torch.no_grad():
         f = sae.encode(backbone.capture(pixels, [N_LAYERS])[N_LAYERS][:, backbone.layout.patch_slice].flatten(0, 1))

@@ -26,6 +26,7 @@ from saev_report.record import (
 
 transformers = pytest.importorskip("transformers")
 from saev_report.backbones.hf import HFBackbone  # noqa: E402
+from tiny_models import tiny_dinov2  # noqa: E402
 
 IMAGE, D, N_LAYERS = 56, 32, 3
 CPU = torch.device("cpu")
@@ -34,10 +35,7 @@ COMMON = dict(model_key="tiny", dtype="float32", batch_size=2, shard_mb=1, devic
 
 @pytest.fixture(scope="module")
 def backbone() -> HFBackbone:
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=2, intermediate_size=64,
-                                       image_size=IMAGE, patch_size=14)
-    return HFBackbone(transformers.Dinov2Model(config), "dinov2", name="tiny", image_size=IMAGE).eval().requires_grad_(False)
+    return tiny_dinov2(D, N_LAYERS, IMAGE)
 
 
 def _images(folder: Path, n: int, seed: int = 0, key: str = "toy") -> ImageDataset:
