@@ -28,7 +28,7 @@ from torch import Tensor
 
 from saev_report.backbones import Backbone
 from saev_report.datasets import ImageDataset
-from saev_report.heads import LinearHead, upsampled_logits
+from saev_report.heads import LinearHead, class_map, pixel_classes
 from saev_report.progress import log, track
 from saev_report.spec import EDIT_ACTIONS, EditSpec, ExplicitEdit
 
@@ -254,15 +254,15 @@ def classification_summary(before_c: Tensor, after_c: Tensor, classes: Sequence[
 
 def pixel_counts(logits_chw: Tensor, size: tuple[int, int]) -> np.ndarray:
     """Pixels per class [C] of the bilinearly upsampled logit map at image resolution."""
-    pred_hw = upsampled_logits(logits_chw[None], size)[0].argmax(dim=0)
+    pred_hw = pixel_classes(logits_chw[None], size)[0]
     return torch.bincount(pred_hw.flatten().cpu(), minlength=logits_chw.shape[0]).numpy()
 
 
 def segmentation_summary(before_chw: Tensor, after_chw: Tensor, size: tuple[int, int], target: int | None) -> dict[str, Any]:
     """Pixel counts per class and per-patch class maps before/after, pixel-fraction deltas."""
     before_px, after_px = pixel_counts(before_chw, size), pixel_counts(after_chw, size)
-    before_map = before_chw.argmax(dim=0).flatten().cpu()
-    after_map = after_chw.argmax(dim=0).flatten().cpu()
+    before_map = class_map(before_chw[None])[0].flatten().cpu()
+    after_map = class_map(after_chw[None])[0].flatten().cpu()
     changed = before_map != after_map
     total = float(size[0] * size[1])
     return {
@@ -284,7 +284,7 @@ def predicted_target(head: LinearHead, before: Tensor, patches: Sequence[int]) -
     predicted over the edited patches (segmentation)."""
     if head.task == "classification":
         return int(before.argmax())
-    patch_classes = before.argmax(dim=0).flatten()
+    patch_classes = class_map(before[None])[0].flatten()
     chosen = patch_classes[list(patches)] if patches else patch_classes
     return int(torch.bincount(chosen.cpu(), minlength=before.shape[0]).argmax())
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from saev_report.backbones import Backbone
 from saev_report.datasets import BadImage, ImageDataset
 from saev_report.edits import CapturedImage, FeatureEdit, SAELike, class_index, matched_control, resume_edits
-from saev_report.heads import IGNORE, LinearHead, confusion_matrix, mask_like_image, patch_targets, scores_from_confusion, upsampled_logits
+from saev_report.heads import IGNORE, LinearHead, confusion_matrix, mask_like_image, patch_targets, pixel_classes, class_map, scores_from_confusion
 from saev_report.progress import log, track
 
 Arm = Literal["concept", "random", "other"]
@@ -151,10 +151,14 @@ def concept_images(
 # --------------------------------------------------------------------------- measuring
 
 
-def segmentation_measure(before_chw: Tensor, after_chw: Tensor, size: tuple[int, int], concept: int) -> dict[str, Any]:
-    """Pixel-level effect of one edit on the concept's predicted pixels and on everything else."""
-    pred_b = upsampled_logits(before_chw[None], size)[0].argmax(0).flatten().cpu()
-    pred_a = upsampled_logits(after_chw[None], size)[0].argmax(0).flatten().cpu()
+def segmentation_measure(before_chw: Tensor, after_chw: Tensor, size: tuple[int, int], concept: int,
+                         pred_before: Tensor | None = None) -> dict[str, Any]:
+    """Pixel-level effect of one edit on the concept's predicted pixels and on everything else.
+
+    `pred_before` is `pixel_classes(before)` flattened, when the caller measures many edits of one image.
+    """
+    pred_b = pixel_classes(before_chw[None], size)[0].flatten().cpu() if pred_before is None else pred_before
+    pred_a = pixel_classes(after_chw[None], size)[0].flatten().cpu()
     n_classes = before_chw.shape[0]
     was_concept = pred_b == concept
     changed = pred_a != pred_b
@@ -169,7 +173,8 @@ def segmentation_measure(before_chw: Tensor, after_chw: Tensor, size: tuple[int,
         "other_px_changed": n_other_changed, "image_px": int(pred_b.numel()),
         "other_changed_frac": n_other_changed / pred_b.numel(),
         "class_px_delta": (after_px - before_px).tolist(),
-        "before_map": before_chw.argmax(0).flatten().cpu().tolist(), "after_map": after_chw.argmax(0).flatten().cpu().tolist(),
+        "before_map": class_map(before_chw[None])[0].flatten().cpu().tolist(),
+        "after_map": class_map(after_chw[None])[0].flatten().cpu().tolist(),
     }
 
 
@@ -293,11 +298,12 @@ def run_experiment(
                 patches = torch.nonzero(patch_class_of[position] == seg_id).flatten().tolist()
             edits.append(trial_edit(trial, patches))
         before, afters = run_trials(backbone, sae, head, captured, edits)
+        pred_before = pixel_classes(before[None], size)[0].flatten().cpu() if head.task == "segmentation" else None
         for (concept, trial), edit, after in zip(jobs[position], edits, afters):
             target = class_index(head.classes, concept)
             assert target is not None
             measure = (classification_measure(before, after, target) if head.task == "classification"
-                       else segmentation_measure(before, after, size, target))
+                       else segmentation_measure(before, after, size, target, pred_before))
             rows.append({
                 "experiment": name, "sae_id": sae_id, "head": head_key, "task": head.task, "level": level,
                 "concept": concept, "arm": trial.arms.arm, "arm_source": trial.arms.source, "m": trial.arms.m,
@@ -481,10 +487,10 @@ class _Tally:
 
     def add(self, logits: Tensor, targets: Tensor) -> None:
         if self.task == "classification":
-            self.correct += int((logits.argmax(1).cpu() == targets).sum())
+            self.correct += int((class_map(logits).cpu() == targets).sum())
             self.total += len(targets)
         else:
-            pred = upsampled_logits(logits, tuple(targets.shape[-2:])).argmax(1).cpu()
+            pred = pixel_classes(logits, tuple(targets.shape[-2:])).cpu()
             self.confusion += confusion_matrix(pred, targets.long(), self.n_classes)
 
     def score(self) -> float:

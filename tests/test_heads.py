@@ -79,6 +79,33 @@ def test_training_is_reproducible_with_a_seed():
     assert len(first.sweep) == 4 and first.n_train + first.n_val == 80 and first.n_val == 16
 
 
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_fitting_settings_together_equals_fitting_them_one_by_one(task, monkeypatch):
+    """`_fit_many` shares batches and one matmul across settings; each run must still be its own
+    AdamW run (a plain per-setting loop is the reference). A small logits budget forces groups."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (24, 16) if task == "classification" else (12, 2, 2, 16)
+    x = torch.randn(*shape, generator=gen)
+    y = torch.randint(0, 3, shape[:-1], generator=gen)
+    if task == "segmentation":
+        y[0] = IGNORE  # an unlabelled image: its patches carry no gradient
+    settings = [(1e-3, 1e-3), (3e-2, 1e-1), (1e-2, 0.0)]
+    args = (task, 3, settings)
+    together = heads._fit_many(x, y, *args, epochs=3, batch_size=5, seed=4, device=torch.device("cpu"))
+    monkeypatch.setattr(heads, "FIT_LOGITS_BYTES", 1)  # one setting per group
+    alone = heads._fit_many(x, y, *args, epochs=3, batch_size=5, seed=4, device=torch.device("cpu"))
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.bias, b.bias, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(together[0].weight, together[1].weight)  # the settings did differ
+
+
+def test_class_map_is_argmax_with_first_index_on_ties():
+    logits = torch.randint(0, 3, (4, 5, 7, 6)).float()  # many ties
+    assert torch.equal(heads.class_map(logits), logits.argmax(1))
+    assert torch.equal(heads.pixel_classes(logits, (14, 12)), heads.upsampled_logits(logits, (14, 12)).argmax(1))
+
+
 def test_classification_learns_and_selects_on_validation():
     x, y = clusters(120, 16, 4, seed=0)
     vx, vy = clusters(40, 16, 4, seed=1)
