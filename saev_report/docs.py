@@ -72,6 +72,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("datasets.<key> (kind: cub200)", spec_module.Cub200Dataset),
     ("datasets.<key> (kind: ade20k)", spec_module.Ade20kDataset),
     ("models.<key>", spec_module.ModelSpec),
+    ("models.<key>.sae", spec_module.SweepOverride),
     ("record", spec_module.RecordSpec),
     ("sae", spec_module.SAESpec),
     ("analysis", spec_module.AnalysisSpec),

@@ -25,7 +25,8 @@ from saev_report.stages.train import TRAIN, TrainParams
 
 
 def _model(spec: Spec, key: str) -> ModelSpec:
-    """A model as the stages see it: the display label only matters to the site."""
+    """A model as the stages see it: the display label only matters to the site. (Its own
+    sweep, `sae`, is not dumped: the stages that need it get it through `spec.sweep_for`.)"""
     return spec.models[key].model_copy(update={"label": None})
 
 
@@ -56,14 +57,20 @@ def read_models(spec: Spec) -> list[str]:
     return [key for key in spec.models if key in used]
 
 
-def first_sae(spec: Spec) -> SAEConfig:
-    return sae_sweep(spec.sae)[0]
+def first_sae(spec: Spec, model_key: str) -> SAEConfig:
+    return sae_sweep(spec.sweep_for(model_key))[0]
 
 
-def seed_twin(spec: Spec) -> SAEConfig:
-    """The sweep's first SAE trained with another seed (what `stability` compares against)."""
-    first, *rest = sae_sweep(spec.sae)
-    return next(c for c in rest if c.seed != first.seed and (c.expansion, c.l1_coeff, c.k) == (first.expansion, first.l1_coeff, first.k))
+def counterpart(spec: Spec, config: SAEConfig, model_key: str) -> SAEConfig:
+    """The SAE of `model_key`'s sweep trained like `config` (same tag), else that sweep's first."""
+    configs = sae_sweep(spec.sweep_for(model_key))
+    return next((c for c in configs if c.tag == config.tag), configs[0])
+
+
+def seed_twin(spec: Spec, model_key: str) -> SAEConfig:
+    """The model's first SAE trained with another seed (what `stability` compares against)."""
+    first, *rest = sae_sweep(spec.sweep_for(model_key))
+    return next(c for c in rest if c.seed != first.seed and (c.kind, c.expansion, c.l1_coeff, c.k) == (first.kind, first.expansion, first.l1_coeff, first.k))
 
 
 SPLICE_PREFIX = {"classification": "cls", "segmentation": "seg"}
@@ -106,10 +113,10 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
         for layer in spec.models[model_key].layers:
             label = f"{model_key}-L{layer}"
             train[(model_key, layer)] = Stage(TRAIN, label, TrainParams(
-                model_key=model_key, layer=layer, sae=spec.sae, seed=run.seed, device=run.device, **common),
+                model_key=model_key, layer=layer, sae=spec.sweep_for(model_key), seed=run.seed, device=run.device, **common),
                 {"record": record[model_key]})
             analyse[(model_key, layer)] = Stage(ANALYSE, label, AnalyseParams(
-                model_key=model_key, layer=layer, dataset_key=rec.dataset, dataset=spec.datasets[rec.dataset], sae=spec.sae,
+                model_key=model_key, layer=layer, dataset_key=rec.dataset, dataset=spec.datasets[rec.dataset], sae=spec.sweep_for(model_key),
                 analysis=spec.analysis, seed=run.seed, device=run.device, **common),
                 {"record": record[model_key], "train": train[(model_key, layer)], "images": images[rec.dataset]})
             stages += [train[(model_key, layer)], analyse[(model_key, layer)]]
@@ -140,7 +147,7 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
 
     for edit in spec.edits:
         layer = edit_layer(spec, edit.model, edit.layer)
-        config = sae_sweep(spec.sae)[edit.sae]
+        config = sae_sweep(spec.sweep_for(edit.model))[edit.sae]
         ds_key = edit_dataset(spec, edit.head, edit.dataset)
         stages.append(Stage(EDITS, edit.name, EditParams(
             edit=edit.model_copy(update={"layer": layer, "dataset": ds_key}), model=_model(spec, edit.model),
@@ -149,8 +156,8 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
             {"head": heads[edit.head], "train": train[(edit.model, layer)], "analyse": analyse[(edit.model, layer)],
              "record": record[edit.model], "tokens": tokens[edit.model]}))
 
-    configs = sae_sweep(spec.sae)
     for exp in spec.experiments:
+        configs = sae_sweep(spec.sweep_for(exp.model))
         layer = exp.layer or spec.models[exp.model].layers[0]
         ds_key = edit_dataset(spec, exp.head, exp.dataset)
         stages.append(Stage(EXPERIMENTS, exp.name, ExperimentParams(
@@ -167,14 +174,15 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
         inputs = {"record": record[model_key], **{f"train/L{layer}": train[(model_key, layer)] for layer in spec.models[model_key].layers},
                   **{f"head/{key}": heads[key] for key in head_keys}}
         stages.append(Stage(SPLICE, f"{model_key}-{ds_key}", SpliceParams(
-            model_key=model_key, model=_model(spec, model_key), heads=head_keys, sae=spec.sae, dataset_key=ds_key,
+            model_key=model_key, model=_model(spec, model_key), heads=head_keys, sae=spec.sweep_for(model_key), dataset_key=ds_key,
             dataset=spec.datasets[ds_key], batch_size=rec.batch_size, seed=run.seed, device=run.device, **common), inputs))
 
     for cmp in spec.compare:
-        config = first_sae(spec)
+        first = first_sae(spec, cmp.a)
         sides = {}
         for side, model_key in (("a", cmp.a), ("b", cmp.b)):
             layer = spec.models[model_key].layers[0]
+            config = counterpart(spec, first, model_key)
             sides[side] = (SAERef(model_key=model_key, layer=layer, sae_tag=config.tag, sae_id=sae_id(model_key, layer, config)),
                            record[model_key], train[(model_key, layer)])
         stages.append(Stage(COMPARE, f"{cmp.a}~{cmp.b}", MatchParams(
@@ -183,7 +191,7 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
 
     for stab in spec.stability:
         layer = spec.models[stab.model].layers[0]
-        first, twin = first_sae(spec), seed_twin(spec)
+        first, twin = first_sae(spec, stab.model), seed_twin(spec, stab.model)
         refs = [SAERef(model_key=stab.model, layer=layer, sae_tag=c.tag, sae_id=sae_id(stab.model, layer, c)) for c in (first, twin)]
         inputs = {"record_a": record[stab.model], "train_a": train[(stab.model, layer)]}
         inputs.update(record_b=inputs["record_a"], train_b=inputs["train_a"])

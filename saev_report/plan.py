@@ -84,10 +84,10 @@ def sae_train_flop(d_model: int, n_features: int, n_patches: int) -> float:
 
 def training_estimates(spec: Spec, gpus: int = 1) -> list[dict[str, object]]:
     """Per (model, layer): the sweep's size and its time on one GPU and on `gpus` GPUs."""
-    configs = sae_sweep(spec.sae)
     rows = []
     for key in spec.recorded_models():
         model = spec.models[key]
+        configs = sae_sweep(spec.sweep_for(key))
         arch = known_arch(model)
         for layer in model.layers:
             row: dict[str, object] = {"model": key, "layer": layer, "saes": len(configs), "patches": f"{spec.sae.n_patches:,}"}

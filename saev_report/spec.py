@@ -174,6 +174,11 @@ class ModelSpec(SpecModel):
     """Number of blocks, if the adapter cannot know it before loading weights."""
     label: str | None = None
     """Display name on the site (default: the model key), e.g. `DINOv2`."""
+    # Left out of dumps, so of stage keys: the stages that train or read SAEs get it merged
+    # through `Spec.sweep_for`, and recording does not depend on it.
+    sae: SweepOverride | None = Field(default=None, exclude=True)
+    """This model's own SAE sweep, replacing fields of the `sae` section (e.g. `{kind: [topk], seeds: [0]}`
+    for a random-weights control); `edits[].sae`, `experiments[].saes` index this model's sweep."""
 
     @field_validator("layers")
     @classmethod
@@ -260,6 +265,26 @@ class RecordSpec(SpecModel):
 SAEKind = Literal["relu", "topk", "batchtopk"]
 
 
+def _positive_ints(values: list[int] | None) -> list[int] | None:
+    for value in values or []:
+        if value <= 0:
+            raise ValueError(f"{value} must be positive")
+    return values
+
+
+def _non_negative(values: list[float] | None) -> list[float] | None:
+    for value in values or []:
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"{value} must be a finite number >= 0")
+    return values
+
+
+def _kinds_unique(kind: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(kind, list) and (not kind or len(set(kind)) != len(kind)):
+        raise ValueError("list each SAE kind once (at least one)")
+    return kind
+
+
 class SAESpec(SpecModel):
     """The SAE sweep: one SAE per combination of the list-valued fields, for every recorded
     (model, layer). All SAEs of a (model, layer) train in one pass over the activations."""
@@ -300,28 +325,56 @@ class SAESpec(SpecModel):
     @field_validator("kind")
     @classmethod
     def _kinds_unique(cls, kind: str | list[str]) -> str | list[str]:
-        if isinstance(kind, list) and (not kind or len(set(kind)) != len(kind)):
-            raise ValueError("list each SAE kind once (at least one)")
-        return kind
+        return _kinds_unique(kind)
 
     @field_validator("expansion", "k")
     @classmethod
     def _positive_ints(cls, values: list[int]) -> list[int]:
-        for value in values:
-            if value <= 0:
-                raise ValueError(f"{value} must be positive")
-        return values
+        return _positive_ints(values)
 
     @field_validator("l1_coeff")
     @classmethod
     def _non_negative(cls, values: list[float]) -> list[float]:
-        for value in values:
-            if value < 0 or not math.isfinite(value):
-                raise ValueError(f"{value} must be a finite number >= 0")
-        return values
+        return _non_negative(values)
 
 
 # --------------------------------------------------------------------------- analysis
+
+
+
+class SweepOverride(SpecModel):
+    """A model's own SAE sweep: each field given here replaces the `sae` section's list for this
+    model's SAEs (the training budget and optimiser stay shared). A control model often needs
+    fewer SAEs than the model under study."""
+
+    kind: SAEKind | list[SAEKind] | None = None
+    """Kinds to train for this model (default: `sae.kind`)."""
+    expansion: list[int] | None = Field(default=None, min_length=1)
+    """Dictionary widths (default: `sae.expansion`)."""
+    l1_coeff: list[float] | None = Field(default=None, min_length=1)
+    """ReLU sparsity coefficients (default: `sae.l1_coeff`)."""
+    k: list[int] | None = Field(default=None, min_length=1)
+    """TopK/BatchTopK sparsities (default: `sae.k`)."""
+    seeds: list[int] | None = Field(default=None, min_length=1)
+    """Initialisation seeds (default: `sae.seeds`)."""
+
+    @field_validator("kind")
+    @classmethod
+    def _kinds_unique(cls, kind: str | list[str] | None) -> str | list[str] | None:
+        return _kinds_unique(kind)
+
+    @field_validator("expansion", "k")
+    @classmethod
+    def _positive_ints(cls, values: list[int] | None) -> list[int] | None:
+        return _positive_ints(values)
+
+    @field_validator("l1_coeff")
+    @classmethod
+    def _non_negative(cls, values: list[float] | None) -> list[float] | None:
+        return _non_negative(values)
+
+
+ModelSpec.model_rebuild()  # its `sae` field names SweepOverride, defined after it
 
 
 class AnalysisSpec(SpecModel):
@@ -577,6 +630,13 @@ class Spec(SpecModel):
     def recorded_models(self) -> list[str]:
         return list(self.record.models or self.models)
 
+    def sweep_for(self, model_key: str) -> SAESpec:
+        """The `sae` section with the model's own overrides (`models.<key>.sae`) applied."""
+        override = self.models[model_key].sae
+        if override is None:
+            return self.sae
+        return self.sae.model_copy(update=override.model_dump(exclude_none=True))
+
 
 # --------------------------------------------------------------------------- errors
 
@@ -736,8 +796,8 @@ def cross_check(spec: Spec, check_paths: bool = True) -> list[tuple[tuple[Any, .
         model = spec.models.get(edit.model)
         if model is not None and edit.layer is not None and edit.layer not in model.layers:
             problems.append((("edits", i, "layer"), f"layer {edit.layer} is not recorded for {edit.model!r} (layers {model.layers})"))
-        n_saes = len(sae_sweep(spec.sae))
-        if edit.sae >= n_saes:
+        n_saes = len(sae_sweep(spec.sweep_for(edit.model))) if edit.model in models else 0
+        if edit.model in models and edit.sae >= n_saes:
             problems.append((("edits", i, "sae"), f"the sweep has {n_saes} SAE(s); index {edit.sae} is out of range"))
     for i, exp in enumerate(spec.experiments):
         problems += _check_experiment(spec, i, exp, models, datasets, recorded)
@@ -748,8 +808,8 @@ def cross_check(spec: Spec, check_paths: bool = True) -> list[tuple[tuple[Any, .
             problems.append((("compare", i, "b"), "compare needs two different models (use `stability` for seeds)"))
     for i, stab in enumerate(spec.stability):
         need("model", recorded, stab.model, ("stability", i, "model"))
-        if len(spec.sae.seeds) < 2:
-            problems.append((("stability", i, "model"), "stability needs `sae.seeds` to list at least two seeds"))
+        if stab.model in models and len(spec.sweep_for(stab.model).seeds) < 2:
+            problems.append((("stability", i, "model"), "stability needs the model's sweep (`sae.seeds`, or its own `sae.seeds`) to list at least two seeds"))
     if check_paths:
         for key, ds in spec.datasets.items():
             for field_name in ("root", "images", "masks"):
@@ -781,8 +841,8 @@ def _check_experiment(spec: Spec, i: int, exp: ExperimentSpec, models: set[str],
     model = spec.models.get(exp.model)
     if model is not None and exp.layer is not None and exp.layer not in model.layers:
         problems.append(((*loc, "layer"), f"layer {exp.layer} is not recorded for {exp.model!r} (layers {model.layers})"))
-    n_saes = len(sae_sweep(spec.sae))
-    for j, index in enumerate(exp.saes):
+    n_saes = len(sae_sweep(spec.sweep_for(exp.model))) if exp.model in models else 0
+    for j, index in enumerate(exp.saes if exp.model in models else []):
         if not 0 <= index < n_saes:
             problems.append(((*loc, "saes", j), f"the sweep has {n_saes} SAE(s); index {index} is out of range"))
     ds_key = exp.dataset or (head.val or head.train if head is not None else None)

@@ -59,6 +59,9 @@ CASES = [
     ("models.random.layers", [10], {"record/random", "train/random-L10", "analyse/random-L10", "train/random-L11",
                                     "analyse/random-L11", "compare/dinov2~random"}),  # L11 gone, L10 new
     ("sae.lr", 1e-3, {"train/dinov2-L11", "analyse/dinov2-L11", "train/random-L11", "analyse/random-L11"} | EDITS | MATCHES | SPLICE),
+    # the control's own sweep: only its SAEs and what reads them (its record is untouched)
+    ("models.random.sae", {"kind": ["topk", "relu"], "seeds": [0]}, {"train/random-L11", "analyse/random-L11", "compare/dinov2~random"}),
+    ("models.dinov2.sae", {"seeds": [0, 2]}, {"train/dinov2-L11", "analyse/dinov2-L11", "stability/dinov2"} | EDITS | SPLICE | {"compare/dinov2~random"}),
     ("analysis.top_k", 8, {"analyse/dinov2-L11", "analyse/random-L11"} | EDITS),
     ("heads.category.epochs", 5, {"heads/category", "edits/suppress-evidence", "experiments/category-concepts"} | SPLICE),
     ("edits.0.value", 1.0, {"edits/suppress-evidence"}),
@@ -98,7 +101,7 @@ def test_defaults_are_resolved_once_in_the_builder() -> None:
     assert edit.layer == 11 and edit.edit.layer == 11            # the model's first recorded layer
     assert edit.dataset_key == "demo_val" and edit.edit.dataset == "demo_val"  # the head's validation data
     stability = stages["stability/dinov2"].params
-    assert (stability.a.sae_tag, stability.b.sae_tag) == ("topk-x8-k32-s0", "topk-x8-k32-s1")
+    assert (stability.a.sae_tag, stability.b.sae_tag) == ("topk-x4-k32-s0", "topk-x4-k32-s1")
     assert stages["stability/dinov2"].inputs["record_a"] is stages["record/dinov2"]
     experiment = stages["experiments/segment-concepts"].params
     assert experiment.level == "patch" and experiment.dataset_key == "demo_val" and experiment.experiment.layer == 11
@@ -112,6 +115,9 @@ def test_defaults_are_resolved_once_in_the_builder() -> None:
     assert sorted(tokens.head_datasets) == ["demo_train", "demo_val"]  # their images are found in `demo` by path at run time
     assert sorted(tokens.edit_datasets) == ["demo_val"]
     assert "tokens/random" not in stages  # no head or edit reads the random twin
+    compare = stages["compare/dinov2~random"].params
+    assert (compare.a.sae_tag, compare.b.sae_tag) == ("topk-x4-k32-s0", "topk-x4-k32-s0")  # the twin's own one-SAE sweep
+    assert stages["train/random-L11"].params.sae.kinds == ["topk"] and stages["train/random-L11"].params.sae.seeds == [0]
 
 
 def test_a_model_only_a_head_reads_gets_tokens_but_no_recording() -> None:
