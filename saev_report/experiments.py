@@ -34,7 +34,7 @@ from torch import Tensor
 
 from saev_report.backbones import Backbone
 from saev_report.datasets import BadImage, ImageDataset
-from saev_report.edits import CapturedImage, FeatureEdit, SAELike, class_index, matched_control, resume_edits
+from saev_report.edits import CapturedImage, FeatureEdit, LayerTokens, SAELike, class_index, matched_control, resume_edits
 from saev_report.heads import IGNORE, LinearHead, confusion_matrix, mask_like_image, patch_targets, pixel_classes, class_map, scores_from_confusion
 from saev_report.progress import log, track
 
@@ -409,14 +409,17 @@ def spliced_scores(
     dataset: ImageDataset,
     layer: int,
     batch_size: int = 16,
+    tokens: tuple[LayerTokens, LayerTokens] | None = None,
 ) -> dict[tuple[str, str], SplicedScores]:
     """Clean / spliced / mean-ablated scores of every head on `dataset` for every SAE of one layer,
     by (sae key, head key).
 
-    Each batch is captured once at layer L; every SAE's spliced and ablated copies resume once
-    from there and every head reads the same final tokens. `mean_d` is the mean patch activation
-    at layer L that replaces the patches when ablating. Each head scores the images it has a
-    target for (a head class label, or a mask).
+    A batch's layer-L and final tokens are read from `tokens` (the recorded layer L, the final
+    norm) when both hold every image of it, else the batch is captured once. Every SAE's spliced
+    copy resumes once from layer L, the mean-ablated copy (the same for every SAE) once per batch,
+    and every head reads the same final tokens. `mean_d` is the mean patch activation at layer L
+    that replaces the patches when ablating. Each head scores the images it has a target for (a
+    head class label, or a mask).
     """
     backbone.eval()
     heads = {key: head.to(backbone.device).eval() for key, head in heads.items()}
@@ -425,32 +428,16 @@ def spliced_scores(
     n_used = dict.fromkeys(heads, 0)
     mean_d = mean_d.to(backbone.device)
     for start in track(range(0, len(dataset.records), batch_size), f"spliced L{layer}", unit="batch"):
-        pixels, targets = [], {key: ([], []) for key in heads}  # per head: (positions in the batch, targets)
-        for position in range(start, min(start + batch_size, len(dataset.records))):
-            try:
-                found = None
-                if any(head.task == "segmentation" for head in heads.values()):
-                    found = patch_classes(dataset, position, backbone.image_size, backbone.layout.grid, len(dataset.seg_classes or []))
-                pixels_3hw = backbone.preprocess(dataset.image(position))
-            except BadImage:
-                continue
-            for key, head in heads.items():
-                label = dataset.records[position].label
-                if head.task == "classification" and label in head.classes:
-                    target = torch.tensor(head.classes.index(label))
-                elif head.task == "segmentation" and found is not None:
-                    target = found[0]
-                else:
-                    continue
-                targets[key][0].append(len(pixels))
-                targets[key][1].append(target)
-            pixels.append(pixels_3hw)
-        if not pixels:
+        positions, targets = _splice_targets(backbone, heads, dataset, range(start, min(start + batch_size, len(dataset.records))))
+        if not positions:
             continue
-        captured = backbone.capture(torch.stack(pixels).to(backbone.device), [layer], final=True)
+        acts_btd, clean_btd = _splice_inputs(backbone, dataset, positions, layer, tokens)
+        ablated_btd = None
         for sae_key, sae in saes.items():
-            spliced, ablated = spliced_tokens(captured[layer], sae, backbone.layout.patch_slice, mean_d)
-            finals = {"clean": captured["final"], "spliced": backbone.resume(spliced, layer), "ablated": backbone.resume(ablated, layer)}
+            spliced, ablated = spliced_tokens(acts_btd, sae, backbone.layout.patch_slice, mean_d)
+            if ablated_btd is None:
+                ablated_btd = backbone.resume(ablated, layer)
+            finals = {"clean": clean_btd, "spliced": backbone.resume(spliced, layer), "ablated": ablated_btd}
             for head_key, head in heads.items():
                 rows, batch_targets = targets[head_key]
                 if not rows:
@@ -464,6 +451,49 @@ def spliced_scores(
                               t["clean"].score(), t["spliced"].score(), t["ablated"].score(), n_used[h])
         for (s, h), t in tallies.items()
     }
+
+
+def _splice_targets(backbone: Backbone, heads: Mapping[str, LinearHead], dataset: ImageDataset,
+                    positions: range) -> tuple[list[int], dict[str, tuple[list[int], list[Tensor]]]]:
+    """The readable images among `positions`, and per head (rows among them, targets)."""
+    kept: list[int] = []
+    targets: dict[str, tuple[list[int], list[Tensor]]] = {key: ([], []) for key in heads}
+    for position in positions:
+        try:
+            found = None
+            if any(head.task == "segmentation" for head in heads.values()):
+                found = patch_classes(dataset, position, backbone.image_size, backbone.layout.grid, len(dataset.seg_classes or []))
+            dataset.image(position)  # unreadable images are skipped whether or not their tokens are stored
+        except BadImage:
+            continue
+        label = dataset.records[position].label
+        for key, head in heads.items():
+            if head.task == "classification" and label in head.classes:
+                target = torch.tensor(head.classes.index(label))
+            elif head.task == "segmentation" and found is not None:
+                target = found[0]
+            else:
+                continue
+            targets[key][0].append(len(kept))
+            targets[key][1].append(target)
+        kept.append(position)
+    return kept, targets
+
+
+def _splice_inputs(backbone: Backbone, dataset: ImageDataset, positions: Sequence[int], layer: int,
+                   tokens: tuple[LayerTokens, LayerTokens] | None) -> tuple[Tensor, Tensor]:
+    """(layer-L tokens [b, t, d], final tokens [b, t, d]) of the images at `positions`: stored when
+    every one is, else captured (a recording skips images that decoded but were not finite)."""
+    if tokens is not None:
+        paths = [dataset.records[p].path for p in positions]
+        stored = [(tokens[0].get(path), tokens[1].get(path)) for path in paths]
+        if all(a is not None and f is not None for a, f in stored):
+            device = backbone.device
+            return (torch.stack([a for a, _ in stored]).to(device, torch.float32),
+                    torch.stack([f for _, f in stored]).to(device, torch.float32))
+    pixels = torch.stack([backbone.preprocess(dataset.image(p)) for p in positions]).to(backbone.device)
+    captured = backbone.capture(pixels, [layer], final=True)
+    return captured[layer], captured["final"]
 
 
 def store_patch_mean(store: Any) -> Tensor:

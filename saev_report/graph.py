@@ -172,7 +172,7 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
         if model_key not in record:
             continue  # an unrecorded model has no SAE to splice
         inputs = {"record": record[model_key], **{f"train/L{layer}": train[(model_key, layer)] for layer in spec.models[model_key].layers},
-                  **{f"head/{key}": heads[key] for key in head_keys}}
+                  **{f"head/{key}": heads[key] for key in head_keys}, "tokens": tokens[model_key]}
         stages.append(Stage(SPLICE, f"{model_key}-{ds_key}", SpliceParams(
             model_key=model_key, model=_model(spec, model_key), heads=head_keys, sae=spec.sweep_for(model_key), dataset_key=ds_key,
             dataset=spec.datasets[ds_key], batch_size=rec.batch_size, seed=run.seed, device=run.device, **common), inputs))

@@ -281,6 +281,51 @@ def test_spliced_scores_are_clean_for_a_perfect_sae_and_ablated_for_a_useless_on
             assert perfect.clean == pytest.approx(scores_from_confusion(confusion_matrix(pred, masks, 2))["miou"])
 
 
+def test_spliced_scores_from_stored_tokens_equal_a_fresh_forward_pass(backbone, tmp_path, monkeypatch):
+    """The splice stage reads the recorded layer-L and final tokens instead of re-running the
+    backbone; stored in float32, the scores must be those of the capture path."""
+    from saev_report.record import RecordedTokens, record_layers, record_reach
+    from saev_report.stages.record import RecordOut
+    from saev_report.stages.tokens import TokensOut
+
+    dataset = _masked_dataset(tmp_path, n=6)
+    dataset.classes = ["cat"]
+    common = dict(model_key="tiny", dtype="float32", batch_size=4, shard_mb=1, device=torch.device("cpu"))
+    record_layers(backbone, dataset, layers=[1], tokens=["cls", "patches"], out_dir=tmp_path / "record", **common)
+    record = RecordOut(tmp_path / "record")
+    recorded = RecordedTokens([record.token_set(1)], backbone.image_size)
+    record_reach(backbone, recorded, record.image_index()[1], [dataset], [], from_layer=1, edit_layers=[], final=True,
+                 out_dir=tmp_path / "tokens", **common)
+    found = TokensOut(tmp_path / "tokens")
+    stored = (found.layer(record, 1), found.final(record))
+    torch.manual_seed(1)
+    heads = {"cls": LinearHead(torch.nn.Linear(D, 1), "classification", ["cat"]),
+             "seg": LinearHead(torch.nn.Linear(D, 2), "segmentation", dataset.seg_classes)}
+    mean_d = torch.randn(D, generator=torch.Generator().manual_seed(2))
+    saes = {"useless": MeanSAE(mean_d), "noisy": NoisySAE()}
+    fresh = ex.spliced_scores(backbone, saes, mean_d, heads, dataset, layer=1, batch_size=4)
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("every image is stored: nothing should be captured")
+
+    monkeypatch.setattr(backbone, "capture", no_forward_pass)
+    read = ex.spliced_scores(backbone, saes, mean_d, heads, dataset, layer=1, batch_size=4, tokens=stored)
+    assert fresh.keys() == read.keys()
+    for key in fresh:
+        for arm in ("clean", "spliced", "ablated"):
+            assert getattr(read[key], arm) == pytest.approx(getattr(fresh[key], arm), abs=1e-6), (key, arm)
+
+
+class NoisySAE:
+    """A reconstruction that is neither perfect nor the mean (x·0.7 + a fixed offset)."""
+
+    def encode(self, x_nd):
+        return x_nd * 0.7
+
+    def decode(self, f_nf):
+        return f_nf + 0.05
+
+
 def test_recovered_is_undefined_without_a_gap():
     assert ex.SplicedScores("accuracy", 0.5, 0.4, 0.5, 10).recovered is None
     assert ex.SplicedScores("accuracy", 0.9, 0.7, 0.1, 10).recovered == pytest.approx(0.75)

@@ -109,7 +109,8 @@ def test_defaults_are_resolved_once_in_the_builder() -> None:
     splice = stages["splice/dinov2-demo_val"]
     assert splice.params.heads == {"category": "cls", "segment": "seg"}
     assert {role: s.name for role, s in splice.inputs.items()} == {
-        "record": "record/dinov2", "train/L11": "train/dinov2-L11", "head/category": "heads/category", "head/segment": "heads/segment"}
+        "record": "record/dinov2", "train/L11": "train/dinov2-L11", "head/category": "heads/category", "head/segment": "heads/segment",
+        "tokens": "tokens/dinov2"}
     tokens = stages["tokens/dinov2"].params
     assert tokens.from_layer == 11 and tokens.edit_layers == [11]
     assert sorted(tokens.head_datasets) == ["demo_train", "demo_val"]  # their images are found in `demo` by path at run time

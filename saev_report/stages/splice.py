@@ -9,6 +9,7 @@ from saev_report.spec import DatasetSpec, ModelSpec, SAESpec
 from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
 from saev_report.stages.heads import HeadOut
 from saev_report.stages.record import RecordOut
+from saev_report.stages.tokens import TokensOut
 from saev_report.stages.train import TrainOut
 
 
@@ -45,8 +46,13 @@ def splice(params: SpliceParams, inputs: Inputs, out_dir: Path) -> None:
     for layer in params.model.layers:
         train = take(inputs, "train/L{}".format(layer), TrainOut)
         saes = {sae_id(params.model_key, layer, c): train.sae(c.tag, device) for c in sae_sweep(params.sae)}
-        mean_d = store_patch_mean(take(inputs, "record", RecordOut).store(layer))
-        scores = spliced_scores(backbone, saes, mean_d, heads, dataset, layer, batch_size=params.batch_size)
+        record = take(inputs, "record", RecordOut)
+        mean_d = store_patch_mean(record.store(layer))
+        stored = None
+        if "tokens" in inputs:  # the recorded layer-L and final tokens: no forward pass up to layer L
+            found = take(inputs, "tokens", TokensOut)
+            stored = (found.layer(record, layer), found.final(record))
+        scores = spliced_scores(backbone, saes, mean_d, heads, dataset, layer, batch_size=params.batch_size, tokens=stored)
         for (sid, head_key), s in scores.items():
             prefix = params.heads[head_key]
             rows.setdefault(sid, {"sae_id": sid}).update({
@@ -58,4 +64,4 @@ def splice(params: SpliceParams, inputs: Inputs, out_dir: Path) -> None:
     write_table(table_part(out_dir, "saes", "splice"), "saes", list(rows.values()), params.digest())
 
 
-SPLICE = StageKind(name="splice", version=1, params=SpliceParams, out=SpliceOut, action=splice)
+SPLICE = StageKind(name="splice", version=2, params=SpliceParams, out=SpliceOut, action=splice)
