@@ -203,3 +203,16 @@ def gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
 def min_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place element-wise minimum over ranks."""
     return _reduce(tensor, dist.ReduceOp.MIN)
+
+
+def gather_varying(tensor_n: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-d tensor, in rank order, on every rank: the lengths may differ (sparse counters)."""
+    world = current().world
+    if world == 1:
+        return [tensor_n]
+    lengths = gather(len(tensor_n))
+    if max(lengths) == 0:
+        return [tensor_n[:0].clone() for _ in lengths]
+    padded = torch.zeros(max(lengths), dtype=tensor_n.dtype, device=tensor_n.device)
+    padded[:len(tensor_n)] = tensor_n
+    return [part[:n] for part, n in zip(gather_tensor(padded), lengths)]

@@ -368,10 +368,11 @@ class FakeStore:
     def row_image_token(self, rows):
         return np.divmod(np.asarray(rows), self.tokens_per_image)
 
-    def iter_batches(self, batch_rows, *, patches_only=False):
+    def iter_batches(self, batch_rows, *, patches_only=False, images=None):
         assert patches_only
-        rows = (np.arange(self.n_images)[:, None] * self.tokens_per_image + np.arange(1, self.tokens_per_image)).reshape(-1)
-        acts = torch.from_numpy(self.acts_itd[:, 1:].reshape(-1, self.d_model))
+        images = images or range(self.n_images)
+        rows = (np.array(images)[:, None] * self.tokens_per_image + np.arange(1, self.tokens_per_image)).reshape(-1)
+        acts = torch.from_numpy(self.acts_itd[images.start:images.stop, 1:].reshape(-1, self.d_model))
         for i in range(0, len(rows), batch_rows):
             yield acts[i:i + batch_rows], rows[i:i + batch_rows]
 
@@ -440,23 +441,24 @@ def _encode_all(acts_ipd: np.ndarray, sae) -> np.ndarray:
     return f.reshape(n_images, n_patches, -1)
 
 
-def _priority_reference(pos: int, feature: int) -> int:
+def _priority_reference(image: int, feature: int) -> int:
     """analyse.sample_priority in plain Python integers."""
     m31 = (1 << 31) - 1
-    x = ((pos & m31) * 0x5BD1E995 + feature * 0x1B873593) & m31
+    x = ((image & m31) * 0x5BD1E995 + feature * 0x1B873593) & m31
     for shift, mult in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, 0x3C6EF372)):
         x = ((x ^ (x >> shift)) * mult) & m31
     return x ^ (x >> 16)
 
 
 def quantile_reference(f_ipf: np.ndarray, image_idx: np.ndarray, bands: int, per_band: int) -> list[tuple]:
-    """(feature, band, rank, image_idx, act, map) from the whole set: the R highest-priority firing images,
-    sorted by activation, cut into equal bands with numpy's array_split sizes."""
+    """(feature, band, rank, image_idx, act, map) from the whole set: the R firing images of highest priority
+    (a hash of dataset index and feature; ties: the later image), sorted by activation, cut into equal bands
+    with numpy's array_split sizes."""
     img_max = f_ipf.max(1)
     rows = []
     for j in range(f_ipf.shape[2]):
         firing = [p for p in range(len(image_idx)) if img_max[p, j] > 0]
-        sample = sorted(firing, key=lambda p: -((_priority_reference(p, j) << 32) | p))[: bands * per_band]
+        sample = sorted(firing, key=lambda p: (-_priority_reference(int(image_idx[p]), j), -p))[: bands * per_band]
         by_act = sorted(range(len(sample)), key=lambda s: (-img_max[sample[s], j], s))  # ties: higher priority first
         ascending = by_act[::-1]
         for band, members in enumerate(np.array_split(np.array(ascending, dtype=int), bands)):
@@ -484,10 +486,10 @@ def test_quantile_samples_match_reference(demo, images_per_batch):
 
 
 def test_sample_priority_matches_python_integers():
-    pos = torch.tensor([0, 1, 7, 2**31 + 5, 2**32 - 1])
+    images = torch.tensor([0, 1, 7, 2**31 + 5, 2**32 - 1])
     feats = torch.tensor([0, 3, 24575, 2**24])
-    got = analyse.sample_priority(pos, feats).numpy()
-    want = [[_priority_reference(int(p), int(f)) for f in feats] for p in pos]
+    got = analyse.sample_priority(images, feats).numpy()
+    want = [[_priority_reference(int(i), int(f)) for f in feats] for i in images]
     np.testing.assert_array_equal(got, want)
     assert got.min() >= 0 and got.max() < 2**31
 
