@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -540,3 +542,101 @@ def test_panel_tables_are_written(demo, tmp_path):
     assert set(paths) == {"features", "exemplars", "quantile_exemplars", "class_split", "similar_features"}
     similar = pq.read_table(paths["similar_features"]).to_pydict()
     assert len(similar["feature"]) == 40 * analyse.SIMILAR_FEATURES and similar["rank"][:8] == list(range(8))
+
+
+# --------------------------------------------------------------------------- across ranks (3 gloo processes)
+
+WORLD = 3
+RANK_SEEDS = range(8)
+
+
+def rank_case(seed: int):
+    """Data, SAE, labels and spec of one case, and its random split over WORLD ranks: (cuts, images per batch).
+
+    Seed 0 is the `demo` data (23 images > 12 sample slots); the others are random. The data are
+    dyadic, so even the float64 sums come out the same whatever the split."""
+    rng = np.random.default_rng(seed)
+    if seed == 0:
+        acts = dyadic_acts(n_images=23, n_patches=6, d=12, seed=1)
+        image_idx = np.arange(23, dtype=np.int64) * 3 + 100
+        sae = StandInSAE(12, 40, seed=2)
+        with torch.no_grad():
+            sae.b_enc_f[5], sae.b_enc_f[7] = -1000.0, 1000.0
+        spec = AnalysisSpec(top_k=5, histogram_bins=10, dense_threshold=0.5)
+    else:
+        n_images, n_patches, d, n_features = (int(x) for x in (rng.integers(1, 30), rng.integers(1, 6), rng.integers(1, 7), rng.integers(1, 25)))
+        acts = dyadic_acts(n_images, n_patches, d, seed)
+        sae = StandInSAE(d, n_features, seed=seed + 1)
+        with torch.no_grad():
+            sae.b_enc_f[0] = 16.0  # fires everywhere: histograms have a range, samples fill up
+        image_idx = rng.permutation(3 * n_images)[:n_images].astype(np.int64)  # any dataset indices, in any order
+        spec = AnalysisSpec(top_k=int(rng.integers(1, 7)), histogram_bins=int(rng.integers(2, 12)), dense_threshold=0.3)
+    labels = {int(i): ["cat", "dog", "bird"][k % 3] for k, i in enumerate(image_idx) if k % 5 != 4}
+    cuts = [0, *np.sort(rng.integers(0, len(acts) + 1, size=WORLD - 1)).tolist(), len(acts)]  # ranks may get nothing
+    if seed == 1:
+        cuts[1] = 0  # rank 0 too
+    per_batch = rng.integers(1, 6, size=WORLD).tolist()
+    return acts, image_idx, sae, labels, spec, cuts, per_batch
+
+
+def _rank_tables(result: analyse.AnalysisResult) -> dict:
+    tables = {name: getattr(result, name) for name in ("features", "exemplars", "quantile_exemplars", "class_split", "similar_features")}
+    return {"metrics": result.metrics, **tables}
+
+
+def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
+    import pickle
+
+    import torch.distributed as dist
+
+    from saev_report import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        merged = {}
+        for seed in RANK_SEEDS:
+            acts, image_idx, sae, labels, spec, cuts, per_batch = rank_case(seed)
+            mine = slice(cuts[rank], cuts[rank + 1])
+            result = analyse_sae(batches(acts[mine], image_idx[mine], per_batch[rank]), sae, (1, acts.shape[1]), labels, spec,
+                                 "s", "ds", CPU, shard=distributed.current())
+            assert (result is None) == (rank != 0)
+            if result is not None:
+                merged[seed] = _rank_tables(result)
+        if rank == 0:
+            (Path(out) / "merged.pkl").write_bytes(pickle.dumps(merged))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def merged_over_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_rank_worker, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    return pickle.loads((tmp / "merged.pkl").read_bytes())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", RANK_SEEDS)
+def test_analysis_merged_over_ranks_equals_one_pass(merged_over_ranks: dict, seed: int) -> None:
+    acts, image_idx, sae, labels, spec, cuts, _ = rank_case(seed)
+    merged = merged_over_ranks[seed]
+    one = _rank_tables(run(acts, image_idx, sae, spec, labels, images_per_batch=4))
+    for name in ("features", "exemplars", "quantile_exemplars", "class_split", "similar_features"):
+        assert merged[name].equals(one[name]), name  # dyadic data: even the float64 sums are exact
+    for key, value in one["metrics"].items():  # the FVU's means and M2 combine by division
+        assert merged["metrics"][key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
+    # and both are the numpy reference's
+    check_against_reference(SimpleNamespace(**merged), reference(acts, image_idx, sae, spec, labels))
+    quantiles = quantile_reference(_encode_all(acts, sae), image_idx, analyse.QUANTILE_BANDS, analyse.SAMPLES_PER_BAND)
+    q = merged["quantile_exemplars"].to_pydict()
+    assert list(zip(q["feature"], q["band"], q["rank"], q["image_idx"], q["act"])) == [r[:5] for r in quantiles]
+
+
+def test_rank_cases_exercise_uneven_and_empty_shares() -> None:
+    splits = [np.diff(rank_case(seed)[5]) for seed in RANK_SEEDS]
+    assert any((s == 0).any() for s in splits) and any(len(set(s.tolist())) == WORLD for s in splits)
