@@ -873,6 +873,8 @@ def analyse_store(store, sae: SAELike, labels: Mapping[int, str | None] | None, 
     images_per_batch = max(1, spec.batch_size // store.meta.n_patches)
     # Cut at batch boundaries: every rank then runs the very batches one process would.
     mine = shard.range(store.n_images, align=images_per_batch)
+    if shard.world > 1:
+        progress.log(f"  {sae_id}: rank {shard.rank} of {shard.world} scans images {mine.start}–{mine.stop} of {store.n_images}")
     return analyse_sae(store_batches(store, images_per_batch, mine), sae, (store.meta.grid_h, store.meta.grid_w), labels,
                        spec, sae_id, dataset_key, device, n_images=len(mine), concept_labels=concept_labels, shard=shard)
 

@@ -92,7 +92,8 @@ def _spec(tmp: Path, name: str, images: Path, seeds: list[int], image_size: int 
         "record": {"dataset": "imgs", "dtype": "float32", "batch_size": 4, "shard_mb": 1},
         "sae": {"expansion": [2], "l1_coeff": [0.0004], "seeds": seeds, "batch_size": 64, "n_patches": 1280,
                 "lr_warmup_steps": 5, "l1_warmup_steps": 5},
-        "analysis": {"top_k": 3},
+        # 3 images per analysis batch (8×8 patches each): the ranks scan 12 and 14 of the 26 images
+        "analysis": {"top_k": 3, "batch_size": 196},
     }
     path = tmp / f"{name}-{len(seeds)}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -161,7 +162,7 @@ def test_two_ranks_train_the_sweep_to_identical_saes(builds: tuple[Path, Path]) 
 @pytest.mark.slow
 def test_two_ranks_analyse_to_equal_tables(builds: tuple[Path, Path]) -> None:
     one, two = builds
-    for table in ("features", "exemplars"):
+    for table in ("features", "exemplars", "quantile_exemplars", "class_split", "similar_features", "concepts"):
         a, b = _rows(one, "analyse", table), _rows(two, "analyse", table)
         assert a and len(a) == len(b)
         for ra, rb in zip(a, b):
@@ -173,6 +174,7 @@ def test_two_ranks_analyse_to_equal_tables(builds: tuple[Path, Path]) -> None:
                     assert ra[key] == rb[key], key
     saes = [{r["sae_id"]: r["n_patches_eval"] for r in _rows(run, "analyse", "saes")} for run in builds]
     assert len(saes[0]) == 4 and saes[0] == saes[1]  # 2 layers × 2 SAEs, each over all 26 images
+    assert "rank 1 of 2 scans images 12–26 of 26" in (two / "logs" / "rank-1.log").read_text()  # the second rank did scan
 
 
 @pytest.mark.slow
