@@ -291,9 +291,17 @@ class TopImages:
         subclasses that keep more per slot)."""
         self.keys_fk, source_fk = distributed.topk_keys(self._global_keys(first_pos))
         n_features, k = self.keys_fk.shape
-        ranked_fkp = self.maps_fkp.gather(1, self.cell_fk[:, :, None].expand_as(self.maps_fkp))
-        all_maps_fkp = torch.cat(distributed.gather_tensor(ranked_fkp), dim=1)
-        self.maps_fkp = all_maps_fkp.gather(1, source_fk[:, :, None].expand(n_features, k, self.maps_fkp.shape[2])).contiguous()
+        # Only the winners' maps travel: each rank sends those of its slots that won, in
+        # row-major order of the merged slots, which every rank can recompute from source_fk.
+        filled_fk = self.keys_fk >= 0
+        from_fk = torch.where(filled_fk, source_fk // k, -1)
+        mine_fk = from_fk == distributed.current().rank
+        feature_w, slot_w = torch.nonzero(mine_fk, as_tuple=True)
+        maps_wp = self.maps_fkp[feature_w, self.cell_fk[feature_w, source_fk[feature_w, slot_w] % k]]
+        maps_fkp = torch.zeros_like(self.maps_fkp)
+        for rank, part_wp in enumerate(distributed.gather_varying(maps_wp)):
+            maps_fkp[from_fk == rank] = part_wp
+        self.maps_fkp = maps_fkp
         self.cell_fk = torch.arange(k, device=self.keys_fk.device).repeat(n_features, 1)
         return source_fk
 

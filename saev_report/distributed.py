@@ -205,14 +205,17 @@ def min_(tensor: torch.Tensor) -> torch.Tensor:
     return _reduce(tensor, dist.ReduceOp.MIN)
 
 
-def gather_varying(tensor_n: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's 1-d tensor, in rank order, on every rank: the lengths may differ (sparse counters)."""
-    world = current().world
-    if world == 1:
-        return [tensor_n]
-    lengths = gather(len(tensor_n))
-    if max(lengths) == 0:
-        return [tensor_n[:0].clone() for _ in lengths]
-    padded = torch.zeros(max(lengths), dtype=tensor_n.dtype, device=tensor_n.device)
-    padded[:len(tensor_n)] = tensor_n
-    return [part[:n] for part, n in zip(gather_tensor(padded), lengths)]
+def gather_varying(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's tensor, in rank order, on every rank, where the first dimension may differ
+    (sparse counters, the exemplar maps a rank won): one broadcast per rank, so nothing is padded."""
+    shard = current()
+    if shard.world == 1:
+        return [tensor]
+    lengths = gather(tensor.shape[0])
+    parts = []
+    for rank, n in enumerate(lengths):
+        part = tensor.contiguous() if rank == shard.rank else tensor.new_empty((n, *tensor.shape[1:]))
+        if n:
+            dist.broadcast(part, src=rank)
+        parts.append(part)
+    return parts
