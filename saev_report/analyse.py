@@ -36,6 +36,12 @@ exemplar images (ties: the label of the better-ranked exemplar),
 `label_purity` its share and `label_entropy` the entropy in bits of their
 label distribution; exemplar images without a label are left out of all three.
 
+Across ranks (torchrun): each rank scans a contiguous range of whole batches and
+`ScanResult.merge_ranks` folds every accumulator into one pass's state: counts and
+histograms add exactly, float64 sums add up to summation order, maxima max, and
+the top-k images and quantile samples re-rank over keys carrying the global stream
+position. Rank 0 builds the tables.
+
 SAE activations must be non-negative (ReLU, TopK and BatchTopK SAEs are).
 """
 

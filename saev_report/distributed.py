@@ -13,7 +13,8 @@ a batch), so every rank reads the same batches a one-process run would read:
 that is what makes sharded outputs bit-identical. Merges are exact by
 construction: sums (integer counts exactly; float64 sums up to summation
 order), maxima, and top-k over keys that carry a global position, so ties
-break the same way as in one pass.
+break the same way as in one pass (uniform samples too: their priorities hash
+the item, not its place in a rank's stream).
 """
 
 from __future__ import annotations

@@ -71,6 +71,56 @@ def test_merge_refuses_different_stores(tmp_path: Path) -> None:
         merge_stores([a, b], tmp_path / "merged")
 
 
+# --------------------------------------------------------------------------- analyse: concept labels on 2 gloo ranks
+
+
+def _seg_dataset(root: Path):
+    from saev_report.datasets import ImageDataset, ImageRecord
+
+    records = []
+    for i in range(5):
+        image, mask = root / f"{i}.png", root / f"{i}_mask.png"
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+        values = np.zeros((32, 32), dtype=np.uint8)
+        values[:, 16:] = i % 3  # right half of the image is class i % 3
+        Image.fromarray(values).save(mask)
+        records.append(ImageRecord(i, str(image), f"l{i % 2}", str(mask)))
+    return ImageDataset("seg", records, classes=["l0", "l1"], seg_classes=["bg", "one", "two"], ignore_index=255)
+
+
+def _labels_worker(rank: int, world: int, root: str) -> None:
+    import pickle
+
+    import torch.distributed as dist
+
+    from saev_report.stages.analyse import shared_concept_labels
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
+    try:
+        labels = shared_concept_labels(_seg_dataset(Path(root)), (2, 2), 3, Path(root) / "stage" / "patch_labels.npy")
+        as_lists = {key: np.asarray(value).tolist() if isinstance(value, np.ndarray) else value for key, value in labels.__dict__.items()}
+        (Path(root) / f"rank{rank}.pkl").write_bytes(pickle.dumps((as_lists, isinstance(labels.patch_ip, np.memmap))))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_other_ranks_take_rank_0s_concept_labels(tmp_path: Path) -> None:
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    from saev_report.concepts import dataset_labels
+
+    mp.spawn(_labels_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    one = dataset_labels(_seg_dataset(tmp_path), (2, 2), 3)
+    want = {key: np.asarray(value).tolist() if isinstance(value, np.ndarray) else value for key, value in one.__dict__.items()}
+    for rank in (0, 1):
+        got, memory_mapped = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+        assert got == want and memory_mapped  # the same labels and null permutation; patch labels read from rank 0's file
+    assert want["patch_ip"][1] == [0, 1, 0, 1] and sorted(want["null_i"]) == list(range(5))
+
+
 # --------------------------------------------------------------------------- 2-rank builds (slow)
 
 

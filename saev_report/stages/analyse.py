@@ -59,7 +59,8 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     saes = take(inputs, "train", TrainOut)
     labels = take(inputs, "images", ImagesOut).labels()
     labels_or_none = labels if any(v is not None for v in labels.values()) else None
-    concept_labels = _concept_labels(params, (store.meta.grid_h, store.meta.grid_w), out_dir / "concepts" / "patch_labels.npy")
+    concept_labels = shared_concept_labels(open_dataset(params.dataset_key, params.dataset, params.cache_dir),
+                                           (store.meta.grid_h, store.meta.grid_w), params.seed, out_dir / "concepts" / "patch_labels.npy")
     rows = []
     for config in sae_sweep(params.sae):
         sid = sae_id(params.model_key, params.layer, config)
@@ -80,11 +81,11 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
         write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
 
 
-def _concept_labels(params: AnalyseParams, grid: tuple[int, int], patch_path: Path):
-    """The dataset's concept labels (None without masks or classes), read once for every SAE of the sweep.
+def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path: Path):
+    """The `ImageDataset`'s concept labels (None without masks or classes), read once for every SAE of the sweep.
 
-    Rank 0 computes them, writing the per-patch mask classes to `patch_path`; the other
-    ranks take its labels (the very same null permutation) and memory-map that file."""
+    Under torchrun rank 0 computes them, writing the per-patch mask classes to `patch_path`;
+    the other ranks take its labels (the very same null permutation) and memory-map that file."""
     import dataclasses
 
     import numpy as np
@@ -93,8 +94,7 @@ def _concept_labels(params: AnalyseParams, grid: tuple[int, int], patch_path: Pa
     from saev_report.concepts import dataset_labels
 
     shard = distributed.current()
-    labels = dataset_labels(open_dataset(params.dataset_key, params.dataset, params.cache_dir), grid, params.seed,
-                            patch_path) if shard.is_main else None
+    labels = dataset_labels(dataset, grid, seed, patch_path) if shard.is_main else None
     if shard.world == 1:
         return labels
     # Everything but the (possibly huge) patch labels goes over the wire; those are on disk.
