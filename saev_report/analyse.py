@@ -36,6 +36,12 @@ exemplar images (ties: the label of the better-ranked exemplar),
 `label_purity` its share and `label_entropy` the entropy in bits of their
 label distribution; exemplar images without a label are left out of all three.
 
+Across ranks (torchrun): each rank scans a contiguous range of whole batches and
+`ScanResult.merge_ranks` folds every accumulator into one pass's state: counts and
+histograms add exactly, float64 sums add up to summation order, maxima max, and
+the top-k images and quantile samples re-rank over keys carrying the global stream
+position. Rank 0 builds the tables.
+
 SAE activations must be non-negative (ReLU, TopK and BatchTopK SAEs are).
 """
 
@@ -282,17 +288,33 @@ class TopImages:
         self.maps_fkp[feature_e, new_cell_ck[entrant_row, entrant_slot]] = maps_ep.clamp_max(finite).to(self.maps_fkp.dtype)
         return changed_c, pick_ck
 
-    def merge_ranks(self, first_pos: int) -> None:
+    def merge_ranks(self, first_pos: int) -> torch.Tensor:
         """Merge every rank's top-k into the global one; this rank's stream starts at global
         position `first_pos`. Keys are re-based to global positions, so the merged keys, ties
-        included, are those of one pass over all ranks' images in rank order."""
-        shifted_fk = torch.where(self.keys_fk >= 0, self.keys_fk - first_pos, self.keys_fk)
-        self.keys_fk, source_fk = distributed.topk_keys(shifted_fk)
+        included, are those of one pass over all ranks' images in rank order.
+
+        Returns, per merged slot, its index into the concatenation of all ranks' slots (for
+        subclasses that keep more per slot)."""
+        self.keys_fk, source_fk = distributed.topk_keys(self._global_keys(first_pos))
         n_features, k = self.keys_fk.shape
-        ranked_fkp = self.maps_fkp.gather(1, self.cell_fk[:, :, None].expand_as(self.maps_fkp))
-        all_maps_fkp = torch.cat(distributed.gather_tensor(ranked_fkp), dim=1)
-        self.maps_fkp = all_maps_fkp.gather(1, source_fk[:, :, None].expand(n_features, k, self.maps_fkp.shape[2])).contiguous()
+        # Only the winners' maps travel: each rank sends those of its slots that won, in
+        # row-major order of the merged slots, which every rank can recompute from source_fk.
+        filled_fk = self.keys_fk >= 0
+        from_fk = torch.where(filled_fk, source_fk // k, -1)
+        mine_fk = from_fk == distributed.current().rank
+        feature_w, slot_w = torch.nonzero(mine_fk, as_tuple=True)
+        maps_wp = self.maps_fkp[feature_w, self.cell_fk[feature_w, source_fk[feature_w, slot_w] % k]]
+        maps_fkp = torch.zeros_like(self.maps_fkp)
+        for rank, part_wp in enumerate(distributed.gather_varying(maps_wp)):
+            maps_fkp[from_fk == rank] = part_wp
+        self.maps_fkp = maps_fkp
         self.cell_fk = torch.arange(k, device=self.keys_fk.device).repeat(n_features, 1)
+        return source_fk
+
+    def _global_keys(self, first_pos: int) -> torch.Tensor:
+        """The keys with stream positions counted from the first image of all ranks (the low bits hold
+        `_POS_MASK − position`)."""
+        return torch.where(self.keys_fk >= 0, self.keys_fk - first_pos, self.keys_fk)
 
     def values_fk(self) -> torch.Tensor:
         """Activations (float32); empty slots are -inf."""
@@ -334,14 +356,19 @@ _M31 = (1 << 31) - 1
 class ScanHook(Protocol):
     def update(self, f_bpf: torch.Tensor, img_max_bf: torch.Tensor, image_idx_b: np.ndarray, first_pos: int) -> None: ...
 
+    def merge_ranks(self, first_pos: int) -> None:
+        """Fold every rank's state into this one, exactly (this rank's stream starts at global position `first_pos`)."""
+        ...
 
-def sample_priority(pos_b: torch.Tensor, feature_f: torch.Tensor) -> torch.Tensor:
-    """[B, F] pseudo-random priorities in [0, 2³¹) of (stream position, feature) pairs.
+
+def sample_priority(image_idx_b: torch.Tensor, feature_f: torch.Tensor) -> torch.Tensor:
+    """[B, F] pseudo-random priorities in [0, 2³¹) of (dataset image index, feature) pairs.
 
     A fixed integer hash (murmur3-style mixing on 31-bit words, so int64 never
-    overflows) rather than a random generator: the sample does not depend on the
-    batch size, and a reference can recompute it."""
-    x = ((pos_b[:, None] & _M31) * 0x5BD1E995 + feature_f[None, :] * 0x1B873593) & _M31
+    overflows) rather than a random generator: the sample depends neither on the
+    batch size nor on how the images are split across ranks, and a reference can
+    recompute it."""
+    x = ((image_idx_b[:, None] & _M31) * 0x5BD1E995 + feature_f[None, :] * 0x1B873593) & _M31
     for shift, mult in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, 0x3C6EF372)):
         x = ((x ^ (x >> shift)) * mult) & _M31
     return x ^ (x >> 16)
@@ -351,13 +378,19 @@ class QuantileSamples(TopImages):
     """A uniform reservoir of the images each feature fires on, with their patch maps.
 
     Priority sampling: every (image, feature) pair where the feature fires gets a
-    hash priority, and the slots keep the largest priorities, so each slot set is
-    a uniform sample without replacement of the images the feature fired on. At
-    the end the sample is sorted by activation and cut into QUANTILE_BANDS equal
-    bands: band b holds sampled images between the b/B and (b+1)/B sample
-    quantiles, i.e. a uniform sample of that band of the feature's distribution.
-    Maps are kept in float16 (they end up as 8-bit heat-maps): F·slots·patches·2
-    bytes, 150 MB at 24,576 × 12 × 256.
+    hash priority of (dataset image index, feature), and the slots keep the
+    largest priorities (ties: the later image), so each slot set is a uniform
+    sample without replacement of the images the feature fired on. At the end the
+    sample is sorted by activation and cut into QUANTILE_BANDS equal bands: band b
+    holds sampled images between the b/B and (b+1)/B sample quantiles, i.e. a
+    uniform sample of that band of the feature's distribution. Maps are kept in
+    float16 (they end up as 8-bit heat-maps): F·slots·patches·2 bytes, 150 MB at
+    24,576 × 12 × 256.
+
+    The priority depends only on the image, never on where it sits in a rank's
+    stream, so the top priorities of the union of the ranks' images are the top
+    priorities among the ranks' own samples: `merge_ranks` keeps exactly the
+    sample one process would.
     """
 
     def __init__(self, n_features: int, n_patches: int, device: torch.device,
@@ -369,14 +402,27 @@ class QuantileSamples(TopImages):
 
     def update(self, f_bpf: torch.Tensor, img_max_bf: torch.Tensor, image_idx_b: np.ndarray, first_pos: int) -> None:
         n_images = img_max_bf.shape[0]
-        pos_b = torch.arange(first_pos, first_pos + n_images, device=img_max_bf.device)
-        prio_bf = sample_priority(pos_b, self.feature_f)
+        if first_pos + n_images > _POS_MASK:
+            raise ValueError("more than 2**32 images in one analysis")
+        device = img_max_bf.device
+        pos_b = torch.arange(first_pos, first_pos + n_images, device=device)
+        prio_bf = sample_priority(torch.as_tensor(np.asarray(image_idx_b, dtype=np.int64).reshape(n_images), device=device),
+                                  self.feature_f)
         keys_bf = torch.where(img_max_bf > 0, (prio_bf << _POS_BITS) | pos_b[:, None], torch.full_like(prio_bf, -1))
         picked = self.merge(keys_bf, f_bpf)
         if picked is not None:
             changed_c, pick_ck = picked
             candidates = torch.cat([self.act_fk[changed_c], img_max_bf[:, changed_c].T.float()], dim=1)
             self.act_fk[changed_c] = candidates.gather(1, pick_ck)
+
+    def merge_ranks(self, first_pos: int) -> torch.Tensor:
+        """The sample of all ranks' images (see the class docstring), with its activations and maps."""
+        source_fk = super().merge_ranks(first_pos)
+        self.act_fk = torch.cat(distributed.gather_tensor(self.act_fk), dim=1).gather(1, source_fk)
+        return source_fk
+
+    def _global_keys(self, first_pos: int) -> torch.Tensor:
+        return torch.where(self.keys_fk >= 0, self.keys_fk + first_pos, self.keys_fk)  # the low bits hold the position itself
 
     def positions_fk(self) -> torch.Tensor:
         return torch.where(self.keys_fk >= 0, self.keys_fk & _POS_MASK, torch.full_like(self.keys_fk, -1))
@@ -459,6 +505,13 @@ class ClassSplit:
         self.n_fire_lf.index_add_(0, code_k, (img_max_kf > 0).int())
         self.act_sum_lf.index_add_(0, code_k, img_max_kf.clamp_min(0).double())
 
+    def merge_ranks(self, first_pos: int = 0) -> None:
+        """Sum every rank's counts and activation sums (all ranks hold the same labels): the counts
+        exactly, the float64 sums up to summation order."""
+        self.n_images_l = np.sum(distributed.gather(self.n_images_l), axis=0)
+        distributed.sum_(self.n_fire_lf)
+        distributed.sum_(self.act_sum_lf)
+
     def table(self, sae_id: str, top: int = CLASS_SPLIT_LABELS) -> pa.Table:
         """The `class_split` rows: per feature, the `top` labels with the highest firing rate (ties: label order)."""
         n_fire_lf = self.n_fire_lf.cpu().numpy().astype(np.int64)
@@ -537,21 +590,27 @@ class ScanResult:
     """None when no batch came."""
 
     @torch.inference_mode()  # the accumulators are inference tensors of `scan`
-    def merge_ranks(self, n_features: int, top_k: int, n_patches: int, device: torch.device) -> "ScanResult":
+    def merge_ranks(self, n_features: int, top_k: int, n_patches: int, device: torch.device,
+                    hooks: Sequence[ScanHook] = (), concepts: ConceptStats | None = None) -> "ScanResult":
         """Every rank's scan of its share of the images, merged exactly (on every rank).
 
-        Each accumulator has a `merge_ranks` that folds in the other ranks' state; an
-        accumulator added to the scan adds its own (sums add, maxima max, top-k re-rank).
-        The panel hooks and `ConceptStats` have none yet, which is why the analyse stage
-        is not declared `parallel`.
+        Each accumulator has a `merge_ranks` that folds in the other ranks' state: sums add,
+        maxima max, top-k and samples re-rank over keys carrying the global stream position.
+        The `hooks` and `concepts` that rode along the scan are merged in place.
         """
         image_idx = distributed.gather(self.image_idx)
+        if sum(len(part) for part in image_idx) > _POS_MASK:
+            raise ValueError("more than 2**32 images in one analysis")
         first_pos = sum(len(part) for part in image_idx[:distributed.current().rank])
         if self.recon is not None:
             self.recon.merge_ranks()
         self.stats.merge_ranks()
         top = self.top or TopImages(n_features, top_k, n_patches, device)  # a rank that got no images
         top.merge_ranks(first_pos)
+        for hook in hooks:
+            hook.merge_ranks(first_pos)
+        if concepts is not None:
+            concepts.merge_ranks()
         return ScanResult(sum(distributed.gather(self.n_patches)), np.concatenate(image_idx), self.recon, self.stats, top)
 
 
@@ -760,14 +819,17 @@ def _checked_progress(batches: Iterable[Batch], description: str, n_images: int 
 
 def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], labels: Mapping[int, str | None] | None,
                 spec: AnalysisSpec, sae_id: str, dataset_key: str, device: torch.device,
-                n_images: int | None = None, concept_labels: ConceptLabels | None = None) -> AnalysisResult:
+                n_images: int | None = None, concept_labels: ConceptLabels | None = None,
+                shard: distributed.Shard = distributed.ONE) -> AnalysisResult | None:
     """Metrics, feature statistics, exemplars and (given `concept_labels`) concept detection of one SAE over
     every patch of `batches`.
 
     Each batch holds whole images with `grid[0] * grid[1]` patches each, raw
     (un-normalised) activations. `labels` maps dataset image index → label;
-    `n_images` only sizes the progress bar. Under torchrun (`shard`) each rank passes its
-    share of the images, in order, and every rank gets the merged result.
+    `n_images` only sizes the progress bar. Under torchrun (`shard` of a world > 1) each
+    rank passes its share of the images, the ranks' shares in rank order making up the
+    whole stream; the scans are merged exactly and rank 0 gets the result of one pass
+    over all the images, the other ranks None.
     """
     n_features = int(sae.n_features)
     samples = QuantileSamples(n_features, grid[0] * grid[1], device)
@@ -776,6 +838,10 @@ def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], l
     concepts = ConceptStats(concept_labels, n_features, device) if concept_labels is not None else None
     result = scan(_checked_progress(batches, f"analyse {sae_id}", n_images, grid), sae, spec.top_k, device, hooks=hooks,
                   concepts=concepts)
+    if shard.world > 1:
+        result = result.merge_ranks(n_features, spec.top_k, grid[0] * grid[1], device, hooks, concepts)
+        if not shard.is_main:
+            return None
     ex = exemplars(result.top, result.image_idx)
     image_fk = np.full((int(sae.n_features), spec.top_k), -1, dtype=np.int64)
     image_fk[ex.feature_n, ex.rank_n] = ex.image_idx_n
@@ -814,11 +880,17 @@ def store_batches(store, images_per_batch: int, images: range | None = None) -> 
 
 
 def analyse_store(store, sae: SAELike, labels: Mapping[int, str | None] | None, spec: AnalysisSpec, sae_id: str,
-                  dataset_key: str, device: torch.device, concept_labels: ConceptLabels | None = None) -> AnalysisResult:
-    """`analyse_sae` over the patch tokens of an activation store."""
+                  dataset_key: str, device: torch.device, concept_labels: ConceptLabels | None = None,
+                  shard: distributed.Shard = distributed.ONE) -> AnalysisResult | None:
+    """`analyse_sae` over the patch tokens of an activation store; under torchrun (`shard`) this rank
+    reads a contiguous range of whole batches (rank 0 gets the merged result, the others None)."""
     images_per_batch = max(1, spec.batch_size // store.meta.n_patches)
-    return analyse_sae(store_batches(store, images_per_batch), sae, (store.meta.grid_h, store.meta.grid_w), labels,
-                       spec, sae_id, dataset_key, device, n_images=store.n_images, concept_labels=concept_labels)
+    # Cut at batch boundaries: every rank then runs the very batches one process would.
+    mine = shard.range(store.n_images, align=images_per_batch)
+    if shard.world > 1:
+        progress.log(f"  {sae_id}: rank {shard.rank} of {shard.world} scans images {mine.start}–{mine.stop} of {store.n_images}")
+    return analyse_sae(store_batches(store, images_per_batch, mine), sae, (store.meta.grid_h, store.meta.grid_w), labels,
+                       spec, sae_id, dataset_key, device, n_images=len(mine), concept_labels=concept_labels, shard=shard)
 
 
 def write_analysis(result: AnalysisResult, out_dir: Path, spec_hash: str, stem: str = "part") -> dict[str, Path]:

@@ -50,6 +50,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from saev_report import distributed
+
 MANTISSA_BITS = 4
 """Bins per octave = 2**MANTISSA_BITS: a bin is a float32 exponent and its top mantissa bits (≤ 6.25 % wide)."""
 OCTAVES = (-16, 12)
@@ -255,6 +257,16 @@ class SparseCounts:
         self.keys, self.counts = keys[starts], np.add.reduceat(counts, starts) if len(keys) else counts
         self._pending, self._n_pending = [], 0
 
+    def merge_ranks(self) -> None:
+        """Every rank's counts added into this one (all ranks end equal)."""
+        self.compact()
+        keys = distributed.gather_varying(torch.from_numpy(self.keys))
+        counts = distributed.gather_varying(torch.from_numpy(self.counts))
+        self.keys, self.counts = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        self._pending = [(k.numpy(), c.numpy()) for k, c in zip(keys, counts) if len(k)]
+        self._n_pending = sum(len(k) for k, _ in self._pending)
+        self.compact()
+
     def range(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys, counts) of the keys in lo..hi-1, sorted."""
         self.compact()
@@ -275,6 +287,13 @@ class DenseCounts:
         if self.n_added >= 2**31:
             raise OverflowError("more than 2**31 positives: raise DENSE_COUNTERS's int32 to int64")
         self.counts_k.index_add_(0, keys_n, torch.ones(len(keys_n), dtype=torch.int32, device=keys_n.device))
+
+    def merge_ranks(self) -> None:
+        """Every rank's counts added into this one (all ranks end equal)."""
+        self.n_added = sum(distributed.gather(self.n_added))
+        if self.n_added >= 2**31:
+            raise OverflowError("more than 2**31 positives: raise DENSE_COUNTERS's int32 to int64")
+        distributed.sum_(self.counts_k)
 
     def range(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         counts = self.counts_k[lo:hi].cpu().numpy()
@@ -310,6 +329,14 @@ class DetectionHistograms:
             keep = concept_e >= 0
             keys = ((s * n_features + feature_e[keep]) * n_concepts + concept_e[keep]) * n_bins + bin_e[keep]
             self.positives.add(keys)
+
+    def merge_ranks(self) -> None:
+        """Every rank's histograms added into this one (all ranks end equal): integer counts, so the
+        merged counters, and the scores made from them, are exactly those of one pass."""
+        self.n_samples = sum(distributed.gather(self.n_samples))
+        distributed.sum_(self.totals_fb)
+        distributed.sum_(self.support_sc)
+        self.positives.merge_ranks()
 
     def scores(self, s: int, bounds: bool = True) -> Scores:
         """Detection scores of every (feature, concept) in label set s, [F, C] (NaN where a concept has no
@@ -406,6 +433,13 @@ class ConceptStats:
         idx, vals = entries
         hist.update(idx % self.n_features, activation_bins(vals), idx // self.n_features, concept_sn)
 
+    def merge_ranks(self) -> None:
+        """Fold every rank's histograms into this one, under torchrun: each rank streamed its share of
+        the images against the same labels (and the same null permutation), so the counters add up to
+        one pass's, exactly."""
+        for hist in (self.patch, self.image):
+            if hist is not None:
+                hist.merge_ranks()
 
     def table(self, sae_id: str) -> pa.Table:
         """The `concepts` rows: every (feature, concept) with support, at each level."""

@@ -13,7 +13,8 @@ a batch), so every rank reads the same batches a one-process run would read:
 that is what makes sharded outputs bit-identical. Merges are exact by
 construction: sums (integer counts exactly; float64 sums up to summation
 order), maxima, and top-k over keys that carry a global position, so ties
-break the same way as in one pass.
+break the same way as in one pass (uniform samples too: their priorities hash
+the item, not its place in a rank's stream).
 """
 
 from __future__ import annotations
@@ -203,3 +204,19 @@ def gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
 def min_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place element-wise minimum over ranks."""
     return _reduce(tensor, dist.ReduceOp.MIN)
+
+
+def gather_varying(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's tensor, in rank order, on every rank, where the first dimension may differ
+    (sparse counters, the exemplar maps a rank won): one broadcast per rank, so nothing is padded."""
+    shard = current()
+    if shard.world == 1:
+        return [tensor]
+    lengths = gather(tensor.shape[0])
+    parts = []
+    for rank, n in enumerate(lengths):
+        part = tensor.contiguous() if rank == shard.rank else tensor.new_empty((n, *tensor.shape[1:]))
+        if n:
+            dist.broadcast(part, src=rank)
+        parts.append(part)
+    return parts

@@ -1,4 +1,4 @@
-"""What the record and train stages do across the ranks of a torchrun build.
+"""What the record, train and analyse stages do across the ranks of a torchrun build.
 
 - **record**: the images are cut into contiguous ranges at shard boundaries
   (`distributed.Shard.range` with `align = images per shard`); each rank records
@@ -13,8 +13,16 @@
   round-robin and each rank trains its own in one pass over the store; with fewer,
   every SAE trains data-parallel on all ranks (`train_saes(data_parallel=...)`).
 
-The analyse stage splits its images the same way and merges exactly in
-`analyse.ScanResult.merge_ranks`.
+- **analyse** (`analyse.analyse_store(shard=...)`, not here: it needs no files of its
+  own): each rank scans a contiguous range of whole analysis batches of the store's
+  images (`Shard.range` with `align = images per batch`), so it runs the very batches
+  one process would; `analyse.ScanResult.merge_ranks` then merges every accumulator
+  exactly: counts, histograms (features, class split, concept detection with its
+  null) and float64 sums add, maxima max, the per-dim means and M2 of the FVU combine
+  (Chan et al.), and the top-k exemplars and the quantile samples re-rank over keys
+  carrying the global image position (a sample's priority is a hash of the dataset
+  image index, so the split cannot change it); only the winners' maps travel. Rank 0
+  computes the concept labels once and shares them, and writes every table.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -368,10 +370,11 @@ class FakeStore:
     def row_image_token(self, rows):
         return np.divmod(np.asarray(rows), self.tokens_per_image)
 
-    def iter_batches(self, batch_rows, *, patches_only=False):
+    def iter_batches(self, batch_rows, *, patches_only=False, images=None):
         assert patches_only
-        rows = (np.arange(self.n_images)[:, None] * self.tokens_per_image + np.arange(1, self.tokens_per_image)).reshape(-1)
-        acts = torch.from_numpy(self.acts_itd[:, 1:].reshape(-1, self.d_model))
+        images = images or range(self.n_images)
+        rows = (np.array(images)[:, None] * self.tokens_per_image + np.arange(1, self.tokens_per_image)).reshape(-1)
+        acts = torch.from_numpy(self.acts_itd[images.start:images.stop, 1:].reshape(-1, self.d_model))
         for i in range(0, len(rows), batch_rows):
             yield acts[i:i + batch_rows], rows[i:i + batch_rows]
 
@@ -440,23 +443,24 @@ def _encode_all(acts_ipd: np.ndarray, sae) -> np.ndarray:
     return f.reshape(n_images, n_patches, -1)
 
 
-def _priority_reference(pos: int, feature: int) -> int:
+def _priority_reference(image: int, feature: int) -> int:
     """analyse.sample_priority in plain Python integers."""
     m31 = (1 << 31) - 1
-    x = ((pos & m31) * 0x5BD1E995 + feature * 0x1B873593) & m31
+    x = ((image & m31) * 0x5BD1E995 + feature * 0x1B873593) & m31
     for shift, mult in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, 0x3C6EF372)):
         x = ((x ^ (x >> shift)) * mult) & m31
     return x ^ (x >> 16)
 
 
 def quantile_reference(f_ipf: np.ndarray, image_idx: np.ndarray, bands: int, per_band: int) -> list[tuple]:
-    """(feature, band, rank, image_idx, act, map) from the whole set: the R highest-priority firing images,
-    sorted by activation, cut into equal bands with numpy's array_split sizes."""
+    """(feature, band, rank, image_idx, act, map) from the whole set: the R firing images of highest priority
+    (a hash of dataset index and feature; ties: the later image), sorted by activation, cut into equal bands
+    with numpy's array_split sizes."""
     img_max = f_ipf.max(1)
     rows = []
     for j in range(f_ipf.shape[2]):
         firing = [p for p in range(len(image_idx)) if img_max[p, j] > 0]
-        sample = sorted(firing, key=lambda p: -((_priority_reference(p, j) << 32) | p))[: bands * per_band]
+        sample = sorted(firing, key=lambda p: (-_priority_reference(int(image_idx[p]), j), -p))[: bands * per_band]
         by_act = sorted(range(len(sample)), key=lambda s: (-img_max[sample[s], j], s))  # ties: higher priority first
         ascending = by_act[::-1]
         for band, members in enumerate(np.array_split(np.array(ascending, dtype=int), bands)):
@@ -484,10 +488,10 @@ def test_quantile_samples_match_reference(demo, images_per_batch):
 
 
 def test_sample_priority_matches_python_integers():
-    pos = torch.tensor([0, 1, 7, 2**31 + 5, 2**32 - 1])
+    images = torch.tensor([0, 1, 7, 2**31 + 5, 2**32 - 1])
     feats = torch.tensor([0, 3, 24575, 2**24])
-    got = analyse.sample_priority(pos, feats).numpy()
-    want = [[_priority_reference(int(p), int(f)) for f in feats] for p in pos]
+    got = analyse.sample_priority(images, feats).numpy()
+    want = [[_priority_reference(int(i), int(f)) for f in feats] for i in images]
     np.testing.assert_array_equal(got, want)
     assert got.min() >= 0 and got.max() < 2**31
 
@@ -538,3 +542,101 @@ def test_panel_tables_are_written(demo, tmp_path):
     assert set(paths) == {"features", "exemplars", "quantile_exemplars", "class_split", "similar_features"}
     similar = pq.read_table(paths["similar_features"]).to_pydict()
     assert len(similar["feature"]) == 40 * analyse.SIMILAR_FEATURES and similar["rank"][:8] == list(range(8))
+
+
+# --------------------------------------------------------------------------- across ranks (3 gloo processes)
+
+WORLD = 3
+RANK_SEEDS = range(8)
+
+
+def rank_case(seed: int):
+    """Data, SAE, labels and spec of one case, and its random split over WORLD ranks: (cuts, images per batch).
+
+    Seed 0 is the `demo` data (23 images > 12 sample slots); the others are random. The data are
+    dyadic, so even the float64 sums come out the same whatever the split."""
+    rng = np.random.default_rng(seed)
+    if seed == 0:
+        acts = dyadic_acts(n_images=23, n_patches=6, d=12, seed=1)
+        image_idx = np.arange(23, dtype=np.int64) * 3 + 100
+        sae = StandInSAE(12, 40, seed=2)
+        with torch.no_grad():
+            sae.b_enc_f[5], sae.b_enc_f[7] = -1000.0, 1000.0
+        spec = AnalysisSpec(top_k=5, histogram_bins=10, dense_threshold=0.5)
+    else:
+        n_images, n_patches, d, n_features = (int(x) for x in (rng.integers(1, 30), rng.integers(1, 6), rng.integers(1, 7), rng.integers(1, 25)))
+        acts = dyadic_acts(n_images, n_patches, d, seed)
+        sae = StandInSAE(d, n_features, seed=seed + 1)
+        with torch.no_grad():
+            sae.b_enc_f[0] = 16.0  # fires everywhere: histograms have a range, samples fill up
+        image_idx = rng.permutation(3 * n_images)[:n_images].astype(np.int64)  # any dataset indices, in any order
+        spec = AnalysisSpec(top_k=int(rng.integers(1, 7)), histogram_bins=int(rng.integers(2, 12)), dense_threshold=0.3)
+    labels = {int(i): ["cat", "dog", "bird"][k % 3] for k, i in enumerate(image_idx) if k % 5 != 4}
+    cuts = [0, *np.sort(rng.integers(0, len(acts) + 1, size=WORLD - 1)).tolist(), len(acts)]  # ranks may get nothing
+    if seed == 1:
+        cuts[1] = 0  # rank 0 too
+    per_batch = rng.integers(1, 6, size=WORLD).tolist()
+    return acts, image_idx, sae, labels, spec, cuts, per_batch
+
+
+def _rank_tables(result: analyse.AnalysisResult) -> dict:
+    tables = {name: getattr(result, name) for name in ("features", "exemplars", "quantile_exemplars", "class_split", "similar_features")}
+    return {"metrics": result.metrics, **tables}
+
+
+def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
+    import pickle
+
+    import torch.distributed as dist
+
+    from saev_report import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        merged = {}
+        for seed in RANK_SEEDS:
+            acts, image_idx, sae, labels, spec, cuts, per_batch = rank_case(seed)
+            mine = slice(cuts[rank], cuts[rank + 1])
+            result = analyse_sae(batches(acts[mine], image_idx[mine], per_batch[rank]), sae, (1, acts.shape[1]), labels, spec,
+                                 "s", "ds", CPU, shard=distributed.current())
+            assert (result is None) == (rank != 0)
+            if result is not None:
+                merged[seed] = _rank_tables(result)
+        if rank == 0:
+            (Path(out) / "merged.pkl").write_bytes(pickle.dumps(merged))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def merged_over_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_rank_worker, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    return pickle.loads((tmp / "merged.pkl").read_bytes())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", RANK_SEEDS)
+def test_analysis_merged_over_ranks_equals_one_pass(merged_over_ranks: dict, seed: int) -> None:
+    acts, image_idx, sae, labels, spec, cuts, _ = rank_case(seed)
+    merged = merged_over_ranks[seed]
+    one = _rank_tables(run(acts, image_idx, sae, spec, labels, images_per_batch=4))
+    for name in ("features", "exemplars", "quantile_exemplars", "class_split", "similar_features"):
+        assert merged[name].equals(one[name]), name  # dyadic data: even the float64 sums are exact
+    for key, value in one["metrics"].items():  # the FVU's means and M2 combine by division
+        assert merged["metrics"][key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
+    # and both are the numpy reference's
+    check_against_reference(SimpleNamespace(**merged), reference(acts, image_idx, sae, spec, labels))
+    quantiles = quantile_reference(_encode_all(acts, sae), image_idx, analyse.QUANTILE_BANDS, analyse.SAMPLES_PER_BAND)
+    q = merged["quantile_exemplars"].to_pydict()
+    assert list(zip(q["feature"], q["band"], q["rank"], q["image_idx"], q["act"])) == [r[:5] for r in quantiles]
+
+
+def test_rank_cases_exercise_uneven_and_empty_shares() -> None:
+    splits = [np.diff(rank_case(seed)[5]) for seed in RANK_SEEDS]
+    assert any((s == 0).any() for s in splits) and any(len(set(s.tolist())) == WORLD for s in splits)

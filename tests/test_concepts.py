@@ -250,8 +250,13 @@ def test_streamed_concepts_equal_brute_force(seed, images_per_batch):
         idx = order[i:i + images_per_batch]
         f_bpf = torch.from_numpy(acts_ipd[idx])
         stats.update(f_bpf, f_bpf.amax(1), idx)
-    rows = stats.table("sae").to_pylist()
+    check_rows_against_brute_force(stats.table("sae").to_pylist(), acts_ipd, labels)
 
+
+def check_rows_against_brute_force(rows: list[dict], acts_ipd: np.ndarray, labels: C.ConceptLabels) -> None:
+    """Every `concepts` row is sklearn's AP and a brute-force IoU over all samples, and every concept with support has its rows."""
+    d = acts_ipd.shape[2]
+    n_patch_concepts, n_classes = len(labels.patch_names), len(labels.image_names)
     patch_acts, patch_y = acts_ipd.reshape(-1, d), labels.patch_ip.reshape(-1)
     null_patch_y = labels.patch_ip[labels.null_i].reshape(-1)
     image_acts, image_y, null_image_y = acts_ipd.max(1), labels.image_i, labels.image_i[labels.null_i]
@@ -269,9 +274,91 @@ def test_streamed_concepts_equal_brute_force(seed, images_per_batch):
         if (ny == c).any():
             assert row["null_ap"] == pytest.approx(average_precision_score(ny == c, scores), abs=1e-12)
         seen.add((row["level"], f, c))
-    expected = {("patch", f, c) for f in range(d) for c in range(3) if (patch_y == c).any()}
-    expected |= {("image", f, c) for f in range(d) for c in range(2) if (image_y == c).any()}
+    expected = {("patch", f, c) for f in range(d) for c in range(n_patch_concepts) if (patch_y == c).any()}
+    expected |= {("image", f, c) for f in range(d) for c in range(n_classes) if (image_y == c).any()}
     assert seen == expected
+
+
+# --------------------------------------------------------------------------- across ranks (3 gloo processes)
+
+WORLD = 3
+RANK_SEEDS = range(6)
+
+
+def rank_case(seed: int):
+    """Activations, labels, a random split over WORLD ranks (cuts; a rank may get nothing), and whether
+    the positives are counted sparse (odd seeds) or dense."""
+    rng = np.random.default_rng(seed)
+    n_images, n_patches, d = int(rng.integers(1, 25)), int(rng.integers(1, 7)), int(rng.integers(1, 6))
+    acts_ipd = np.where(rng.random((n_images, n_patches, d)) < 0.4, rng.lognormal(0, 1, (n_images, n_patches, d)), 0).astype(np.float32)
+    labels = synthetic_labels(n_images, n_patches, int(rng.integers(1, 5)), int(rng.integers(1, 4)), seed)
+    cuts = [0, *np.sort(rng.integers(0, n_images + 1, size=WORLD - 1)).tolist(), n_images]
+    if seed == 1:
+        cuts[1] = 0  # rank 0 gets nothing
+    return acts_ipd, labels, cuts, seed % 2 == 1
+
+
+def stream(labels: C.ConceptLabels, acts_ipd: np.ndarray, images: np.ndarray, per_batch: int, sparse: bool) -> C.ConceptStats:
+    """ConceptStats over `images` (positions into acts_ipd, also their dataset indices), in that order."""
+    dense = C.DENSE_COUNTERS
+    C.DENSE_COUNTERS = 0 if sparse else dense
+    try:
+        stats = C.ConceptStats(labels, acts_ipd.shape[2], CPU)
+    finally:
+        C.DENSE_COUNTERS = dense
+    assert isinstance(stats.image.positives, C.SparseCounts if sparse else C.DenseCounts)
+    for i in range(0, len(images), per_batch):
+        idx = images[i:i + per_batch]
+        f_bpf = torch.from_numpy(acts_ipd[idx])
+        stats.update(f_bpf, f_bpf.amax(1), idx)
+    return stats
+
+
+def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
+    import pickle
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        tables = {}
+        for seed in RANK_SEEDS:
+            acts_ipd, labels, cuts, sparse = rank_case(seed)
+            mine = np.random.default_rng(rank).permutation(np.arange(cuts[rank], cuts[rank + 1]))  # any order within a rank
+            stats = stream(labels, acts_ipd, mine, rank + 1, sparse)
+            stats.merge_ranks()
+            tables[seed] = stats.table("sae")
+        (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(tables))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def merged_over_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_rank_worker, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    return [pickle.loads((tmp / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", RANK_SEEDS)
+def test_concepts_merged_over_ranks_equal_one_pass(merged_over_ranks: list[dict], seed: int) -> None:
+    acts_ipd, labels, cuts, sparse = rank_case(seed)
+    one = stream(labels, acts_ipd, np.arange(len(acts_ipd)), 4, sparse).table("sae")
+    for tables in merged_over_ranks:  # every rank holds the merged counters
+        assert tables[seed].equals(one)  # integer counts: the scores are exactly one pass's
+    check_rows_against_brute_force(one.to_pylist(), acts_ipd, labels)
+    assert any(r["level"] == "patch" for r in one.to_pylist())
+
+
+def test_rank_cases_exercise_uneven_and_empty_shares() -> None:
+    splits = [np.diff(rank_case(seed)[2]) for seed in RANK_SEEDS]
+    assert any((s == 0).any() for s in splits) and any(len(set(s.tolist())) == WORLD for s in splits)
 
 
 def test_best_concepts_rank_by_ap_above_chance_and_report_the_margin():

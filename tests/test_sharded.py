@@ -71,6 +71,56 @@ def test_merge_refuses_different_stores(tmp_path: Path) -> None:
         merge_stores([a, b], tmp_path / "merged")
 
 
+# --------------------------------------------------------------------------- analyse: concept labels on 2 gloo ranks
+
+
+def _seg_dataset(root: Path):
+    from saev_report.datasets import ImageDataset, ImageRecord
+
+    records = []
+    for i in range(5):
+        image, mask = root / f"{i}.png", root / f"{i}_mask.png"
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+        values = np.zeros((32, 32), dtype=np.uint8)
+        values[:, 16:] = i % 3  # right half of the image is class i % 3
+        Image.fromarray(values).save(mask)
+        records.append(ImageRecord(i, str(image), f"l{i % 2}", str(mask)))
+    return ImageDataset("seg", records, classes=["l0", "l1"], seg_classes=["bg", "one", "two"], ignore_index=255)
+
+
+def _labels_worker(rank: int, world: int, root: str) -> None:
+    import pickle
+
+    import torch.distributed as dist
+
+    from saev_report.stages.analyse import shared_concept_labels
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
+    try:
+        labels = shared_concept_labels(_seg_dataset(Path(root)), (2, 2), 3, Path(root) / "stage" / "patch_labels.npy")
+        as_lists = {key: np.asarray(value).tolist() if isinstance(value, np.ndarray) else value for key, value in labels.__dict__.items()}
+        (Path(root) / f"rank{rank}.pkl").write_bytes(pickle.dumps((as_lists, isinstance(labels.patch_ip, np.memmap))))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_other_ranks_take_rank_0s_concept_labels(tmp_path: Path) -> None:
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    from saev_report.concepts import dataset_labels
+
+    mp.spawn(_labels_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    one = dataset_labels(_seg_dataset(tmp_path), (2, 2), 3)
+    want = {key: np.asarray(value).tolist() if isinstance(value, np.ndarray) else value for key, value in one.__dict__.items()}
+    for rank in (0, 1):
+        got, memory_mapped = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+        assert got == want and memory_mapped  # the same labels and null permutation; patch labels read from rank 0's file
+    assert want["patch_ip"][1] == [0, 1, 0, 1] and sorted(want["null_i"]) == list(range(5))
+
+
 # --------------------------------------------------------------------------- 2-rank builds (slow)
 
 
@@ -92,7 +142,8 @@ def _spec(tmp: Path, name: str, images: Path, seeds: list[int], image_size: int 
         "record": {"dataset": "imgs", "dtype": "float32", "batch_size": 4, "shard_mb": 1},
         "sae": {"expansion": [2], "l1_coeff": [0.0004], "seeds": seeds, "batch_size": 64, "n_patches": 1280,
                 "lr_warmup_steps": 5, "l1_warmup_steps": 5},
-        "analysis": {"top_k": 3},
+        # 3 images per analysis batch (8×8 patches each): the ranks scan 12 and 14 of the 26 images
+        "analysis": {"top_k": 3, "batch_size": 196},
     }
     path = tmp / f"{name}-{len(seeds)}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -161,7 +212,7 @@ def test_two_ranks_train_the_sweep_to_identical_saes(builds: tuple[Path, Path]) 
 @pytest.mark.slow
 def test_two_ranks_analyse_to_equal_tables(builds: tuple[Path, Path]) -> None:
     one, two = builds
-    for table in ("features", "exemplars"):
+    for table in ("features", "exemplars", "quantile_exemplars", "class_split", "similar_features", "concepts"):
         a, b = _rows(one, "analyse", table), _rows(two, "analyse", table)
         assert a and len(a) == len(b)
         for ra, rb in zip(a, b):
@@ -173,6 +224,7 @@ def test_two_ranks_analyse_to_equal_tables(builds: tuple[Path, Path]) -> None:
                     assert ra[key] == rb[key], key
     saes = [{r["sae_id"]: r["n_patches_eval"] for r in _rows(run, "analyse", "saes")} for run in builds]
     assert len(saes[0]) == 4 and saes[0] == saes[1]  # 2 layers × 2 SAEs, each over all 26 images
+    assert "rank 1 of 2 scans images 12–26 of 26" in (two / "logs" / "rank-1.log").read_text()  # the second rank did scan
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ def test_every_unfinished_stage_is_a_job_after_its_inputs(tmp_path: Path) -> Non
     for stage in stages:
         assert set(by_name[stage.name].after) == {d.name for d in stage.deps}
         assert by_name[stage.name].ranks == (4 if stage.kind.parallel else 1)
-    assert {s.kind.name for s in stages if s.kind.parallel} == {"record", "train", "compare", "stability"}
+    assert {s.kind.name for s in stages if s.kind.parallel} == {"record", "train", "analyse", "compare", "stability"}
     assert set(by_name[FINISH].after) == {s.name for s in stages}
 
 

@@ -45,26 +45,29 @@ class AnalyseOut(StageOut):
 
 
 def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
+    """Under torchrun every rank scans its range of the images and rank 0 writes the merged tables."""
+    from saev_report import distributed
     from saev_report.analyse import analyse_store, write_analysis
-    from saev_report.concepts import dataset_labels
     from saev_report.progress import log
     from saev_report.runtime import pick_device
     from saev_report.spec import sae_id, sae_sweep
     from saev_report.tables import write_table
 
+    shard = distributed.current()
     device = pick_device(params.device)
     store = take(inputs, "record", RecordOut).store(params.layer)
     saes = take(inputs, "train", TrainOut)
     labels = take(inputs, "images", ImagesOut).labels()
     labels_or_none = labels if any(v is not None for v in labels.values()) else None
-    # Mask classes per patch, read once for every SAE of the sweep (memory-mapped).
-    concept_labels = dataset_labels(open_dataset(params.dataset_key, params.dataset, params.cache_dir),
-                                    (store.meta.grid_h, store.meta.grid_w), params.seed, out_dir / "concepts" / "patch_labels.npy")
+    concept_labels = shared_concept_labels(open_dataset(params.dataset_key, params.dataset, params.cache_dir),
+                                           (store.meta.grid_h, store.meta.grid_w), params.seed, out_dir / "concepts" / "patch_labels.npy")
     rows = []
     for config in sae_sweep(params.sae):
         sid = sae_id(params.model_key, params.layer, config)
         result = analyse_store(store, saes.sae(config.tag, device), labels_or_none, params.analysis, sid, params.dataset_key, device,
-                               concept_labels=concept_labels)
+                               concept_labels=concept_labels, shard=shard)
+        if result is None:
+            continue  # not rank 0: this rank's share is merged into rank 0's result
         write_analysis(result, out_dir / "tables", params.digest(), stem=config.tag)
         trained = saes.sae_config(config.tag)
         rows.append({
@@ -74,9 +77,35 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
         })
         m = result.metrics
         log(f"  {sid}: MSE {m['mse']:.4f}, FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['n_dead']}, dense {m['n_dense']}")
-    write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
+    if shard.is_main:
+        write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
 
 
-# Not `parallel`: the page panels and concept statistics have no rank merge yet, so under
-# torchrun rank 0 analyses alone (`ScanResult.merge_ranks` covers metrics, stats and exemplars).
-ANALYSE = StageKind(name="analyse", version=4, params=AnalyseParams, out=AnalyseOut, action=analyse)
+def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path: Path):
+    """The `ImageDataset`'s concept labels (None without masks or classes), read once for every SAE of the sweep.
+
+    Under torchrun rank 0 computes them, writing the per-patch mask classes to `patch_path`;
+    the other ranks take its labels (the very same null permutation) and memory-map that file."""
+    import dataclasses
+
+    import numpy as np
+
+    from saev_report import distributed
+    from saev_report.concepts import dataset_labels
+
+    shard = distributed.current()
+    labels = dataset_labels(dataset, grid, seed, patch_path) if shard.is_main else None
+    if shard.world == 1:
+        return labels
+    # Everything but the (possibly huge) patch labels goes over the wire; those are on disk.
+    sent = distributed.broadcast(None if labels is None else
+                                 (dataclasses.replace(labels, patch_ip=None), labels.patch_ip is not None))
+    if shard.is_main or sent is None:
+        return labels
+    light, has_patch = sent
+    return dataclasses.replace(light, patch_ip=np.load(patch_path, mmap_mode="r") if has_patch else None)
+
+
+# `parallel`: every rank scans a contiguous range of whole batches of the images and
+# `analyse.ScanResult.merge_ranks` merges them exactly; rank 0 writes the tables.
+ANALYSE = StageKind(name="analyse", version=4, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True)
