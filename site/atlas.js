@@ -688,21 +688,23 @@
     });
   }
 
-  function drawMatches(matches) {
+  function drawMatches(d, matches) {
     var box = document.getElementById("matches");
     if (!box || !matches || !matches.length) return;
     var tbody = box.querySelector("tbody");
-    matches.forEach(function (m) { // [comparison, its page, best match title, its page or null, score, matched, mutual]
+    matches.forEach(function (m) { // [comparison, SAE, its feature, score, matched, mutual, has a page]: positions in d's lists
+      var cmp = d.comparisons[m[0]], sae = m[1] >= 0 ? d.saes[m[1]] : null;
+      var title = !sae ? String(m[2]) : m[2] === null ? "— (dead feature: no match)" : sae[0] + "/" + m[2];
       var tr = el("tr");
       var c = el("td");
-      c.appendChild(el("a", { href: root + m[1] }, m[0]));
+      c.appendChild(el("a", { href: root + cmp[1] }, cmp[0]));
       tr.appendChild(c);
       var b = el("td");
-      b.appendChild(m[3] ? el("a", { class: "mono", href: root + m[3] }, m[2]) : el("span", { class: "mono" }, m[2]));
+      b.appendChild(sae && m[6] ? el("a", { class: "mono", href: root + sae[1] + m[2] + ".html" }, title) : el("span", { class: "mono" }, title));
       tr.appendChild(b);
-      tr.appendChild(el("td", { class: "num" }, fmt(m[4])));
+      tr.appendChild(el("td", { class: "num" }, fmt(m[3])));
+      tr.appendChild(el("td", {}, m[4] ? "yes" : "no"));
       tr.appendChild(el("td", {}, m[5] ? "yes" : "no"));
-      tr.appendChild(el("td", {}, m[6] ? "yes" : "no"));
       tbody.appendChild(tr);
     });
     box.hidden = false;
@@ -764,7 +766,6 @@
     buildFrames();
     var panels = jsonScript("panels") || {};
     drawHistogram(panels.hist);
-    drawMatches(panels.matches);
     var key = body.getAttribute("data-key");
     var feature = Number(body.getAttribute("data-feature"));
     var ready = function () {
@@ -774,6 +775,7 @@
       paint(); // and the band samples, continuing the page's map stream
       featureNav(d, feature);
       renderPanels(d, panels);
+      drawMatches(d, panels.matches);
       conceptTips(d);
       body.setAttribute("data-nav", "ready");
     };

@@ -367,7 +367,14 @@ def test_edit_and_match_links_on_feature_pages(built):
     html = page.read_text(encoding="utf-8")
     assert addr.edit_page(edit["edit_id"]) in html
     match = next(m for m in facts["matches"] if m["sae_a"] == sae and m["feature_a"] == edit["features"][0])
-    assert addr.compare_page(match["comparison"]) in html
+    # Counterparts name their comparison and SAE by position in the SAE's data file (atlas.js makes the links).
+    shared = _sae_data(out, sae)
+    panels = json.loads(re.search(r'<script type="application/json" id="panels">(.*?)</script>', html).group(1))
+    row = next(m for m in panels["matches"] if shared["comparisons"][m[0]][0] == match["comparison"])
+    assert shared["comparisons"][row[0]][1] == addr.compare_page(match["comparison"])
+    other = shared["saes"][row[1]]
+    assert row[2] == match["feature_b"] and other[1] + f"{row[2]}.html" == addr.feature_page(
+        match["sae_b"].split("/")[0], addr.sae_slug(match["sae_b"], match["sae_b"].split("/")[0]), match["feature_b"])
     edit_html = (out / addr.edit_page(edit["edit_id"])).read_text(encoding="utf-8")
     control = next(e for e in facts["edits"] if e["edit_id"] == edit["edit_id"] + "/control")
     assert "<th>control</th>" in edit_html and f"DINOv2-40/{control['features'][0]}<" in edit_html
@@ -749,12 +756,17 @@ def test_every_page_kind_and_every_link_in_the_browser(built, browser):
     features = sorted((out / "features").rglob("[0-9]*.html"))
     pages = [out / "index.html", *(out / "features").rglob("index.html"), *features[:: max(1, len(features) // 12)],
              out / "edits" / "index.html", *(out / "edits").rglob("[0-9]*.html"), *(out / "compare").glob("*.html")]
-    checked = 0
+    checked = n_counterpart_links = 0
     for page in pages:
         logs = _open(browser, page)
         kind = browser.execute_script("return document.body.getAttribute('data-page')")
         if kind == "feature":
             _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready")
+            # Counterparts are drawn from positions in the SAE's data file; each concept row gets its chance as a tooltip.
+            n_counterpart_links += browser.execute_script("return document.querySelectorAll('#matches tbody a').length")
+            rows, tipped = browser.execute_script(
+                "return [document.querySelectorAll('table.ct tr').length, document.querySelectorAll('table.ct tr[title*=chance]').length]")
+            assert tipped == max(rows - 1, 0), page
         links = browser.execute_script("return Array.from(document.querySelectorAll('a[href], img[src]')).map(a => a.href || a.src)")
         for link in links:
             parts = urlsplit(link)
@@ -764,7 +776,7 @@ def test_every_page_kind_and_every_link_in_the_browser(built, browser):
         broken = browser.execute_script("return Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).map(i => i.src)")
         assert not broken and not _severe(logs + browser.get_log("browser")), (page, broken, logs)
         _no_xss(browser)
-    assert checked > 300
+    assert checked > 300 and n_counterpart_links > 0
 
 
 def test_search_uses_the_best_concept_column_when_present(tmp_path, browser):

@@ -491,6 +491,10 @@ class SiteBuilder:
             np.maximum.at(vmax_f, ex.feature_r - lo, np.nan_to_num(ex.act_r, nan=0.0))
         top.quantize(vmax_f)
         samples.quantize(vmax_f)
+        # (has a heat-map, thumbnail, caption) per top image, escaped once here: millions of tiles at 24K features
+        srcs: dict[str, Markup] = {}
+        top.tiles = [(heat, srcs.setdefault(src, Markup(src)), Markup(f"{fmt_num(act, 3)} {self.escaped_label(label)}"))  # Markup() of escaped text
+                     for heat, src, act, label in zip(top.heat_r.tolist(), top.srcs, top.act_r.tolist(), top.labels)]
         split = _group(fetch_rows(self.con, "SELECT feature, label, mean_act, n_fire_images, n_images FROM class_split "
                                   "WHERE sae_id = ? AND feature BETWEEN ? AND ? ORDER BY feature, rank", [sae.sae_id, lo, hi]), lambda r: int(r["feature"]))
         similar = _group(fetch_rows(self.con, "SELECT feature, similar_feature, cosine FROM similar_features "
@@ -503,15 +507,14 @@ class SiteBuilder:
                 continue
             i = bisect_left(pages, f)
             vmax = float(vmax_f[f - lo])
-            tiles = [{"src": Markup(top.srcs[r]), "act_text": Markup(fmt_num(top.act_r[r], 3)), "label_text": self.escaped_label(top.labels[r]),
-                      "heat": bool(top.heat_r[r])} for r in top.rows_of(f)]  # escaped once here: millions of tiles at 24K features
+            tiles = [top.tiles[r] for r in top.rows_of(f)]
             bands: dict[int, list[list[Any]]] = {}
             for r in samples.rows_of(f):
                 bands.setdefault(int(samples.bands[r]), []).append(
                     [sae.thumb_pos.get(samples.srcs[r], -1), samples.act_text[r], sae.label_pos.get(samples.labels[r], -1), int(samples.heat_r[r])])
             first = top.rows_of(f).start if tiles else samples.rows_of(f).start
             grid = (top if tiles else samples).grids[first] if len(top.rows_of(f)) + len(samples.rows_of(f)) else ""
-            if tiles and tiles[0]["heat"]:
+            if tiles and tiles[0][0]:
                 sae.top_maps[f] = (grid, top.map_of(first))
             self.stats.n_heatmaps += int(top.heat_r[top.rows_of(f)].sum() + samples.heat_r[samples.rows_of(f)].sum())
             self.render_feature_page(
@@ -521,7 +524,10 @@ class SiteBuilder:
                     # [band, [[thumbnail, activation, label, has a heat-map], ...]] top band first; band, thumbnail and
                     # label are positions in the SAE's data file (`bands`, `thumbs`, `image_labels`; -1: none)
                     "bands": [[b, bands[b]] for b in sorted(bands, reverse=True)],
-                    "matches": [[m["comparison"], m["compare_href"], m["title"], m["href"], charts.sig(m["score"], 3), bool(m["matched"]), bool(m["mutual"])]
+                    # [comparison, SAE, its feature (None: dead), correlation, matched, mutual, has a page]; comparison and SAE
+                    # are positions in the data file's `comparisons` and `saes` (SAE -1: not on this site, then its title)
+                    "matches": [[m["comparison_pos"], m["sae_pos"], m["feature_b"] if m["sae_pos"] >= 0 else m["title"],
+                                 charts.sig(m["score"], 3), int(bool(m["matched"])), int(bool(m["mutual"])), int(m["href"] is not None)]
                                 for m in matches.get(f, [])],
                     # [label, firing images, mean activation]: the rate is firing / the label's images (`label_images` in
                     # the data file), which a 4th element overrides where this feature saw another count
@@ -534,7 +540,7 @@ class SiteBuilder:
                 prev=pages[i - 1] if i > 0 else None, next=pages[i + 1] if i + 1 < len(pages) else None,
             )
 
-    def render_feature_page(self, sae: SaeInfo, row: dict[str, Any], tiles: list[dict[str, Any]], vmax: float, maps: str, grid: str,
+    def render_feature_page(self, sae: SaeInfo, row: dict[str, Any], tiles: list[tuple[bool, Markup, Markup]], vmax: float, maps: str, grid: str,
                             panels: dict[str, Any], edits: list[dict[str, Any]], concepts: list[dict[str, Any]],
                             prev: int | None, next: int | None) -> None:
         """One feature page: statistics and top images in the HTML, the rest as data atlas.js draws (see feature.html)."""
@@ -592,6 +598,8 @@ class SiteBuilder:
             "image_labels": list(sae.label_pos),
             "label_images": [sae.label_images.get(l) for l in sae.label_pos],
             "concept_base": sae.concept_base,  # [concept, level, chance, support]
+            "saes": [[s.short, addr.sae_dir(s.model, s.slug) + "/"] for s in self.saes],  # counterparts' titles and folders
+            "comparisons": [[c["name"], c["href"]] for c in self.comparisons],
         }
 
     def concepts_by_feature(self, sae: SaeInfo, lo: int, hi: int, per_level: int = CONCEPTS_SHOWN) -> dict[int, list[dict[str, Any]]]:
@@ -631,7 +639,8 @@ class SiteBuilder:
             else:
                 r["title"] = other.title(r["feature_b"]) if other else f"{r['sae_b']}/{r['feature_b']}"
             r["href"] = other.page(r["feature_b"]) if other else None
-            r["compare_href"] = addr.compare_page(r["comparison"])
+            r["sae_pos"] = next(i for i, s in enumerate(self.saes) if s is other) if other else -1
+            r["comparison_pos"] = next(i for i, c in enumerate(self.comparisons) if c["name"] == r["comparison"])
             out.setdefault(int(r["feature_a"]), []).append(r)
         return out
 
@@ -876,7 +885,8 @@ class ExemplarColumns:
     labels: list[str | None]
     bands: list[int] | None  # quantile band of each row (sample tables only)
     heat_r: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # drawn as a heat-map (set by `quantize`)
-    act_text: list[float | None] = field(default_factory=list)
+    act_text: list[float | None] = field(default_factory=list)  # activation to 3 significant digits
+    tiles: list[tuple[bool, Markup, Markup]] = field(default_factory=list)  # set for the top images (render_feature_chunk)
     _q_v: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))  # quantised maps of the `heat_r` rows only
     _q_start_r: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # row r's map: _q_v[start[r]:start[r+1]]
     _start_f: list[int] = field(default_factory=list)  # feature lo + j's rows: start[j]:start[j+1]
