@@ -104,6 +104,7 @@ class SaeInfo:
     metrics: dict[str, Any]
     # Filled while its pages are built; read by edit/compare pages.
     pages: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # features with a page, sorted
+    capped: bool = False  # report.feature_pages left out some live features
     thumbs: dict[int, str] = field(default_factory=dict)  # feature → thumbnail file of its top exemplar
     thumb_list: list[str] = field(default_factory=list)  # every thumbnail its pages show; pages name them by position
     thumb_pos: dict[str, int] = field(default_factory=dict)
@@ -380,7 +381,8 @@ class SiteBuilder:
         dead = index.column("dead").to_numpy(zero_copy_only=False)
         alive = ~np.array([bool(d) for d in dead], dtype=bool) & (max_act > 0)
         chosen = np.flatnonzero(alive)
-        if self.report.feature_pages is not None and len(chosen) > self.report.feature_pages:
+        sae.capped = self.report.feature_pages is not None and len(chosen) > self.report.feature_pages
+        if sae.capped:
             order = np.argsort(-max_act[chosen], kind="stable")[: self.report.feature_pages]
             chosen = chosen[order]
         edited = [int(r["f"]) for r in fetch_rows(self.con, "SELECT DISTINCT unnest(features) AS f FROM edits WHERE sae_id = ?", [sae.sae_id])]
