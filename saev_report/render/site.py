@@ -13,10 +13,17 @@ exemplars' patch maps (one byte per patch, one zlib stream per page, see
 `heatmaps`) and `assets/atlas.js` paints them on canvases over the shared
 thumbnails; without scripts the plain thumbnails show.
 
+Page weight: a feature page exists 24K times per SAE at the paper's width, so
+it holds only what must show without scripts, and what every page of an SAE
+would repeat (image labels and their counts, band names, concepts' chance and
+support, the other SAEs and comparisons) is written once, to the SAE's data
+file; pages name those things by position (see `SaeInfo.label_pos`).
+
 Scale: per SAE, the small per-feature columns are read once (a few MB at 24K
 features); feature pages are built `CHUNK_FEATURES` at a time from range
 queries on the exemplar, sample, class-split and similarity tables, so memory
-does not grow with the dictionary. Feature pages carry an inline SVG
+does not grow with the dictionary, and each chunk's exemplar rows are handled
+as columns (`ExemplarColumns`: one numpy pass quantises all their maps). Feature pages carry an inline SVG
 histogram, never a plotly chart; only the index, the per-SAE lists and the
 comparison pages load plotly.js.
 """
