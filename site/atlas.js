@@ -658,14 +658,14 @@
   function drawBands(d, bands) {
     var box = document.querySelector("#bands .bands");
     if (!box || !bands || !bands.length) return;
-    bands.forEach(function (band) { // [name, [[thumb, activation, label, has heat-map], ...]]
+    bands.forEach(function (band) { // [band, [[thumb, activation, label, has heat-map], ...]], positions in d's lists
       var div = el("div", { class: "band" });
-      div.appendChild(el("h3", {}, band[0]));
+      div.appendChild(el("h3", {}, d.bands[band[0]] || "band " + (band[0] + 1)));
       var grid = el("div", { class: "grid band-grid ex" });
       band[1].forEach(function (s) {
         var fig = el("figure", s[3] ? {} : { class: "no-heat" });
         fig.appendChild(el("img", { src: s[0] >= 0 ? root + d.thumbs[s[0]] : root + "assets/missing.svg", alt: "", loading: "lazy" }));
-        fig.appendChild(el("figcaption", {}, fmt(s[1]) + " " + (s[2] === null ? "unlabelled" : s[2])));
+        fig.appendChild(document.createTextNode(fmt(s[1]) + " " + labelOf(d, s[2]))); // captioned like the top images
         grid.appendChild(fig);
       });
       div.appendChild(grid);
@@ -674,21 +674,37 @@
     show("bands");
   }
 
-  function drawMatches(matches) {
+  function labelOf(d, i) {
+    return i >= 0 && i < d.image_labels.length ? d.image_labels[i] : "unlabelled";
+  }
+
+  /* Each concept's chance and support (the same on every page of the SAE) as its row's tooltip. */
+  function conceptTips(d) {
+    var base = {};
+    (d.concept_base || []).forEach(function (c) { base[c[0] + "\n" + c[1]] = c; }); // [concept, level, chance, support]
+    document.querySelectorAll("table.ct tr").forEach(function (tr) {
+      var cells = tr.querySelectorAll("td"), c = cells.length > 1 ? base[cells[0].textContent + "\n" + cells[1].textContent] : null;
+      if (c) tr.title = "chance (the concept's share of samples): " + fmt(c[2]) + " · support: " + c[3].toLocaleString() + " samples";
+    });
+  }
+
+  function drawMatches(d, matches) {
     var box = document.getElementById("matches");
     if (!box || !matches || !matches.length) return;
     var tbody = box.querySelector("tbody");
-    matches.forEach(function (m) { // [comparison, its page, best match title, its page or null, score, matched, mutual]
+    matches.forEach(function (m) { // [comparison, SAE, its feature, score, matched, mutual, has a page]: positions in d's lists
+      var cmp = d.comparisons[m[0]], sae = m[1] >= 0 ? d.saes[m[1]] : null;
+      var title = !sae ? String(m[2]) : m[2] === null ? "— (dead feature: no match)" : sae[0] + "/" + m[2];
       var tr = el("tr");
       var c = el("td");
-      c.appendChild(el("a", { href: root + m[1] }, m[0]));
+      c.appendChild(el("a", { href: root + cmp[1] }, cmp[0]));
       tr.appendChild(c);
       var b = el("td");
-      b.appendChild(m[3] ? el("a", { class: "mono", href: root + m[3] }, m[2]) : el("span", { class: "mono" }, m[2]));
+      b.appendChild(sae && m[6] ? el("a", { class: "mono", href: root + sae[1] + m[2] + ".html" }, title) : el("span", { class: "mono" }, title));
       tr.appendChild(b);
-      tr.appendChild(el("td", { class: "num" }, fmt(m[4])));
+      tr.appendChild(el("td", { class: "num" }, fmt(m[3])));
+      tr.appendChild(el("td", {}, m[4] ? "yes" : "no"));
       tr.appendChild(el("td", {}, m[5] ? "yes" : "no"));
-      tr.appendChild(el("td", {}, m[6] ? "yes" : "no"));
       tbody.appendChild(tr);
     });
     box.hidden = false;
@@ -702,15 +718,18 @@
     var split = document.getElementById("split");
     if (split && panels.split && panels.split.length) {
       var list = split.querySelector(".bars");
-      panels.split.forEach(function (row) { // [label, rate, mean activation, firing images, images]
-        var li = el("li", { title: row[3] + " of " + row[4] + " images" });
-        li.appendChild(el("span", { class: "bar-label", title: row[0] }, row[0]));
+      panels.split.forEach(function (row) { // [label, firing images, mean activation, (images, where not the label's usual count)]
+        var label = labelOf(d, row[0]);
+        var n = row.length > 3 ? row[3] : d.label_images[row[0]];
+        var rate = n > 0 ? row[1] / n : 0;
+        var li = el("li", { title: row[1] + " of " + n + " images" });
+        li.appendChild(el("span", { class: "bar-label", title: label }, label));
         var track = el("span", { class: "bar-track" });
         var fill = el("span", { class: "bar-fill" });
-        fill.style.width = Math.max(0, Math.min(100, 100 * row[1])) + "%";
+        fill.style.width = Math.max(0, Math.min(100, 100 * rate)) + "%";
         track.appendChild(fill);
         li.appendChild(track);
-        li.appendChild(el("span", { class: "bar-value" }, pct(row[1]) + " · " + fmt(row[2])));
+        li.appendChild(el("span", { class: "bar-value" }, pct(rate) + " · " + fmt(row[2])));
         list.appendChild(li);
       });
       split.hidden = false;
@@ -747,7 +766,6 @@
     buildFrames();
     var panels = jsonScript("panels") || {};
     drawHistogram(panels.hist);
-    drawMatches(panels.matches);
     var key = body.getAttribute("data-key");
     var feature = Number(body.getAttribute("data-feature"));
     var ready = function () {
@@ -757,6 +775,8 @@
       paint(); // and the band samples, continuing the page's map stream
       featureNav(d, feature);
       renderPanels(d, panels);
+      drawMatches(d, panels.matches);
+      conceptTips(d);
       body.setAttribute("data-nav", "ready");
     };
     if (SAEV.data[key]) ready();

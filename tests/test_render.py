@@ -289,7 +289,7 @@ def test_feature_page_content(built):
     assert len(top) == min(8, REPORT.exemplars_shown) and len(samples) == 12
     assert html.count("<figure><img") == len(top) and "no-heat" not in html  # the band samples come as data
     assert "img/o/" not in html  # no per-feature pictures: every <img> is a shared thumbnail
-    assert {src.split("/img/")[1] for src in re.findall(r'<img src="([^"]+)"', html)} <= {
+    assert {src.split("/img/")[1] for src in re.findall(r'<img src=([^ >]+)', html)} <= {
         str(p.relative_to(out / "img")) for p in (out / "img" / "t").rglob("*.jpg")}
     # The page's packed maps are the exemplars' patch maps on one scale: the strongest shown activation.
     heat = json.loads(re.search(r'<script type="application/json" id="heat">(.*?)</script>', html).group(1))
@@ -300,13 +300,19 @@ def test_feature_page_content(built):
     assert heatmaps.unpack(packed) == expected.tobytes()
     panels = json.loads(re.search(r'<script type="application/json" id="panels">(.*?)</script>', html).group(1))
     split = read_table(run_dir, "class_split", where + " ORDER BY rank").to_pylist()
-    assert [row[0] for row in panels["split"]] == [r["label"] for r in split]
+    # Labels, band names and each label's image count live once in the SAE's data file; pages name them by position.
+    shared = _sae_data(out, sae_id)
+    assert [shared["image_labels"][row[0]] for row in panels["split"]] == [r["label"] for r in split]
+    rates = [row[1] / (row[3] if len(row) > 3 else shared["label_images"][row[0]]) for row in panels["split"]]
+    assert rates == pytest.approx([r["rate"] for r in split])
+    assert [row[2] for row in panels["split"]] == [charts.sig(r["mean_act"], 3) for r in split]
     similar = read_table(run_dir, "similar_features", where + " ORDER BY rank").to_pylist()
     assert [row[0] for row in panels["similar"]] == [r["similar_feature"] for r in similar]
     assert 'rel="prev"' in html and 'rel="next"' in html
     feature_row = read_table(run_dir, "features", where).to_pylist()[0]
     assert panels["hist"][0] == feature_row["hist_counts"]
-    bands = [(name, [(s[1], s[2]) for s in samples_b]) for name, samples_b in panels["bands"]]
+    bands = [(shared["bands"][band], [(s[1], shared["image_labels"][s[2]] if s[2] >= 0 else None) for s in samples_b])
+             for band, samples_b in panels["bands"]]
     image_label = {r["image_idx"]: r["label"] for r in read_table(run_dir, "images").to_pylist()}
     assert [x for _, b in bands for x in b] == [(charts.sig(r["act"], 3), image_label[r["image_idx"]]) for r in samples]
     assert [name for name, _ in bands] == ["top quarter", "third quarter", "second quarter", "lowest quarter"]
@@ -321,11 +327,22 @@ def test_feature_pages_list_the_best_concepts_next_to_the_null(built):
     best = read_table(run_dir, "concepts", f"WHERE sae_id = '{sae_id}' AND feature = {feature} ORDER BY ap_lift DESC LIMIT 3").to_pylist()
     section = html[html.index("Concepts it detects"):]
     section = section[:section.index("</section>")]
-    assert section.count("<tr>") == 1 + len(best)  # header + the best three
+    assert section.count("<tr") == 1 + len(best)  # header + the best three
     for row in best:
-        assert f'<td class="num">{site_mod.fmt_num(row["ap"], 3)}</td><td class="num">{site_mod.fmt_num(row["null_ap"], 3)}</td>' in section
+        assert f'<td>{site_mod.fmt_num(row["ap"], 3)}<td>{site_mod.fmt_num(row["null_ap"], 3)}<td>{site_mod.fmt_num(row["iou"], 3)}' in section
+        assert f'--a:{round(100 * row["ap"], 1)}%;--n:{round(100 * row["null_ap"], 1)}%' in section  # the bar and the null's tick
+    # Chance and support are the concept's, not the feature's: once per SAE, in its data file.
+    base = {(c[0], c[1]): c[2:] for c in _sae_data(out, sae_id)["concept_base"]}
+    for row in best:
+        assert base[(row["concept"], row["level"])] == [charts.sig(row["base_rate"], 3), row["support"]]
     positions = [section.index(html_escape(row["concept"], quote=True)) for row in best]
     assert positions == sorted(positions)  # best first
+
+
+def _sae_data(out: Path, sae_id: str) -> dict:
+    """The payload of an SAE's data file (`data/<model>/<slug>.js`)."""
+    data_js = next(p for p in (out / "data").rglob("*.js") if p.name != "index.js" and f'"sae_id":"{sae_id}"' in p.read_text(encoding="utf-8"))
+    return json.loads(data_js.read_text(encoding="utf-8").split("]=", 1)[1].rstrip(";\n"))
 
 
 def test_feature_list_data_and_index_chart_carry_concept_ap(built):
@@ -350,7 +367,14 @@ def test_edit_and_match_links_on_feature_pages(built):
     html = page.read_text(encoding="utf-8")
     assert addr.edit_page(edit["edit_id"]) in html
     match = next(m for m in facts["matches"] if m["sae_a"] == sae and m["feature_a"] == edit["features"][0])
-    assert addr.compare_page(match["comparison"]) in html
+    # Counterparts name their comparison and SAE by position in the SAE's data file (atlas.js makes the links).
+    shared = _sae_data(out, sae)
+    panels = json.loads(re.search(r'<script type="application/json" id="panels">(.*?)</script>', html).group(1))
+    row = next(m for m in panels["matches"] if shared["comparisons"][m[0]][0] == match["comparison"])
+    assert shared["comparisons"][row[0]][1] == addr.compare_page(match["comparison"])
+    other = shared["saes"][row[1]]
+    assert row[2] == match["feature_b"] and other[1] + f"{row[2]}.html" == addr.feature_page(
+        match["sae_b"].split("/")[0], addr.sae_slug(match["sae_b"], match["sae_b"].split("/")[0]), match["feature_b"])
     edit_html = (out / addr.edit_page(edit["edit_id"])).read_text(encoding="utf-8")
     control = next(e for e in facts["edits"] if e["edit_id"] == edit["edit_id"] + "/control")
     assert "<th>control</th>" in edit_html and f"DINOv2-40/{control['features'][0]}<" in edit_html
@@ -732,12 +756,17 @@ def test_every_page_kind_and_every_link_in_the_browser(built, browser):
     features = sorted((out / "features").rglob("[0-9]*.html"))
     pages = [out / "index.html", *(out / "features").rglob("index.html"), *features[:: max(1, len(features) // 12)],
              out / "edits" / "index.html", *(out / "edits").rglob("[0-9]*.html"), *(out / "compare").glob("*.html")]
-    checked = 0
+    checked = n_counterpart_links = 0
     for page in pages:
         logs = _open(browser, page)
         kind = browser.execute_script("return document.body.getAttribute('data-page')")
         if kind == "feature":
             _wait(browser, lambda d: d.execute_script("return document.body.getAttribute('data-nav')") == "ready")
+            # Counterparts are drawn from positions in the SAE's data file; each concept row gets its chance as a tooltip.
+            n_counterpart_links += browser.execute_script("return document.querySelectorAll('#matches tbody a').length")
+            rows, tipped = browser.execute_script(
+                "return [document.querySelectorAll('table.ct tr').length, document.querySelectorAll('table.ct tr[title*=chance]').length]")
+            assert tipped == max(rows - 1, 0), page
         links = browser.execute_script("return Array.from(document.querySelectorAll('a[href], img[src]')).map(a => a.href || a.src)")
         for link in links:
             parts = urlsplit(link)
@@ -747,7 +776,7 @@ def test_every_page_kind_and_every_link_in_the_browser(built, browser):
         broken = browser.execute_script("return Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).map(i => i.src)")
         assert not broken and not _severe(logs + browser.get_log("browser")), (page, broken, logs)
         _no_xss(browser)
-    assert checked > 300
+    assert checked > 300 and n_counterpart_links > 0
 
 
 def test_search_uses_the_best_concept_column_when_present(tmp_path, browser):

@@ -36,13 +36,21 @@ MAX_ALPHA = 0.85
 OUTLINE_RGB = (34, 211, 238)  # cyan: stands out against every inferno colour
 
 
-def quantize(acts_np: np.ndarray, vmax: float) -> np.ndarray:
-    """[n, patches] activations → uint8 on the feature's scale (see the module docstring)."""
-    acts = np.nan_to_num(np.asarray(acts_np, dtype=np.float64), nan=0.0)
-    if vmax <= 0 or not np.isfinite(vmax):
-        return np.zeros(acts.shape, dtype=np.uint8)
-    q = np.ceil(np.clip(acts / vmax, 0.0, 1.0) * 255.0)
-    return np.where(acts > 0, np.maximum(q, 1), 0).astype(np.uint8)
+def quantize(acts_np: np.ndarray, vmax: float | np.ndarray) -> np.ndarray:
+    """Activations → uint8 on the feature's scale (see the module docstring); `vmax` is a number or an
+    array broadcast against the activations (one scale per value: a whole chunk of features at once)."""
+    acts = np.asarray(acts_np, dtype=np.float64)
+    vmax = np.asarray(vmax, dtype=np.float64)
+    unusable = ~((vmax > 0) & np.isfinite(vmax))  # no scale: silent everywhere
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = acts / np.where(unusable, np.inf, vmax)  # in place from here: a chunk holds millions of values
+    np.clip(q, 0.0, 1.0, out=q)
+    q *= 255.0
+    np.ceil(q, out=q)
+    np.nan_to_num(q, copy=False, nan=0.0)
+    # A firing patch is never silent, even where its ratio underflows (acts > 0 is False for NaN and with no scale).
+    np.maximum(q, (acts > 0) & ~unusable, out=q)
+    return q.astype(np.uint8)
 
 
 def rgba(q_p: np.ndarray) -> np.ndarray:
@@ -53,11 +61,9 @@ def rgba(q_p: np.ndarray) -> np.ndarray:
 
 
 def pack(maps: Sequence[np.ndarray]) -> str:
-    """Concatenated uint8 maps → base64 of their zlib stream ('' for none)."""
-    if not maps:
-        return ""
+    """Concatenated uint8 maps → base64 of their zlib stream ('' for none, or only empty ones)."""
     raw = b"".join(np.ascontiguousarray(m, dtype=np.uint8).tobytes() for m in maps)
-    return base64.b64encode(zlib.compress(raw, 6)).decode("ascii")
+    return base64.b64encode(zlib.compress(raw, 6)).decode("ascii") if raw else ""
 
 
 def unpack(text: str) -> bytes:

@@ -13,10 +13,17 @@ exemplars' patch maps (one byte per patch, one zlib stream per page, see
 `heatmaps`) and `assets/atlas.js` paints them on canvases over the shared
 thumbnails; without scripts the plain thumbnails show.
 
+Page weight: a feature page exists 24K times per SAE at the paper's width, so
+it holds only what must show without scripts, and what every page of an SAE
+would repeat (image labels and their counts, band names, concepts' chance and
+support, the other SAEs and comparisons) is written once, to the SAE's data
+file; pages name those things by position (see `SaeInfo.label_pos`).
+
 Scale: per SAE, the small per-feature columns are read once (a few MB at 24K
 features); feature pages are built `CHUNK_FEATURES` at a time from range
 queries on the exemplar, sample, class-split and similarity tables, so memory
-does not grow with the dictionary. Feature pages carry an inline SVG
+does not grow with the dictionary, and each chunk's exemplar rows are handled
+as columns (`ExemplarColumns`: one numpy pass quantises all their maps). Feature pages carry an inline SVG
 histogram, never a plotly chart; only the index, the per-SAE lists and the
 comparison pages load plotly.js.
 """
@@ -38,6 +45,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 from rich.markup import escape as rich_escape
@@ -103,11 +111,17 @@ class SaeInfo:
     metrics: dict[str, Any]
     # Filled while its pages are built; read by edit/compare pages.
     pages: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # features with a page, sorted
+    capped: bool = False  # report.feature_pages left out some live features
     thumbs: dict[int, str] = field(default_factory=dict)  # feature → thumbnail file of its top exemplar
     thumb_list: list[str] = field(default_factory=list)  # every thumbnail its pages show; pages name them by position
     thumb_pos: dict[str, int] = field(default_factory=dict)
     top_maps: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)  # feature → (grid, quantised map of that exemplar)
     top_labels: dict[int, str] = field(default_factory=dict)
+    # Shared by every page of the SAE, so kept once in its data file: image labels (bands, class split) by position,
+    # each label's number of analysed images, and each concept's chance (base rate) and support.
+    label_pos: dict[str | None, int] = field(default_factory=dict)
+    label_images: dict[str, int] = field(default_factory=dict)
+    concept_base: list[list[Any]] = field(default_factory=list)
 
     def title(self, feature: int) -> str:
         return addr.feature_title(self.model_label, self.n_features, feature)
@@ -190,6 +204,7 @@ class SiteBuilder:
         self._pending: list[Any] = []  # futures of page batches
         self.n_pages_total = 0
         self._labels_html: dict[str | None, Markup] = {}
+        self._base_contexts: dict[str, dict[str, Any]] = {}  # by root; the SAE list and menus are fixed before pages render
         self.env = make_env()
         self.stats = SiteStats(out_dir=staging)
         self.thumb_names: dict[tuple[str, int], str | None] = {}  # (image path, px) → thumbnail name
@@ -229,9 +244,15 @@ class SiteBuilder:
         path.write_text(text, encoding="utf-8")
 
     def base_context(self, page: str) -> dict[str, Any]:
-        """What every template sees (plain data only: feature pages travel to pool workers)."""
+        """What every template sees (plain data only: feature pages travel to pool workers); built once per folder depth."""
+        root = addr.root_of(page)
+        if root not in self._base_contexts:
+            self._base_contexts[root] = self._base_context(root)
+        return self._base_contexts[root]
+
+    def _base_context(self, root: str) -> dict[str, Any]:
         return {
-            "root": addr.root_of(page),
+            "root": root,
             "site_title": self.report.title,
             "report_px": self.report.thumbnail_px,
             "version": __version__,
@@ -367,7 +388,8 @@ class SiteBuilder:
         dead = index.column("dead").to_numpy(zero_copy_only=False)
         alive = ~np.array([bool(d) for d in dead], dtype=bool) & (max_act > 0)
         chosen = np.flatnonzero(alive)
-        if self.report.feature_pages is not None and len(chosen) > self.report.feature_pages:
+        sae.capped = self.report.feature_pages is not None and len(chosen) > self.report.feature_pages
+        if sae.capped:
             order = np.argsort(-max_act[chosen], kind="stable")[: self.report.feature_pages]
             chosen = chosen[order]
         edited = [int(r["f"]) for r in fetch_rows(self.con, "SELECT DISTINCT unnest(features) AS f FROM edits WHERE sae_id = ?", [sae.sae_id])]
@@ -379,6 +401,7 @@ class SiteBuilder:
         """Thumbnails, the SAE's data file, its feature pages (in chunks of features) and its list page."""
         self.con.register("_pages", pa.table({"feature": pa.array(sae.pages, type=pa.int32())}))
         self.ensure_sae_thumbnails(sae)
+        self.load_shared(sae)
         self.write(sae.data_file, charts.data_script(sae.data_file, self.sae_columns(sae, index)))
         edits, matches = self.edits_by_feature(sae), self.matches_by_feature(sae)
         pages = sae.pages.tolist()
@@ -417,27 +440,40 @@ class SiteBuilder:
             if name:
                 sae.thumbs[int(r["feature"])] = addr.image_file("t", name)
 
-    def exemplar_groups(self, table: pa.Table) -> dict[int, list[dict[str, Any]]]:
-        """Exemplar rows by feature (table order kept), each with its patch map as `acts_p` (None if absent or malformed)."""
-        acts = table.column("patch_acts").combine_chunks()
-        offsets = acts.offsets.to_numpy()
-        values = acts.values.to_numpy(zero_copy_only=False)
-        valid = acts.is_valid().to_numpy(zero_copy_only=False)
+    def load_shared(self, sae: SaeInfo) -> None:
+        """What every page of the SAE would repeat (see `SaeInfo.label_pos`): read once, written to its data file."""
+        labels = [r["label"] for r in fetch_rows(
+            self.con, "SELECT label FROM images WHERE label IS NOT NULL UNION SELECT label FROM class_split WHERE sae_id = ? AND label IS NOT NULL "
+            "ORDER BY label", [sae.sae_id])]
+        sae.label_pos = {label: i for i, label in enumerate(labels)}
+        # The most common count per label: a feature that saw another count carries its own (see render_feature_chunk).
+        sae.label_images = {r["label"]: int(r["n"]) for r in fetch_rows(
+            self.con, "SELECT label, mode(n_images) AS n FROM class_split WHERE sae_id = ? AND label IS NOT NULL GROUP BY label", [sae.sae_id])}
+        if self.has_concepts:
+            sae.concept_base = [[r["concept"], r["level"], charts.sig(r["base_rate"], 3), r["support"]] for r in fetch_rows(
+                self.con, "SELECT concept, level, any_value(base_rate) AS base_rate, any_value(support) AS support FROM concepts "
+                "WHERE sae_id = ? GROUP BY concept, level ORDER BY level DESC, concept", [sae.sae_id])]
+
+    def exemplar_columns(self, table: pa.Table, lo: int) -> ExemplarColumns:
+        """A chunk's exemplar rows (sorted by feature) as columns: one numpy pass per chunk, not one per row."""
         px = self.report.thumbnail_px
-        groups: dict[int, list[dict[str, Any]]] = {}
-        for i, r in enumerate(table.drop_columns(["patch_acts"]).to_pylist()):
-            gh, gw = int(r["grid_h"] or 0), int(r["grid_w"] or 0)
-            acts_p = values[offsets[i] : offsets[i + 1]] if valid[i] else None
-            thumb = self.thumb(r["path"], px)
-            # No heat-map over a missing picture: the placeholder shows alone.
-            r["acts_p"] = acts_p if thumb and acts_p is not None and gh > 0 and gh * gw == len(acts_p) else None
-            r["grid"] = f"{gh}x{gw}"
-            # Escaped once here, not per tile by the template (millions of tiles at 24K features).
-            r["src"] = Markup(self.img("t", thumb))  # our own path: [0-9a-z/.] only
-            r["act_text"] = Markup(fmt_num(r["act"], 3))
-            r["label_text"] = self.escaped_label(r["label"])
-            groups.setdefault(int(r["feature"]), []).append(r)
-        return groups
+        feature_r = table.column("feature").to_numpy(zero_copy_only=False).astype(np.int64)
+        thumbs = [self.thumb(path, px) for path in table.column("path").to_pylist()]
+        acts = table.column("patch_acts").combine_chunks()
+        lengths_r = pc.fill_null(pc.list_value_length(acts), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        grid_h = pc.fill_null(table.column("grid_h"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        grid_w = pc.fill_null(table.column("grid_w"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        # No heat-map over a missing picture (the placeholder shows alone), nor from a malformed map.
+        has_map_r = (acts.is_valid().to_numpy(zero_copy_only=False) & (grid_h > 0) & (grid_h * grid_w == lengths_r)
+                     & np.array([t is not None for t in thumbs], dtype=bool))
+        return ExemplarColumns(
+            lo=lo, feature_r=feature_r, lengths_r=lengths_r, has_map_r=has_map_r,
+            act_r=table.column("act").to_numpy(zero_copy_only=False).astype(np.float64),
+            acts_v=pc.list_flatten(acts).to_numpy(zero_copy_only=False).astype(np.float64),
+            grids=[f"{h}x{w}" for h, w in zip(grid_h.tolist(), grid_w.tolist())],
+            srcs=[self.img("t", t) for t in thumbs], labels=table.column("label").to_pylist(),
+            bands=table.column("band").to_pylist() if "band" in table.column_names else None,
+        )
 
     def escaped_label(self, label: str | None) -> Markup:
         if label not in self._labels_html:
@@ -454,11 +490,21 @@ class SiteBuilder:
         wanted = set(chunk)
         joined = "FROM {t} e LEFT JOIN images i ON i.dataset = e.dataset AND i.image_idx = e.image_idx WHERE e.sae_id = ? AND e.feature BETWEEN ? AND ?"
         columns = "e.feature, e.rank, e.dataset, e.image_idx, e.act, e.grid_h, e.grid_w, e.patch_acts, i.path, i.label"
-        top = self.exemplar_groups(self.chunk_table(
-            f"SELECT {columns} {joined.format(t='exemplars')} AND e.rank < ? ORDER BY e.feature, e.rank", sae, lo, hi, self.report.exemplars_shown))
-        samples = self.exemplar_groups(self.chunk_table(
-            f"SELECT {columns}, e.band {joined.format(t='quantile_exemplars')} ORDER BY e.feature, e.band DESC, e.rank", sae, lo, hi))
-        split = _group(fetch_rows(self.con, "SELECT feature, label, rate, mean_act, n_fire_images, n_images FROM class_split "
+        top = self.exemplar_columns(self.chunk_table(
+            f"SELECT {columns} {joined.format(t='exemplars')} AND e.rank < ? ORDER BY e.feature, e.rank", sae, lo, hi, self.report.exemplars_shown), lo)
+        samples = self.exemplar_columns(self.chunk_table(
+            f"SELECT {columns}, e.band {joined.format(t='quantile_exemplars')} ORDER BY e.feature, e.band DESC, e.rank", sae, lo, hi), lo)
+        # One colour scale per feature: its strongest shown exemplar (top images and band samples alike).
+        vmax_f = np.zeros(hi - lo + 1)
+        for ex in (top, samples):
+            np.maximum.at(vmax_f, ex.feature_r - lo, np.nan_to_num(ex.act_r, nan=0.0))
+        top.quantize(vmax_f)
+        samples.quantize(vmax_f)
+        # (has a heat-map, thumbnail, caption) per top image, escaped once here: millions of tiles at 24K features
+        srcs: dict[str, Markup] = {}
+        top.tiles = [(heat, srcs.setdefault(src, Markup(src)), Markup(f"{fmt_num(act, 3)} {self.escaped_label(label)}"))  # Markup() of escaped text
+                     for heat, src, act, label in zip(top.heat_r.tolist(), top.srcs, top.act_r.tolist(), top.labels)]
+        split = _group(fetch_rows(self.con, "SELECT feature, label, mean_act, n_fire_images, n_images FROM class_split "
                                   "WHERE sae_id = ? AND feature BETWEEN ? AND ? ORDER BY feature, rank", [sae.sae_id, lo, hi]), lambda r: int(r["feature"]))
         similar = _group(fetch_rows(self.con, "SELECT feature, similar_feature, cosine FROM similar_features "
                                     "WHERE sae_id = ? AND feature BETWEEN ? AND ? ORDER BY feature, rank", [sae.sae_id, lo, hi]), lambda r: int(r["feature"]))
@@ -469,28 +515,33 @@ class SiteBuilder:
             if f not in wanted:
                 continue
             i = bisect_left(pages, f)
-            shown_top, shown_samples = top.get(f, []), samples.get(f, [])
-            figures = shown_top + shown_samples
-            # One colour scale per feature: its strongest shown exemplar.
-            vmax = max((float(r["act"] or 0.0) for r in figures), default=0.0)
-            with_map = [r for r in figures if r["acts_p"] is not None and vmax > 0]
-            maps_np = heatmaps.quantize(np.stack([r["acts_p"] for r in with_map]), vmax) if with_map else np.zeros((0, 0), np.uint8)
-            for r in figures:
-                r["heat"] = r["acts_p"] is not None and vmax > 0
-                del r["acts_p"]
-            if shown_top and shown_top[0]["heat"]:
-                sae.top_maps[f] = (shown_top[0]["grid"], maps_np[0])
+            vmax = float(vmax_f[f - lo])
+            tiles = [top.tiles[r] for r in top.rows_of(f)]
+            bands: dict[int, list[list[Any]]] = {}
+            for r in samples.rows_of(f):
+                bands.setdefault(int(samples.bands[r]), []).append(
+                    [sae.thumb_pos.get(samples.srcs[r], -1), samples.act_text[r], sae.label_pos.get(samples.labels[r], -1), int(samples.heat_r[r])])
+            first = top.rows_of(f).start if tiles else samples.rows_of(f).start
+            grid = (top if tiles else samples).grids[first] if len(top.rows_of(f)) + len(samples.rows_of(f)) else ""
+            if tiles and tiles[0][0]:
+                sae.top_maps[f] = (grid, top.map_of(first))
+            self.stats.n_heatmaps += int(top.heat_r[top.rows_of(f)].sum() + samples.heat_r[samples.rows_of(f)].sum())
             self.render_feature_page(
-                sae, row, shown_top, shown_samples, vmax, heatmaps.pack(list(maps_np)),
+                sae, row, tiles, vmax, heatmaps.pack([top.maps_of(f), samples.maps_of(f)]), grid,
                 panels={
                     "hist": _hist_json(row.get("hist_counts"), row.get("hist_edges")),
-                    # [thumbnail position in the SAE's data file, activation, label, has a heat-map] by band, top band first
-                    "bands": [[BAND_NAMES[b] if b < len(BAND_NAMES) else f"band {b + 1}",
-                               [[sae.thumb_pos.get(str(r["src"]), -1), charts.sig(r["act"], 3), r["label"], int(r["heat"])] for r in shown_samples if r["band"] == b]]
-                              for b in sorted({int(r["band"]) for r in shown_samples}, reverse=True)],
-                    "matches": [[m["comparison"], m["compare_href"], m["title"], m["href"], charts.sig(m["score"], 3), bool(m["matched"]), bool(m["mutual"])]
+                    # [band, [[thumbnail, activation, label, has a heat-map], ...]] top band first; band, thumbnail and
+                    # label are positions in the SAE's data file (`bands`, `thumbs`, `image_labels`; -1: none)
+                    "bands": [[b, bands[b]] for b in sorted(bands, reverse=True)],
+                    # [comparison, SAE, its feature (None: dead), correlation, matched, mutual, has a page]; comparison and SAE
+                    # are positions in the data file's `comparisons` and `saes` (SAE -1: not on this site, then its title)
+                    "matches": [[m["comparison_pos"], m["sae_pos"], m["feature_b"] if m["sae_pos"] >= 0 else m["title"],
+                                 charts.sig(m["score"], 3), int(bool(m["matched"])), int(bool(m["mutual"])), int(m["href"] is not None)]
                                 for m in matches.get(f, [])],
-                    "split": [[r["label"], charts.sig(r["rate"], 3), charts.sig(r["mean_act"], 3), r["n_fire_images"], r["n_images"]]
+                    # [label, firing images, mean activation]: the rate is firing / the label's images (`label_images` in
+                    # the data file), which a 4th element overrides where this feature saw another count
+                    "split": [[sae.label_pos.get(r["label"], -1), r["n_fire_images"], charts.sig(r["mean_act"], 3),
+                               *([r["n_images"]] if r["n_images"] != sae.label_images.get(r["label"]) else [])]
                               for r in split.get(f, [])],
                     "similar": [[int(r["similar_feature"]), charts.sig(r["cosine"], 3)] for r in similar.get(f, [])],
                 },
@@ -498,19 +549,18 @@ class SiteBuilder:
                 prev=pages[i - 1] if i > 0 else None, next=pages[i + 1] if i + 1 < len(pages) else None,
             )
 
-    def render_feature_page(self, sae: SaeInfo, row: dict[str, Any], top: list[dict[str, Any]], samples: list[dict[str, Any]], vmax: float,
-                            maps: str, panels: dict[str, Any], edits: list[dict[str, Any]], concepts: list[dict[str, Any]],
+    def render_feature_page(self, sae: SaeInfo, row: dict[str, Any], tiles: list[tuple[bool, Markup, Markup]], vmax: float, maps: str, grid: str,
+                            panels: dict[str, Any], edits: list[dict[str, Any]], concepts: list[dict[str, Any]],
                             prev: int | None, next: int | None) -> None:
         """One feature page: statistics and top images in the HTML, the rest as data atlas.js draws (see feature.html)."""
         f = int(row["feature"])
-        self.stats.n_heatmaps += sum(int(r["heat"]) for r in top + samples)
         self.render_later(
             "feature.html",
             addr.feature_page(sae.model, sae.slug, f),
             sae={"short": sae.short, "sae_id": sae.sae_id, "data_file": sae.data_file}, f=row,
             saes_nav=[], comparisons=[],  # the crumbs lead to the lists: menus on every feature page are bytes × 24K
-            title=sae.title(f), exemplars=top, vmax=vmax,
-            heat={"g": (top + samples)[0]["grid"], "z": maps} if maps else None, panels=panels,
+            title=sae.title(f), exemplars=tiles, vmax=vmax,
+            heat={"g": grid, "z": maps} if maps else None, panels=panels,
             concept=row.get("best_concept"), concepts=concepts, edits=edits, prev=prev, next=next,
         )
         self.stats.n_feature_pages += 1
@@ -552,6 +602,13 @@ class SiteBuilder:
             # Each distinct thumbnail once, then an index per feature (-1: none): 2–6 bytes per feature, not 40.
             "thumbs": thumbs,
             "thumb": [thumb_pos.get(sae.thumbs.get(int(f), ""), -1) for f in feature],
+            # Read by feature pages (see `load_shared`).
+            "bands": BAND_NAMES,
+            "image_labels": list(sae.label_pos),
+            "label_images": [sae.label_images.get(l) for l in sae.label_pos],
+            "concept_base": sae.concept_base,  # [concept, level, chance, support]
+            "saes": [[s.short, addr.sae_dir(s.model, s.slug) + "/"] for s in self.saes],  # counterparts' titles and folders
+            "comparisons": [[c["name"], c["href"]] for c in self.comparisons],
         }
 
     def concepts_by_feature(self, sae: SaeInfo, lo: int, hi: int, per_level: int = CONCEPTS_SHOWN) -> dict[int, list[dict[str, Any]]]:
@@ -591,7 +648,8 @@ class SiteBuilder:
             else:
                 r["title"] = other.title(r["feature_b"]) if other else f"{r['sae_b']}/{r['feature_b']}"
             r["href"] = other.page(r["feature_b"]) if other else None
-            r["compare_href"] = addr.compare_page(r["comparison"])
+            r["sae_pos"] = next(i for i, s in enumerate(self.saes) if s is other) if other else -1
+            r["comparison_pos"] = next(i for i, c in enumerate(self.comparisons) if c["name"] == r["comparison"])
             out.setdefault(int(r["feature_a"]), []).append(r)
         return out
 
@@ -819,6 +877,50 @@ def _hist_json(counts: Sequence[int] | None, edges: Sequence[float] | None) -> l
     if not counts or len(edges) != len(counts) + 1 or max(counts) <= 0:
         return None
     return [[int(c) for c in counts], charts.sig(edges[0], 3), charts.sig(edges[-1], 3)]
+
+
+@dataclass
+class ExemplarColumns:
+    """One chunk of exemplar rows (sorted by feature; `_r`: per row, `_v`: per patch value of all rows' maps)."""
+
+    lo: int  # first feature of the chunk
+    feature_r: np.ndarray
+    act_r: np.ndarray
+    lengths_r: np.ndarray  # patches in each row's map (0: none)
+    has_map_r: np.ndarray  # the map is well formed and over a real thumbnail
+    acts_v: np.ndarray
+    grids: list[str]  # "HxW"
+    srcs: list[str]  # thumbnail file (or the placeholder)
+    labels: list[str | None]
+    bands: list[int] | None  # quantile band of each row (sample tables only)
+    heat_r: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # drawn as a heat-map (set by `quantize`)
+    act_text: list[float | None] = field(default_factory=list)  # activation to 3 significant digits
+    tiles: list[tuple[bool, Markup, Markup]] = field(default_factory=list)  # set for the top images (render_feature_chunk)
+    _q_v: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))  # quantised maps of the `heat_r` rows only
+    _q_start_r: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # row r's map: _q_v[start[r]:start[r+1]]
+    _start_f: list[int] = field(default_factory=list)  # feature lo + j's rows: start[j]:start[j+1]
+
+    def quantize(self, vmax_f: np.ndarray) -> None:
+        """Each row's map on its feature's scale (`vmax_f[feature - lo]`), in one pass over the chunk."""
+        vmax_r = vmax_f[self.feature_r - self.lo]
+        self.heat_r = self.has_map_r & (vmax_r > 0)
+        kept_v = np.repeat(self.heat_r, self.lengths_r)
+        self._q_v = heatmaps.quantize(self.acts_v[kept_v], np.repeat(vmax_r, self.lengths_r)[kept_v])
+        self._q_start_r = np.concatenate([[0], np.cumsum(self.lengths_r * self.heat_r)])
+        self.act_text = charts.round_sig(self.act_r, 3)
+        self._start_f = np.searchsorted(self.feature_r, np.arange(self.lo, self.lo + len(vmax_f) + 1)).tolist()
+
+    def rows_of(self, feature: int) -> range:
+        j = feature - self.lo
+        return range(self._start_f[j], self._start_f[j + 1])
+
+    def maps_of(self, feature: int) -> np.ndarray:
+        """The feature's maps (rows with a heat-map only), concatenated in row order."""
+        rows = self.rows_of(feature)
+        return self._q_v[self._q_start_r[rows.start] : self._q_start_r[rows.stop]]
+
+    def map_of(self, row: int) -> np.ndarray:
+        return self._q_v[self._q_start_r[row] : self._q_start_r[row + 1]]
 
 
 @dataclass(frozen=True)

@@ -216,8 +216,9 @@ def _panel_parts(sae: SyntheticSAE, run: SyntheticRun, max_act: np.ndarray, dead
         }
         n_labels = min(len(labels), 10)
         label_idx = np.argsort(rng.random((len(features), len(labels))), axis=1)[:, :n_labels]
-        rate = np.sort(rng.beta(1.0, 3.0, (len(features), n_labels)), axis=1)[:, ::-1]
         n_images = max(1, run.n_images // max(len(labels), 1))
+        # rate = n_fire_images / n_images exactly, as the analysis writes it (pages send the count, not the rate)
+        rate = np.round(np.sort(rng.beta(1.0, 3.0, (len(features), n_labels)), axis=1)[:, ::-1] * n_images) / n_images
         yield "class_split", {
             "sae_id": [sae.sae_id] * rate.size, "feature": np.repeat(features, n_labels).astype(np.int32),
             "rank": np.tile(np.arange(n_labels), len(features)).astype(np.int32),
