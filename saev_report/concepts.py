@@ -214,7 +214,8 @@ class Scores:
 
     `ap` is exact for the binned activations; the unbinned AP lies in
     [`ap_low`, `ap_high`]; `iou` is the best over thresholds "activation ≥
-    `threshold`" (NaN threshold where the feature never fires on the concept).
+    `threshold`" (NaN threshold where the feature never fires on the concept);
+    `fire_rate` the share of the concept's samples on which the feature fires.
     """
 
     ap: np.ndarray
@@ -222,6 +223,7 @@ class Scores:
     ap_high: np.ndarray
     iou: np.ndarray
     threshold: np.ndarray
+    fire_rate: np.ndarray
 
 
 # --------------------------------------------------------------------------- counters
@@ -398,7 +400,10 @@ class DetectionHistograms:
         threshold[best_iou == 0] = math.nan  # never fires on the concept: no threshold helps
         best_iou[none] = math.nan
         threshold[none] = math.nan
-        return Scores(ap, ap_low, ap_high, best_iou.reshape(n_features, n_concepts), threshold.reshape(n_features, n_concepts))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fire_rate = np.where(none, math.nan, fired_pair / support_pair)
+        return Scores(ap, ap_low, ap_high, best_iou.reshape(n_features, n_concepts), threshold.reshape(n_features, n_concepts),
+                      fire_rate.reshape(n_features, n_concepts))
 
 
 # --------------------------------------------------------------------------- the streaming hook
@@ -474,6 +479,7 @@ def _level_table(sae_id: str, level: str, hist: DetectionHistograms, names: Sequ
         "concept": np.asarray(list(names), dtype=object)[concept_n].tolist() if n else [],
         "level": [level] * n,
         "ap": _nullable(real.ap[keep]), "iou": _nullable(real.iou[keep]), "threshold": _nullable(real.threshold[keep]),
+        "fire_rate": _nullable(real.fire_rate[keep]),
         "support": support_c[concept_n].astype(np.int64),
         "null_ap": _nullable(null.ap[keep]),
         "ap_low": _nullable(real.ap_low[keep]), "ap_high": _nullable(real.ap_high[keep]),

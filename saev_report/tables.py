@@ -160,6 +160,7 @@ TABLES: dict[str, TableDef] = {
             ("base_rate", pa.float64(), "support / samples: the AP of a detector that knows nothing."),
             ("ap_lift", pa.float64(), "(ap − base_rate) / (1 − base_rate): AP above chance, 0 for a detector that knows nothing, 1 for a perfect one. Best concepts are ranked by it, since a concept covering most samples (background) gets a high AP from any feature."),
             ("null_iou", pa.float64(), "`iou` under the permuted labels."),
+            ("fire_rate", pa.float64(), "Share of the concept's samples (patches or images) on which the feature fires: its activation rate on the concept."),
         ),
         _table(
             "exemplars",

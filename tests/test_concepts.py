@@ -271,6 +271,7 @@ def check_rows_against_brute_force(rows: list[dict], acts_ipd: np.ndarray, label
         assert row["ap"] == pytest.approx(average_precision_score(y == c, scores), abs=1e-12)
         assert row["ap_low"] - 1e-9 <= average_precision_score(y == c, a[:, f]) <= row["ap_high"] + 1e-9
         assert row["iou"] == pytest.approx(brute_iou(scores, y == c)[0], abs=1e-12)
+        assert row["fire_rate"] == pytest.approx((a[y == c, f] > 0).mean(), abs=1e-12)
         if (ny == c).any():
             assert row["null_ap"] == pytest.approx(average_precision_score(ny == c, scores), abs=1e-12)
         seen.add((row["level"], f, c))

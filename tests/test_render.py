@@ -331,6 +331,7 @@ def test_feature_pages_list_the_best_concepts_next_to_the_null(built):
     for row in best:
         assert f'<td>{site_mod.fmt_num(row["ap"], 3)}<td>{site_mod.fmt_num(row["null_ap"], 3)}<td>{site_mod.fmt_num(row["iou"], 3)}' in section
         assert f'--a:{round(100 * row["ap"], 1)}%;--n:{round(100 * row["null_ap"], 1)}%' in section  # the bar and the null's tick
+        assert f'<td>{site_mod.fmt_num(row["threshold"], 3)}<td>{site_mod.fmt_pct(row["fire_rate"], 2)}' in section  # its rate on the concept
     # Chance and support are the concept's, not the feature's: once per SAE, in its data file.
     base = {(c[0], c[1]): c[2:] for c in _sae_data(out, sae_id)["concept_base"]}
     for row in best:

@@ -617,7 +617,7 @@ class SiteBuilder:
             return {}
         rows = fetch_rows(
             self.con,
-            "SELECT feature, concept, level, ap, null_ap, base_rate, iou, threshold, support FROM ("
+            "SELECT feature, concept, level, ap, null_ap, base_rate, iou, threshold, support, fire_rate FROM ("
             "  SELECT *, row_number() OVER (PARTITION BY feature, level ORDER BY ap_lift DESC NULLS LAST, concept) AS r"
             "  FROM concepts WHERE sae_id = ? AND feature BETWEEN ? AND ?) "
             "WHERE r <= ? ORDER BY feature, level DESC, r",

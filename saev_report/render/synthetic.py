@@ -337,6 +337,7 @@ def _write_concepts(path: Path, sae: SyntheticSAE, run: SyntheticRun, dead: np.n
         "ap": ap_fc.ravel(), "iou": ap_fc.ravel() / 2, "threshold": np.full(n_f * n_c, 0.5), "support": support[concept_fc.ravel()],
         "null_ap": null_fc.ravel(), "ap_low": ap_fc.ravel() - 0.01, "ap_high": ap_fc.ravel() + 0.01,
         "base_rate": base_c[concept_fc.ravel()], "ap_lift": lift_fc.ravel(), "null_iou": null_fc.ravel() / 2,
+        "fire_rate": np.clip(ap_fc.ravel() * 0.8, 0, 1),
     }, SPEC_HASH)
     order = np.argsort(-lift_fc, axis=1)
     best, second = order[:, 0], order[:, 1]

@@ -108,4 +108,4 @@ def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path:
 
 # `parallel`: every rank scans a contiguous range of whole batches of the images and
 # `analyse.ScanResult.merge_ranks` merges them exactly; rank 0 writes the tables.
-ANALYSE = StageKind(name="analyse", version=4, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True)
+ANALYSE = StageKind(name="analyse", version=5, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True)
