@@ -57,14 +57,35 @@ EDITS_PER_PASS = 32
 # --------------------------------------------------------------------------- choosing features
 
 
-def ranked_features(concept_rows: Iterable[Mapping[str, Any]], sae_id: str, level: str) -> dict[str, list[int]]:
-    """Features of each concept of one SAE and level, best AP first (ties: lower feature id)."""
+def ranked_features(concept_rows: Iterable[Mapping[str, Any]] | pa.Table, sae_id: str, level: str) -> dict[str, list[int]]:
+    """Features of each concept of one SAE and level, best AP first (ties: lower feature id).
+
+    `concept_rows` are `concepts` rows, or a table of them: millions of rows at 24,576 features ×
+    150 ADE20K classes, sorted in numpy rather than as Python dicts.
+    """
+    if isinstance(concept_rows, pa.Table):
+        return _ranked_from_table(concept_rows, sae_id, level)
     by_concept: dict[str, list[tuple[float, int]]] = {}
     for row in concept_rows:
         if row["sae_id"] != sae_id or row["level"] != level or row["ap"] is None or math.isnan(row["ap"]):
             continue
         by_concept.setdefault(row["concept"], []).append((-float(row["ap"]), int(row["feature"])))
     return {concept: [f for _, f in sorted(pairs)] for concept, pairs in sorted(by_concept.items())}
+
+
+def _ranked_from_table(table: pa.Table, sae_id: str, level: str) -> dict[str, list[int]]:
+    import pyarrow.compute as pc
+
+    keep = pc.and_(pc.equal(table.column("sae_id"), sae_id), pc.equal(table.column("level"), level))
+    rows = table.filter(pc.and_(keep, pc.invert(pc.is_nan(pc.fill_null(table.column("ap"), float("nan"))))))
+    concept = rows.column("concept").to_numpy(zero_copy_only=False).astype(str)
+    ap = rows.column("ap").to_numpy(zero_copy_only=False).astype(np.float64)
+    feature = rows.column("feature").to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((feature, -ap, concept))  # by concept, then AP descending, then feature
+    concept, feature = concept[order], feature[order]
+    starts = np.flatnonzero(np.r_[True, concept[1:] != concept[:-1]]) if len(concept) else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(concept)]
+    return {str(concept[a]): feature[a:b].tolist() for a, b in zip(starts, ends)}
 
 
 def tested_concepts(ranked: Mapping[str, Sequence[int]], head_classes: Sequence[str], concepts: Sequence[str] | None) -> list[str]:
@@ -204,11 +225,6 @@ def head_data_concepts(
     return {key: stats[key].table(sae_ids[key]) if key in stats else to_arrow("concepts", []) for key in saes}
 
 
-def ranking_rows(table: pa.Table) -> list[dict[str, Any]]:
-    """The columns `ranked_features` reads, as rows (the whole `concepts` row is far bigger)."""
-    return table.select(["sae_id", "feature", "concept", "level", "ap"]).to_pylist()
-
-
 # --------------------------------------------------------------------------- ground truth
 
 
@@ -329,7 +345,7 @@ def run_experiment(
     head_key: str,
     dataset: ImageDataset,
     layer: int,
-    concept_rows: Iterable[Mapping[str, Any]],
+    concept_rows: Iterable[Mapping[str, Any]] | pa.Table,
     feature_rows: Mapping[int, Mapping[str, Any]],
     level: str,
     ms: Sequence[int],
@@ -627,7 +643,7 @@ class _Tally:
 
 __all__ = [
     "ArmFeatures", "SplicedScores", "Trial", "classification_measure", "concept_images", "head_data_concepts", "level_labels",
-    "other_concept", "plan_arms", "log_summary", "rank_batch_size", "ranked_features", "ranking_rows", "run_experiment",
+    "other_concept", "plan_arms", "log_summary", "rank_batch_size", "ranked_features", "run_experiment",
     "tested_concepts", "segmentation_measure", "spliced_scores", "spliced_tokens",
     "store_patch_mean", "summarise",
 ]

@@ -48,6 +48,15 @@ def test_ranked_features_sort_by_ap_within_one_sae_and_level():
     assert ex.ranked_features(rows, SID, "image") == {"cat": [4]}
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(["cat", "dog", "sky"]), st.sampled_from([0.1, 0.5, 0.9, float("nan"), None]),
+                          st.sampled_from(["patch", "image"]), st.sampled_from([SID, "other"])), max_size=30))
+def test_ranked_features_of_a_table_equal_those_of_its_rows(rows):
+    rows = [{**concept_row(f, c, ap, level, sid)} for f, c, ap, level, sid in {(r[0], r[1], r[3], r[4]): r for r in rows}.values()]
+    from_rows = ex.ranked_features([r for r in rows if r["ap"] is not None], SID, "patch")
+    assert ex.ranked_features(to_arrow("concepts", rows), SID, "patch") == from_rows
+
+
 def test_other_concept_is_the_next_name_wrapping():
     assert ex.other_concept("b", ["c", "a", "b"]) == "c"
     assert ex.other_concept("c", ["c", "a", "b"]) == "a"
@@ -456,11 +465,11 @@ def test_head_data_concepts_equal_a_brute_force_computation(backbone, tmp_path, 
         for k, ap in got.items():
             assert ap == pytest.approx(expected[k], abs=1e-9), k
         # and the ranking read from those rows is the brute-force order: every feature, AP descending
-        ranked = ex.ranked_features(ex.ranking_rows(table), key.upper(), level)
+        ranked = ex.ranked_features(table, key.upper(), level)
         for c, name in enumerate(names):
             aps = [expected[(level, f, c)] for f in ranked[name]]
             assert sorted(ranked[name]) == list(range(D)) and all(a >= b - 1e-9 for a, b in zip(aps, aps[1:]))
-    assert ex.ranked_features(ex.ranking_rows(tables["a"]), "A", level)["cat"][0] == planted  # the red detector ranks first
+    assert ex.ranked_features(tables["a"], "A", level)["cat"][0] == planted  # the red detector ranks first
 
 
 def test_level_labels_keep_one_level(tmp_path):

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saev_report.spec import DatasetSpec, ExperimentSpec, ModelSpec
 from saev_report.stages.analyse import AnalyseOut
 from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
 from saev_report.stages.heads import HeadOut
 from saev_report.stages.train import TrainOut
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class SAEChoice(StageParams):
@@ -49,7 +52,7 @@ class ExperimentsOut(StageOut):
 
 
 def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
-    from saev_report.experiments import (head_data_concepts, log_summary, rank_batch_size, ranked_features, ranking_rows,
+    from saev_report.experiments import (head_data_concepts, log_summary, rank_batch_size, ranked_features,
                                          run_experiment, summarise, tested_concepts)
     from saev_report.progress import log
     from saev_report.runtime import seed_everything
@@ -65,7 +68,7 @@ def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
     saes = {choice.sae_tag: trained.sae(choice.sae_tag, device) for choice in params.saes}
 
     # Which SAEs rank on the analysis, and which on the head's training data.
-    ranking: dict[str, tuple[list[dict[str, Any]], str]] = {}
+    ranking: dict[str, tuple[list[dict[str, Any]] | pa.Table, str]] = {}
     on_head_data: list[SAEChoice] = []
     for choice in params.saes:
         rows = analysis.concepts(choice.sae_tag) if exp.rank_on != "head_train" else []
@@ -91,7 +94,7 @@ def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
         for choice in on_head_data:
             table = tables[choice.sae_tag]
-            ranking[choice.sae_tag] = (ranking_rows(table), params.rank_dataset_key)
+            ranking[choice.sae_tag] = (table, params.rank_dataset_key)
             table = table.append_column("experiment", [[exp.name] * table.num_rows])
             table = table.append_column("dataset", [[params.rank_dataset_key] * table.num_rows])
             write_table(table_part(out_dir, "experiment_concepts", choice.sae_tag), "experiment_concepts", table, params.digest())
