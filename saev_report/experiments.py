@@ -19,24 +19,34 @@ flips. One row per (image, arm, m, factor) goes to the `experiments` table.
 patch tokens at layer L replaced by x̂ (no error term), next to the clean score and the score with
 them replaced by the mean activation; recovered = (spliced − ablated) / (clean − ablated).
 
+**Where the ranking comes from.** The `concepts` rows of the analysis score features on the record
+dataset. When that dataset does not hold the head's concepts (the paper spec records ImageNet but
+tests CUB and ADE20K heads), `head_data_concepts` computes the same statistics on the head's
+training data: the images it then edits are the head's validation data, so they never rank the
+features they test.
+
 Everything here is a function of tensors, heads, SAEs, datasets and table rows: no spec inside.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor
 
 from saev_report.backbones import Backbone
+from saev_report.concepts import ConceptLabels, ConceptStats, dataset_labels, make_labels
 from saev_report.datasets import BadImage, ImageDataset
 from saev_report.edits import CapturedImage, FeatureEdit, LayerTokens, SAELike, class_index, matched_control, resume_edits
 from saev_report.heads import IGNORE, LinearHead, confusion_matrix, mask_like_image, patch_targets, pixel_classes, class_map, scores_from_confusion
 from saev_report.progress import log, track
+from saev_report.tables import to_arrow
 
 Arm = Literal["concept", "random", "other"]
 Where = Literal["all", "concept"]
@@ -47,14 +57,40 @@ EDITS_PER_PASS = 32
 # --------------------------------------------------------------------------- choosing features
 
 
-def ranked_features(concept_rows: Iterable[Mapping[str, Any]], sae_id: str, level: str) -> dict[str, list[int]]:
-    """Features of each concept of one SAE and level, best AP first (ties: lower feature id)."""
+def ranked_features(concept_rows: Iterable[Mapping[str, Any]] | pa.Table, sae_id: str, level: str) -> dict[str, list[int]]:
+    """Features of each concept of one SAE and level, best AP first (ties: lower feature id).
+
+    `concept_rows` are `concepts` rows, or a table of them: millions of rows at 24,576 features ×
+    150 ADE20K classes, sorted in numpy rather than as Python dicts.
+    """
+    if isinstance(concept_rows, pa.Table):
+        return _ranked_from_table(concept_rows, sae_id, level)
     by_concept: dict[str, list[tuple[float, int]]] = {}
     for row in concept_rows:
         if row["sae_id"] != sae_id or row["level"] != level or row["ap"] is None or math.isnan(row["ap"]):
             continue
         by_concept.setdefault(row["concept"], []).append((-float(row["ap"]), int(row["feature"])))
     return {concept: [f for _, f in sorted(pairs)] for concept, pairs in sorted(by_concept.items())}
+
+
+def _ranked_from_table(table: pa.Table, sae_id: str, level: str) -> dict[str, list[int]]:
+    import pyarrow.compute as pc
+
+    keep = pc.and_(pc.equal(table.column("sae_id"), sae_id), pc.equal(table.column("level"), level))
+    rows = table.filter(pc.and_(keep, pc.invert(pc.is_nan(pc.fill_null(table.column("ap"), float("nan"))))))
+    concept = rows.column("concept").to_numpy(zero_copy_only=False).astype(str)
+    ap = rows.column("ap").to_numpy(zero_copy_only=False).astype(np.float64)
+    feature = rows.column("feature").to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((feature, -ap, concept))  # by concept, then AP descending, then feature
+    concept, feature = concept[order], feature[order]
+    starts = np.flatnonzero(np.r_[True, concept[1:] != concept[:-1]]) if len(concept) else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(concept)]
+    return {str(concept[a]): feature[a:b].tolist() for a, b in zip(starts, ends)}
+
+
+def tested_concepts(ranked: Mapping[str, Sequence[int]], head_classes: Sequence[str], concepts: Sequence[str] | None) -> list[str]:
+    """The ranked concepts an experiment tests: those the head predicts (and in `concepts`, if given)."""
+    return [c for c in ranked if class_index(head_classes, c) is not None and (concepts is None or c in concepts)]
 
 
 def other_concept(concept: str, concepts: Sequence[str]) -> str | None:
@@ -113,6 +149,80 @@ def plan_arms(
         if other is not None and len(ranked[other]) >= m:
             arms.append(ArmFeatures(concept, "other", m, tuple(ranked[other][:m]), other))
     return arms
+
+
+# --------------------------------------------------------------------------- ranking on the head's training data
+
+RANK_BATCH_ELEMENTS = 1 << 26
+"""Codes held at once while ranking: images × patches × features of one batch (256 MB of float32)."""
+RANK_MAX_BATCH = 32
+"""Images per forward pass while ranking, at most."""
+
+
+def rank_batch_size(n_patches: int, n_features: int) -> int:
+    """Images per ranking batch: as many as fit in RANK_BATCH_ELEMENTS codes, 1 to RANK_MAX_BATCH."""
+    return max(1, min(RANK_MAX_BATCH, RANK_BATCH_ELEMENTS // max(n_patches * n_features, 1)))
+
+
+def level_labels(dataset: ImageDataset, level: str, grid: tuple[int, int], seed: int,
+                 patch_path: Path | None = None) -> ConceptLabels | None:
+    """The dataset's concept labels at one level only (`patch`: mask classes, `image`: class labels);
+    None when it has none at that level. The other level is left out so that it costs nothing."""
+    if level == "image":
+        if not dataset.classes:
+            return None
+        return make_labels([], None, list(dataset.classes), dataset.label_ids().astype(np.int16), seed)
+    labels = dataset_labels(dataset, grid, seed, patch_path)
+    if labels is None or not labels.has_patch:
+        return None
+    return replace(labels, image_names=[], image_i=None)
+
+
+@torch.no_grad()
+def head_data_concepts(
+    backbone: Backbone,
+    saes: Mapping[str, SAELike],
+    sae_ids: Mapping[str, str],
+    dataset: ImageDataset,
+    layer: int,
+    level: str,
+    seed: int,
+    batch_size: int,
+    patch_path: Path | None = None,
+) -> dict[str, pa.Table]:
+    """`concepts` rows (by SAE key) of every SAE of one layer, scored on `dataset` at one level.
+
+    One streaming pass: each batch of images goes through the backbone up to `layer` once, every
+    SAE encodes its patch tokens, and `concepts.ConceptStats` adds them to its histograms; nothing
+    per patch is kept, so memory is the histograms plus one batch of codes. Unreadable images are
+    skipped. Empty tables when the dataset has no labels at `level`.
+    """
+    labels = level_labels(dataset, level, backbone.layout.grid, seed, patch_path)
+    if labels is None:
+        log(f"  [yellow]ranking[/]: {dataset.key} has no {level}-level concept labels")
+        return {key: to_arrow("concepts", []) for key in saes}
+    backbone.eval()
+    patches = backbone.layout.patch_slice
+    stats: dict[str, ConceptStats] = {}
+    n = len(dataset.records)
+    for start in track(range(0, n, batch_size), f"ranking on {dataset.key}", unit="batch"):
+        pixels, image_idx = [], []
+        for position in range(start, min(start + batch_size, n)):
+            try:
+                pixels.append(backbone.preprocess(dataset.image(position)))
+            except BadImage:
+                continue
+            image_idx.append(dataset.records[position].index)
+        if not pixels:
+            continue
+        acts_bpd = backbone.capture(torch.stack(pixels).to(backbone.device), [layer])[layer][:, patches]
+        b, p, d = acts_bpd.shape
+        for key, sae in saes.items():
+            f_bpf = sae.encode(acts_bpd.reshape(b * p, d)).reshape(b, p, -1)
+            if key not in stats:
+                stats[key] = ConceptStats(labels, f_bpf.shape[-1], f_bpf.device)
+            stats[key].update(f_bpf, f_bpf.amax(1), np.asarray(image_idx))
+    return {key: stats[key].table(sae_ids[key]) if key in stats else to_arrow("concepts", []) for key in saes}
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -235,7 +345,7 @@ def run_experiment(
     head_key: str,
     dataset: ImageDataset,
     layer: int,
-    concept_rows: Iterable[Mapping[str, Any]],
+    concept_rows: Iterable[Mapping[str, Any]] | pa.Table,
     feature_rows: Mapping[int, Mapping[str, Any]],
     level: str,
     ms: Sequence[int],
@@ -246,6 +356,7 @@ def run_experiment(
     concepts: Sequence[str] | None = None,
     seed: int = 0,
     tokens_cache: dict[int, tuple[Tensor, Tensor, tuple[int, int]]] | None = None,
+    rank_dataset: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the `experiments` table for one (SAE, head): every concept × arm × m × factor × where × image.
 
@@ -254,12 +365,13 @@ def run_experiment(
 
     `concept_rows` are `concepts` table rows (sae_id, feature, concept, level, ap); `feature_rows` are
     the SAE's `features` rows by feature (freq, dead) for the frequency-matched controls. Concepts are
-    those of `level` that the head predicts (and `concepts`, if given).
+    those of `level` that the head predicts (and `concepts`, if given). `rank_dataset` names the
+    dataset `concept_rows` were computed on, for the rows.
     """
     backbone.eval()
     head = head.to(backbone.device).eval()
     ranked = ranked_features(concept_rows, sae_id, level)
-    wanted = [c for c in ranked if class_index(head.classes, c) is not None and (concepts is None or c in concepts)]
+    wanted = tested_concepts(ranked, head.classes, concepts)
     if not wanted:
         log(f"  [yellow]experiment {name}[/]: no {level}-level concept of {sae_id} is a class of head {head_key} "
             f"(concepts: {', '.join(list(ranked)[:5]) or 'none'}; head classes: {', '.join(head.classes[:5])}); nothing to test")
@@ -309,7 +421,7 @@ def run_experiment(
                 "concept": concept, "arm": trial.arms.arm, "arm_source": trial.arms.source, "m": trial.arms.m,
                 "factor": trial.factor, "where": trial.where, "features": list(trial.arms.features),
                 "n_patches_edited": len(edit.patches) if edit.patches != "all" else backbone.layout.n_patches,
-                "dataset": dataset.key, "image_idx": dataset.records[position].index, **measure,
+                "dataset": dataset.key, "image_idx": dataset.records[position].index, "rank_dataset": rank_dataset, **measure,
             })
     return rows
 
@@ -530,7 +642,8 @@ class _Tally:
 
 
 __all__ = [
-    "ArmFeatures", "SplicedScores", "Trial", "classification_measure", "concept_images", "other_concept", "plan_arms",
-    "log_summary", "ranked_features", "run_experiment", "segmentation_measure", "spliced_scores", "spliced_tokens",
+    "ArmFeatures", "SplicedScores", "Trial", "classification_measure", "concept_images", "head_data_concepts", "level_labels",
+    "other_concept", "plan_arms", "log_summary", "rank_batch_size", "ranked_features", "run_experiment",
+    "tested_concepts", "segmentation_measure", "spliced_scores", "spliced_tokens",
     "store_patch_mean", "summarise",
 ]

@@ -160,11 +160,13 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
         configs = sae_sweep(spec.sweep_for(exp.model))
         layer = exp.layer or spec.models[exp.model].layers[0]
         ds_key = edit_dataset(spec, exp.head, exp.dataset)
+        rank_key = None if exp.rank_on == "analysis" else spec.heads[exp.head].train  # read only then: keyed only then
         stages.append(Stage(EXPERIMENTS, exp.name, ExperimentParams(
             experiment=exp.model_copy(update={"layer": layer, "dataset": ds_key}), layer=layer,
             level="patch" if spec.heads[exp.head].task == "segmentation" else "image",
             saes=[SAEChoice(sae_tag=configs[i].tag, sae_id=sae_id(exp.model, layer, configs[i])) for i in exp.saes],
-            model=_model(spec, exp.model), dataset_key=ds_key, dataset=spec.datasets[ds_key], seed=run.seed, device=run.device,
+            model=_model(spec, exp.model), dataset_key=ds_key, dataset=spec.datasets[ds_key], record_dataset_key=rec.dataset,
+            rank_dataset_key=rank_key, rank_dataset=spec.datasets[rank_key] if rank_key else None, seed=run.seed, device=run.device,
             **common),
             {"head": heads[exp.head], "train": train[(exp.model, layer)], "analyse": analyse[(exp.model, layer)]}))
 

@@ -521,6 +521,13 @@ class ExperimentSpec(SpecModel):
     at least one patch of it)."""
     concepts: list[str] | None = None
     """Concepts to test; default every concept of the level that the head predicts."""
+    rank_on: Literal["auto", "analysis", "head_train"] = "auto"
+    """Where each concept's features are ranked by AP. `analysis`: the `concepts` rows of the
+    analyse stage (scored on the record dataset). `head_train`: concept statistics this stage
+    computes on the head's training data (one streaming pass; the rows go to the
+    `experiment_concepts` table), never on the images it edits. `auto`: the analysis when it scores
+    at least one of the concepts tested, else the head's training data (the paper spec records
+    ImageNet, whose classes are neither CUB species nor ADE20K classes)."""
 
     @field_validator("m")
     @classmethod

@@ -275,6 +275,7 @@ TABLES: dict[str, TableDef] = {
             ("n_patches_edited", pa.int32(), "Patches the edit was applied to."),
             ("dataset", pa.string(), "Dataset of the image."),
             ("image_idx", pa.int64(), "Edited image."),
+            ("rank_dataset", pa.string(), "Dataset the concept's features were ranked on: the record dataset (the `concepts` table) or the head's training data (`experiment_concepts`)."),
             ("concept_px_before", pa.int64(), "Segmentation: pixels predicted as the concept before."),
             ("concept_px_after", pa.int64(), "Segmentation: pixels predicted as the concept after."),
             ("concept_px_removed", pa.int64(), "Segmentation: pixels predicted as the concept before and as something else after."),
@@ -307,6 +308,16 @@ TABLES: dict[str, TableDef] = {
         ),
     ]
 }
+
+TABLES["experiment_concepts"] = _table(
+    "experiment_concepts",
+    "The `concepts` rows an experiment ranked its features on when it computed them itself, on its head's "
+    "training data (`experiments[].rank_on`), because the record dataset does not hold the head's concepts. "
+    "One row per (experiment, SAE, feature, concept); the analysis's own rows are in `concepts`.",
+    ("experiment", pa.string(), "Experiment name from the spec."),
+    ("dataset", pa.string(), "Dataset key the statistics were computed on (the head's training data)."),
+    *((c.name, c.type, c.doc) for c in TABLES["concepts"].columns),
+)
 
 # --------------------------------------------------------------------------- writing
 

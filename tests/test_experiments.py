@@ -48,6 +48,15 @@ def test_ranked_features_sort_by_ap_within_one_sae_and_level():
     assert ex.ranked_features(rows, SID, "image") == {"cat": [4]}
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(["cat", "dog", "sky"]), st.sampled_from([0.1, 0.5, 0.9, float("nan"), None]),
+                          st.sampled_from(["patch", "image"]), st.sampled_from([SID, "other"])), max_size=30))
+def test_ranked_features_of_a_table_equal_those_of_its_rows(rows):
+    rows = [{**concept_row(f, c, ap, level, sid)} for f, c, ap, level, sid in {(r[0], r[1], r[3], r[4]): r for r in rows}.values()]
+    from_rows = ex.ranked_features([r for r in rows if r["ap"] is not None], SID, "patch")
+    assert ex.ranked_features(to_arrow("concepts", rows), SID, "patch") == from_rows
+
+
 def test_other_concept_is_the_next_name_wrapping():
     assert ex.other_concept("b", ["c", "a", "b"]) == "c"
     assert ex.other_concept("c", ["c", "a", "b"]) == "a"
@@ -363,3 +372,199 @@ def test_experiment_specs_validate_their_references():
     assert "experiments.0.saes.0" in text and "experiments.0.layer" in text and "no masks" in text
     with pytest.raises(SpecError, match="experiments.0.head"):
         parse_spec_text(SPEC + "  - {name: e, model: m, head: nope}\n", check_paths=False)
+
+
+# --------------------------------------------------------------------------- ranking on the head's training data
+
+
+def _red_block_dataset(tmp_path: Path, key: str, n: int, seed: int) -> ImageDataset:
+    """Photos where a solid red quadrant (mask class 1, `cat`) is pasted into every other image;
+    those images are labelled `cat`, the others `dog`. Quadrants are 2×2 patches of the 4×4 grid."""
+    from skimage import data as skdata
+
+    photos = ["chelsea", "astronaut", "coffee", "rocket", "horse", "camera", "hubble_deep_field", "immunohistochemistry"]
+    rng = np.random.default_rng(seed)
+    folder = tmp_path / key
+    folder.mkdir(exist_ok=True)
+    records = []
+    for i in range(n):
+        pixels = np.asarray(Image.fromarray(getattr(skdata, photos[(i + seed) % len(photos)])()).convert("RGB").resize((IMAGE, IMAGE))).copy()
+        mask = np.zeros((IMAGE, IMAGE), np.uint8)
+        if i % 2 == 0:
+            r, c = (int(v) * IMAGE // 2 for v in rng.integers(0, 2, size=2))
+            pixels[r : r + IMAGE // 2, c : c + IMAGE // 2] = (220, 20, 20)
+            mask[r : r + IMAGE // 2, c : c + IMAGE // 2] = 1
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        Image.fromarray(mask).save(folder / f"{i}-mask.png")
+        records.append(ImageRecord(i, str(folder / f"{i}.png"), "cat" if i % 2 == 0 else "dog", str(folder / f"{i}-mask.png")))
+    return ImageDataset(key, records, ["cat", "dog"], ["background", "cat"], 255)
+
+
+def _patch_tokens(backbone, dataset: ImageDataset, layer: int) -> torch.Tensor:
+    pixels = torch.stack([backbone.preprocess(dataset.image(i)) for i in range(len(dataset))])
+    with torch.no_grad():
+        return backbone.capture(pixels, [layer])[layer][:, backbone.layout.patch_slice]  # [images, patches, d]
+
+
+def red_detector_sae(backbone, dataset: ImageDataset, layer: int) -> tuple[SparseAutoencoder, int]:
+    """An orthonormal SAE (x̂ = x) whose feature `planted` points from the mean background patch to
+    the mean red-block patch; the other features are a random rotation."""
+    tokens_ipd = _patch_tokens(backbone, dataset, layer)
+    masks_ip = torch.stack([torch.from_numpy(np.asarray(Image.open(r.mask_path))[::14, ::14].copy()).flatten() for r in dataset.records])
+    red, other = tokens_ipd[masks_ip == 1], tokens_ipd[masks_ip == 0]
+    u_d = red.mean(0) - other.mean(0)
+    u_d = u_d / u_d.norm()
+    planted = 7
+    basis = torch.randn(D, D, generator=torch.Generator().manual_seed(3))
+    basis[:, 0] = u_d
+    q_dd, _ = torch.linalg.qr(basis)
+    q_dd[:, 0] *= torch.sign(q_dd[:, 0] @ u_d)
+    q_fd = q_dd.T[torch.tensor([*range(1, planted + 1), 0, *range(planted + 1, D)])]  # row `planted` is u
+    sae = orthonormal_sae(D)
+    with torch.no_grad():
+        sae.W_dec_fd.copy_(q_fd)
+        sae.W_enc_df.copy_(q_fd.T)
+    return sae, planted
+
+
+def brute_force_aps(f_ipf: torch.Tensor, patch_concept_ip: np.ndarray, image_concept_i: np.ndarray, n_patch: int, n_image: int) -> dict:
+    """(level, feature, concept) → sklearn's AP of the binned activations: every patch (image max) kept."""
+    from sklearn.metrics import average_precision_score
+
+    from saev_report.concepts import activation_bins
+
+    out = {}
+    binned = {"patch": activation_bins(f_ipf.reshape(-1, f_ipf.shape[-1])).numpy(), "image": activation_bins(f_ipf.amax(1)).numpy()}
+    for level, labels, n in (("patch", patch_concept_ip.reshape(-1), n_patch), ("image", image_concept_i, n_image)):
+        for c in range(n):
+            if (labels == c).any():
+                for f in range(f_ipf.shape[-1]):
+                    out[(level, f, c)] = average_precision_score(labels == c, binned[level][:, f])
+    return out
+
+
+@pytest.mark.parametrize("level", ["patch", "image"])
+def test_head_data_concepts_equal_a_brute_force_computation(backbone, tmp_path, level):
+    dataset = _red_block_dataset(tmp_path, "train", n=7, seed=0)
+    sae, planted = red_detector_sae(backbone, dataset, N_LAYERS)
+    other = orthonormal_sae(D, seed=9)
+    tables = ex.head_data_concepts(backbone, {"a": sae, "b": other}, {"a": "A", "b": "B"}, dataset, N_LAYERS, level, seed=0,
+                                   batch_size=3, patch_path=tmp_path / "labels.npy")  # 3 + 3 + 1 images
+    tokens_ipd = _patch_tokens(backbone, dataset, N_LAYERS)
+    masks_ip = np.stack([np.asarray(Image.open(r.mask_path))[7::14, 7::14].flatten() for r in dataset.records])  # patch centres
+    image_i = dataset.label_ids()
+    for key, model in (("a", sae), ("b", other)):
+        table = tables[key]
+        assert set(table.column("level").to_pylist()) == {level} and set(table.column("sae_id").to_pylist()) == {key.upper()}
+        with torch.no_grad():
+            f_ipf = model.encode(tokens_ipd.reshape(-1, D)).reshape(len(dataset), -1, D)
+        expected = brute_force_aps(f_ipf, masks_ip, image_i, 2, 2)
+        names = dataset.seg_classes if level == "patch" else dataset.classes
+        got = {(level, r["feature"], names.index(r["concept"])): r["ap"] for r in table.to_pylist()}
+        assert got.keys() == {k for k in expected if k[0] == level}
+        for k, ap in got.items():
+            assert ap == pytest.approx(expected[k], abs=1e-9), k
+        # and the ranking read from those rows is the brute-force order: every feature, AP descending
+        ranked = ex.ranked_features(table, key.upper(), level)
+        for c, name in enumerate(names):
+            aps = [expected[(level, f, c)] for f in ranked[name]]
+            assert sorted(ranked[name]) == list(range(D)) and all(a >= b - 1e-9 for a, b in zip(aps, aps[1:]))
+    assert ex.ranked_features(tables["a"], "A", level)["cat"][0] == planted  # the red detector ranks first
+
+
+def test_level_labels_keep_one_level(tmp_path):
+    dataset = _red_block_dataset(tmp_path, "train", n=4, seed=0)
+    image = ex.level_labels(dataset, "image", (4, 4), seed=0)
+    patch = ex.level_labels(dataset, "patch", (4, 4), seed=0)
+    assert image.has_image and not image.has_patch and image.image_names == ["cat", "dog"]
+    assert patch.has_patch and not patch.has_image and patch.patch_names == ["background", "cat"]
+    unlabelled = ImageDataset("u", [ImageRecord(0, dataset.records[0].path, None, None)])
+    assert ex.level_labels(unlabelled, "image", (4, 4), 0) is None and ex.level_labels(unlabelled, "patch", (4, 4), 0) is None
+
+
+def test_rank_batch_size_bounds_the_codes_held():
+    assert ex.rank_batch_size(256, 24_576) == 10  # the paper's SAEs: 10 × 256 × 24,576 ≤ 2**26
+    assert ex.rank_batch_size(16, 32) == ex.RANK_MAX_BATCH
+    assert ex.rank_batch_size(10_000, 10_000) == 1
+
+
+def _stage_params(rank_on: str, tmp_path: Path):
+    from saev_report.spec import ExperimentSpec, ImageFolderDataset, ModelSpec
+    from saev_report.stages.experiments import ExperimentParams, SAEChoice
+
+    folder = {key: ImageFolderDataset(kind="image_folder", root=tmp_path / key) for key in ("imagenet", "train", "val")}
+    exp = ExperimentSpec(name="e", model="m", head="seg", layer=N_LAYERS, dataset="val", m=[1], factors=[1.0, -2.0],
+                         controls=["random"], n_images=3, rank_on=rank_on)
+    return ExperimentParams(
+        experiment=exp, layer=N_LAYERS, level="patch", saes=[SAEChoice(sae_tag="x", sae_id=SID)],
+        model=ModelSpec(family="imgfocus", layers=[N_LAYERS]), dataset_key="val", dataset=folder["val"],
+        record_dataset_key="imagenet", rank_dataset_key=None if rank_on == "analysis" else "train",
+        rank_dataset=None if rank_on == "analysis" else folder["train"], seed=0, device="cpu")
+
+
+def test_the_stage_ranks_on_the_heads_training_data_when_the_record_dataset_lacks_its_concepts(backbone, tmp_path, monkeypatch):
+    """The paper spec's case: the analysis scored ImageNet labels only, the head segments `cat`.
+    The stage ranks on the head's training images, finds the planted red-block feature, and its
+    edit removes the head's `cat` pixels on the validation images."""
+    import pyarrow.parquet as pq
+
+    from saev_report.stages import experiments as stage
+    from saev_report.stages.analyse import AnalyseOut
+    from saev_report.stages.base import table_part
+    from saev_report.stages.heads import HeadOut
+    from saev_report.stages.train import TrainOut
+    from saev_report.tables import write_table
+
+    datasets = {"train": _red_block_dataset(tmp_path, "train", n=8, seed=0), "val": _red_block_dataset(tmp_path, "val", n=6, seed=1)}
+    sae, planted = red_detector_sae(backbone, datasets["train"], N_LAYERS)
+    # A head whose `cat` logit reads the planted direction of the final tokens, cut between red and the rest.
+    u_d = sae.W_dec_fd[planted].detach()
+    pixels = torch.stack([backbone.preprocess(datasets["train"].image(i)) for i in range(8)])
+    with torch.no_grad():
+        proj_ip = backbone.forward_final(pixels)[:, backbone.layout.patch_slice] @ u_d
+    masks_ip = torch.stack([torch.from_numpy(np.asarray(Image.open(r.mask_path))[7::14, 7::14].copy()).flatten() for r in datasets["train"].records])
+    cut = float((proj_ip[masks_ip == 1].min() + proj_ip[masks_ip == 0].max()) / 2)
+    linear = torch.nn.Linear(D, 2)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.weight[1] = 8 * u_d
+        linear.bias[1] = -8 * cut
+    head = LinearHead(linear, "segmentation", ["background", "cat"]).eval().requires_grad_(False)
+
+    class Head(HeadOut):
+        def head(self, device="cpu"):
+            return head
+
+    class Train(TrainOut):
+        def sae(self, tag, device="cpu"):
+            return sae
+
+    analysis_dir = tmp_path / "analyse"
+    write_table(table_part(analysis_dir, "concepts", "x"), "concepts",
+                [concept_row(f, "n01440764", 0.5 + f / 100, level="image") for f in range(D)], "h")
+    write_table(table_part(analysis_dir, "features", "x"), "features",
+                [{"sae_id": SID, "feature": f, "freq": 0.05 + f / 1000, "dead": False} for f in range(D)], "h")
+    inputs = {"head": Head(tmp_path / "head"), "train": Train(tmp_path / "train-stage"), "analyse": AnalyseOut(analysis_dir)}
+    monkeypatch.setattr(stage, "open_backbone", lambda *args: (backbone, torch.device("cpu")))
+    monkeypatch.setattr(stage, "open_dataset", lambda key, spec, cache_dir: datasets[key])
+
+    out = tmp_path / "out"
+    stage.experiment(_stage_params("auto", tmp_path), inputs, out)
+    rows = pq.read_table(table_part(out, "experiments", "x")).to_pylist()
+    ranked_on = pq.read_table(table_part(out, "experiment_concepts", "x")).to_pylist()
+    assert {r["rank_dataset"] for r in rows} == {"train"} and {r["dataset"] for r in rows} == {"val"}
+    assert {(r["experiment"], r["dataset"], r["level"]) for r in ranked_on} == {("e", "train", "patch")}
+    best = max((r for r in ranked_on if r["concept"] == "cat"), key=lambda r: r["ap"])
+    assert best["feature"] == planted and best["ap"] > 0.9
+    assert not (out / "work").exists()  # the memory-mapped labels are gone
+    summary = {(s["concept"], s["arm"], s["factor"]): s for s in ex.summarise(rows)}
+    assert [r["features"] for r in rows if (r["concept"], r["arm"]) == ("cat", "concept")][0] == [planted]
+    assert summary[("cat", "concept", -2.0)]["removed_frac"] > 0.9
+    assert summary[("cat", "random", -2.0)]["removed_frac"] < 0.5
+
+    # `analysis` refuses, rather than silently testing nothing; `head_train` ranks the same way as the fallback.
+    with pytest.raises(ValueError, match="scores none of head seg's patch-level concepts"):
+        stage.experiment(_stage_params("analysis", tmp_path), inputs, tmp_path / "refused")
+    stage.experiment(_stage_params("head_train", tmp_path), inputs, tmp_path / "forced")
+    assert pq.read_table(table_part(tmp_path / "forced", "experiments", "x")).to_pylist() == rows

@@ -70,6 +70,8 @@ CASES = [
     ("stability.0.min_score", 0.3, {"stability/dinov2"}),
     ("run.seed", 1, EVERYTHING_SEEDED),
     ("datasets.demo_val.max_images", 50, {"images/demo_val"} | TOKENS | HEADS | EDITS | SPLICE),
+    ("datasets.demo_train.max_images", 50, {"images/demo_train"} | TOKENS | HEADS | EDITS | SPLICE),
+    ("experiments.0.rank_on", "head_train", {"experiments/segment-concepts"}),
 ]
 
 
@@ -135,3 +137,25 @@ def test_a_model_only_a_head_reads_gets_tokens_but_no_recording() -> None:
 def test_cache_dir_is_a_location_not_part_of_the_key(tmp_path: Path) -> None:
     spec = parse_spec_text(yaml.safe_dump(DEMO))
     assert [s.key for s in build_stages(spec, tmp_path)] == [s.key for s in build_stages(spec, tmp_path / "elsewhere")]
+
+
+def test_an_experiment_keys_its_heads_training_data_whenever_it_may_rank_on_it() -> None:
+    """With `rank_on: auto` (or `head_train`) the stage may read the head's training data, so its own
+    params carry that dataset's spec, not only the head stage it reads; with `analysis` they do not."""
+
+    def experiment_params(rank_on: str | None, max_images: int | None):
+        data = yaml.safe_load(yaml.safe_dump(DEMO))
+        if rank_on:
+            data["experiments"][0]["rank_on"] = rank_on
+        if max_images:
+            data["datasets"]["demo_train"]["max_images"] = max_images
+        spec = parse_spec_text(yaml.safe_dump(data))
+        return spec, {s.name: s for s in build_stages(spec)}["experiments/segment-concepts"].params
+
+    spec, auto = experiment_params(None, None)
+    assert auto.experiment.rank_on == "auto" and auto.rank_dataset_key == "demo_train"
+    assert auto.rank_dataset == spec.datasets["demo_train"] and auto.record_dataset_key == "demo"
+    assert experiment_params(None, 50)[1].digest() != auto.digest()
+    _, analysis = experiment_params("analysis", None)
+    assert analysis.rank_dataset_key is None and analysis.rank_dataset is None
+    assert experiment_params("analysis", 50)[1].digest() == analysis.digest()  # not read, not keyed (the head still is)
