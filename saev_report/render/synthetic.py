@@ -315,11 +315,15 @@ def _write_experiments(tables: Path, run: SyntheticRun, rng: np.random.Generator
                     rows.append({
                         "experiment": "synthetic", "sae_id": sae.sae_id, "head": "seg", "task": "segmentation", "level": "patch",
                         "concept": run.labels[0], "arm": arm, "m": m, "factor": factor, "where": "all", "features": list(range(m)),
-                        "dataset": "demo", "image_idx": image, "concept_px_before": before, "concept_px_removed": removed,
+                        "dataset": "demo", "image_idx": image, "rank_dataset": "demo_train", "concept_px_before": before, "concept_px_removed": removed,
                         "removed_frac": removed / before, "other_changed_frac": 0.0,
                         "before_map": rng.integers(0, 3, cells).tolist(), "after_map": rng.integers(0, 3, cells).tolist(),
                     })
     write_table(tables / "experiments" / "part-0.parquet", "experiments", rows, SPEC_HASH)
+    # the rows it ranked on, computed on the head's training data (`experiments[].rank_on`)
+    write_table(tables / "experiment_concepts" / "part-0.parquet", "experiment_concepts", [
+        {"experiment": "synthetic", "dataset": "demo_train", "sae_id": sae.sae_id, "feature": f, "concept": run.labels[0], "level": "patch",
+         "ap": float(rng.uniform()), "support": 10} for f in range(sae.n_features)], SPEC_HASH)
 
 
 def _write_concepts(path: Path, sae: SyntheticSAE, run: SyntheticRun, dead: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
