@@ -7,6 +7,8 @@ file:// URLs and are skipped only where chromium/chromedriver are missing.
 
 from __future__ import annotations
 
+import os
+
 import json
 import math
 import re
@@ -426,6 +428,32 @@ def test_rebuild_reuses_images_and_swaps_atomically(tmp_path):
     assert "Renamed" in (out / "index.html").read_text(encoding="utf-8")
     assert not (out / "stale.html").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "site"]  # no staging or old folders left
+
+
+def test_a_template_only_rebuild_reuses_the_page_contexts_and_changed_tables_do_not(tmp_path, monkeypatch):
+    """The second render reads every feature page's context from `<run>/cache/render/` (no range
+    query, no map packing) and writes the same pages; a changed table file, or other report
+    options, give a new key, and the pages are built again."""
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 20)], matches=False))
+    first = build_site(run_dir, tmp_path / "a", REPORT, workers=1)
+    pages_a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a" / "features").rglob("*.html")}
+    built_chunks = []
+    real = site_mod.SiteBuilder.render_feature_chunk
+    monkeypatch.setattr(site_mod.SiteBuilder, "render_feature_chunk", lambda self, *a, **k: (built_chunks.append(a[1]), real(self, *a, **k)))
+    second = build_site(run_dir, tmp_path / "b", REPORT.model_copy(update={"title": "Retitled"}), workers=1)
+    pages_b = {p.relative_to(tmp_path / "b"): p.read_bytes().replace(b"Retitled", REPORT.title.replace("<", "&lt;").replace(">", "&gt;").encode())
+               for p in (tmp_path / "b" / "features").rglob("*.html")}
+    assert built_chunks == [] and pages_a == pages_b  # the title reaches pages through the base context, not the cache
+    assert (second.n_feature_pages, second.n_heatmaps) == (first.n_feature_pages, first.n_heatmaps) and first.n_feature_pages > 0
+    assert len(list((run_dir / "cache" / site_mod.PAGE_CACHE).iterdir())) == 1  # one key's worth kept
+    build_site(run_dir, tmp_path / "c", REPORT.model_copy(update={"exemplars_shown": 3}), workers=1)
+    assert len(built_chunks) == 1  # other report options: built again
+    part = sorted((run_dir / "tables" / "exemplars").rglob("*.parquet"))[0]
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
+    build_site(run_dir, tmp_path / "d", REPORT, workers=1)
+    assert len(built_chunks) == 2  # a table changed: built again
+    assert len(list((run_dir / "cache" / site_mod.PAGE_CACHE).iterdir())) == 1
 
 
 def test_process_pool_path_draws_the_same_files(tmp_path, monkeypatch):

@@ -4,8 +4,11 @@
 points to, so templates can be re-rendered without running the pipeline. It
 writes into `.<out>.partial/` next to `out_dir` and swaps it in at the end;
 thumbnails the previous site already has (same content address) are
-hard-linked instead of re-drawn, so a template-only rebuild costs little more
-than the HTML itself.
+hard-linked instead of re-drawn, and the feature pages' contexts (the range
+queries, the packed patch maps, the panels) are kept per chunk in the run's
+`cache/render/<key>/`, keyed by the published tables' files, the report options
+and the render code (`page_cache_key`), so a template-only rebuild costs little
+more than the HTML itself.
 
 Every picture is stored once: one thumbnail per distinct image, drawn by a
 process pool. Heat-maps are data, not images: each feature page carries its
@@ -30,8 +33,11 @@ comparison pages load plotly.js.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
+import pickle
+import sys
 from bisect import bisect_left
 import os
 import shutil
@@ -53,10 +59,10 @@ from rich.markup import escape as rich_escape
 from saev_report import __version__, fsutil, tables
 from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
-from saev_report.render import charts, heatmaps, overlays
+from saev_report.render import charts, heatmaps, overlays, queries
 from saev_report.render.queries import fetch_rows, fetch_table, stream_batches
 from saev_report.render.concepts import build_concept_pages
-from saev_report.spec import ReportSpec
+from saev_report.spec import ReportSpec, content_hash
 
 
 
@@ -77,6 +83,7 @@ PAGES_PER_TASK = 128  # feature pages per pool task: pickling a page's context c
 MAX_CURVE_POINTS = 2000
 MAX_COMPARE_CARDS = 60
 CHUNK_FEATURES = 2048  # feature pages per round of range queries: bounds memory at any dictionary width
+PAGE_CACHE = "render"  # under the run's cache/: feature-page contexts per chunk, for template-only rebuilds
 BAND_NAMES = ["lowest quarter", "second quarter", "third quarter", "top quarter"]  # quantile bands, 0 = lowest
 
 T = TypeVar("T")
@@ -215,6 +222,8 @@ class SiteBuilder:
         # Tables from before concept detection have no best_concept column (and no concepts rows).
         self.has_concepts = "best_concept" in {r[0] for r in con.sql("DESCRIBE features").fetchall()}
         self.concepts: list[dict[str, Any]] = []
+        self.page_cache: Path | None = None  # this build's folder of chunk contexts (`page_cache_key`), if any
+        self._recorded: list[tuple[str, dict[str, Any]]] | None = None  # feature pages of the chunk being built
 
     # ---- infrastructure
 
@@ -408,7 +417,7 @@ class SiteBuilder:
         with bar(f"pages {sae.sae_id}", total=len(pages), unit="page") as b:
             for start in range(0, len(pages), CHUNK_FEATURES):
                 chunk = pages[start : start + CHUNK_FEATURES]
-                self.render_feature_chunk(sae, chunk, pages, start, edits, matches)
+                self.feature_chunk(sae, chunk, pages, start, edits, matches)
                 b.advance(len(chunk))
         self.con.unregister("_pages")
         self.render("sae.html", sae.list_page, sae=sae, n_pages=len(pages), n_features=index.num_rows)
@@ -483,6 +492,32 @@ class SiteBuilder:
     def chunk_table(self, sql: str, sae: SaeInfo, lo: int, hi: int, *params: Any) -> pa.Table:
         return fetch_table(self.con, sql, [sae.sae_id, lo, hi, *params])
 
+    def feature_chunk(self, sae: SaeInfo, chunk: list[int], pages: list[int], offset: int,
+                      edits: dict[int, list[dict[str, Any]]], matches: dict[int, list[dict[str, Any]]]) -> None:
+        """Feature pages of `chunk`: from the page cache when it holds them, else built (and cached)."""
+        path = self.page_cache / f"{sae.slug.replace('/', '_')}-{sae.model}-{offset}.pkl" if self.page_cache else None
+        saved = _read_chunk(path, chunk) if path is not None else None
+        if saved is not None:
+            for page, context in saved["pages"]:
+                self.render_later("feature.html", page, **context)
+            self.stats.n_feature_pages += len(saved["pages"])
+            self.stats.n_heatmaps += saved["n_heatmaps"]
+            sae.top_maps.update(saved["top_maps"])
+            return
+        heatmaps_before, self._recorded = self.stats.n_heatmaps, []
+        try:
+            self.render_feature_chunk(sae, chunk, pages, offset, edits, matches)
+            recorded = self._recorded
+        finally:
+            self._recorded = None
+        if path is not None:
+            record = {"features": chunk, "pages": recorded, "n_heatmaps": self.stats.n_heatmaps - heatmaps_before,
+                      "top_maps": {f: sae.top_maps[f] for f in chunk if f in sae.top_maps}}
+            try:
+                fsutil.atomic_write_bytes(path, pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+            except OSError as exc:  # a cache, not an output: a full disk must not fail the site
+                log(f"  [yellow]page cache not written[/] ({exc}); the next render rebuilds these pages")
+
     def render_feature_chunk(self, sae: SaeInfo, chunk: list[int], pages: list[int], offset: int,
                              edits: dict[int, list[dict[str, Any]]], matches: dict[int, list[dict[str, Any]]]) -> None:
         """Feature pages of `chunk` (sorted ids): a few range queries, then one template render per page."""
@@ -554,15 +589,17 @@ class SiteBuilder:
                             prev: int | None, next: int | None) -> None:
         """One feature page: statistics and top images in the HTML, the rest as data atlas.js draws (see feature.html)."""
         f = int(row["feature"])
-        self.render_later(
-            "feature.html",
-            addr.feature_page(sae.model, sae.slug, f),
+        page = addr.feature_page(sae.model, sae.slug, f)
+        context = dict(
             sae={"short": sae.short, "sae_id": sae.sae_id, "data_file": sae.data_file}, f=row,
             saes_nav=[], comparisons=[],  # the crumbs lead to the lists: menus on every feature page are bytes × 24K
             title=sae.title(f), exemplars=tiles, vmax=vmax,
             heat={"g": grid, "z": maps} if maps else None, panels=panels,
             concept=row.get("best_concept"), concepts=concepts, edits=edits, prev=prev, next=next,
         )
+        if self._recorded is not None:
+            self._recorded.append((page, context))
+        self.render_later("feature.html", page, **context)
         self.stats.n_feature_pages += 1
 
     def sae_columns(self, sae: SaeInfo, index: pa.Table) -> dict[str, Any]:
@@ -946,6 +983,44 @@ def render_page_batch(batch: PageBatch, env: Environment | None = None) -> int:
     return len(batch.pages)
 
 
+def page_cache_key(run_dir: Path, report: ReportSpec, model_labels: dict[str, str]) -> str:
+    """What a feature page's context depends on, apart from the templates: the published tables (their
+    files' paths, sizes and modification times), the report options but the title (it only reaches
+    the pages through the base context, added at render time), the model labels and the code that
+    builds the contexts. Any change gives a new key, so a stale context is never reused."""
+    stamps = []
+    for path in sorted((Path(run_dir) / "tables").rglob("*.parquet")):
+        stat = path.stat()
+        stamps.append((str(path.relative_to(run_dir)), stat.st_size, stat.st_mtime_ns))
+    code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()
+            for m in (sys.modules[__name__], heatmaps, charts, queries, addr, overlays)]
+    return content_hash(__version__, stamps, report.model_dump(mode="json", exclude={"title"}), model_labels, code)
+
+
+def prepare_page_cache(run_dir: Path, key: str) -> Path | None:
+    """The cache folder of `key` under the run's `cache/render/`, other keys' folders removed (one site's
+    worth of contexts is kept); None where it cannot be made (the site then builds without it)."""
+    root = Path(run_dir) / "cache" / PAGE_CACHE
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.iterdir():
+            if old.name != key:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        (root / key).mkdir(exist_ok=True)
+    except OSError:
+        return None
+    return root / key
+
+
+def _read_chunk(path: Path, features: list[int]) -> dict[str, Any] | None:
+    """A cached chunk of feature-page contexts, if it is there, readable and for exactly these features."""
+    try:
+        saved = pickle.loads(path.read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("features") == features else None
+
+
 def legend_names(saes: list[SaeInfo]) -> dict[str, str]:
     """Short legend name per SAE: `DINOv2-6K`, plus the layer/tag part of the id where that repeats."""
     counts: dict[str, int] = {}
@@ -1038,11 +1113,13 @@ def _site_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: dict[str, str] | None = None, workers: int | None = None) -> SiteStats:
+def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: dict[str, str] | None = None, workers: int | None = None,
+               page_cache: bool = True) -> SiteStats:
     """Render the atlas of the run's published tables into `out_dir` (replaced atomically).
 
     `model_labels` maps model keys to display names (`dino` → `DINOv2`); `workers`
-    sets the thumbnail process pool (default: CPU count, at most 8; 1 = in process).
+    sets the thumbnail process pool (default: CPU count, at most 8; 1 = in process);
+    `page_cache` keeps the feature pages' contexts in `<run>/cache/render/` for the next render.
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned pool worker is importing a script that calls build_site at top level: building here
@@ -1057,6 +1134,8 @@ def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: d
     previous = out_dir if (out_dir / "index.html").is_file() else None
     con = tables.connect(Path(run_dir))
     builder = SiteBuilder(con, staging, previous, report, model_labels or {}, workers)
+    if page_cache:
+        builder.page_cache = prepare_page_cache(Path(run_dir), page_cache_key(Path(run_dir), report, model_labels or {}))
     try:
         stats = builder.build()
     except BaseException:
