@@ -526,8 +526,8 @@ def spliced_scores(
     """Clean / spliced / mean-ablated scores of every head on `dataset` for every SAE of one layer,
     by (sae key, head key).
 
-    A batch's layer-L and final tokens are read from `tokens` (the recorded layer L, the final
-    norm) when both hold every image of it, else the batch is captured once. Every SAE's spliced
+    Each image's layer-L and final tokens are read from `tokens` (the recorded layer L, the final
+    norm) where both hold it; a batch's other images are captured in one pass. Every SAE's spliced
     copy resumes once from layer L, the mean-ablated copy (the same for every SAE) once per batch,
     and every head reads the same final tokens. `mean_d` is the mean patch activation at layer L
     that replaces the patches when ablating. Each head scores the images it has a target for (a
@@ -540,10 +540,10 @@ def spliced_scores(
     n_used = dict.fromkeys(heads, 0)
     mean_d = mean_d.to(backbone.device)
     for start in track(range(0, len(dataset.records), batch_size), f"spliced L{layer}", unit="batch"):
-        positions, targets = _splice_targets(backbone, heads, dataset, range(start, min(start + batch_size, len(dataset.records))))
-        if not positions:
+        sources, targets = _splice_targets(backbone, heads, dataset, range(start, min(start + batch_size, len(dataset.records))), tokens)
+        if not sources:
             continue
-        acts_btd, clean_btd = _splice_inputs(backbone, dataset, positions, layer, tokens)
+        acts_btd, clean_btd = _splice_inputs(backbone, sources, layer)
         ablated_btd = None
         for sae_key, sae in saes.items():
             spliced, ablated = spliced_tokens(acts_btd, sae, backbone.layout.patch_slice, mean_d)
@@ -565,47 +565,55 @@ def spliced_scores(
     }
 
 
-def _splice_targets(backbone: Backbone, heads: Mapping[str, LinearHead], dataset: ImageDataset,
-                    positions: range) -> tuple[list[int], dict[str, tuple[list[int], list[Tensor]]]]:
-    """The readable images among `positions`, and per head (rows among them, targets)."""
-    kept: list[int] = []
+# Where one image's tokens come from in a splice batch: (layer-L, final) tokens read from the
+# recording, or the preprocessed pixels [3, H, W] of an image the recording lacks.
+SpliceSource = tuple[Tensor, Tensor] | Tensor
+
+
+def _splice_targets(backbone: Backbone, heads: Mapping[str, LinearHead], dataset: ImageDataset, positions: range,
+                    tokens: tuple[LayerTokens, LayerTokens] | None) -> tuple[list[SpliceSource], dict[str, tuple[list[int], list[Tensor]]]]:
+    """The readable images among `positions` as `SpliceSource`s, and per head (rows among them, targets).
+
+    An image both token sets hold is not decoded (the recording read it); the others are decoded
+    once, here, and skipped when unreadable."""
+    sources: list[SpliceSource] = []
     targets: dict[str, tuple[list[int], list[Tensor]]] = {key: ([], []) for key in heads}
     for position in positions:
+        record = dataset.records[position]
         try:
             found = None
             if any(head.task == "segmentation" for head in heads.values()):
                 found = patch_classes(dataset, position, backbone.image_size, backbone.layout.grid, len(dataset.seg_classes or []))
-            dataset.image(position)  # unreadable images are skipped whether or not their tokens are stored
+            stored = (tokens[0].get(record.path), tokens[1].get(record.path)) if tokens is not None else (None, None)
+            source = stored if stored[0] is not None and stored[1] is not None else backbone.preprocess(dataset.image(position))
         except BadImage:
             continue
-        label = dataset.records[position].label
         for key, head in heads.items():
-            if head.task == "classification" and label in head.classes:
-                target = torch.tensor(head.classes.index(label))
+            if head.task == "classification" and record.label in head.classes:
+                target = torch.tensor(head.classes.index(record.label))
             elif head.task == "segmentation" and found is not None:
                 target = found[0]
             else:
                 continue
-            targets[key][0].append(len(kept))
+            targets[key][0].append(len(sources))
             targets[key][1].append(target)
-        kept.append(position)
-    return kept, targets
+        sources.append(source)
+    return sources, targets
 
 
-def _splice_inputs(backbone: Backbone, dataset: ImageDataset, positions: Sequence[int], layer: int,
-                   tokens: tuple[LayerTokens, LayerTokens] | None) -> tuple[Tensor, Tensor]:
-    """(layer-L tokens [b, t, d], final tokens [b, t, d]) of the images at `positions`: stored when
-    every one is, else captured (a recording skips images that decoded but were not finite)."""
-    if tokens is not None:
-        paths = [dataset.records[p].path for p in positions]
-        stored = [(tokens[0].get(path), tokens[1].get(path)) for path in paths]
-        if all(a is not None and f is not None for a, f in stored):
-            device = backbone.device
-            return (torch.stack([a for a, _ in stored]).to(device, torch.float32),
-                    torch.stack([f for _, f in stored]).to(device, torch.float32))
-    pixels = torch.stack([backbone.preprocess(dataset.image(p)) for p in positions]).to(backbone.device)
-    captured = backbone.capture(pixels, [layer], final=True)
-    return captured[layer], captured["final"]
+def _splice_inputs(backbone: Backbone, sources: Sequence[SpliceSource], layer: int) -> tuple[Tensor, Tensor]:
+    """(layer-L tokens [b, t, d], final tokens [b, t, d]) of a batch: the stored ones as they are, the
+    others captured in one forward pass (a recording skips images that decoded but were not finite)."""
+    device = backbone.device
+    acts: list[Tensor | None] = [s[0] if isinstance(s, tuple) else None for s in sources]
+    finals: list[Tensor | None] = [s[1] if isinstance(s, tuple) else None for s in sources]
+    unstored = [i for i, s in enumerate(sources) if not isinstance(s, tuple)]
+    if unstored:
+        captured = backbone.capture(torch.stack([sources[i] for i in unstored]).to(device), [layer], final=True)
+        for j, i in enumerate(unstored):
+            acts[i], finals[i] = captured[layer][j], captured["final"][j]
+    return (torch.stack([a.to(device, torch.float32) for a in acts]),
+            torch.stack([f.to(device, torch.float32) for f in finals]))
 
 
 def store_patch_mean(store: Any) -> Tensor:
