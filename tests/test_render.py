@@ -147,6 +147,19 @@ def test_svg_histogram_is_numbers_only():
     assert "No histogram" in str(charts.svg_histogram([1, 2], [0.0, 1.0]))  # edges must be counts + 1
 
 
+def test_lift_tails_count_features_at_each_threshold():
+    rng = np.random.default_rng(0)
+    lift, null_lift = rng.uniform(-0.1, 0.7, 200), rng.uniform(-0.1, 0.2, 200)
+    figure = charts.lift_tails([{"name": "a<b>", "lift": [*lift, None, math.nan], "null_lift": null_lift.tolist()}], "patch")
+    real, null = figure["data"]
+    assert real["x"] == null["x"] == charts.LIFT_THRESHOLDS.tolist() and real["x"][0] == 0.05 and real["x"][-1] == 1.0
+    for trace, values in ((real, lift), (null, null_lift)):
+        want = [int((values >= t).sum()) for t in charts.LIFT_THRESHOLDS]
+        assert trace["y"] == [w if w else None for w in want]  # zero counts are gaps on the log axis
+    assert real["y"][-1] is None and null["y"][5] is None  # nothing reaches lift 1; the null stops below 0.3
+    assert real["name"] == "a&lt;b&gt;" and null["line"]["dash"] == "dot" and figure["layout"]["yaxis"]["type"] == "log"
+
+
 def test_evil_labels_never_reach_html_unescaped(built):
     _, out, _, _ = built
     html = "\n".join(p.read_text(encoding="utf-8") for p in out.rglob("*.html"))
@@ -352,7 +365,9 @@ def test_feature_list_data_and_index_chart_carry_concept_ap(built):
     run_dir, out, _, _ = built
     index_js = (out / "data" / "index.js").read_text(encoding="utf-8")
     assert '"concept_ap"' in index_js and '"type":"box"' in index_js
-    assert 'id="chart-concept_ap"' in (out / "index.html").read_text(encoding="utf-8")
+    index_html = (out / "index.html").read_text(encoding="utf-8")
+    assert 'id="chart-concept_ap"' in index_html and 'id="chart-concept_lift"' in index_html
+    assert '"concept_lift"' in index_js
     sae_id = "dino/L10/relu-x1-l1_0.0004-s0"
     features = read_table(run_dir, "features", f"WHERE sae_id = '{sae_id}' ORDER BY feature").to_pylist()
     data_js = next(p for p in (out / "data").rglob("*.js") if p.name != "index.js" and f'"sae_id":"{sae_id}"' in p.read_text(encoding="utf-8"))
@@ -543,7 +558,7 @@ def test_index_renders_its_charts(built, browser):
 
     logs = _open(browser, out / "index.html")
     figures = browser.execute_script("return Object.keys(SAEV.data.index.figures).length")
-    assert figures == 6  # L0–MSE, L0–FVU, loss, MSE, L0, and the best-concept AP distributions
+    assert figures == 7  # L0–MSE, L0–FVU, loss, MSE, L0, the best-concept AP distributions and AP-lift tails
     WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot').length") == figures + 1)
     # The density scatter loaded its SAE's data file through a script tag and drew every live feature.
     n_points = browser.execute_script("return document.getElementById('scatter').data[0].x.length")

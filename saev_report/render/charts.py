@@ -200,7 +200,7 @@ def training_curves(logs: dict[str, dict[str, list[float]]], metric: str, title:
 def ap_distributions(series: list[dict[str, Any]], level: str) -> dict[str, Any]:
     """Box plots (quartiles and 5–95 % whiskers, precomputed so the page stays small) of each SAE's
     best-concept AP per feature, each next to the same statistic under permuted labels (the null).
-    `series`: {"name", "ap": values, "null_ap": values}."""
+    `series`: {"name", "ap": values, "null_ap": values}; a newline in a name breaks its axis label."""
     traces = []
 
     def box(name: str, values: Sequence[float], color: str, group: str) -> dict[str, Any] | None:
@@ -209,7 +209,7 @@ def ap_distributions(series: list[dict[str, Any]], level: str) -> dict[str, Any]
             return None
         q05, q1, med, q3, q95 = (float(x) for x in np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95]))
         return {
-            "type": "box", "name": plotly_text(name), "x": [plotly_text(group)], "offsetgroup": "null" if color == "#94a3b8" else "sae",
+            "type": "box", "name": plotly_text(name), "x": [plotly_text(group).replace("\n", "<br>")], "offsetgroup": "null" if color == "#94a3b8" else "sae",
             "q1": [round_sig([q1])[0]], "median": [round_sig([med])[0]], "q3": [round_sig([q3])[0]],
             "lowerfence": [round_sig([q05])[0]], "upperfence": [round_sig([q95])[0]],
             "marker": {"color": color}, "line": {"width": 1.5}, "showlegend": False,
@@ -221,7 +221,42 @@ def ap_distributions(series: list[dict[str, Any]], level: str) -> dict[str, Any]
                       box(f"{s['name']} · permuted labels", s["null_ap"], "#94a3b8", s["name"])):
             if trace is not None:
                 traces.append(trace)
-    layout = base_layout(f"Best-concept AP per feature ({level} level): each SAE (colour) and its permuted-label null (grey)",
+    layout = base_layout(f"Best-concept AP per feature ({level} level); grey: permuted labels",
                          "SAE", "AP of the best concept", boxmode="group")
     layout["yaxis"]["rangemode"] = "tozero"
+    layout["height"] = 380
+    return {"data": traces, "layout": layout}
+
+
+LIFT_THRESHOLDS = np.round(np.arange(0.05, 1.0001, 0.05), 2)
+"""Where `lift_tails` counts features: AP lift 0.05, 0.10, …, 1."""
+
+
+def lift_tails(series: list[dict[str, Any]], level: str) -> dict[str, Any]:
+    """For each SAE (solid) and its permuted-label null (dotted grey), how many features' best concept
+    is detected at AP lift (AP above chance, `concepts.ap_lift`) ≥ t, for t in `LIFT_THRESHOLDS`.
+    Lift is comparable across concepts of any base rate, where raw AP is not: a feature whose best
+    concept is a background covering 85 % of the patches has AP ≥ 0.85 and may know nothing.
+    `series`: {"name", "lift": values, "null_lift": values}. Counts of 0 are left out (log axis)."""
+    traces = []
+
+    def line(name: str, group: str, values: Sequence[float], color: str, null: bool) -> dict[str, Any]:
+        v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+        counts = [int((v >= t).sum()) for t in LIFT_THRESHOLDS]
+        return {
+            "type": "scatter", "mode": "lines", "name": plotly_text(name), "x": LIFT_THRESHOLDS.tolist(),
+            "y": [c if c > 0 else None for c in counts], "line": {"color": color, "dash": "dot" if null else "solid", "width": 1.5},
+            "legendgroup": plotly_text(group), "showlegend": not null,  # the legend toggles an SAE and its null together
+            "hovertemplate": f"{plotly_text(name)}<br>%{{y}} features with AP lift ≥ %{{x}}<extra></extra>",
+        }
+
+    for i, s in enumerate(series):
+        color = PALETTE[i % len(PALETTE)]
+        traces.append(line(s["name"], s["name"], s["lift"], color, null=False))
+        traces.append(line(f"{s['name']} · permuted labels", s["name"], s["null_lift"], color, null=True))
+    layout = base_layout(f"Features at AP lift ≥ t ({level} level); dotted: permuted labels",
+                         "t: AP lift = (AP − base rate) / (1 − base rate)", "features",
+                         legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.28, "yanchor": "top", "font": {"size": 11}})
+    layout["height"] = 380
+    layout["yaxis"]["type"] = "log"
     return {"data": traces, "layout": layout}

@@ -77,6 +77,7 @@ TEMPLATES_DIR = _bundled("templates")
 ASSETS_DIR = _bundled("site")
 CONCEPTS_SHOWN = 3
 """Best concepts listed per level on a feature page."""
+CONCEPT_FIGURES = ("concept_ap", "concept_lift")  # drawn in the index's concept section, not among the sparsity charts
 POOL_MIN_JOBS = 96  # below this, a pool's start-up costs more than it saves
 PAGE_POOL_MIN_PAGES = 4096  # smaller sites render their pages in process: worker start-up would dominate
 PAGES_PER_TASK = 128  # feature pages per pool task: pickling a page's context costs far less than rendering it
@@ -849,7 +850,7 @@ class SiteBuilder:
             "l0": charts.training_curves(logs, "l0", "training L0", names),
         }
         if self.has_concepts:
-            figures["concept_ap"] = self.concept_ap_figure()
+            figures["concept_ap"], figures["concept_lift"] = self.concept_figures()
         figures = {k: v for k, v in figures.items() if v["data"]}
         scatter_saes = [{"sae_id": s["sae_id"], "short": s["short"], "data": s["data_file"]} for s in saes]
         self.write("data/index.js", charts.data_script("index", {"figures": figures, "saes": scatter_saes}))
@@ -859,25 +860,32 @@ class SiteBuilder:
             "FROM images GROUP BY dataset ORDER BY dataset",
         )
         heads = fetch_rows(self.con, "SELECT head, model, task, val_accuracy, val_miou, n_train, n_val, len(classes) AS n_classes FROM heads ORDER BY head")
-        self.render("index.html", "index.html", saes=saes, figures=[f for f in figures if f != "concept_ap"], datasets=datasets,
-                    heads=heads, stats=self.stats, concept_figure="concept_ap" in figures)
+        self.render("index.html", "index.html", saes=saes, figures=[f for f in figures if f not in CONCEPT_FIGURES], datasets=datasets,
+                    heads=heads, stats=self.stats, concept_figures=[f for f in CONCEPT_FIGURES if f in figures])
 
-    def concept_ap_figure(self) -> dict[str, Any]:
-        """Each SAE's best-concept AP over its live features, next to the same under permuted labels
-        (the null's best concept chosen the same way, by AP above chance)."""
+    def concept_figures(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Each SAE's best concept per live feature, next to the same under permuted labels (the null's
+        best concept chosen the same way, by AP above chance): the AP box plots and the AP-lift tails."""
         rows = fetch_rows(
             self.con,
             "WITH lvl AS (SELECT sae_id, CASE WHEN bool_or(level = 'patch') THEN 'patch' ELSE 'image' END AS level FROM concepts GROUP BY 1) "
-            "SELECT c.sae_id, any_value(lvl.level) AS level, arg_max(c.ap, c.ap_lift) AS ap, "
-            "arg_max(c.null_ap, (c.null_ap - c.base_rate) / (1 - c.base_rate)) AS null_ap "
+            "SELECT c.sae_id, any_value(lvl.level) AS level, arg_max(c.ap, c.ap_lift) AS ap, max(c.ap_lift) AS lift, "
+            "arg_max(c.null_ap, (c.null_ap - c.base_rate) / (1 - c.base_rate)) AS null_ap, "
+            "max((c.null_ap - c.base_rate) / (1 - c.base_rate)) AS null_lift "
             "FROM concepts c JOIN lvl USING (sae_id, level) JOIN features f USING (sae_id, feature) "
             "WHERE NOT f.dead GROUP BY c.sae_id, c.feature",
         )
         by_sae = _group(rows, lambda r: r["sae_id"])
-        series = [{"name": s.short, "ap": [r["ap"] for r in by_sae[s.sae_id]], "null_ap": [r["null_ap"] for r in by_sae[s.sae_id]]}
-                  for s in self.saes if s.sae_id in by_sae]
-        levels = sorted({r["level"] for r in rows})
-        return charts.ap_distributions(series, "/".join(levels) or "patch")
+        present = [s for s in self.saes if s.sae_id in by_sae]
+        level = "/".join(sorted({r["level"] for r in rows})) or "patch"
+
+        names = legend_names(self.saes)
+
+        def series(*columns: str) -> list[dict[str, Any]]:
+            return [{"name": names[s.sae_id], **{c: [r[c] for r in by_sae[s.sae_id]] for c in columns}} for s in present]
+
+        boxes = [{**b, "name": b["name"].replace(" ", "\n", 1)} for b in series("ap", "null_ap")]  # model above tag on the axis
+        return charts.ap_distributions(boxes, level), charts.lift_tails(series("lift", "null_lift"), level)
 
     # ---- everything
 
