@@ -69,12 +69,13 @@ def _experiment_rows(concept: str, sae_id: str, n_images: int, grid: int) -> lis
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    run = SyntheticRun(saes=[SyntheticSAE("dino", 20)], n_images=6, image_px=64, grid=(6, 6), top_k=4, labels=["cat", "bird", "boat", "dog", "fish", "cow"], edits=False, matches=False,
+    run = SyntheticRun(saes=[SyntheticSAE("dino", 20), SyntheticSAE("dino", 20, seed=1)], n_images=6, image_px=64, grid=(6, 6), top_k=4, labels=["cat", "bird", "boat", "dog", "fish", "cow"], edits=False, matches=False,
                        features_per_part=20)
     write_synthetic_run(run_dir, run)
-    sae_id = read_table(run_dir, "saes").column("sae_id")[0].as_py()
+    sae_id, twin_id = sorted(read_table(run_dir, "saes").column("sae_id").to_pylist())
     dataset = read_table(run_dir, "images").column("dataset")[0].as_py()
-    rows = _experiment_rows("cat", sae_id, 3, 6) + _experiment_rows(EVIL, sae_id, 2, 6)
+    # the second seed (same model and width) is tested on "cat" too: its panel must be told apart
+    rows = _experiment_rows("cat", sae_id, 3, 6) + _experiment_rows("cat", twin_id, 3, 6) + _experiment_rows(EVIL, sae_id, 2, 6)
     # an image-level (classification) experiment: no class maps, probabilities instead
     rows += [{**r, "experiment": "c", "head": "cls", "task": "classification", "level": "image", "concept": "dog",
               "before_map": None, "after_map": None, "p_before": 0.6, "p_after": 0.6 if r["factor"] == 1.0 else 0.1}
@@ -93,7 +94,10 @@ def test_a_page_per_concept_with_figures_and_examples(built):
     assert len(pages) == 2
     assert (built / rc.concept_page("image", "dog")).is_file()  # a concept page without class maps renders too
     cat = (built / rc.concept_page("patch", "cat")).read_text(encoding="utf-8")
-    assert 'data-concept-figure="dose-0"' in cat and cat.count("predicted classes after") == 3
+    assert 'data-concept-figure="dose-1"' in cat and cat.count("predicted classes after") == 6  # 3 examples per SAE
+    titles = re.findall(r"<h2[^>]*>(.*?)</h2>", cat, re.S)
+    seeds = [t for t in titles if "-s0" in t or "-s1" in t]
+    assert len(seeds) == 2 and len(set(seeds)) == 2, titles  # the two seeds' panels are named apart
     assert "90%" in index and "5%" in index  # the strongest setting's effect and the random control's, pooled over images
     data = (built / "data" / "concepts" / "patch-cat.js").read_text(encoding="utf-8")
     figures = json.loads(re.search(r"=(\{.*\});", data).group(1))

@@ -7,14 +7,34 @@ module needs no stage code. Pages live under `concepts/`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import duckdb
 
 from saev_report.render import addresses as addr
 from saev_report.render import charts, overlays
 from saev_report.render.queries import fetch_rows
+from saev_report.spec import ReportSpec
 
-if TYPE_CHECKING:
-    from saev_report.render.site import SiteBuilder
+
+class ConceptSite(Protocol):
+    """What the concept pages need of the site being built (`site.SiteBuilder` is one); typed here
+    so that this module never imports the builder that calls it."""
+
+    con: duckdb.DuckDBPyConnection
+    staging: Path
+    report: ReportSpec
+    stats: Any
+    """Counts the build reports; this module adds to `n_images_rendered`."""
+
+    def render(self, template: str, page: str, **context: Any) -> None: ...
+    def write(self, rel: str, text: str) -> None: ...
+    def img(self, kind: str, name: str | None) -> str: ...
+    def thumb(self, path: str | None, px: int) -> str | None: ...
+    def ensure_thumbnails(self, paths: Iterable[str | None], px: int) -> None: ...
+    def previous_file(self, rel: str) -> Path | None: ...
+    def sae_label(self, sae_id: str) -> str: ...
 
 ARM_STYLE = {"concept": "solid", "random": "dot", "other": "dash"}
 ARM_NAME = {"concept": "its top features", "random": "random features (frequency-matched)", "other": "another concept's top features"}
@@ -86,7 +106,7 @@ def strongest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
             "flip_frac": at["concept"].get("flip_frac") if "concept" in at else None}
 
 
-def build_concept_pages(builder: "SiteBuilder") -> list[dict[str, Any]]:
+def build_concept_pages(builder: ConceptSite) -> list[dict[str, Any]]:
     """Render `concepts/index.html` and one page per concept; returns the overview rows."""
 
     summary = fetch_rows(builder.con, SUMMARY_SQL)
@@ -103,8 +123,7 @@ def build_concept_pages(builder: "SiteBuilder") -> list[dict[str, Any]]:
         for key in sorted({(r["sae_id"], r["head"], r["where"]) for r in rows}):
             sid, head, where = key
             group = [r for r in rows if (r["sae_id"], r["head"], r["where"]) == key]
-            sae = builder.sae_by_id(sid)
-            label = sae.short if sae else sid
+            label = builder.sae_label(sid)
             figure = dose_response(group, f"{label} · head {head} · edited on {'every patch' if where == 'all' else 'the concept’s patches'}")
             best = strongest(group)
             panels.append({"sae_id": sid, "label": label, "head": head, "where": where, "task": group[0]["task"],
@@ -121,7 +140,7 @@ def build_concept_pages(builder: "SiteBuilder") -> list[dict[str, Any]]:
     return overview
 
 
-def examples(builder: "SiteBuilder", sae_id: str, head: str, level: str, concept: str, where: str,
+def examples(builder: ConceptSite, sae_id: str, head: str, level: str, concept: str, where: str,
              best: dict[str, Any] | None, classes: list[str]) -> list[dict[str, Any]]:
     """Up to EXAMPLES images at the strongest setting: the image, and (segmentation) the class maps
     before and after, or (classification) the probability before and after."""

@@ -376,6 +376,10 @@ class SiteBuilder:
                 )
             )
 
+    def sae_label(self, sae_id: str) -> str:
+        """The SAE's name in legends and panel titles: its short name, plus its tag where that repeats."""
+        return legend_names(self.saes).get(sae_id, sae_id)
+
     def sae_by_id(self, sae_id: str) -> SaeInfo | None:
         if len(self._by_id) != len(self.saes):
             self._by_id = {s.sae_id: s for s in self.saes}
