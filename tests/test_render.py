@@ -24,6 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from headless import no_xss as _no_xss
+from headless import open_page as _open
+from headless import severe as _severe
 from saev_report.render import addresses as addr
 from saev_report.render import charts, heatmaps, overlays
 from saev_report.render import site as site_mod
@@ -40,7 +43,6 @@ EVIL_LABELS = [
     "cat & dog",
 ]
 LABELS = {"dino": "DINOv2", "clip": '<b onmouseover="window.__xss=3">CLIP</b>'}
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 def small_run(**overrides) -> SyntheticRun:
@@ -509,47 +511,6 @@ def test_only_images_table(tmp_path):
 
 
 # --------------------------------------------------------------------------- in a browser
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("chromium / chromedriver not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-unsafe-swiftshader",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=1280,1000",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    yield driver
-    driver.quit()
-
-
-def _open(driver, path: Path) -> list[dict]:
-    driver.get(path.resolve().as_uri())
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
-    return driver.get_log("browser")
-
-
-def _severe(logs: list[dict]) -> list[dict]:
-    return [entry for entry in logs if entry["level"] == "SEVERE"]
-
-
-def _no_xss(driver) -> None:
-    from selenium.common.exceptions import NoAlertPresentException
-
-    with pytest.raises(NoAlertPresentException):
-        driver.switch_to.alert.text  # noqa: B018 - raises when no alert() ran
-    assert driver.execute_script("return window.__xss === undefined")
 
 
 def test_index_renders_its_charts(built, browser):

@@ -112,3 +112,22 @@ def test_concept_names_are_escaped(built):
     assert EVIL not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     for js in (built / "data" / "concepts").glob("*.js"):
         assert "<" not in js.read_text(encoding="utf-8")
+
+
+def test_concept_pages_draw_their_figures_in_a_browser(built, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from headless import no_xss, open_page, severe
+
+    for page in (rc.concept_page("patch", "cat"), rc.concept_page("patch", EVIL), rc.concept_page("image", "dog"), "concepts/index.html"):
+        logs = open_page(browser, built / page)
+        n_figures = browser.execute_script("return document.querySelectorAll('[data-concept-figure]').length")
+        WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot').length") == n_figures)
+        assert not severe(logs + browser.get_log("browser")), (page, logs)
+        no_xss(browser)
+        if page != "concepts/index.html":
+            assert n_figures >= 1
+            browser.execute_script("document.querySelectorAll('img').forEach(i => { i.loading = 'eager'; })")  # lazy below the fold
+            WebDriverWait(browser, 20).until(lambda d: d.execute_script("return [...document.images].every(i => i.complete)"))
+            images = browser.execute_script("return [...document.images].map(i => [i.src, i.naturalWidth > 0])")
+            assert images and all(ok for _, ok in images), [src for src, ok in images if not ok]
