@@ -502,6 +502,13 @@ def test_demo_is_deterministic(built_demo, tmp_path):
 
 
 @needs_demo_sources
+def test_demo_threads_do_not_change_the_bytes(built_demo, tmp_path):
+    sources = demo.demo_sources(SMALL_DEMO.categories)
+    demo.build_demo(tmp_path / "serial", sources, SMALL_DEMO.n_images, SMALL_DEMO.size, SMALL_DEMO.seed, workers=1)
+    assert _file_hashes(tmp_path / "serial") == _file_hashes(built_demo)
+
+
+@needs_demo_sources
 def test_demo_other_seed_differs(built_demo, tmp_path):
     other = demo.ensure_demo(SMALL_DEMO.model_copy(update={"seed": 4, "n_images": 8}), tmp_path)
     assert other.name != built_demo.name

@@ -24,8 +24,11 @@ import os
 import shutil
 import tempfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -199,23 +202,25 @@ def split_stamps(stamps: list[Stamp], category: str, seed: int) -> dict[str, lis
     }
 
 
-def load_backgrounds(folder: Path, size: int) -> list[tuple[str, Image.Image]]:
-    """Background photos, shrunk so their shorter side is at most 2·size (crops need no more)."""
-    loaded = []
-    for rel in BACKGROUNDS:
-        path = folder / rel
-        if not path.is_file():
-            raise DemoDataUnavailable(
-                f"background photo {path} is missing; reinstall mvtb-data (`pip install --force-reinstall mvtb-data`)"
-            )
-        with Image.open(path) as image:
+def load_backgrounds(folder: Path, size: int, map_fn: Callable = map) -> list[tuple[str, Image.Image]]:
+    """Background photos, shrunk so their shorter side is at most 2·size (crops need no more);
+    `map_fn` (a thread pool's `map`) may load them concurrently, in order."""
+    missing = [folder / rel for rel in BACKGROUNDS if not (folder / rel).is_file()]
+    if missing:
+        raise DemoDataUnavailable(
+            f"background photo {missing[0]} is missing; reinstall mvtb-data (`pip install --force-reinstall mvtb-data`)"
+        )
+
+    def load(rel: str) -> tuple[str, Image.Image]:
+        with Image.open(folder / rel) as image:
             rgb = image.convert("RGB")
         shorter = min(rgb.size)
         if shorter > 2 * size:
             factor = 2 * size / shorter
             rgb = rgb.resize((round(rgb.width * factor), round(rgb.height * factor)), Image.Resampling.LANCZOS, reducing_gap=3.0)
-        loaded.append((rel, rgb))
-    return loaded
+        return rel, rgb
+
+    return list(map_fn(load, BACKGROUNDS))
 
 
 # --------------------------------------------------------------------------- composition
@@ -301,45 +306,56 @@ def demo_hash(spec: DemoDataset, sources: DemoSources) -> str:
     return content_hash("demo", FORMAT_VERSION, params, sources.inventory())
 
 
-def build_demo(out_dir: Path, sources: DemoSources, n_images: int, size: int, seed: int) -> None:
-    """Write images/, masks/ and index.json into the (new, empty) folder `out_dir`."""
+def write_composite(out_dir: Path, pools: list[dict[str, list[Stamp]]], backgrounds: list[tuple[str, Image.Image]],
+                    classes: list[str], size: int, seed: int, i: int) -> dict:
+    """Compose image i, write it and its mask under `out_dir`, and return its index entry."""
+    rng = np.random.default_rng([seed, i])  # per-image stream: order-independent, reproducible
+    class_id, split = image_plan(i, len(classes))
+    pool = pools[class_id][split]
+    stamp = pool[int(rng.integers(len(pool)))]
+    bg_name, background = backgrounds[int(rng.integers(len(backgrounds)))]
+    image_hw3, mask_hw, placement = compose(background, stamp, class_id + 1, size, rng)
+    name = f"{i:05d}.png"
+    # Fast zlib level: the set is a cache, and encoding dominates the build time.
+    Image.fromarray(image_hw3, "RGB").save(out_dir / "images" / name, compress_level=1)
+    Image.fromarray(mask_hw, "L").save(out_dir / "masks" / name, compress_level=1)
+    return {
+        "image": f"images/{name}",
+        "mask": f"masks/{name}",
+        "label": classes[class_id],
+        "class_id": class_id,
+        "split": split,
+        "stamp": stamp.rel,
+        "background": bg_name,
+        **placement,
+    }
+
+
+def build_demo(out_dir: Path, sources: DemoSources, n_images: int, size: int, seed: int, workers: int | None = None) -> None:
+    """Write images/, masks/ and index.json into the (new, empty) folder `out_dir`, on `workers`
+    threads (default: up to 4); the bytes are the same for any number."""
     names = class_names(sources.categories)
     order = sorted(range(len(names)), key=lambda k: names[k])  # class ids follow sorted names
     categories = [sources.categories[k] for k in order]
     classes = [names[k] for k in order]
 
-    pools: list[dict[str, list[Stamp]]] = []
-    for category in categories:
-        stamps = [s for s in (load_stamp(p, sources.stamps_root) for p in sources.candidates[category]) if s is not None]
-        pools.append(split_stamps(stamps, category, seed))
-    backgrounds = load_backgrounds(sources.backgrounds_root, size)
+    # Threads, not processes: PIL decodes and resamples and zlib encodes without the GIL, and every
+    # image has its own generator, so the bytes do not depend on the order the threads finish in.
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as threads:
+        pools: list[dict[str, list[Stamp]]] = []
+        for category in categories:
+            loaded = threads.map(partial(load_stamp, root=sources.stamps_root), sources.candidates[category])
+            pools.append(split_stamps([s for s in loaded if s is not None], category, seed))
+        backgrounds = load_backgrounds(sources.backgrounds_root, size, threads.map)
 
-    (out_dir / "images").mkdir(parents=True)
-    (out_dir / "masks").mkdir()
-    entries = []
-    with bar("demo images", total=n_images, unit="img") as progress:
-        for i in range(n_images):
-            rng = np.random.default_rng([seed, i])  # per-image stream: order-independent, reproducible
-            class_id, split = image_plan(i, len(classes))
-            pool = pools[class_id][split]
-            stamp = pool[int(rng.integers(len(pool)))]
-            bg_name, background = backgrounds[int(rng.integers(len(backgrounds)))]
-            image_hw3, mask_hw, placement = compose(background, stamp, class_id + 1, size, rng)
-            name = f"{i:05d}.png"
-            # Fast zlib level: the set is a cache, and encoding dominates the build time.
-            Image.fromarray(image_hw3, "RGB").save(out_dir / "images" / name, compress_level=1)
-            Image.fromarray(mask_hw, "L").save(out_dir / "masks" / name, compress_level=1)
-            entries.append({
-                "image": f"images/{name}",
-                "mask": f"masks/{name}",
-                "label": classes[class_id],
-                "class_id": class_id,
-                "split": split,
-                "stamp": stamp.rel,
-                "background": bg_name,
-                **placement,
-            })
-            progress.advance(1)
+        (out_dir / "images").mkdir(parents=True)
+        (out_dir / "masks").mkdir()
+        write = partial(write_composite, out_dir, pools, backgrounds, classes, size, seed)
+        entries = []
+        with bar("demo images", total=n_images, unit="img") as progress:
+            for entry in threads.map(write, range(n_images)):
+                entries.append(entry)
+                progress.advance(1)
 
     index = {
         "format": FORMAT_VERSION,
