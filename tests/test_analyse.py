@@ -21,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gloo import run_on_ranks
 from saev_report import analyse
 from saev_report.analyse import FINE_PER_DECADE, LOG10_RANGE, analyse_sae, coarse_histograms, label_stats
 from saev_report.spec import AnalysisSpec
@@ -584,40 +585,25 @@ def _rank_tables(result: analyse.AnalysisResult) -> dict:
     return {"metrics": result.metrics, **tables}
 
 
-def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
-    import pickle
-
-    import torch.distributed as dist
-
+def _analyse_on_rank(rank: int) -> dict:
+    """This rank's share of every rank case; rank 0 returns the merged tables, the others nothing."""
     from saev_report import distributed
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        merged = {}
-        for seed in RANK_SEEDS:
-            acts, image_idx, sae, labels, spec, cuts, per_batch = rank_case(seed)
-            mine = slice(cuts[rank], cuts[rank + 1])
-            result = analyse_sae(batches(acts[mine], image_idx[mine], per_batch[rank]), sae, (1, acts.shape[1]), labels, spec,
-                                 "s", "ds", CPU, shard=distributed.current())
-            assert (result is None) == (rank != 0)
-            if result is not None:
-                merged[seed] = _rank_tables(result)
-        if rank == 0:
-            (Path(out) / "merged.pkl").write_bytes(pickle.dumps(merged))
-    finally:
-        dist.destroy_process_group()
+    merged = {}
+    for seed in RANK_SEEDS:
+        acts, image_idx, sae, labels, spec, cuts, per_batch = rank_case(seed)
+        mine = slice(cuts[rank], cuts[rank + 1])
+        result = analyse_sae(batches(acts[mine], image_idx[mine], per_batch[rank]), sae, (1, acts.shape[1]), labels, spec,
+                             "s", "ds", CPU, shard=distributed.current())
+        assert (result is None) == (rank != 0)
+        if result is not None:
+            merged[seed] = _rank_tables(result)
+    return merged
 
 
 @pytest.fixture(scope="module")
 def merged_over_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    import pickle
-
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_worker, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
-    return pickle.loads((tmp / "merged.pkl").read_bytes())
+    return run_on_ranks(_analyse_on_rank, WORLD, tmp_path_factory.mktemp("ranks"))[0]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
+from gloo import run_on_ranks
 from saev_report import concepts as C
 from saev_report.analyse import analyse_sae
 from saev_report.spec import AnalysisSpec
@@ -315,35 +316,21 @@ def stream(labels: C.ConceptLabels, acts_ipd: np.ndarray, images: np.ndarray, pe
     return stats
 
 
-def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
-    import pickle
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        tables = {}
-        for seed in RANK_SEEDS:
-            acts_ipd, labels, cuts, sparse = rank_case(seed)
-            mine = np.random.default_rng(rank).permutation(np.arange(cuts[rank], cuts[rank + 1]))  # any order within a rank
-            stats = stream(labels, acts_ipd, mine, rank + 1, sparse)
-            stats.merge_ranks()
-            tables[seed] = stats.table("sae")
-        (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(tables))
-    finally:
-        dist.destroy_process_group()
+def _concepts_on_rank(rank: int) -> dict:
+    """This rank's share of every rank case, streamed and merged: the concept rows it then holds."""
+    tables = {}
+    for seed in RANK_SEEDS:
+        acts_ipd, labels, cuts, sparse = rank_case(seed)
+        mine = np.random.default_rng(rank).permutation(np.arange(cuts[rank], cuts[rank + 1]))  # any order within a rank
+        stats = stream(labels, acts_ipd, mine, rank + 1, sparse)
+        stats.merge_ranks()
+        tables[seed] = stats.table("sae")
+    return tables
 
 
 @pytest.fixture(scope="module")
 def merged_over_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    import pickle
-
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_worker, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
-    return [pickle.loads((tmp / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+    return run_on_ranks(_concepts_on_rank, WORLD, tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.mark.slow

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gloo import run_on_ranks
 from saev_report import distributed
 from saev_report.analyse import scan
 from saev_report.compare import match_features
@@ -76,29 +75,26 @@ def _data():
     return acts_ipd
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        shard = distributed.current()
-        results = {}
-        t = torch.tensor([rank + 1.0, -rank])
-        results["sum"] = distributed.sum_(t.clone()).tolist()
-        results["max"] = distributed.max_(t.clone()).tolist()
-        results["min"] = distributed.min_(t.clone()).tolist()
-        results["gather"] = distributed.gather(rank * 10)
-        keys = torch.tensor([[90 - rank, 50 - rank, -1]]) if rank == 0 else torch.tensor([[70, 60, 10]])
-        results["topk"] = [x.tolist() for x in distributed.topk_keys(keys)]
-        acts_ipd, sae = _data(), TinySAE(8, 5)
-        mine = shard.range(acts_ipd.shape[0], align=4)
-        merged = scan(_batches(mine, acts_ipd, 4), sae, 3, torch.device("cpu")).merge_ranks(5, 3, 6, torch.device("cpu"))
-        results["scan"] = _summary(merged)
-        maps_a, maps_b = _maps()
-        mine = shard.range(len(maps_a), align=1)  # batches of 4 images, as the compare stage cuts them
-        results["match"] = _match_summary(match_features(maps_a[mine.start:mine.stop], maps_b[mine.start:mine.stop],
-                                                         block=3, step_rows=64, shard=shard))
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _collectives_on_rank(rank: int) -> dict:
+    """Every collective and merge this module checks, as this rank sees it."""
+    shard = distributed.current()
+    results = {}
+    t = torch.tensor([rank + 1.0, -rank])
+    results["sum"] = distributed.sum_(t.clone()).tolist()
+    results["max"] = distributed.max_(t.clone()).tolist()
+    results["min"] = distributed.min_(t.clone()).tolist()
+    results["gather"] = distributed.gather(rank * 10)
+    keys = torch.tensor([[90 - rank, 50 - rank, -1]]) if rank == 0 else torch.tensor([[70, 60, 10]])
+    results["topk"] = [x.tolist() for x in distributed.topk_keys(keys)]
+    acts_ipd, sae = _data(), TinySAE(8, 5)
+    mine = shard.range(acts_ipd.shape[0], align=4)
+    merged = scan(_batches(mine, acts_ipd, 4), sae, 3, torch.device("cpu")).merge_ranks(5, 3, 6, torch.device("cpu"))
+    results["scan"] = _summary(merged)
+    maps_a, maps_b = _maps()
+    mine = shard.range(len(maps_a), align=1)  # batches of 4 images, as the compare stage cuts them
+    results["match"] = _match_summary(match_features(maps_a[mine.start:mine.stop], maps_b[mine.start:mine.stop],
+                                                     block=3, step_rows=64, shard=shard))
+    return results
 
 
 def _summary(result) -> dict:
@@ -133,9 +129,7 @@ def _all_slots(top):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(2, str(tmp / "store"), str(tmp)), nprocs=2, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+    return run_on_ranks(_collectives_on_rank, 2, tmp_path_factory.mktemp("gloo"))
 
 
 def test_collectives_reduce_over_ranks(two_ranks: list[dict]) -> None:

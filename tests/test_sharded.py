@@ -19,6 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
+from gloo import run_on_ranks
 from saev_report.activations import ShardWriter, StoreMeta
 from saev_report.backbones import TokenLayout
 from saev_report.sae import load_sae
@@ -88,35 +89,23 @@ def _seg_dataset(root: Path):
     return ImageDataset("seg", records, classes=["l0", "l1"], seg_classes=["bg", "one", "two"], ignore_index=255)
 
 
-def _labels_worker(rank: int, world: int, root: str) -> None:
-    import pickle
-
-    import torch.distributed as dist
-
+def _labels_on_rank(rank: int, root: Path) -> tuple[dict, bool]:
+    """The concept labels this rank gets, as lists, and whether its patch labels are memory-mapped."""
     from saev_report.stages.analyse import shared_concept_labels
 
-    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
-    try:
-        labels = shared_concept_labels(_seg_dataset(Path(root)), (2, 2), 3, Path(root) / "stage" / "patch_labels.npy")
-        as_lists = {key: np.asarray(value).tolist() if isinstance(value, np.ndarray) else value for key, value in labels.__dict__.items()}
-        (Path(root) / f"rank{rank}.pkl").write_bytes(pickle.dumps((as_lists, isinstance(labels.patch_ip, np.memmap))))
-    finally:
-        dist.destroy_process_group()
+    labels = shared_concept_labels(_seg_dataset(root), (2, 2), 3, root / "stage" / "patch_labels.npy")
+    as_lists = {key: np.asarray(value).tolist() if isinstance(value, np.ndarray) else value for key, value in labels.__dict__.items()}
+    return as_lists, isinstance(labels.patch_ip, np.memmap)
 
 
 @pytest.mark.slow
 def test_other_ranks_take_rank_0s_concept_labels(tmp_path: Path) -> None:
-    import pickle
-
-    import torch.multiprocessing as mp
-
     from saev_report.concepts import dataset_labels
 
-    mp.spawn(_labels_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = run_on_ranks(_labels_on_rank, 2, tmp_path, tmp_path)
     one = dataset_labels(_seg_dataset(tmp_path), (2, 2), 3)
     want = {key: np.asarray(value).tolist() if isinstance(value, np.ndarray) else value for key, value in one.__dict__.items()}
-    for rank in (0, 1):
-        got, memory_mapped = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+    for got, memory_mapped in ranks:
         assert got == want and memory_mapped  # the same labels and null permutation; patch labels read from rank 0's file
     assert want["patch_ip"][1] == [0, 1, 0, 1] and sorted(want["null_i"]) == list(range(5))
 

@@ -872,21 +872,19 @@ class SiteBuilder:
         best concept chosen the same way, by AP above chance): the AP box plots and the AP-lift tails."""
         rows = fetch_rows(
             self.con,
-            "WITH lvl AS (SELECT sae_id, CASE WHEN bool_or(level = 'patch') THEN 'patch' ELSE 'image' END AS level FROM concepts GROUP BY 1) "
+            "WITH lvl AS (SELECT sae_id, CASE WHEN bool_or(level = 'patch') THEN 'patch' ELSE 'image' END AS level FROM concepts GROUP BY 1), "
+            "c AS (SELECT *, (null_ap - base_rate) / (1 - base_rate) AS null_lift FROM concepts) "
             "SELECT c.sae_id, any_value(lvl.level) AS level, arg_max(c.ap, c.ap_lift) AS ap, max(c.ap_lift) AS lift, "
-            "arg_max(c.null_ap, (c.null_ap - c.base_rate) / (1 - c.base_rate)) AS null_ap, "
-            "max((c.null_ap - c.base_rate) / (1 - c.base_rate)) AS null_lift "
-            "FROM concepts c JOIN lvl USING (sae_id, level) JOIN features f USING (sae_id, feature) "
+            "arg_max(c.null_ap, c.null_lift) AS null_ap, max(c.null_lift) AS null_lift "
+            "FROM c JOIN lvl USING (sae_id, level) JOIN features f USING (sae_id, feature) "
             "WHERE NOT f.dead GROUP BY c.sae_id, c.feature",
         )
         by_sae = _group(rows, lambda r: r["sae_id"])
         present = [s for s in self.saes if s.sae_id in by_sae]
         level = "/".join(sorted({r["level"] for r in rows})) or "patch"
 
-        names = legend_names(self.saes)
-
         def series(*columns: str) -> list[dict[str, Any]]:
-            return [{"name": names[s.sae_id], **{c: [r[c] for r in by_sae[s.sae_id]] for c in columns}} for s in present]
+            return [{"name": self.sae_label(s.sae_id), **{c: [r[c] for r in by_sae[s.sae_id]] for c in columns}} for s in present]
 
         boxes = [{**b, "name": b["name"].replace(" ", "\n", 1)} for b in series("ap", "null_ap")]  # model above tag on the axis
         return charts.ap_distributions(boxes, level), charts.lift_tails(series("lift", "null_lift"), level)
