@@ -67,10 +67,47 @@ def _paired_diff(arrays: Arrays, idx_bn: np.ndarray) -> np.ndarray:
     return (arrays[0] - arrays[1])[idx_bn].mean(axis=1)
 
 
+def _counts(idx_bn: np.ndarray, n: int) -> np.ndarray:
+    """How often each image is drawn in each row of `idx_bn`: [b, n]."""
+    counts_bn = np.zeros((idx_bn.shape[0], n))
+    np.add.at(counts_bn, (np.arange(idx_bn.shape[0])[:, None], idx_bn), 1.0)
+    return counts_bn
+
+
+def _task_score(per_image: np.ndarray, counts_bn: np.ndarray) -> np.ndarray:
+    """A head's score on resampled images: accuracy from per-image 1/0 [n], or mIoU (classes present
+    in targets or predictions) from per-image confusion matrices flattened [n, C²], summed first."""
+    summed = counts_bn @ per_image
+    if per_image.ndim == 1:
+        return summed / counts_bn.sum(axis=1)
+    c = int(round(per_image.shape[1] ** 0.5))
+    conf_bcc = summed.reshape(-1, c, c)
+    inter_bc = np.diagonal(conf_bcc, axis1=1, axis2=2)
+    union_bc = conf_bcc.sum(1) + conf_bcc.sum(2) - inter_bc
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou_bc = np.where(union_bc > 0, inter_bc / np.where(union_bc > 0, union_bc, 1), np.nan)
+    present = np.isfinite(iou_bc).sum(1)
+    return np.where(present > 0, np.nansum(iou_bc, 1) / np.maximum(present, 1), np.nan)
+
+
+def _score(arrays: Arrays, idx_bn: np.ndarray) -> np.ndarray:
+    return _task_score(arrays[0], _counts(idx_bn, len(arrays[0])))
+
+
+def _recovered(arrays: Arrays, idx_bn: np.ndarray) -> np.ndarray:
+    counts_bn = _counts(idx_bn, len(arrays[0]))
+    clean, spliced, ablated = (_task_score(a, counts_bn) for a in arrays)
+    gap = clean - ablated
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(gap) > 1e-12, (spliced - ablated) / np.where(np.abs(gap) > 1e-12, gap, 1), np.nan)
+
+
 STATISTICS: dict[str, Statistic] = {s.name: s for s in (
     Statistic("mean", 1, _mean, "mean over images of one value"),
     Statistic("ratio", 2, _ratio, "Σ num / Σ den over images (a pooled share, e.g. pixels removed of pixels predicted)"),
     Statistic("paired_diff", 2, _paired_diff, "mean over images of a − b, both measured on the same image"),
+    Statistic("score", 1, _score, "a head's accuracy (per-image 1/0) or mIoU (per-image confusion matrices, summed)"),
+    Statistic("recovered", 3, _recovered, "(spliced − ablated) / (clean − ablated) of a head's score, all three on the same images"),
 )}
 
 

@@ -184,3 +184,24 @@ def test_a_corrected_null_family_rejects_at_no_more_than_its_nominal_rate(method
         rejected_any += bool((stats.correct(p, method) <= 0.05).any())
     # Under the global null both control the family-wise rate (BH's FDR equals it there).
     assert rejected_any / N_SIM <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / N_SIM)
+
+
+def test_score_and_recovered_equal_the_pooled_scores_of_the_heads_module():
+    import torch
+
+    from saev_report.heads import scores_from_confusion
+
+    g = np.random.default_rng(9)
+    conf = [g.integers(0, 50, (12, 4, 4)).astype(np.float64) for _ in range(3)]
+    flat = tuple(c.reshape(12, 16) for c in conf)
+    everything = np.arange(12)[None]
+    miou = [scores_from_confusion(torch.tensor(c.sum(0)))["miou"] for c in conf]
+    assert stats.STATISTICS["score"].value(flat[:1], everything)[0] == pytest.approx(miou[0])
+    assert stats.STATISTICS["recovered"].value(flat, everything)[0] == pytest.approx((miou[1] - miou[2]) / (miou[0] - miou[2]))
+    hits = tuple(g.integers(0, 2, 30).astype(np.float64) for _ in range(3))
+    got = stats.STATISTICS["recovered"].value(hits, np.arange(30)[None])[0]
+    assert got == pytest.approx((hits[1].mean() - hits[2].mean()) / (hits[0].mean() - hits[2].mean()))
+    # Accuracy's recovered is a ratio of sums of per-image differences: the same interval either way.
+    a = stats.bootstrap("recovered", hits, n_resamples=500, confidence=0.9, generator=stats.rng(0, "r"))
+    b = stats.bootstrap("ratio", (hits[1] - hits[2], hits[0] - hits[2]), n_resamples=500, confidence=0.9, generator=stats.rng(0, "r"))
+    assert (a.lo, a.hi) == pytest.approx((b.lo, b.hi))
