@@ -61,6 +61,7 @@ from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
 from saev_report.render import charts, heatmaps, overlays, queries
 from saev_report.render.queries import fetch_rows, fetch_table, stream_batches
+from saev_report.render.claims import build_claims_page
 from saev_report.render.concepts import build_concept_pages
 from saev_report.spec import ReportSpec, content_hash
 
@@ -176,6 +177,14 @@ def fmt_pct(value: Any, digits: int = 3) -> str:
     return f"{100 * float(value):.{digits}g}%"
 
 
+def fmt_interval(lo: Any, hi: Any, as_pct: bool = False, digits: int = 3) -> str:
+    """"[lo, hi]" of a bootstrap interval, or "" when there is none (older runs, single images)."""
+    if lo is None or hi is None:
+        return ""
+    fmt = fmt_pct if as_pct else fmt_num
+    return f"[{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
 def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
     """Jinja environment; autoescape is on for every template (labels come from datasets)."""
     if not (templates_dir / "base.html").is_file() or not (ASSETS_DIR / "atlas.js").is_file():
@@ -185,6 +194,7 @@ def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
                       lstrip_blocks=True, auto_reload=False)
     env.filters["num"] = fmt_num
     env.filters["pct"] = fmt_pct
+    env.globals["interval"] = fmt_interval
     env.filters["script_json"] = charts.script_json
     return env
 
@@ -219,7 +229,7 @@ class SiteBuilder:
         self.saes: list[SaeInfo] = []
         self._by_id: dict[str, SaeInfo] = {}
         self.comparisons: list[dict[str, str]] = []
-        self.has_edits = self.has_compare = self.has_experiments = False
+        self.has_edits = self.has_compare = self.has_experiments = self.has_claims = False
         # Tables from before concept detection have no best_concept column (and no concepts rows).
         self.has_concepts = "best_concept" in {r[0] for r in con.sql("DESCRIBE features").fetchall()}
         self.concepts: list[dict[str, Any]] = []
@@ -269,6 +279,7 @@ class SiteBuilder:
             "has_edits": self.has_edits,
             "has_concepts": self.has_concepts,
             "has_experiments": self.has_experiments,
+            "has_claims": self.has_claims,
             "has_compare": self.has_compare,
             "comparisons": self.comparisons,
             "saes_nav": [{"list_page": s.list_page, "short": s.short, "sae_id": s.sae_id} for s in self.saes],
@@ -896,6 +907,7 @@ class SiteBuilder:
         self.load_saes()
         self.has_edits = _count(self.con, "edits") > 0
         self.has_experiments = _count(self.con, "experiments") > 0
+        self.has_claims = _count(self.con, "claims") > 0  # the nav links the page from every page; it is rendered below
         self.comparisons = [
             {"name": r["comparison"], "href": addr.compare_page(r["comparison"])} for r in fetch_rows(self.con, "SELECT DISTINCT comparison FROM matches ORDER BY comparison")
         ]
@@ -911,6 +923,7 @@ class SiteBuilder:
         self.stats.n_saes = len(self.saes)
         self.build_edits()
         self.concepts = build_concept_pages(self)
+        self.has_claims = build_claims_page(self, has_concept_pages=bool(self.concepts))
         self.build_compare()
         self.build_index()
         self.stats.n_thumbnails = len({name for name in self.thumb_names.values() if name})
