@@ -72,16 +72,24 @@ CASES = [
     ("datasets.demo_val.max_images", 50, {"images/demo_val"} | TOKENS | HEADS | EDITS | SPLICE),
     ("datasets.demo_train.max_images", 50, {"images/demo_train"} | TOKENS | HEADS | EDITS | SPLICE),
     ("experiments.0.rank_on", "head_train", {"experiments/segment-concepts"}),
+    ("experiments.0.random_draws", 2, {"experiments/segment-concepts"}),
+    ("stats.n_resamples", 500, {"claims/all"}),  # the statistics re-run alone
+    ("stats.correction", "bh", {"claims/all"}),
 ]
+
+CLAIMS = {"claims/all"}
+"""The statistics read every experiment's and splice's rows: they move with any of those."""
 
 
 @pytest.mark.parametrize(("field", "value", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_a_spec_change_moves_exactly_the_keys_that_read_it(field: str, value: Any, expected: set[str]) -> None:
+    if expected & (EXPERIMENTS | SPLICE) or field == "run.seed":
+        expected = expected | CLAIMS
     assert _changed(field, value) == expected
 
 
 def test_every_kind_is_declared_in_one_shape() -> None:
-    assert list(KINDS) == ["images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability"]
+    assert list(KINDS) == ["images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability", "claims"]
     for kind in KINDS.values():
         assert issubclass(kind.params, StageParams) and kind.params.model_config["frozen"]
         assert issubclass(kind.out, StageOut)

@@ -320,10 +320,18 @@ def _write_experiments(tables: Path, run: SyntheticRun, rng: np.random.Generator
                         "before_map": rng.integers(0, 3, cells).tolist(), "after_map": rng.integers(0, 3, cells).tolist(),
                     })
     write_table(tables / "experiments" / "part-0.parquet", "experiments", rows, SPEC_HASH)
+    write_summary(tables, rows)
     # the rows it ranked on, computed on the head's training data (`experiments[].rank_on`)
     write_table(tables / "experiment_concepts" / "part-0.parquet", "experiment_concepts", [
         {"experiment": "synthetic", "dataset": "demo_train", "sae_id": sae.sae_id, "feature": f, "concept": run.labels[0], "level": "patch",
          "ap": float(rng.uniform()), "support": 10} for f in range(sae.n_features)], SPEC_HASH)
+
+
+def write_summary(tables: Path, rows: list[dict[str, Any]]) -> None:
+    """`experiment_summary` of synthetic `experiments` rows, as the claims stage aggregates them."""
+    from saev_report.claims import summarise_rows
+
+    write_table(tables / "experiment_summary" / "part-0.parquet", "experiment_summary", summarise_rows(rows), SPEC_HASH)
 
 
 def _write_concepts(path: Path, sae: SyntheticSAE, run: SyntheticRun, dead: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
