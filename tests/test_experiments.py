@@ -293,6 +293,15 @@ def test_spliced_scores_are_clean_for_a_perfect_sae_and_ablated_for_a_useless_on
         assert perfect.clean == useless.clean and perfect.ablated == useless.ablated
         if perfect.clean != perfect.ablated:
             assert perfect.recovered == 1.0 and useless.recovered == 0.0
+        # Per image, what the intervals resample: one entry per scored image, pooling back to the score.
+        from saev_report import stats
+
+        assert perfect.image_idx == ([0, 1, 2, 3, 5] if head.task == "classification" else [0, 1, 2, 3, 4, 5])
+        for arm in ("clean", "spliced", "ablated"):
+            per_image = perfect.per_image[arm]
+            assert len(per_image) == perfect.n_images
+            pooled = stats.STATISTICS["score"].value((per_image,), np.arange(len(per_image))[None])[0]
+            assert pooled == pytest.approx(getattr(perfect, arm))
         # The clean score against a direct computation of the head on the full forward pass.
         logits = head(final, backbone.layout)
         if head.task == "classification":
