@@ -396,11 +396,17 @@ def _experiment_claim(work: _ClaimWork, groups: Mapping[GroupKey, Group], spec: 
         for g in mine:
             _, _, _, _, _, concept, arm, m, factor, where = g.key
             by_setting.setdefault((m, factor, where), {}).setdefault(concept, {})[arm] = g
-        concepts = sorted({g.key[5] for g in mine})
+        tested = sorted({g.key[5] for g in mine})
+        concepts = sorted(claim.concepts) if claim.concepts else tested
         work.concepts[r] = concepts
-        images_of = {c: np.unique(np.concatenate([g.image_idx for g in mine if g.key[5] == c and g.key[6] == "concept"])) for c in concepts}
+        missing = [c for c in concepts if c not in tested]
+        if missing:
+            work.notes.append(f"{sae_id}: not tested: {', '.join(missing)}")
+        concepts_here = [c for c in concepts if c in tested]
+        images_of = {c: np.unique(np.concatenate([g.image_idx for g in mine if g.key[5] == c and g.key[6] == "concept"] or [np.zeros(0, np.int64)]))
+                     for c in concepts_here}
         if claim.select == "split":
-            halves = {c: split_images(images_of[c], seed, claim.name, c) for c in concepts}
+            halves = {c: split_images(images_of[c], seed, claim.name, c) for c in concepts_here}
             setting = _select_setting(claim, by_setting, {c: h[0] for c, h in halves.items()})
             read_on = {c: h[1] for c, h in halves.items()}
             label = "confirmation"
@@ -413,7 +419,7 @@ def _experiment_claim(work: _ClaimWork, groups: Mapping[GroupKey, Group], spec: 
             work.fixed_verdicts[r] = "inconclusive"
             continue
         m, factor, where = setting
-        for concept in concepts:
+        for concept in concepts_here:
             arms = {arm: g.take(read_on[concept]) for arm, g in by_setting[setting].get(concept, {}).items()}
             base = {"sae_id": sae_id, "seed": work.resolved.seeds[r], "concept": concept, "level": mine[0].key[4],
                     "m": m, "factor": factor, "where": where, "images": label}

@@ -636,8 +636,11 @@ class ExperimentClaim(_ClaimBase):
     beats: list[Literal["random", "other"]] = Field(default_factory=lambda: ["random"])
     """Controls the concept arm must beat in a one-sided paired sign-flip test on the first
     condition's metric (removed_frac: more pixels; p_delta: a larger drop), corrected across the family."""
+    concepts: list[str] | None = None
+    """Concepts the claim counts (e.g. the classes, not `background`); default every concept the
+    experiment tested. A named concept the experiment did not test counts as inconclusive."""
     min_concepts: int | None = Field(default=None, gt=0)
-    """Concepts that must hold; default: every concept tested."""
+    """Concepts that must hold; default: every concept counted."""
 
     @model_validator(mode="after")
     def _setting_or_split(self) -> "ExperimentClaim":
@@ -1045,7 +1048,7 @@ def _check_claims(spec: Spec, models: set[str], recorded: set[str]) -> list[tupl
             for j, cond in enumerate(claim.conditions):
                 if head is not None and cond.metric not in metrics:
                     problems.append(((*loc, "conditions", j, "metric"), f"a {head.task} experiment reports {', '.join(metrics)}, not {cond.metric}"))
-            n_tested = len(exp.concepts) if exp.concepts else None
+            n_tested = len(claim.concepts) if claim.concepts else len(exp.concepts) if exp.concepts else None
             if claim.min_concepts is not None and n_tested is not None and claim.min_concepts > n_tested:
                 problems.append(((*loc, "min_concepts"), f"{claim.min_concepts} concepts asked of the {n_tested} tested"))
             continue
