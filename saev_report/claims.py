@@ -180,6 +180,36 @@ def _finite(value: float) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+# --------------------------------------------------------------------------- edits
+
+EDIT_PER_IMAGE_SQL = """
+SELECT edit, sae_id, head, task, is_control, image_idx, count(*) AS n_edits,
+       avg(target_delta) AS target_delta, avg(other_delta) AS other_delta, avg(flipped::INT)::DOUBLE AS flipped
+FROM edits GROUP BY ALL ORDER BY edit, sae_id, head, is_control, image_idx
+"""
+"""Per (edit, SAE, head, real or control, image): the image's edits averaged, so that an image
+edited for several features counts once (the image is the unit the intervals resample)."""
+
+
+def edit_summary_rows(con: Any, spec: StatsSpec, seed: int) -> list[dict[str, Any]]:
+    """`edit_summary`: each edit's (and its controls') mean target change, side change and flip
+    rate over images, with bootstrap intervals."""
+    from saev_report.tables import fetch_arrow
+
+    rows = fetch_arrow(con.sql(EDIT_PER_IMAGE_SQL)).to_pylist()
+    out = []
+    for key, items in _group_by(rows, lambda r: (r["edit"], r["sae_id"], r["head"], r["task"], bool(r["is_control"]))).items():
+        row: dict[str, Any] = {"edit": key[0], "sae_id": key[1], "head": key[2], "task": key[3], "is_control": key[4],
+                               "n_images": len(items), "n_edits": int(sum(r["n_edits"] for r in items))}
+        for name, column in (("target_delta", "target_delta"), ("other_delta", "other_delta"), ("flip_frac", "flipped")):
+            values = np.array([r[column] for r in items if r[column] is not None], dtype=np.float64)
+            got = stats.bootstrap("mean", (values[np.isfinite(values)],), n_resamples=spec.n_resamples, confidence=spec.confidence,
+                                  method=spec.interval, generator=stats.rng(seed, "edit", *key, name))
+            row.update({name: _finite(got.estimate), f"{name}_lo": _finite(got.lo), f"{name}_hi": _finite(got.hi)})
+        out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------- spliced metrics
 
 
@@ -580,5 +610,5 @@ def ap_lift_counts(con: Any, claims: Sequence[ResolvedClaim]) -> dict[tuple[str,
     return out
 
 
-__all__ = ["EFFECT_METRIC", "METRICS", "Metric", "PER_IMAGE_SQL", "VERDICTS", "ap_lift_counts", "evaluate",
+__all__ = ["EFFECT_METRIC", "edit_summary_rows", "METRICS", "Metric", "PER_IMAGE_SQL", "VERDICTS", "ap_lift_counts", "evaluate",
            "per_image", "splice_summary_rows", "summarise_rows", "split_images", "statement", "summary_rows"]

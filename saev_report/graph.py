@@ -173,16 +173,18 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
             **common), inputs)
         stages.append(heads[head_key])
 
+    edit_stages: dict[str, Stage] = {}
     for edit in spec.edits:
         layer = edit_layer(spec, edit.model, edit.layer)
         config = sae_sweep(spec.sweep_for(edit.model))[edit.sae]
         ds_key = edit_dataset(spec, edit.head, edit.dataset)
-        stages.append(Stage(EDITS, edit.name, EditParams(
+        edit_stages[edit.name] = Stage(EDITS, edit.name, EditParams(
             edit=edit.model_copy(update={"layer": layer, "dataset": ds_key}), model=_model(spec, edit.model),
             sae_tag=config.tag, sae_id=sae_id(edit.model, layer, config), dataset=spec.datasets[ds_key],
             seed=run.seed, device=run.device, **common),
             {"head": heads[edit.head], "train": train[(edit.model, layer)], "analyse": analyse[(edit.model, layer)],
-             "record": record[edit.model], "tokens": tokens[edit.model]}))
+             "record": record[edit.model], "tokens": tokens[edit.model]})
+        stages.append(edit_stages[edit.name])
 
     experiments: dict[str, Stage] = {}
     for exp in spec.experiments:
@@ -211,11 +213,12 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
             dataset=spec.datasets[ds_key], batch_size=rec.batch_size, seed=run.seed, device=run.device, **common), inputs)
         stages.append(splices[f"{model_key}-{ds_key}"])
 
-    if experiments or splices or spec.claims:
+    if experiments or splices or edit_stages or spec.claims:
         claim_analyses = {f"analyse/{m}-L{spec.models[m].layers[0]}": analyse[(m, spec.models[m].layers[0])]
                           for m in ap_lift_models(spec)}
         stages.append(Stage(CLAIMS, "all", ClaimsParams(stats=spec.stats, claims=resolve_claims(spec), seed=run.seed, **common),
                             {**{f"experiments/{k}": s for k, s in experiments.items()}, **{f"splice/{k}": s for k, s in splices.items()},
+                             **{f"edits/{k}": s for k, s in edit_stages.items()},
                              **claim_analyses}))
 
     for cmp in spec.compare:

@@ -368,6 +368,22 @@ TABLES["experiment_summary"] = _table(
     *(c for name, doc in _SUMMARY_METRICS for c in _with_interval(name, doc)),
 )
 
+TABLES["edit_summary"] = _table(
+    "edit_summary",
+    "Each edit's pooled effect with bootstrap intervals over images (an image edited several times counts once, its edits "
+    "averaged), its frequency-matched controls in their own rows.",
+    ("edit", pa.string(), "Edit name."),
+    ("sae_id", pa.string(), "SAE used."),
+    ("head", pa.string(), "Head key."),
+    ("task", pa.string(), "`classification` or `segmentation`."),
+    ("is_control", pa.bool_(), "The random-feature controls."),
+    ("n_images", pa.int32(), "Images."),
+    ("n_edits", pa.int32(), "Edits."),
+    *_with_interval("target_delta", "Mean change of the target class (probability, or pixel fraction)."),
+    *_with_interval("other_delta", "Mean absolute change of the other classes."),
+    *_with_interval("flip_frac", "Share of edits whose top prediction (any patch's class, for segmentation) changed."),
+)
+
 TABLES["splice_summary"] = _table(
     "splice_summary",
     "Spliced task metrics with bootstrap intervals over the validation images (paired: clean, spliced and ablated on the "

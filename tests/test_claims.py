@@ -206,3 +206,20 @@ def test_bad_claims_are_located_errors(text, message):
         _claim(text)
     assert message in str(err.value)
     assert all(issue.field.startswith("claims.0") and issue.line > 1 for issue in err.value.issues)
+
+
+def test_edit_summaries_count_each_image_once():
+    base = {"edit": "e", "sae_id": "s0", "head": "h", "task": "classification", "other_delta": 0.0}
+    rows = [{**base, "edit_id": "e/0", "is_control": False, "image_idx": 0, "target_delta": -0.4, "flipped": True},
+            {**base, "edit_id": "e/1", "is_control": False, "image_idx": 0, "target_delta": -0.2, "flipped": False},
+            {**base, "edit_id": "e/2", "is_control": False, "image_idx": 1, "target_delta": -0.6, "flipped": True},
+            {**base, "edit_id": "e/0/control", "is_control": True, "image_idx": 0, "target_delta": 0.01, "flipped": False}]
+    con = duckdb.connect()
+    con.register("edits", to_arrow("edits", rows))
+    summary = {r["is_control"]: r for r in cl.edit_summary_rows(con, STATS, 0)}
+    real = summary[False]
+    assert (real["n_images"], real["n_edits"]) == (2, 3)
+    assert real["target_delta"] == pytest.approx((-0.3 - 0.6) / 2)  # image 0's two edits averaged first
+    assert real["flip_frac"] == pytest.approx((0.5 + 1.0) / 2)
+    assert real["target_delta_lo"] <= real["target_delta"] <= real["target_delta_hi"]
+    assert summary[True]["target_delta"] == pytest.approx(0.01)

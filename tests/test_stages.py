@@ -78,9 +78,9 @@ CASES = [
 ]
 
 CLAIMS = {"claims/all"}
-"""The statistics read every experiment's and splice's rows, and the analyses the demo's `ap_lift`
+"""The statistics read every experiment's, edit's and splice's rows, and the analyses the demo's `ap_lift`
 claim counts features of (DINOv2's and the twin's): they move with any of those."""
-CLAIM_INPUTS = EXPERIMENTS | SPLICE | {"analyse/dinov2-L11", "analyse/random-L11", "analyse/random-L10"}
+CLAIM_INPUTS = EXPERIMENTS | SPLICE | {"edits/suppress-evidence", "analyse/dinov2-L11", "analyse/random-L11", "analyse/random-L10"}
 
 
 @pytest.mark.parametrize(("field", "value", "expected"), CASES, ids=[c[0] for c in CASES])

@@ -449,6 +449,14 @@ def _write_edits(tables: Path, run: SyntheticRun, rng: np.random.Generator, fact
                 }
             )
     write_table(tables / "edits" / "part-0.parquet", "edits", rows, SPEC_HASH)
+    import duckdb
+
+    from saev_report.claims import edit_summary_rows
+    from saev_report.spec import StatsSpec
+
+    con = duckdb.connect()
+    con.register("edits", to_arrow("edits", rows))
+    write_table(tables / "edit_summary" / "part-0.parquet", "edit_summary", edit_summary_rows(con, StatsSpec(n_resamples=200), 0), SPEC_HASH)
     facts["edits"] = rows
 
 

@@ -1,6 +1,6 @@
 """Stage `claims`: the statistics of a build. It reads the experiments', splices' and analyses'
 table parts and writes `experiment_summary` (the one aggregation of the `experiments` rows, with
-intervals), `splice_summary`, and the verdicts of the spec's `claims:` (`claims`, `claim_evidence`).
+intervals), `edit_summary`, `splice_summary`, and the verdicts of the spec's `claims:` (`claims`, `claim_evidence`).
 
 It is cheap (seconds) and keyed on `stats:`, `claims:` and its inputs, so changing a threshold
 re-runs only this stage."""
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from saev_report.spec import ClaimSpec, StatsSpec
 from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, table_part
 
-READS = ("experiments", "splice_images", "concepts", "features")
+READS = ("experiments", "splice_images", "concepts", "features", "edits")
 """The tables this stage reads from its inputs' parts."""
 
 
@@ -75,6 +75,7 @@ def claims_action(params: ClaimsParams, inputs: Inputs, out_dir: Path) -> None:
     groups = cl.per_image(con)
     digest = params.digest()
     write_table(table_part(out_dir, "experiment_summary"), "experiment_summary", cl.summary_rows(groups, params.stats, params.seed), digest)
+    write_table(table_part(out_dir, "edit_summary"), "edit_summary", cl.edit_summary_rows(con, params.stats, params.seed), digest)
     splice = cl.splice_summary_rows(tables.get("splice_images"), params.stats, params.seed)
     write_table(table_part(out_dir, "splice_summary"), "splice_summary", splice, digest)
     claim_rows, evidence = cl.evaluate(params.claims, groups, splice, cl.ap_lift_counts(con, params.claims), params.stats, params.seed)
