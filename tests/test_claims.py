@@ -223,3 +223,27 @@ def test_edit_summaries_count_each_image_once():
     assert real["flip_frac"] == pytest.approx((0.5 + 1.0) / 2)
     assert real["target_delta_lo"] <= real["target_delta"] <= real["target_delta_hi"]
     assert summary[True]["target_delta"] == pytest.approx(0.01)
+
+
+def test_the_stage_reads_its_inputs_parts_and_writes_every_table(tmp_path):
+    import pyarrow.parquet as pq
+
+    from saev_report.stages.base import StageOut, table_part
+    from saev_report.stages.claims import ClaimsParams, claims_action
+    from saev_report.tables import write_table
+
+    rows = _rows({c: 0.9 for c in CONCEPTS}, side=0.01)
+    half = len(rows) // 2  # two experiment stages' parts: the stage concatenates them
+    write_table(table_part(tmp_path / "a", "experiments", "x"), "experiments", rows[:half], "t")
+    write_table(table_part(tmp_path / "b", "experiments", "y"), "experiments", rows[half:], "t")
+    params = ClaimsParams(stats=STATS, claims=[_claim(SEG_CLAIM)], seed=0)
+    inputs = {"experiments/a": StageOut(tmp_path / "a"), "experiments/b": StageOut(tmp_path / "b")}
+    claims_action(params, inputs, tmp_path / "out")
+    read = {t: pq.read_table(table_part(tmp_path / "out", t)).to_pylist()
+            for t in ("experiment_summary", "edit_summary", "splice_summary", "claims", "claim_evidence")}
+    assert read["claims"][0]["verdict"] == "holds" and len(read["claim_evidence"]) > 0
+    assert read["edit_summary"] == [] and read["splice_summary"] == []
+    expected = to_arrow("experiment_summary", cl.summary_rows(_groups(rows), STATS, 0)).to_pylist()
+    assert read["experiment_summary"] == expected  # the same aggregation, whatever the parts
+    claims_action(params, inputs, tmp_path / "again")
+    assert pq.read_table(table_part(tmp_path / "again", "claim_evidence")).to_pylist() == read["claim_evidence"]
