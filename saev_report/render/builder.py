@@ -131,6 +131,14 @@ def fmt_pct(value: Any, digits: int = 3) -> str:
     return f"{100 * float(value):.{digits}g}%"
 
 
+def fmt_interval(lo: Any, hi: Any, as_pct: bool = False, digits: int = 3) -> str:
+    """"[lo, hi]" of a bootstrap interval, or "" when there is none (older runs, single images)."""
+    if lo is None or hi is None:
+        return ""
+    fmt = fmt_pct if as_pct else fmt_num
+    return f"[{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
 def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
     """Jinja environment; autoescape is on for every template (labels come from datasets)."""
     if not (templates_dir / "base.html").is_file() or not (ASSETS_DIR / "atlas.js").is_file():
@@ -140,6 +148,7 @@ def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
                       lstrip_blocks=True, auto_reload=False)
     env.filters["num"] = fmt_num
     env.filters["pct"] = fmt_pct
+    env.globals["interval"] = fmt_interval
     env.filters["script_json"] = charts.script_json
     return env
 
@@ -174,7 +183,7 @@ class SiteBuilder:
         self.saes: list[SaeInfo] = []
         self._by_id: dict[str, SaeInfo] = {}
         self.comparisons: list[dict[str, str]] = []
-        self.has_edits = self.has_compare = self.has_experiments = False
+        self.has_edits = self.has_compare = self.has_experiments = self.has_claims = False
         # Tables from before concept detection have no best_concept column (and no concepts rows).
         self.has_concepts = "best_concept" in {r[0] for r in con.sql("DESCRIBE features").fetchall()}
         self.concepts: list[dict[str, Any]] = []
@@ -223,6 +232,7 @@ class SiteBuilder:
             "has_edits": self.has_edits,
             "has_concepts": self.has_concepts,
             "has_experiments": self.has_experiments,
+            "has_claims": self.has_claims,
             "has_compare": self.has_compare,
             "comparisons": self.comparisons,
             "saes_nav": [{"list_page": s.list_page, "short": s.short, "sae_id": s.sae_id} for s in self.saes],
@@ -378,6 +388,7 @@ class SiteBuilder:
         self.load_saes()
         self.has_edits = count_rows(self.con, "edits") > 0
         self.has_experiments = count_rows(self.con, "experiments") > 0
+        self.has_claims = count_rows(self.con, "claims") > 0  # the nav links the page from every page; it is rendered later
         self.comparisons = [
             {"name": r["comparison"], "href": addr.compare_page(r["comparison"])} for r in fetch_rows(self.con, "SELECT DISTINCT comparison FROM matches ORDER BY comparison")
         ]

@@ -41,6 +41,7 @@ from saev_report.progress import log
 from saev_report.render import addresses as addr
 from saev_report.render import builder, charts, contract, features, heatmaps, overlays, queries
 from saev_report.render.builder import SiteBuilder, SiteStats, fmt_num, fmt_pct  # noqa: F401  (re-exported)
+from saev_report.render.claims import build_claims_page
 from saev_report.render.compare import ComparePages
 from saev_report.render.concepts import build_concept_pages
 from saev_report.render.edits import EditPages
@@ -55,11 +56,16 @@ def _concept_pages(site: SiteBuilder) -> None:
     site.concepts = build_concept_pages(site)
 
 
+def _claims_page(site: SiteBuilder) -> None:
+    site.has_claims = build_claims_page(site, has_concept_pages=bool(site.concepts))
+
+
 # In build order: every later kind links to feature pages, and the index lists what the others made.
 PAGE_KINDS: tuple[tuple[str, Callable[[SiteBuilder], None]], ...] = (
     ("features", lambda site: FeaturePages(site).build()),
     ("edits", lambda site: EditPages(site).build()),
     ("concepts", _concept_pages),
+    ("claims", _claims_page),
     ("compare", lambda site: ComparePages(site).build()),
     ("index", lambda site: IndexPage(site).build()),
 )
