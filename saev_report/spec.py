@@ -388,6 +388,10 @@ class AnalysisSpec(SpecModel):
     """Bins of the per-feature log10 activation histogram."""
     batch_size: int = Field(default=4096, gt=0)
     """Patches per analysis step."""
+    null_permutations: int = Field(default=1, ge=1)
+    """Label permutations of the concept-detection null. `concepts.null_ap` is the first; every
+    one's best lift per feature goes to `concept_nulls`, the null distribution an `ap_lift` claim
+    compares with. Each adds one set of concept histograms to the analysis pass."""
 
 
 # --------------------------------------------------------------------------- heads
