@@ -470,3 +470,54 @@ def test_measure_fvu_is_centred_against_numpy():
     assert got.fvu == pytest.approx(want["fvu"], rel=1e-5)
     assert got.mse == pytest.approx(want["mse"], rel=1e-5)
     assert got.l0 == pytest.approx(want["l0"])
+
+
+# --------------------------------------------------------------------------- the paper's own code, and the CLI
+
+
+def test_a_checkpoint_dumped_by_saev_0_1_0_meets_its_own_metrics(tmp_path):
+    """saev 0.1.0 (its own venv) dumps a checkpoint and measures its first batch; the loaded SAE
+    gives the same features, and check_loaded recomputes saev's own L0 and MSE."""
+    import os
+    import subprocess
+
+    from test_reference_saev import SCRIPT, reference_python
+
+    python = reference_python()
+    if not python.exists():
+        if os.environ.get("SAEV_REPORT_REQUIRE_REFERENCE") == "1":
+            pytest.fail(f"saev 0.1.0's venv is missing at {python}: run `make reference-venv`")
+        pytest.skip("saev 0.1.0's venv is not built (`make reference-venv`)")
+    subprocess.run([str(python), str(SCRIPT), str(tmp_path)], check=True, env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    trace = torch.load(tmp_path / "trace.pt", weights_only=True)
+    mse, _, l0, _ = trace["losses"][0].tolist()
+    spec = PublishedSAESpec(source=str(tmp_path / "init" / "sae.pt"), declared=DeclaredSAE(normalization="none"),
+                            stated_l0=l0, stated_mse=mse, tolerance=CheckTolerance(l0_ratio=1.0001, mse_ratio=1.0001, max_fvu=10))
+    sae, pub, check = load_published(spec, trace["batches"][0])
+    assert pub.format == "saev" and pub.kind == "relu"
+    xhat_nd, f_nf = sae(trace["batches"][0])
+    torch.testing.assert_close(f_nf, trace["first"]["f"])
+    torch.testing.assert_close(xhat_nd, trace["first"]["xhat"])
+    assert check.measured.l0 == pytest.approx(l0, rel=1e-5) and check.measured.mse == pytest.approx(mse, rel=1e-5)
+
+
+def test_cli_sae_check_passes_a_good_checkpoint_and_refuses_a_mislabelled_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from saev_report.cli import app
+
+    runner = CliRunner()
+    acts = tmp_path / "acts.npy"
+    np.save(acts, CHECK.astype(np.float32))
+    state, scale = saelens_scaled_state()
+    good = write_saelens(tmp_path / "good", saelens_v6_cfg(), state, stated_scale=scale)
+    result = runner.invoke(app, ["sae-check", str(good), "--acts", str(acts), "--layer", "11", "--k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "L0 (sparsity.safetensors) 2 against 2 stated" in result.output and "ok: loaded as saev-report topk" in result.output
+    bad = write_saelens(tmp_path / "bad", saelens_v6_cfg(normalize="none"), state, stated_scale=scale)
+    result = runner.invoke(app, ["sae-check", str(bad), "--acts", str(acts)])
+    assert result.exit_code == 2 and "worse than the activations' mean" in result.output
+    result = runner.invoke(app, ["sae-check", str(good), "--layer", "10"])
+    assert result.exit_code == 2 and "declared 10, checkpoint trained on layer 11" in result.output
+    result = runner.invoke(app, ["sae-check", str(good), "--normalization", "bogus"])
+    assert result.exit_code == 2 and "--normalization" in result.output
