@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from saev_report.errors import InputUnavailable, UserError
@@ -492,6 +492,9 @@ def _read_saev_report_folder(folder: Path, selection: Selection) -> PublishedSAE
     )
 
 
+PUBLISHED_KINDS: tuple[str, ...] = tuple(dict.fromkeys([*SAEV_ACTIVATIONS.values(), *SAELENS_ARCHITECTURES.values()]))
+"""Every kind a reader can report (jumprelu needs the jumprelu kind to be built)."""
+
 FORMATS: dict[str, Format] = {
     "saev": Format("saev", "OSU-NLP-Group/saev `sae.pt` (JSON header + torch state dict), with the DINOv3 repos' `manifest.jsonl`", _detect_saev, _read_saev_folder),
     "saelens": Format("saelens", "SAELens `cfg.json` + `sae_weights.safetensors` (+ `sparsity.safetensors`)", _detect_saelens, _read_saelens_folder),
@@ -531,6 +534,8 @@ def resolve_source(source: str | Path) -> tuple[Path, str]:
 def read_published(source: str | Path, selection: Selection = Selection()) -> PublishedSAE:
     """Read one published SAE from a file or folder (or hub repo id in the local cache)."""
     path, name = resolve_source(source)
+    if path.is_file() and path.suffix != ".pt":  # cfg.json, a weights file: the folder is the checkpoint
+        path = path.parent
     if path.is_file():
         pub = read_saev_file(path)  # the only single-file format
     else:
@@ -566,9 +571,17 @@ class DeclaredSAE(SpecModel):
     """The normalisation the SAE was trained with: `none`, `mean_and_scale` (saev-report's
     `normalize: true`), `scale`, `per_token_norm`, `layer_norm`."""
     kind: str | None = None
-    """SAE kind: relu, topk, batchtopk, jumprelu."""
+    """SAE kind as the checkpoint names it: relu, topk, batchtopk, jumprelu."""
     k: int | None = Field(default=None, gt=0)
     """TopK / BatchTopK k."""
+
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str | None) -> str | None:
+        if kind is not None and kind not in PUBLISHED_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; published SAEs are one of {', '.join(PUBLISHED_KINDS)}")
+        return kind
 
 
 def _same_name(a: str, b: str) -> bool:

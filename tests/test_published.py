@@ -306,6 +306,7 @@ def test_saelens_v6_topk_with_scale_normalisation_loads_and_checks(tmp_path):
     assert (pub.format, pub.kind, pub.k, pub.normalization) == ("saelens", "topk", TRUE_K, "scale")
     assert (pub.model, pub.layer, pub.hook) == ("facebook/dinov2-small", 11, "blocks.10.hook_resid_post")
     assert pub.stated.l0 == pytest.approx(TRUE_K, rel=1e-4)  # Σ 10^log10(freq)
+    assert read_published(folder / "cfg.json").format == "saelens"  # a file of the folder names the folder
     with pytest.raises(UnsupportedCheckpoint, match="does not store its statistics"):
         to_sparse_autoencoder(pub)
     sae = to_sparse_autoencoder(pub, CHECK_T)
@@ -521,3 +522,8 @@ def test_cli_sae_check_passes_a_good_checkpoint_and_refuses_a_mislabelled_one(tm
     assert result.exit_code == 2 and "declared 10, checkpoint trained on layer 11" in result.output
     result = runner.invoke(app, ["sae-check", str(good), "--normalization", "bogus"])
     assert result.exit_code == 2 and "--normalization" in result.output
+
+
+def test_declared_kind_must_be_one_a_reader_reports():
+    with pytest.raises(ValueError, match="unknown kind 'gated'"):
+        DeclaredSAE(kind="gated")
