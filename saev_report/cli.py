@@ -382,6 +382,7 @@ def sae_check(
     normalization: Annotated[Optional[str], typer.Option(help="Declared normalisation: none, mean_and_scale, scale, per_token_norm, layer_norm.")] = None,
     kind: Annotated[Optional[str], typer.Option(help="Declared SAE kind.")] = None,
     k: Annotated[Optional[int], typer.Option(help="Declared k (TopK / BatchTopK).")] = None,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Write the checked SAE here as a saev-report checkpoint (config.json + sae.safetensors).")] = None,
 ) -> None:
     """Load a published SAE (saev, SAELens), check it against what you declare and, with `--acts`,
     against its own stated metrics. A mislabelled checkpoint exits with code 2."""
@@ -389,7 +390,7 @@ def sae_check(
     import torch
     from pydantic import ValidationError
 
-    from saev_report.published import DeclaredSAE, PublishedSAESpec, load_published
+    from saev_report.published import DeclaredSAE, PublishedSAESpec, load_published, save_published
 
     try:
         declared = DeclaredSAE(model=model, layer=layer, normalization=normalization, kind=kind, k=k)
@@ -410,12 +411,14 @@ def sae_check(
     out.print(escape("  " + ", ".join(f"{key} {value}" for key, value in facts.items() if value is not None)), highlight=False)
     for note in pub.notes:
         out.print(escape(f"  note: {note}"), highlight=False)
-    if check is None:
-        out.print("  not checked against its stated metrics: pass --acts", highlight=False)
-        return
-    for line in check.lines:
+    for line in check.lines if check else ["not checked against its stated metrics: pass --acts"]:
         out.print(escape(f"  {line}"), highlight=False)
-    out.print(f"ok: loaded as saev-report {sae.kind} SAE, checked on {check.measured.n} activations", highlight=False)
+    if save is not None:
+        with user_errors(err, _debug()), _disk_full_ends_cleanly([save]):
+            save_published(sae, pub, check, save)
+        out.print(escape(f"  saved as a saev-report checkpoint in {save}"), highlight=False)
+    if check is not None:
+        out.print(f"ok: loaded as saev-report {sae.kind} SAE, checked on {check.measured.n} activations", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

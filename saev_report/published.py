@@ -28,7 +28,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from saev_report.errors import InputUnavailable, UserError
-from saev_report.sae import KINDS, SparseAutoencoder
+from saev_report.sae import KINDS, SparseAutoencoder, save_sae
 from saev_report.spec import SpecModel
 
 
@@ -474,6 +474,16 @@ def _read_saev_report_folder(folder: Path, selection: Selection) -> PublishedSAE
         model, layer = match["model"], int(match["layer"])
     normalized = config.get("normalize", bool((sae.act_mean_d != 0).any() or sae.act_scale != 1))
     threshold_f = torch.full((sae.n_features,), float(sae.threshold)) if sae.kind == "batchtopk" else None
+    origin = config.get("published")
+    if isinstance(origin, dict):  # written by save_published: what the original checkpoint said of itself
+        return PublishedSAE(
+            source=str(folder), format="saev-report", kind=sae.kind, k=sae.k or None,
+            W_enc_fd=_f32(sae.W_enc_fd), W_dec_fd=_f32(sae.W_dec_fd), b_enc_f=_f32(sae.b_enc_f), b_dec_d=_f32(sae.b_dec_d),
+            threshold_f=threshold_f, normalization=origin["normalization"], act_mean_d=_f32(sae.act_mean_d),
+            act_scale=float(sae.act_scale), model=origin.get("model"), layer=origin.get("layer"), hook=origin.get("hook"),
+            dataset=origin.get("dataset"), stated=StatedMetrics(**origin["stated"]),
+            notes=[f"converted from {origin['source']} ({origin['format']})", *origin.get("notes", [])],
+        )
     return PublishedSAE(
         source=str(folder),
         format="saev-report",
@@ -887,3 +897,21 @@ def load_published(
     sae = to_sparse_autoencoder(pub, acts_nd)
     check = check_loaded(pub, sae, acts_nd, spec.tolerance) if acts_nd is not None else None
     return sae, pub, check
+
+
+def save_published(
+    sae: SparseAutoencoder, pub: PublishedSAE, check: LoadCheck | None, out_dir: Path, sae_id: str | None = None
+) -> Path:
+    """Write a published SAE as a saev-report checkpoint (`save_sae`), so every stage that reads
+    trained SAEs reads it unchanged; `config.json` keeps where it came from, what it stated and
+    how it was checked (`published`), and the saev-report reader gives that back."""
+    origin = {
+        "source": pub.source, "format": pub.format, "kind": pub.kind, "k": pub.k, "normalization": pub.normalization,
+        "model": pub.model, "layer": pub.layer, "hook": pub.hook, "dataset": pub.dataset,
+        "stated": asdict(pub.stated), "notes": list(pub.notes),
+        "measured": asdict(check.measured) if check else None, "check": list(check.lines) if check else None,
+    }
+    extra: dict[str, Any] = {"normalize": pub.normalization != "none", "published": origin}
+    if sae_id is not None:
+        extra["sae_id"] = sae_id
+    return save_sae(sae, Path(out_dir), extra)

@@ -35,6 +35,7 @@ from saev_report.published import (
     load_published,
     measure,
     read_published,
+    save_published,
     to_sparse_autoencoder,
 )
 from saev_report.sae import SparseAutoencoder, load_reference_checkpoint, save_sae
@@ -512,9 +513,10 @@ def test_cli_sae_check_passes_a_good_checkpoint_and_refuses_a_mislabelled_one(tm
     np.save(acts, CHECK.astype(np.float32))
     state, scale = saelens_scaled_state()
     good = write_saelens(tmp_path / "good", saelens_v6_cfg(), state, stated_scale=scale)
-    result = runner.invoke(app, ["sae-check", str(good), "--acts", str(acts), "--layer", "11", "--k", "2"])
+    result = runner.invoke(app, ["sae-check", str(good), "--acts", str(acts), "--layer", "11", "--k", "2", "--save", str(tmp_path / "ours")])
     assert result.exit_code == 0, result.output
     assert "L0 (sparsity.safetensors) 2 against 2 stated" in result.output and "ok: loaded as saev-report topk" in result.output
+    assert read_published(tmp_path / "ours").layer == 11
     bad = write_saelens(tmp_path / "bad", saelens_v6_cfg(normalize="none"), state, stated_scale=scale)
     result = runner.invoke(app, ["sae-check", str(bad), "--acts", str(acts)])
     assert result.exit_code == 2 and "worse than the activations' mean" in result.output
@@ -527,3 +529,21 @@ def test_cli_sae_check_passes_a_good_checkpoint_and_refuses_a_mislabelled_one(tm
 def test_declared_kind_must_be_one_a_reader_reports():
     with pytest.raises(ValueError, match="unknown kind 'gated'"):
         DeclaredSAE(kind="gated")
+
+
+def test_a_published_sae_saved_as_a_saev_report_checkpoint_keeps_its_origin(tmp_path):
+    """Stages read trained SAEs with `load_sae`: the saved checkpoint computes the same, and
+    reading it back gives what the original said of itself and how it was checked."""
+    from saev_report.sae import load_sae, read_sae_config
+
+    state, scale = saelens_scaled_state()
+    spec = PublishedSAESpec(source=str(write_saelens(tmp_path / "s", saelens_v6_cfg(), state, stated_scale=scale)))
+    sae, pub, check = load_published(spec, CHECK_T)
+    save_published(sae, pub, check, tmp_path / "ours", sae_id="dinov2/L11/published-topk")
+    loaded = load_sae(tmp_path / "ours")
+    torch.testing.assert_close(loaded(CHECK_T[:50])[0], sae(CHECK_T[:50])[0])
+    config = read_sae_config(tmp_path / "ours")
+    assert config["sae_id"] == "dinov2/L11/published-topk" and config["published"]["measured"]["l0"] == pytest.approx(TRUE_K)
+    again = read_published(tmp_path / "ours")
+    assert (again.model, again.layer, again.normalization, again.stated.l0) == ("facebook/dinov2-small", 11, "scale", pub.stated.l0)
+    assert check_loaded(again, to_sparse_autoencoder(again), CHECK_T).measured.fvu == pytest.approx(check.measured.fvu, rel=1e-5)
