@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import math
+import pickle
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -86,6 +87,7 @@ class StatedMetrics:
     fvu: float | None = None
     source: str = ""
     mse_is_upper_bound: bool = False  # saev's Matryoshka eval averages the MSE over sampled prefixes
+    mse_space: Literal["raw", "normalized"] = "raw"  # normalized: in the space the SAE trained in (saev 0.1.0, the paper)
 
 
 @dataclass
@@ -182,7 +184,7 @@ def read_saev_file(path: Path, stated: StatedMetrics | None = None, layer: int |
             state = torch.load(io.BytesIO(fh.read()), weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise InputUnavailable(f"{where}: no such checkpoint") from None
-    except (ValueError, UnicodeDecodeError, RuntimeError, EOFError) as exc:
+    except (ValueError, UnicodeDecodeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise UnsupportedCheckpoint(f"{where}: not a saev checkpoint (a JSON header line, then a torch state dict): {exc}") from None
     if not isinstance(header, dict) or not isinstance(state, dict):
         raise UnsupportedCheckpoint(f"{where}: not a saev checkpoint (a JSON header line, then a torch state dict)")
@@ -382,7 +384,10 @@ def _read_saelens_folder(folder: Path, selection: Selection) -> PublishedSAE:
         cfg = _saelens_config(json.loads((folder / SAELENS_CFG).read_text()))
     except ValueError as exc:
         raise UnsupportedCheckpoint(f"{folder / SAELENS_CFG}: not JSON: {exc}") from None
-    state = load_file(str(folder / SAELENS_WEIGHTS))
+    try:
+        state = load_file(str(folder / SAELENS_WEIGHTS))
+    except Exception as exc:  # safetensors' SafetensorError is no OSError
+        raise UnsupportedCheckpoint(f"{folder / SAELENS_WEIGHTS}: not a readable safetensors file: {exc}") from None
     architecture = cfg["architecture"]
     if architecture not in SAELENS_ARCHITECTURES:
         raise UnsupportedCheckpoint(f"{where}: SAELens architecture {architecture!r} has no saev-report kind (known: {', '.join(SAELENS_ARCHITECTURES)})")
@@ -744,6 +749,7 @@ class Measured:
     n: int
     l0: float  # mean number of features with f > 0 per patch
     mse: float  # mean over patches and coordinates of (x − x̂)²
+    mse_normalized: float  # the same in the SAE's normalised space ((x − mean) · scale)
     fvu: float  # Σ‖x − x̂‖² / Σ‖x − x̄‖²: centred
     negative_topk_fraction: float  # share of top-k pre-activations that are negative (kept by saev, zeroed here)
 
@@ -757,6 +763,7 @@ def measure(sae: SparseAutoencoder, acts_nd: Tensor, batch_size: int = 4096) -> 
         raise PublishedSAEError(f"activations are {d} wide but the SAE reads {sae.d_model}")
     sum_d = torch.zeros(d, dtype=torch.float64)
     sum_sq = sse = 0.0
+    scale = float(sae.act_scale)
     n_fired = n_negative = 0
     for start in range(0, n, batch_size):
         x_nd = acts_nd[start : start + batch_size].to(torch.float32)
@@ -772,7 +779,7 @@ def measure(sae: SparseAutoencoder, acts_nd: Tensor, batch_size: int = 4096) -> 
     sst = sum_sq - float(sum_d.dot(sum_d)) / n
     fvu = sse / sst if sst > 0 else math.inf
     negative_fraction = n_negative / (n * sae.k) if sae.kind == "topk" else 0.0
-    return Measured(n, n_fired / n, sse / (n * d), fvu, negative_fraction)
+    return Measured(n, n_fired / n, sse / (n * d), sse * scale * scale / (n * d), fvu, negative_fraction)
 
 
 class CheckTolerance(SpecModel):
@@ -825,7 +832,9 @@ def check_loaded(pub: PublishedSAE, sae: SparseAutoencoder, acts_nd: Tensor, tol
     if stated.l0 is not None:
         compare(*_ratio_line(f"L0{where}", got.l0, stated.l0, tolerance.l0_ratio, False), "a wrong k or activation function?")
     if stated.mse is not None:
-        compare(*_ratio_line(f"MSE{where}", got.mse, stated.mse, tolerance.mse_ratio, stated.mse_is_upper_bound), "a wrong normalisation, k or activation?")
+        got_mse = got.mse_normalized if stated.mse_space == "normalized" else got.mse
+        space = " (normalised space)" if stated.mse_space == "normalized" else ""
+        compare(*_ratio_line(f"MSE{space}{where}", got_mse, stated.mse, tolerance.mse_ratio, stated.mse_is_upper_bound), "a wrong normalisation, k or activation?")
     if stated.fvu is not None:
         compare(*_ratio_line(f"FVU{where}", got.fvu, stated.fvu, tolerance.mse_ratio, False), "a wrong normalisation?")
     compare(
@@ -863,7 +872,10 @@ class PublishedSAESpec(SpecModel):
     stated_l0: float | None = None
     """L0 the publisher states elsewhere (a model card, a paper table), if the checkpoint does not."""
     stated_mse: float | None = None
-    """MSE (raw activations, mean over coordinates) stated elsewhere."""
+    """MSE (mean over patches and coordinates) stated elsewhere."""
+    stated_mse_space: Literal["raw", "normalized"] = "raw"
+    """Where `stated_mse` was measured: on raw activations, or in the SAE's normalised space (the
+    paper's Table 1 and saev 0.1.0 report the latter)."""
     stated_fvu: float | None = None
     """FVU stated elsewhere."""
     act_scale: float | None = Field(default=None, gt=0)
@@ -887,6 +899,7 @@ def load_published(
             fvu=spec.stated_fvu if spec.stated_fvu is not None else s.fvu,
             source=", ".join(filter(None, (s.source, "declared"))),
             mse_is_upper_bound=s.mse_is_upper_bound and spec.stated_mse is None,
+            mse_space=spec.stated_mse_space if spec.stated_mse is not None else s.mse_space,
         )
     if spec.act_scale is not None:
         pub.act_scale = spec.act_scale

@@ -464,14 +464,33 @@ def test_unknown_folder_names_the_formats_it_knows(tmp_path):
         assert name in str(info.value)
 
 
-def test_measure_fvu_is_centred_against_numpy():
-    sae = SparseAutoencoder(D_MODEL, N_FEATURES, "relu", seed=1).eval()
+def test_measure_fvu_is_centred_and_mse_is_in_both_spaces_against_numpy():
+    sae = SparseAutoencoder(D_MODEL, N_FEATURES, "relu", seed=1)
+    sae.fit_normalization(torch.from_numpy(TRAIN).float())
+    sae.eval()
     got = measure(sae, CHECK_T, batch_size=300)  # several batches
     xhat, f = sae_outputs(sae, CHECK)
     want = metrics(xhat, f, CHECK)
     assert got.fvu == pytest.approx(want["fvu"], rel=1e-5)
     assert got.mse == pytest.approx(want["mse"], rel=1e-5)
     assert got.l0 == pytest.approx(want["l0"])
+    mean_d, scale = sae.act_mean_d.double().numpy(), float(sae.act_scale)
+    want_normalized = float(((((CHECK - mean_d) - (xhat - mean_d)) * scale) ** 2).mean())
+    assert got.mse_normalized == pytest.approx(want_normalized, rel=1e-5)
+
+
+def test_a_stated_mse_in_the_normalised_space_is_compared_there(tmp_path):
+    sae = SparseAutoencoder(D_MODEL, N_FEATURES, "topk", TRUE_K, seed=0)
+    sae.fit_normalization(torch.from_numpy(TRAIN).float())
+    save_sae(sae, tmp_path / "ours", extra={"normalize": True})
+    got = measure(sae.eval(), CHECK_T)
+    assert got.mse_normalized != pytest.approx(got.mse, rel=0.5)  # the spaces differ by scale²
+    for space, value in (("normalized", got.mse_normalized), ("raw", got.mse)):
+        spec = PublishedSAESpec(source=str(tmp_path / "ours"), stated_mse=value, stated_mse_space=space, tolerance=CheckTolerance(max_fvu=10))
+        load_published(spec, CHECK_T)
+    wrong = PublishedSAESpec(source=str(tmp_path / "ours"), stated_mse=got.mse, stated_mse_space="normalized", tolerance=CheckTolerance(max_fvu=10))
+    with pytest.raises(LoadCheckFailed, match=r"MSE \(normalised space\)"):
+        load_published(wrong, CHECK_T)
 
 
 # --------------------------------------------------------------------------- the paper's own code, and the CLI
@@ -547,3 +566,14 @@ def test_a_published_sae_saved_as_a_saev_report_checkpoint_keeps_its_origin(tmp_
     again = read_published(tmp_path / "ours")
     assert (again.model, again.layer, again.normalization, again.stated.l0) == ("facebook/dinov2-small", 11, "scale", pub.stated.l0)
     assert check_loaded(again, to_sparse_autoencoder(again), CHECK_T).measured.fvu == pytest.approx(check.measured.fvu, rel=1e-5)
+
+
+def test_files_that_are_not_checkpoints_are_refused_clearly(tmp_path):
+    (tmp_path / "sae.pt").write_bytes(b'{"schema": 5, "cfg": {}}\n' + b"not a torch pickle")
+    with pytest.raises(UnsupportedCheckpoint, match="not a saev checkpoint"):
+        read_published(tmp_path / "sae.pt")
+    (tmp_path / "lens").mkdir()
+    (tmp_path / "lens" / "cfg.json").write_text(json.dumps(saelens_v6_cfg()))
+    (tmp_path / "lens" / "sae_weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UnsupportedCheckpoint, match="not a readable safetensors file"):
+        read_published(tmp_path / "lens")
