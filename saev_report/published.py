@@ -392,6 +392,9 @@ def _read_saelens_folder(folder: Path, selection: Selection) -> PublishedSAE:
     if architecture not in SAELENS_ARCHITECTURES:
         raise UnsupportedCheckpoint(f"{where}: SAELens architecture {architecture!r} has no saev-report kind (known: {', '.join(SAELENS_ARCHITECTURES)})")
     kind = SAELENS_ARCHITECTURES[architecture]
+    activation_fn = cfg.get("activation_fn")
+    if activation_fn not in (None, "relu", "topk"):  # SAELens < 6 also had e.g. tanh-relu
+        raise UnsupportedCheckpoint(f"{where}: SAELens activation_fn {activation_fn!r} has no saev-report kind (relu and topk do)")
     normalization_key = str(cfg["normalize_activations"])
     if normalization_key not in SAELENS_NORMALIZATIONS:
         raise UnsupportedCheckpoint(f"{where}: SAELens normalize_activations {normalization_key!r} is unknown (known: {', '.join(SAELENS_NORMALIZATIONS)})")
@@ -600,10 +603,15 @@ class DeclaredSAE(SpecModel):
 
 
 def _same_name(a: str, b: str) -> bool:
+    """Equal but for case and punctuation; a name without an owner matches on the last part
+    (`dinov2-small` is `facebook/dinov2-small`)."""
+
     def plain(text: str) -> str:
         return re.sub(r"[^a-z0-9]", "", text.lower())
 
-    return plain(a) == plain(b)
+    if plain(a) == plain(b):
+        return True
+    return ("/" not in a or "/" not in b) and plain(a.rsplit("/", 1)[-1]) == plain(b.rsplit("/", 1)[-1])
 
 
 def check_declared(pub: PublishedSAE, declared: DeclaredSAE) -> None:

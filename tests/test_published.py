@@ -393,6 +393,13 @@ def test_saelens_rescale_acts_by_decoder_norm_is_folded(tmp_path):
     np.testing.assert_allclose(sae_outputs(sae, CHECK)[0], want_xhat, rtol=1e-4, atol=1e-3)
 
 
+def test_saelens_pre_6_activation_without_a_kind_is_refused(tmp_path):
+    state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in raw_space_weights().items()}
+    cfg = {"architecture": "standard", "d_in": D_MODEL, "d_sae": N_FEATURES, "activation_fn_str": "tanh-relu"}
+    with pytest.raises(UnsupportedCheckpoint, match="'tanh-relu'"):
+        read_published(write_saelens(tmp_path / "t", cfg, state))
+
+
 def test_saelens_per_token_normalisation_is_refused_with_its_name(tmp_path):
     state, _ = saelens_scaled_state()
     pub = read_published(write_saelens(tmp_path / "ln", saelens_v6_cfg(normalize="layer_norm"), state))
@@ -407,6 +414,9 @@ def test_declared_model_layer_normalisation_and_k_are_checked_naming_both_values
     state, scale = saelens_scaled_state()
     pub = read_published(write_saelens(tmp_path / "s", saelens_v6_cfg(), state, stated_scale=scale))
     check_declared(pub, DeclaredSAE(model="Facebook/DINOv2-Small", layer=11, normalization="scale", kind="topk", k=2))
+    check_declared(pub, DeclaredSAE(model="dinov2_small"))  # no owner: the last part is compared
+    with pytest.raises(DeclarationMismatch, match="model"):
+        check_declared(pub, DeclaredSAE(model="google/dinov2-small"))
     with pytest.raises(DeclarationMismatch) as info:
         check_declared(pub, DeclaredSAE(model="openai/clip-vit-base-patch16", layer=10, normalization="mean_and_scale", k=8))
     message = str(info.value)
