@@ -29,9 +29,10 @@ import json
 import math
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -138,7 +139,7 @@ class Format:
     name: str
     description: str
     detect: Callable[[Path], bool]
-    read: Callable[[Path, "Selection"], PublishedSAE]
+    read: Callable[[Path, Selection], PublishedSAE]
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,9 @@ def read_saev_file(path: Path, stated: StatedMetrics | None = None, layer: int |
     if activation not in SAEV_ACTIVATIONS:
         raise UnsupportedCheckpoint(f"{where}: saev activation {activation!r} has no saev-report kind (known: {', '.join(SAEV_ACTIVATIONS)})")
     kind = SAEV_ACTIVATIONS[activation]
+    ignored = sorted(set(state) - {"W_enc", "b_enc", "W_dec", "b_dec", "activation.threshold"})
+    if ignored:
+        notes.append(f"tensors not read: {', '.join(ignored)}")
 
     W_enc_df, W_dec_fd = state["W_enc"], state["W_dec"]
     d_model = int(cfg.get("d_model") or cfg.get("d_vit") or W_enc_df.shape[0])
@@ -377,6 +381,7 @@ def _saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _read_saelens_folder(folder: Path, selection: Selection) -> PublishedSAE:
     """`cfg.json` + `sae_weights.safetensors` (+ `sparsity.safetensors`: log10 firing frequency per feature)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     where = str(folder)
@@ -386,7 +391,7 @@ def _read_saelens_folder(folder: Path, selection: Selection) -> PublishedSAE:
         raise UnsupportedCheckpoint(f"{folder / SAELENS_CFG}: not JSON: {exc}") from None
     try:
         state = load_file(str(folder / SAELENS_WEIGHTS))
-    except Exception as exc:  # safetensors' SafetensorError is no OSError
+    except (SafetensorError, OSError) as exc:
         raise UnsupportedCheckpoint(f"{folder / SAELENS_WEIGHTS}: not a readable safetensors file: {exc}") from None
     architecture = cfg["architecture"]
     if architecture not in SAELENS_ARCHITECTURES:
@@ -418,6 +423,9 @@ def _read_saelens_folder(folder: Path, selection: Selection) -> PublishedSAE:
         W_enc_fd, b_enc_f, W_dec_fd = W_enc_fd * norms_f[:, None], b_enc_f * norms_f, W_dec_fd / norms_f.clamp(min=1e-12)[:, None]
         notes.append("rescale_acts_by_decoder_norm folded into W_enc, b_enc and W_dec")
     threshold_f = _f32(state["threshold"]) if "threshold" in state else None
+    known = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "topk_threshold", "scaling_factor", "finetuning_scaling_factor"}
+    if set(state) - known:
+        notes.append(f"tensors not read: {', '.join(sorted(set(state) - known))}")
     if kind == "jumprelu" and threshold_f is None:
         raise UnsupportedCheckpoint(f"{where}: a jumprelu SAE without a `threshold` tensor")
     if kind == "batchtopk" and threshold_f is None and "topk_threshold" in state:
@@ -535,11 +543,12 @@ def resolve_source(source: str | Path) -> tuple[Path, str]:
     if len(parts) < 2 or text.startswith(("/", "./", "../", "~")):
         raise InputUnavailable(f"{text}: no such file or folder (and not a hub repo id owner/name)")
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    try:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:  # LocalEntryNotFoundError, or a malformed repo id
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as exc:
         from saev_report.backbones.hf import missing_hub_message
 
         raise InputUnavailable(missing_hub_message(repo_id, f"published SAE {repo_id!r}", exc, "pass the checkpoint's local path")) from None
@@ -824,7 +833,10 @@ def _ratio_line(name: str, got: float, stated: float, ratio: float, upper_bound:
     return f"{name} {got:.4g} against {bound}{stated:.4g} stated (factor {ratio:g} allowed): {'ok' if ok else 'MISMATCH'}", ok
 
 
-def check_loaded(pub: PublishedSAE, sae: SparseAutoencoder, acts_nd: Tensor, tolerance: CheckTolerance = CheckTolerance()) -> LoadCheck:
+DEFAULT_TOLERANCE = CheckTolerance()
+
+
+def check_loaded(pub: PublishedSAE, sae: SparseAutoencoder, acts_nd: Tensor, tolerance: CheckTolerance = DEFAULT_TOLERANCE) -> LoadCheck:
     """Recompute L0, MSE and FVU on `acts_nd` and compare them with what the checkpoint states;
     raise LoadCheckFailed naming each disagreement."""
     got = measure(sae, acts_nd)
@@ -889,7 +901,7 @@ class PublishedSAESpec(SpecModel):
     act_scale: float | None = Field(default=None, gt=0)
     """The normalisation scale, where the checkpoint does not store it (SAELens keeps it in its
     release registry as `norm_scaling_factor`); estimated from the given activations otherwise."""
-    tolerance: CheckTolerance = CheckTolerance()
+    tolerance: CheckTolerance = DEFAULT_TOLERANCE
     """How far recomputed metrics may be from stated ones."""
 
 
