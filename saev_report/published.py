@@ -397,6 +397,11 @@ def _read_saelens_folder(folder: Path, selection: Selection) -> PublishedSAE:
     if architecture not in SAELENS_ARCHITECTURES:
         raise UnsupportedCheckpoint(f"{where}: SAELens architecture {architecture!r} has no saev-report kind (known: {', '.join(SAELENS_ARCHITECTURES)})")
     kind = SAELENS_ARCHITECTURES[architecture]
+    trained_as = cfg.get("training_architecture")  # SAELens ≥ 6 keeps what a JumpReLU-saved SAE trained as
+    details = cfg.get("training_architecture_details") if isinstance(cfg.get("training_architecture_details"), dict) else {}
+    if kind == "jumprelu" and SAELENS_ARCHITECTURES.get(trained_as) == "batchtopk":
+        kind = "batchtopk"
+        cfg.setdefault("k", details.get("k"))
     activation_fn = cfg.get("activation_fn")
     if activation_fn not in (None, "relu", "topk"):  # SAELens < 6 also had e.g. tanh-relu
         raise UnsupportedCheckpoint(f"{where}: SAELens activation_fn {activation_fn!r} has no saev-report kind (relu and topk do)")
@@ -430,7 +435,7 @@ def _read_saelens_folder(folder: Path, selection: Selection) -> PublishedSAE:
         raise UnsupportedCheckpoint(f"{where}: a jumprelu SAE without a `threshold` tensor")
     if kind == "batchtopk" and threshold_f is None and "topk_threshold" in state:
         threshold_f = torch.full((n_features,), float(state["topk_threshold"]))
-    k = int(cfg["k"]) if kind in ("topk", "batchtopk") and cfg.get("k") is not None else None
+    k = round(cfg["k"]) if kind in ("topk", "batchtopk") and cfg.get("k") is not None else None  # BatchTopK's k is a mean
     if kind == "topk" and k is None:
         raise UnsupportedCheckpoint(f"{where}: a topk SAE whose config states no k")
     hook = cfg.get("hook_name")

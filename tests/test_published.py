@@ -587,3 +587,44 @@ def test_files_that_are_not_checkpoints_are_refused_clearly(tmp_path):
     (tmp_path / "lens" / "sae_weights.safetensors").write_bytes(b"garbage")
     with pytest.raises(UnsupportedCheckpoint, match="not a readable safetensors file"):
         read_published(tmp_path / "lens")
+
+
+# --------------------------------------------------------------------------- written by the libraries themselves
+
+LIBRARY_FIXTURES = Path(__file__).parent / "data" / "published"  # tests/reference/make_published_fixtures.py
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "k", "built_as"),
+    [
+        ("saev/relu", "relu", None, "relu"),
+        ("saev/topk", "topk", 4, "topk"),
+        ("saev/batchtopk", "batchtopk", 4, "batchtopk"),
+        ("saelens/standard", "relu", None, "relu"),
+        ("saelens/standard_no_b_dec_in", "relu", None, "relu"),
+        ("saelens/topk", "topk", 4, "topk"),
+        ("saelens/topk_rescaled", "topk", 4, "topk"),
+        ("saelens/batchtopk", "batchtopk", 4, "batchtopk"),  # saved by SAELens as jumprelu
+    ],
+)
+def test_checkpoints_written_by_saev_and_saelens_compute_what_their_own_code_computes(name, kind, k, built_as):
+    """saev HEAD's `nn.dump` and SAELens 6's `save_model` wrote these; their own forward computed
+    the outputs (see tests/reference/make_published_fixtures.py)."""
+    from safetensors.torch import load_file
+
+    recorded = load_file(str(LIBRARY_FIXTURES / "outputs.safetensors"))
+    pub = read_published(LIBRARY_FIXTURES / name)
+    assert (pub.kind, pub.k) == (kind, k)
+    if pub.format == "saelens":
+        assert (pub.model, pub.layer) == ("facebook/dinov2-small", 11)
+    sae = to_sparse_autoencoder(pub)
+    assert sae.kind == built_as
+    with torch.no_grad():
+        xhat_nd, f_nf = sae(recorded["x"])
+    torch.testing.assert_close(f_nf, recorded[f"{name}/f"], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(xhat_nd, recorded[f"{name}/xhat"], atol=2e-5, rtol=1e-5)
+
+
+def test_a_saelens_jumprelu_with_per_feature_thresholds_from_saelens_itself_is_refused():
+    with pytest.raises(UnsupportedCheckpoint, match="needs the jumprelu kind"):
+        to_sparse_autoencoder(read_published(LIBRARY_FIXTURES / "saelens" / "jumprelu"))
