@@ -281,6 +281,24 @@ def test_saev_0_1_0_checkpoint_matches_the_reference_loader_once_normalisation_i
     torch.testing.assert_close(sae(x_nd)[0], reference(x_nd)[0])
 
 
+def test_saev_0_1_0_declared_mean_and_scale_estimates_the_statistics_from_the_activations(tmp_path):
+    """saev 0.1.0's loader centred and scaled (mean norm √d); declared, the statistics come from
+    the given activations, as saev-report's own `fit_normalization` computes them."""
+    rng = np.random.default_rng(6)
+    state = {"W_enc": rng.standard_normal((D_MODEL, N_FEATURES)) * 0.3, "b_enc": rng.standard_normal(N_FEATURES) * 0.1,
+             "W_dec": rng.standard_normal((N_FEATURES, D_MODEL)) * 0.3, "b_dec": rng.standard_normal(D_MODEL) * 0.1}
+    path = write_saev(tmp_path / "sae.pt", {"d_vit": D_MODEL, "exp_factor": N_FEATURES // D_MODEL}, state)
+    spec = PublishedSAESpec(source=str(path), declared=DeclaredSAE(normalization="mean_and_scale"),
+                            tolerance=CheckTolerance(max_fvu=100))  # random weights reconstruct nothing
+    sae, pub, check = load_published(spec, CHECK_T)
+    assert check is not None and any("estimated from 2000 given activations" in note for note in pub.notes)
+    fitted = SparseAutoencoder(D_MODEL, N_FEATURES)
+    fitted.fit_normalization(CHECK_T)
+    reference = load_reference_checkpoint(path, act_mean_d=fitted.act_mean_d, act_scale=float(fitted.act_scale))
+    torch.testing.assert_close(sae.encode(CHECK_T[:64]), reference.encode(CHECK_T[:64]))
+    torch.testing.assert_close(sae(CHECK_T[:64])[0], reference(CHECK_T[:64])[0])
+
+
 def test_saev_schema_1_encoder_convention_is_decided_by_the_activations(tmp_path):
     """Schema 1 was written before and after saev stopped subtracting b_dec; with b_dec ≠ 0 the
     convention that reconstructs the activations is the one it was trained with."""
