@@ -237,7 +237,12 @@ def load_hf(
     if config.model_type not in HF_ADAPTERS:
         raise ValueError(f"HF model {source!r} has model_type {config.model_type!r}; the `hf` family supports {sorted(HF_ADAPTERS)}")
     adapter = adapter_class(config.model_type)
-    model_class = getattr(transformers, adapter.model_class)
+    model_class = getattr(transformers, adapter.model_class, None)
+    if model_class is None:
+        raise ModelUnavailable(
+            f"HF model {source!r} needs transformers' {adapter.model_class}, which transformers "
+            f"{transformers.__version__} lacks; upgrade it with `pip install -U transformers`"
+        )
     if random_init:
         vision_config = getattr(config, "vision_config", config)  # full CLIP/SigLIP configs nest it
         with seeded(seed):
