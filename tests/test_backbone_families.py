@@ -298,3 +298,20 @@ def test_convnext_records_each_stage_at_its_own_width(tmp_path: Path):
     with torch.inference_mode():
         expected = backbone.capture(pixels, [2])[2]
     assert close(stage2.image_acts(1), expected[1])
+
+
+def test_convnext_edit_at_a_stage_encodes_that_stages_patches():
+    """An edit at stage 2 encodes all 8×8 patches of that stage (not the final stage's 2×2), and
+    x̂ = x (an orthonormal SAE) leaves the resumed forward pass unchanged."""
+    from saev_report.edits import captured_from_acts
+
+    from tiny_models import orthonormal_sae
+
+    backbone = timm_backbone(tiny_convnext(), name="convnext", image_size=64)
+    with torch.inference_mode():
+        acts_td = backbone.capture(torch.randn(1, 3, 64, 64), [2])[2][0]
+    captured = captured_from_acts(backbone, orthonormal_sae(80), acts_td, 2)
+    assert captured.f_pf.shape == (64, 80)
+    assert captured.final_td.shape == (4, 320)
+    with torch.inference_mode():
+        assert close(captured.final_td, backbone.resume(acts_td[None], 2)[0])
