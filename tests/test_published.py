@@ -171,7 +171,7 @@ def test_saev_pre_schema_and_schema_1_encoder_conventions(tmp_path: Path):
 def test_saev_release_from_the_local_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from huggingface_hub import constants
 
-    x_nd, w = synthetic()
+    _, w = synthetic()
     snapshot = tmp_path / "hub" / "models--osunlp--SAE_DINOv3_ViT-S-16_IN1K" / "snapshots" / "abc123"
     write_release(snapshot, w, topk_activation(K), 9, {"l0": float(K)})
     (snapshot.parents[1] / "refs").mkdir()
