@@ -168,6 +168,26 @@ def test_saev_pre_schema_and_schema_1_encoder_conventions(tmp_path: Path):
         assert torch.allclose(newer.sae.encode(x_nd), saev_forward(w, x_nd, "Relu", 0)[1], atol=1e-4)
 
 
+def test_saev_batchtopk_runs_with_its_learnt_threshold(tmp_path: Path):
+    """saev's BatchTopK is a JumpReLU at inference: h if h > θ (the `activation.threshold` buffer)."""
+    x_nd, w = synthetic()
+    path = tmp_path / "btk.pt"
+    activation = {"cls": "BatchTopK", "params": {"key": "batch-top-k", "top_k": K, "momentum": 0.1,
+                                                 "sparsity": {"cls": "NoSparsity", "params": {"key": "no-sparsity"}},
+                                                 "aux": {"cls": "AuxK", "params": {"key": "auxk", "k_aux": 512, "alpha": 0.03125}}}}
+    write_saev(path, w, activation)
+    with open(path, "rb") as handle:  # keep the header; the state dict also holds the threshold buffer, as saev's does
+        header = handle.readline()
+    buffer = io.BytesIO()
+    torch.save({**{name: w[name] for name in ("W_dec", "b_dec", "W_enc", "b_enc")}, "activation.threshold": torch.tensor(0.7)}, buffer)
+    path.write_bytes(header + buffer.getvalue())
+    published = load_published(PublishedSAESpec(source=str(path)))
+    assert published.sae.kind == "batchtopk" and float(published.sae.threshold) == pytest.approx(0.7)
+    h_nf = x_nd @ w["W_enc"] + w["b_enc"]
+    with torch.no_grad():
+        assert torch.allclose(published.sae.encode(x_nd), torch.where(h_nf > 0.7, h_nf, 0.0), atol=1e-4)
+
+
 def test_saev_release_from_the_local_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from huggingface_hub import constants
 
