@@ -166,7 +166,8 @@ class ModelSpec(SpecModel):
 
     family: Family
     """Adapter family: `hf` (transformers Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
-    CLIPVisionModel, SiglipVisionModel — SigLIP and fixed-resolution SigLIP 2), `timm`
+    CLIPVisionModel, SiglipVisionModel — SigLIP and fixed-resolution SigLIP 2 — and
+    Siglip2VisionModel, SigLIP 2 NaFlex at a fixed size), `timm`
     (VisionTransformer, Eva — Perception Encoder PE-Core and PE-Spatial — and ConvNeXt, whose
     stages are the layers), `open_clip` (its own ViTs and timm-trunk towers), or `imgfocus` (the
     offline DINOv2 ViT-S/14)."""

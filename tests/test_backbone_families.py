@@ -186,6 +186,58 @@ def test_siglip2_from_timm_and_open_clip():
     assert isinstance(tower, TimmViTBackbone) and tower.layout.n_cls == 0 and tower.n_layers == 12
 
 
+def test_siglip2_naflex_at_a_fixed_resolution_matches_the_library():
+    """`Siglip2VisionModel` (NaFlex) fed whole square images: the adapter's patches are the
+    library's `convert_image_to_patches`, and every layer and the final tokens equal the library's
+    forward with an all-ones mask and the layout's `spatial_shapes`."""
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    from saev_report.backbones.hf_siglip2 import Siglip2Backbone, to_patches
+
+    torch.manual_seed(12)
+    config = transformers.Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=DEPTH, num_attention_heads=2,
+                                              num_patches=16, patch_size=16)
+    model = transformers.Siglip2VisionModel(config).eval()
+    backbone = hf_backbone(model, name="siglip2-naflex", image_size=96)  # 6×6 patches: the 4×4 position grid is resized
+    assert isinstance(backbone, Siglip2Backbone) and backbone.native_size == 64
+    assert backbone.layout == TokenLayout(n_cls=0, n_registers=0, grid=(6, 6))
+    pixels = torch.randn(2, 3, 96, 96)
+    patches = to_patches(pixels, 16)
+    assert torch.equal(patches[1], convert_image_to_patches(pixels[1], 16))
+    kwargs = dict(pixel_attention_mask=torch.ones(2, 36, dtype=torch.long), spatial_shapes=torch.tensor([[6, 6], [6, 6]]))
+    layers = model.encoder.layers
+    reference = block_reference(model, layers, patches, lambda p: model(pixel_values=p, **kwargs).last_hidden_state)
+    assert_backbone_contract(backbone, pixels, reference)
+
+    # photometry and patch order against the library's processor, on an image already cut to the project's geometry
+    processor = transformers.Siglip2ImageProcessor(max_num_patches=36, patch_size=16)
+    assert (backbone.mean, backbone.std) == (tuple(processor.image_mean), tuple(processor.image_std))
+    from torchvision.transforms import v2 as T
+
+    cut = T.Compose([T.ToImage(), T.Resize(110, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(96)])(photo())
+    expected = processor(images=cut, return_tensors="pt")["pixel_values"][0]
+    assert close(to_patches(backbone.preprocess(photo())[None], 16)[0], expected, atol=1e-5)
+
+
+def test_siglip2_naflex_full_checkpoint_loads_its_vision_tower(tmp_path: Path):
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_patches=16, patch_size=16)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(13)
+    full = transformers.Siglip2Model(transformers.Siglip2Config(vision_config=vision, text_config=text)).eval()
+    full.save_pretrained(tmp_path / "naflex")
+    backbone = load_hf(str(tmp_path / "naflex"))
+    assert type(backbone).__name__ == "Siglip2Backbone" and (backbone.image_size, backbone.n_layers) == (64, 2)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        from saev_report.backbones.hf_siglip2 import to_patches
+
+        expected = full.vision_model(pixel_values=to_patches(pixels, 16), pixel_attention_mask=torch.ones(1, 16, dtype=torch.long),
+                                     spatial_shapes=torch.tensor([[4, 4]])).last_hidden_state
+        assert close(backbone.forward_final(pixels), expected)
+    twin = load_hf(str(tmp_path / "naflex"), random_init=True)
+    assert twin.layout == backbone.layout
+
+
 # --------------------------------------------------------------------------- Perception Encoder
 
 

@@ -1,6 +1,6 @@
 """HF transformers vision towers: the shared loader and base class; one file per model type.
 
-Each adapter (`hf_dinov2.py`, `hf_clip.py`, `hf_siglip.py`, `hf_dinov3.py`) subclasses
+Each adapter (`hf_dinov2.py`, `hf_clip.py`, `hf_siglip.py`, `hf_siglip2.py`, `hf_dinov3.py`) subclasses
 `HFBackbone` and drives the library's own modules (embeddings, encoder layers, final norm), so
 `capture(L)` equals `output_hidden_states=True`'s `hidden_states[L]`. `HF_ADAPTERS` maps a hub
 config's `model_type` to its adapter; `load_hf` reads the config and picks it from there.
@@ -28,6 +28,8 @@ HF_ADAPTERS: dict[str, str] = {
     "clip_vision_model": "saev_report.backbones.hf_clip:CLIPBackbone",
     "siglip": "saev_report.backbones.hf_siglip:SiglipBackbone",
     "siglip_vision_model": "saev_report.backbones.hf_siglip:SiglipBackbone",
+    "siglip2": "saev_report.backbones.hf_siglip2:Siglip2Backbone",
+    "siglip2_vision_model": "saev_report.backbones.hf_siglip2:Siglip2Backbone",
     "dinov3_vit": "saev_report.backbones.hf_dinov3:DINOv3Backbone",
 }
 """Hub config `model_type` → `module:class` of its adapter (imported only when used)."""
@@ -81,7 +83,7 @@ class HFBackbone(Backbone):
         interpolation: Interpolation | None = None,
     ):
         config = model.config
-        self.native_size = int(config.image_size)
+        self.native_size = self.native_image_size(config)
         default_mean, default_std = self.mean_std
         super().__init__(
             name=name,
@@ -100,6 +102,11 @@ class HFBackbone(Backbone):
         self._interpolate = self.image_size != self.native_size
         params = inspect.signature(self.layers()[0].forward).parameters
         self._layer_kwargs = {key: None for key in ("attention_mask", "causal_attention_mask") if key in params}
+
+    @classmethod
+    def native_image_size(cls, config: Any) -> int:
+        """The input side the checkpoint was built for."""
+        return int(config.image_size)
 
     def default_image_size(self) -> int:
         return self.native_size

@@ -1,5 +1,5 @@
 """HF `SiglipVisionModel`: SigLIP, and SigLIP 2 at a fixed resolution (the hub's
-`google/siglip2-*-patch16-224` … checkpoints are `SiglipModel`s; NaFlex ones are not supported).
+`google/siglip2-*-patch16-224` … checkpoints are `SiglipModel`s; NaFlex ones are `hf_siglip2.py`'s).
 No CLS token (the head pools with attention); mean/std 0.5."""
 
 from __future__ import annotations
