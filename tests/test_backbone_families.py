@@ -35,7 +35,7 @@ from saev_report.record import StoreRequest, record_activations  # noqa: E402
 from saev_report.activations import ActivationStore  # noqa: E402
 from saev_report.datasets import ImageDataset, ImageRecord  # noqa: E402
 
-from test_backbones import assert_backbone_contract, close  # noqa: E402
+from test_backbones import assert_backbone_contract, close, offline_empty_hub  # noqa: E402, F401 (a fixture)
 
 DEPTH = 3
 CPU = torch.device("cpu")
@@ -366,3 +366,22 @@ def test_convnext_edit_at_a_stage_encodes_that_stages_patches():
     assert captured.final_td.shape == (4, 320)
     with torch.inference_mode():
         assert close(captured.final_td, backbone.resume(acts_td[None], 2)[0])
+
+
+@pytest.mark.parametrize(
+    "family, source, needle",
+    [
+        ("hf", "facebook/dinov3-vitb16-pretrain-lvd1689m", "models--facebook--dinov3-vitb16-pretrain-lvd1689m"),
+        ("hf", "google/siglip2-base-patch16-224", "models--google--siglip2-base-patch16-224"),
+        ("timm", "vit_pe_core_base_patch16_224", "timm/vit_pe_core_base_patch16_224.fb"),
+        ("timm", "vit_pe_spatial_base_patch16_512", "timm/vit_pe_spatial_base_patch16_512.fb"),
+        ("timm", "convnext_tiny", "timm/convnext_tiny"),
+        ("open_clip", "PE-Core-B-16/meta", "timm/PE-Core-B-16"),
+    ],
+)
+def test_new_families_without_weights_say_where_to_put_them(offline_empty_hub: Path, family: str, source: str, needle: str):
+    from saev_report.backbones import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable) as info:
+        load_backbone(ModelSpec(family=family, source=source, layers=[2]), offline_empty_hub, CPU)
+    assert needle in str(info.value) and "download" in str(info.value)
