@@ -146,7 +146,16 @@ KNOWN_DATASET_SIZES: dict[tuple[str, str], int] = {
 
 # --------------------------------------------------------------------------- models
 
-Family = Literal["hf", "timm", "open_clip", "imgfocus"]
+MODEL_FAMILIES: dict[str, str] = {
+    "hf": "saev_report.backbones.hf:load_hf",
+    "timm": "saev_report.backbones.timm_family:load_timm",
+    "open_clip": "saev_report.backbones.open_clip_vit:load_open_clip",
+    "imgfocus": "saev_report.backbones.imgfocus:load_imgfocus",
+}
+"""Model family → `module:loader` that builds its `Backbone` (imported only when used). Within a
+family the loader picks the adapter by the model itself: `hf` by the config's `model_type`
+(`backbones.hf.HF_ADAPTERS`), `timm` by the model's class (`backbones.timm_family.TIMM_ADAPTERS`)."""
+Family = Literal[tuple(MODEL_FAMILIES)]  # type: ignore[valid-type]
 TokenKind = Literal["cls", "registers", "patches"]
 TOKEN_KINDS: tuple[str, ...] = get_args(TokenKind)
 """Every token kind, in the order they sit in a ViT's residual stream (and in every store)."""
@@ -156,8 +165,12 @@ class ModelSpec(SpecModel):
     """A vision transformer to study."""
 
     family: Family
-    """Adapter family: `hf` (transformers CLIPVisionModel / Dinov2Model / SiglipVisionModel),
-    `timm` (VisionTransformer), `open_clip`, or `imgfocus` (the offline DINOv2 ViT-S/14)."""
+    """Adapter family: `hf` (transformers Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
+    CLIPVisionModel, SiglipVisionModel — SigLIP and fixed-resolution SigLIP 2 — and
+    Siglip2VisionModel, SigLIP 2 NaFlex at a fixed size), `timm`
+    (VisionTransformer, Eva — Perception Encoder PE-Core and PE-Spatial — and ConvNeXt, whose
+    stages are the layers), `open_clip` (its own ViTs and timm-trunk towers), or `imgfocus` (the
+    offline DINOv2 ViT-S/14)."""
     source: str | None = None
     """Hub id (`facebook/dinov2-base`), open_clip `ARCH/PRETRAINED` (`ViT-B-16/openai`), timm
     name, or a local directory. Not used by `imgfocus`."""
@@ -222,6 +235,14 @@ KNOWN_ARCHS: dict[str, Arch] = {
     "facebook/dinov2-large": Arch(24, 1024, 14, 224),
     "facebook/dinov2-with-registers-base": Arch(12, 768, 14, 224, n_registers=4),
     "google/siglip-base-patch16-224": Arch(12, 768, 16, 224, has_cls=False),
+    "google/siglip2-base-patch16-224": Arch(12, 768, 16, 224, has_cls=False),
+    "facebook/dinov3-vits16-pretrain-lvd1689m": Arch(12, 384, 16, 224, n_registers=4),
+    "facebook/dinov3-vitb16-pretrain-lvd1689m": Arch(12, 768, 16, 224, n_registers=4),
+    "facebook/dinov3-vitl16-pretrain-lvd1689m": Arch(24, 1024, 16, 224, n_registers=4),
+    "vit_base_patch16_siglip_224.v2_webli": Arch(12, 768, 16, 224, has_cls=False),
+    "vit_pe_core_base_patch16_224": Arch(12, 768, 16, 224),
+    "vit_pe_core_large_patch14_336": Arch(24, 1024, 14, 336),
+    "vit_pe_spatial_base_patch16_512": Arch(12, 768, 16, 512),
     "vit_base_patch16_224": Arch(12, 768, 16, 224),
     "vit_small_patch16_224": Arch(12, 384, 16, 224),
     "vit_base_patch14_dinov2": Arch(12, 768, 14, 224),
