@@ -61,6 +61,8 @@ from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
 from saev_report.render import charts, heatmaps, overlays, queries
 from saev_report.render.queries import fetch_rows, fetch_table, stream_batches
+from saev_report.manifest import RESOLVED_SPEC_FILE, read_manifest
+from saev_report.render.build_page import build_build_page
 from saev_report.render.concepts import build_concept_pages
 from saev_report.spec import ReportSpec, content_hash
 
@@ -203,8 +205,10 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 class SiteBuilder:
     """One build: holds the connection, the staging folder, the pool and the image names."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, staging: Path, previous: Path | None, report: ReportSpec, model_labels: dict[str, str], workers: int | None):
+    def __init__(self, con: duckdb.DuckDBPyConnection, staging: Path, previous: Path | None, report: ReportSpec, model_labels: dict[str, str], workers: int | None,
+                 manifest: dict[str, Any] | None = None, resolved_spec: str | None = None):
         self.con, self.staging, self.previous, self.report = con, staging, previous, report
+        self.manifest, self.resolved_spec = manifest, resolved_spec  # the run's manifest.json: the "How this was built" page
         self.model_labels = model_labels
         self.workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
         self._pool: Executor | None = None
@@ -220,8 +224,8 @@ class SiteBuilder:
         self._by_id: dict[str, SaeInfo] = {}
         self.comparisons: list[dict[str, str]] = []
         self.has_edits = self.has_compare = self.has_experiments = False
-        # Tables from before concept detection have no best_concept column (and no concepts rows).
-        self.has_concepts = "best_concept" in {r[0] for r in con.sql("DESCRIBE features").fetchall()}
+        # `tables.connect` declares every column, so the question is whether any concept was scored.
+        self.has_concepts = _count(con, "concepts") > 0
         self.concepts: list[dict[str, Any]] = []
         self.page_cache: Path | None = None  # this build's folder of chunk contexts (`page_cache_key`), if any
         self._recorded: list[tuple[str, dict[str, Any]]] | None = None  # feature pages of the chunk being built
@@ -270,6 +274,7 @@ class SiteBuilder:
             "has_concepts": self.has_concepts,
             "has_experiments": self.has_experiments,
             "has_compare": self.has_compare,
+            "has_build_page": self.manifest is not None,
             "comparisons": self.comparisons,
             "saes_nav": [{"list_page": s.list_page, "short": s.short, "sae_id": s.sae_id} for s in self.saes],
         }
@@ -913,6 +918,8 @@ class SiteBuilder:
         self.concepts = build_concept_pages(self)
         self.build_compare()
         self.build_index()
+        if self.manifest is not None:
+            build_build_page(self, self.manifest, self.resolved_spec)
         self.stats.n_thumbnails = len({name for name in self.thumb_names.values() if name})
         return self.stats
 
@@ -1143,7 +1150,9 @@ def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: d
     overlays.forget_dirs()
     previous = out_dir if (out_dir / "index.html").is_file() else None
     con = tables.connect(Path(run_dir))
-    builder = SiteBuilder(con, staging, previous, report, model_labels or {}, workers)
+    resolved = Path(run_dir) / RESOLVED_SPEC_FILE
+    builder = SiteBuilder(con, staging, previous, report, model_labels or {}, workers, manifest=read_manifest(Path(run_dir)),
+                          resolved_spec=resolved.read_text(encoding="utf-8") if resolved.is_file() else None)
     if page_cache:
         builder.page_cache = prepare_page_cache(Path(run_dir), page_cache_key(Path(run_dir), report, model_labels or {}))
     try:
