@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from saev_report.overrides import Override, OverrideError, apply_overrides, flag_for, parse_override
 
@@ -419,6 +419,13 @@ class HeadSpec(SpecModel):
 # --------------------------------------------------------------------------- edits
 
 EditAction = Literal["suppress", "set", "scale", "clamp", "add"]
+FACTOR_LIMIT = 100.0
+"""Largest scale factor (either sign) an edit or an experiment accepts: a feature scaled past ±100×
+leaves the range any head was trained on, so a larger one can only be a typo (`-1e12` for `-1`)."""
+
+Factor = Annotated[float, Field(ge=-FACTOR_LIMIT, le=FACTOR_LIMIT, allow_inf_nan=False)]
+"""A scale factor applied to feature activations, within ±`FACTOR_LIMIT`."""
+
 EDIT_ACTIONS: tuple[str, ...] = get_args(EditAction)
 """Every edit action; `edits.EDIT_FUNCTIONS` implements each."""
 
@@ -471,14 +478,21 @@ class EditSpec(SpecModel):
     action: EditAction = "suppress"
     """`suppress` (set to 0), `set` to value, `scale` by value, `clamp` to at most value,
     `add` value."""
-    value: float = 0.0
-    """Argument of the action."""
+    value: float = Field(default=0.0, allow_inf_nan=False)
+    """Argument of the action (finite); for `scale`, a factor within ±100."""
     explicit: list[ExplicitEdit] = Field(default_factory=list)
     """Explicit edits."""
     generate: GeneratedEdits | None = None
     """Generated edits."""
     random_control: bool = True
     """Also run each edit on a frequency-matched random feature (specificity control)."""
+
+    @field_validator("value")
+    @classmethod
+    def _factor_bounded(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("action") == "scale" and abs(value) > FACTOR_LIMIT:
+            raise ValueError(f"a scale factor must lie within ±{FACTOR_LIMIT:g}, got {value:g} (a typo?)")
+        return value
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "EditSpec":
@@ -511,8 +525,9 @@ class ExperimentSpec(SpecModel):
     """Dataset of images to edit; default: the head's validation data."""
     m: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
     """Numbers of top features edited together."""
-    factors: list[float] = Field(default_factory=lambda: [1.0, 0.0, -1.0, -2.0], min_length=1)
-    """Factors the features are scaled by: 1 is no edit, 0 suppresses, below 0 pushes them negative."""
+    factors: list[Factor] = Field(default_factory=lambda: [1.0, 0.0, -1.0, -2.0], min_length=1)
+    """Factors the features are scaled by: 1 is no edit, 0 suppresses, below 0 pushes them negative
+    (each within ±100)."""
     where: list[Literal["all", "concept"]] = Field(default_factory=lambda: ["all"], min_length=1)
     """Edit every patch, and/or only the patches whose ground-truth class is the concept (needs masks)."""
     controls: list[ExperimentArm] = Field(default_factory=lambda: ["random", "other"])

@@ -502,6 +502,29 @@ def test_missing_images_and_sparse_tables_still_build(tmp_path):
     assert "assets/missing.svg" in page
 
 
+def test_a_run_without_concepts_offers_no_concept_columns(tmp_path):
+    # `tables.connect` declares `features.best_concept` whether or not concepts were scored.
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 10)], edits=False, matches=False, concepts=False))
+    build_site(run_dir, tmp_path / "site", REPORT, workers=1)
+    data_js = next(p for p in (tmp_path / "site" / "data").rglob("*.js") if p.name != "index.js")
+    payload = json.loads(data_js.read_text(encoding="utf-8").split("]=", 1)[1].rstrip(";\n"))
+    assert payload["concepts"] == [] and set(payload["concept"]) == {-1}
+    [listing] = [p for p in (tmp_path / "site" / "features").rglob("index.html")]
+    assert 'value="concept_ap"' not in listing.read_text(encoding="utf-8")
+    from saev_report import tables
+    from saev_report.render.site import SiteBuilder
+
+    for run, scored in ((run_dir, False), (tmp_path / "scored", True)):
+        if scored:
+            write_synthetic_run(run, small_run(saes=[SyntheticSAE("dino", 10)], edits=False, matches=False))
+        con = tables.connect(run)
+        try:
+            assert SiteBuilder(con, tmp_path / "staging", None, REPORT, {}, 1).has_concepts is scored
+        finally:
+            con.close()
+
+
 def test_only_images_table(tmp_path):
     run_dir = tmp_path / "run"
     write_table(run_dir / "tables" / "images" / "p.parquet", "images", [{"dataset": "d", "image_idx": 0, "path": "/nope.png", "status": "ok"}], "h")
