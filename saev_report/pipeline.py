@@ -119,13 +119,13 @@ def publish_tables(stage_list: list[Stage], run_dir: Path) -> Path:
     return tables
 
 
-def render_site(spec: Spec, run_dir: Path) -> Path:
+def render_site(spec: Spec, run_dir: Path, cache_dir: Path | None = None) -> Path:
     """Render `<run>/site` from the published tables (cheap enough to redo on every build)."""
     from saev_report.render import build_site
 
     out = run_dir / "site"
     labels = {key: model.label or key for key, model in spec.models.items()}
-    stats = build_site(run_dir, out, spec.report, model_labels=labels)
+    stats = build_site(run_dir, out, spec.report, model_labels=labels, cache_dir=cache_dir or default_cache_dir())
     log(f"[green]✓[/] site: {stats}")
     return out
 
@@ -188,7 +188,7 @@ def build(spec: Spec, only: set[str] | None = None, render: bool = True, cache_d
                 record_manifest()
         if shard.is_main and render:  # the site's "How this was built" page reads the manifest
             with measure() as site_meter:
-                site = render_site(spec, run_dir)
+                site = render_site(spec, run_dir, cache_dir)
             steps["site"] = {"wall_s": round(site_meter.wall_s, 3), "peak_rss_bytes": site_meter.peak_rss_bytes}
             record_manifest()
         distributed.barrier()

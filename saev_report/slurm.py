@@ -128,7 +128,7 @@ def finish_job(spec_path: str, cache_dir: str, render: bool, overrides: tuple[st
     statuses = {s.name: "ran" if s.status(spec.run_dir) == "done" else "not run" for s in stage_list}
     write_manifest(spec.run_dir, build_manifest(spec, spec.run_dir, stage_list, statuses, Provenance(Path(spec_path), tuple(overrides)),
                                                 Path(cache_dir), now_utc()), spec)
-    return str(render_site(spec, spec.run_dir) if render else tables)
+    return str(render_site(spec, spec.run_dir, Path(cache_dir)) if render else tables)
 
 
 def _export_ranks() -> None:

@@ -220,6 +220,25 @@ def test_thumbnail_names_are_content_addressed(tmp_path):
     assert overlays.make_thumbnail(overlays.ThumbJob(str(tmp_path / "missing.png"), 32, str(site), None))[1] is None
 
 
+def test_thumbnails_of_names_that_are_not_utf8_and_of_images_in_the_cache(tmp_path):
+    from saev_report.datasets.base import display_path, relative_to_cache
+
+    odd = os.fsencode(tmp_path) + b"/gar\xe7on-caf\xe9.png"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(os.fsdecode(odd))
+    site = tmp_path / "site"
+    shown = display_path(os.fsdecode(odd))  # what the images table holds
+    assert shown.endswith("gar\\xe7on-caf\\xe9.png")
+    source, name, rendered = overlays.make_thumbnail(overlays.ThumbJob(shown, 32, str(site), None))
+    assert source == shown and name is not None and rendered
+    cache = tmp_path / "cache"
+    (cache / "demo-1").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(cache / "demo-1" / "x.png")
+    stored = relative_to_cache(cache / "demo-1" / "x.png", cache)
+    assert stored == "demo-1/x.png"
+    assert overlays.make_thumbnail(overlays.ThumbJob(stored, 32, str(site), None, str(cache)))[1] == name  # same pixels
+    assert overlays.make_thumbnail(overlays.ThumbJob(stored, 32, str(site), None))[1] is None  # no cache: placeholder
+
+
 # --------------------------------------------------------------------------- the built folder
 
 

@@ -206,9 +206,10 @@ class SiteBuilder:
     """One build: holds the connection, the staging folder, the pool and the image names."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, staging: Path, previous: Path | None, report: ReportSpec, model_labels: dict[str, str], workers: int | None,
-                 manifest: dict[str, Any] | None = None, resolved_spec: str | None = None):
+                 manifest: dict[str, Any] | None = None, resolved_spec: str | None = None, cache_dir: str | None = None):
         self.con, self.staging, self.previous, self.report = con, staging, previous, report
         self.manifest, self.resolved_spec = manifest, resolved_spec  # the run's manifest.json: the "How this was built" page
+        self.cache_dir = cache_dir  # where the `images` table's relative paths (the demo set, in the shared cache) are
         self.model_labels = model_labels
         self.workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
         self._pool: Executor | None = None
@@ -346,7 +347,7 @@ class SiteBuilder:
         todo = sorted({p for p in paths if p and (p, px) not in self.thumb_names})
         if not todo:
             return
-        jobs = [overlays.ThumbJob(p, px, str(self.staging), str(self.previous) if self.previous else None) for p in todo]
+        jobs = [overlays.ThumbJob(p, px, str(self.staging), str(self.previous) if self.previous else None, self.cache_dir) for p in todo]
         with bar(f"thumbnails ({px}px)", total=len(jobs), unit="img") as b:
             for chunk in _chunks(jobs, 256):
                 for source, name, rendered in self._map(overlays.make_thumbnail, chunk, chunksize=8, n_items=len(jobs)):
@@ -1131,12 +1132,14 @@ def _site_bytes(root: Path) -> int:
 
 
 def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: dict[str, str] | None = None, workers: int | None = None,
-               page_cache: bool = True) -> SiteStats:
+               page_cache: bool = True, cache_dir: Path | None = None) -> SiteStats:
     """Render the atlas of the run's published tables into `out_dir` (replaced atomically).
 
     `model_labels` maps model keys to display names (`dino` → `DINOv2`); `workers`
     sets the thumbnail process pool (default: CPU count, at most 8; 1 = in process);
-    `page_cache` keeps the feature pages' contexts in `<run>/cache/render/` for the next render.
+    `page_cache` keeps the feature pages' contexts in `<run>/cache/render/` for the next render;
+    `cache_dir` is the shared cache the `images` table's relative paths are in (default: the one the
+    run's manifest names).
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned pool worker is importing a script that calls build_site at top level: building here
@@ -1151,8 +1154,11 @@ def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: d
     previous = out_dir if (out_dir / "index.html").is_file() else None
     con = tables.connect(Path(run_dir))
     resolved = Path(run_dir) / RESOLVED_SPEC_FILE
-    builder = SiteBuilder(con, staging, previous, report, model_labels or {}, workers, manifest=read_manifest(Path(run_dir)),
-                          resolved_spec=resolved.read_text(encoding="utf-8") if resolved.is_file() else None)
+    manifest = read_manifest(Path(run_dir))
+    cache = cache_dir if cache_dir is not None else (manifest or {}).get("cache_dir")
+    builder = SiteBuilder(con, staging, previous, report, model_labels or {}, workers, manifest=manifest,
+                          resolved_spec=resolved.read_text(encoding="utf-8") if resolved.is_file() else None,
+                          cache_dir=None if cache is None else str(cache))
     if page_cache:
         builder.page_cache = prepare_page_cache(Path(run_dir), page_cache_key(Path(run_dir), report, model_labels or {}))
     try:
