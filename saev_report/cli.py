@@ -201,7 +201,7 @@ def plan(
 
 
 def _ratio_text(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}×"
+    return "—" if value is None else f"{value:.3g}×"
 
 
 class Launcher(str, Enum):

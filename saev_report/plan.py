@@ -135,7 +135,8 @@ class StageEstimate:
 
     cpu_s: float
     gpu_s: float
-    disk_bytes: float
+    disk_bytes: float | None
+    """None where the stage's disk is not modelled."""
 
     def seconds_on(self, device: str) -> float:
         """The estimate for the device type a build ran on (`cpu`, `cuda`, `mps`)."""
@@ -147,9 +148,15 @@ def sae_checkpoint_bytes(d_model: int, n_features: int) -> int:
     return 4 * (2 * d_model * n_features + n_features + 2 * d_model + 1)
 
 
+def sae_analyse_flop(d_model: int, n_features: int, n_rows: int) -> float:
+    """One pass over the store: encode and decode (2·d·F each) every recorded token."""
+    return 4.0 * d_model * n_features * n_rows
+
+
 def stage_estimates(spec: Spec) -> dict[str, StageEstimate]:
-    """Estimates by stage name (`record/<model>`, `train/<model>-L<layer>`): the stages whose
-    cost `plan` models. The others (analysis, heads, edits, ...) have no estimate yet."""
+    """Estimates by stage name (`record/<model>`, `train/<model>-L<layer>`, `analyse/<model>-L<layer>`):
+    the stages whose cost `plan` models. The others (heads, edits, ...) have no estimate yet; the
+    analysis estimate is its time only (its tables are small next to the activations)."""
     n_images = dataset_size(spec.datasets[spec.record.dataset])
     found: dict[str, StageEstimate] = {}
     for key in spec.recorded_models():
@@ -168,6 +175,10 @@ def stage_estimates(spec: Spec) -> dict[str, StageEstimate]:
             flop = sum(sae_train_flop(arch.d_model, f, spec.sae.n_patches) for f in features)
             found[f"train/{key}-L{layer}"] = StageEstimate(flop / CPU_FLOPS, flop / GPU_FLOPS,
                                                           sum(sae_checkpoint_bytes(arch.d_model, f) for f in features))
+            if n_images is not None:
+                rows = n_images * tokens_per_image(model, arch)
+                flop = sum(sae_analyse_flop(arch.d_model, f, rows) for f in features)
+                found[f"analyse/{key}-L{layer}"] = StageEstimate(flop / CPU_FLOPS, flop / GPU_FLOPS, None)
     return found
 
 

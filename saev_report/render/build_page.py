@@ -26,7 +26,7 @@ class BuildPageSite(Protocol):
 
 
 def _ratio(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}×"
+    return "—" if value is None else f"{value:.3g}×"
 
 
 def stage_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
