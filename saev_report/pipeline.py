@@ -173,6 +173,7 @@ def build(spec: Spec, only: set[str] | None = None, render: bool = True, cache_d
             manifest = build_manifest(spec, run_dir, stage_list, statuses, provenance, cache_dir, started, {"steps": steps})
             write_manifest(run_dir, manifest, spec)
 
+        failed = True
         try:
             for stage in wanted:
                 statuses[stage.name] = "failed"
@@ -183,9 +184,15 @@ def build(spec: Spec, only: set[str] | None = None, render: bool = True, cache_d
                 with measure() as tables_meter:
                     publish_tables([s for s in stage_list if s.status(run_dir) == "done"], run_dir)
                 steps["tables"] = {"wall_s": round(tables_meter.wall_s, 3)}
+            failed = False
         finally:
             if shard.is_main:  # a failed build says which stage failed and what ran before it
-                record_manifest()
+                try:
+                    record_manifest()
+                except Exception:
+                    if not failed:
+                        raise
+                    log("[yellow]the manifest could not be written[/] (the stage's error follows)")
         if shard.is_main and render:  # the site's "How this was built" page reads the manifest
             with measure() as site_meter:
                 site = render_site(spec, run_dir, cache_dir)
