@@ -197,3 +197,16 @@ def test_measure_takes_the_peak_of_its_own_block() -> None:
         np.ones(2**25).sum()  # 256 MiB inside
     assert large.peak_rss_bytes - small.peak_rss_bytes > 200 * 2**20
     assert small.peak_rss_scope == large.peak_rss_scope == ("stage" if sys.platform.startswith("linux") else "process")
+
+
+def test_the_build_page_in_a_browser(built, browser) -> None:
+    from headless import no_xss, open_page, severe
+
+    _, run, _ = built
+    logs = open_page(browser, run / "site" / "build.html")
+    assert not severe(logs), logs
+    no_xss(browser)
+    stage_cells = browser.execute_script(
+        "return [...document.querySelectorAll('td.mono.nowrap')].map(td => td.textContent)")
+    assert stage_cells == [s["name"] for s in read_manifest(run)["stages"]]
+    assert "sae:" in browser.execute_script("return document.querySelector('pre').textContent")
