@@ -19,7 +19,12 @@ FOLDER = "build"
 
 
 class BuildPageSite(Protocol):
-    """What this page needs of the site being built (`site.SiteBuilder` is one)."""
+    """What this page needs of the site being built (`builder.SiteBuilder` is one)."""
+
+    manifest: Mapping[str, Any] | None
+    """The run's `manifest.json`; None (no page) for a run built before manifests."""
+    resolved_spec: str | None
+    """The run's `spec.resolved.yaml` as written, if there is one."""
 
     def render(self, template: str, page: str, **context: Any) -> None: ...
     def write(self, rel: str, text: str) -> None: ...
@@ -47,9 +52,12 @@ def stage_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def build_build_page(site: BuildPageSite, manifest: Mapping[str, Any], resolved_yaml: str | None = None) -> None:
-    """Write `build.html` and its downloads."""
-    spec_yaml = resolved_yaml if resolved_yaml is not None else yaml.safe_dump(manifest.get("spec", {}), sort_keys=False, allow_unicode=True)
+def build_build_page(site: BuildPageSite) -> None:
+    """The page kind (`site.PAGE_KINDS`): `build.html` and its downloads, when the run has a manifest."""
+    manifest = site.manifest
+    if manifest is None:
+        return
+    spec_yaml = site.resolved_spec if site.resolved_spec is not None else yaml.safe_dump(manifest.get("spec", {}), sort_keys=False, allow_unicode=True)
     site.write(f"{FOLDER}/spec.resolved.yaml", spec_yaml)
     site.write(f"{FOLDER}/manifest.json", json.dumps(manifest, indent=1, default=str) + "\n")
     env = manifest.get("environment", {})
