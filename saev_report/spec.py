@@ -18,10 +18,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Sequence, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from saev_report.overrides import Override, OverrideError, apply_overrides, flag_for, parse_override
 
 # --------------------------------------------------------------------------- base
 
@@ -442,6 +444,13 @@ class HeadSpec(SpecModel):
 # --------------------------------------------------------------------------- edits
 
 EditAction = Literal["suppress", "set", "scale", "clamp", "add"]
+FACTOR_LIMIT = 100.0
+"""Largest scale factor (either sign) an edit or an experiment accepts: a feature scaled past ±100×
+leaves the range any head was trained on, so a larger one can only be a typo (`-1e12` for `-1`)."""
+
+Factor = Annotated[float, Field(ge=-FACTOR_LIMIT, le=FACTOR_LIMIT, allow_inf_nan=False)]
+"""A scale factor applied to feature activations, within ±`FACTOR_LIMIT`."""
+
 EDIT_ACTIONS: tuple[str, ...] = get_args(EditAction)
 """Every edit action; `edits.EDIT_FUNCTIONS` implements each."""
 
@@ -494,14 +503,21 @@ class EditSpec(SpecModel):
     action: EditAction = "suppress"
     """`suppress` (set to 0), `set` to value, `scale` by value, `clamp` to at most value,
     `add` value."""
-    value: float = 0.0
-    """Argument of the action."""
+    value: float = Field(default=0.0, allow_inf_nan=False)
+    """Argument of the action (finite); for `scale`, a factor within ±100."""
     explicit: list[ExplicitEdit] = Field(default_factory=list)
     """Explicit edits."""
     generate: GeneratedEdits | None = None
     """Generated edits."""
     random_control: bool = True
     """Also run each edit on a frequency-matched random feature (specificity control)."""
+
+    @field_validator("value")
+    @classmethod
+    def _factor_bounded(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("action") == "scale" and abs(value) > FACTOR_LIMIT:
+            raise ValueError(f"a scale factor must lie within ±{FACTOR_LIMIT:g}, got {value:g} (a typo?)")
+        return value
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "EditSpec":
@@ -534,8 +550,9 @@ class ExperimentSpec(SpecModel):
     """Dataset of images to edit; default: the head's validation data."""
     m: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
     """Numbers of top features edited together."""
-    factors: list[float] = Field(default_factory=lambda: [1.0, 0.0, -1.0, -2.0], min_length=1)
-    """Factors the features are scaled by: 1 is no edit, 0 suppresses, below 0 pushes them negative."""
+    factors: list[Factor] = Field(default_factory=lambda: [1.0, 0.0, -1.0, -2.0], min_length=1)
+    """Factors the features are scaled by: 1 is no edit, 0 suppresses, below 0 pushes them negative
+    (each within ±100)."""
     where: list[Literal["all", "concept"]] = Field(default_factory=lambda: ["all"], min_length=1)
     """Edit every patch, and/or only the patches whose ground-truth class is the concept (needs masks)."""
     controls: list[ExperimentArm] = Field(default_factory=lambda: ["random", "other"])
@@ -833,9 +850,12 @@ class SpecIssue:
     column: int
     field: str
     message: str
+    flag: str | None = None
+    """The `--set` argument the offending value came from (`sae.n_patches=-1`); it replaces the
+    file location, which holds a value the flag overrode."""
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}"
+        where = f"--set {self.flag}" if self.flag else f"{self.file}:{self.line}:{self.column}"
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
@@ -893,13 +913,16 @@ def _field_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     return tuple(path)
 
 
-def _issue(file: str, root: yaml.Node | None, loc: tuple[Any, ...], message: str) -> SpecIssue:
+def _issue(file: str, root: yaml.Node | None, loc: tuple[Any, ...], message: str,
+           applied: Sequence[tuple[tuple[Any, ...], Override]] = ()) -> SpecIssue:
     line, column = _locate(root, loc)
-    return SpecIssue(file, line, column, ".".join(str(p) for p in loc), message)
+    override = flag_for(loc, applied)
+    return SpecIssue(file, line, column, ".".join(str(p) for p in loc), message, override.flag if override else None)
 
 
-def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True) -> Spec:
-    """Parse and validate spec YAML; raise SpecError with located issues."""
+def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True, overrides: Sequence[str] = ()) -> Spec:
+    """Parse and validate spec YAML, with `--set path=value` overrides applied first (see
+    `overrides.py`); raise SpecError with issues located in the file or at the flag."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -912,6 +935,10 @@ def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True) -
     if not isinstance(data, dict):
         raise SpecError([SpecIssue(file, 1, 1, "", "a spec is a YAML mapping with `run`, `datasets`, `models`, `record`, ...")])
     try:
+        applied = apply_overrides(data, [parse_override(flag) for flag in overrides])
+    except OverrideError as exc:
+        raise SpecError([SpecIssue(file, 0, 0, "", exc.message, exc.flag)]) from None
+    try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
         issues = []
@@ -919,16 +946,17 @@ def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True) -
             loc = _field_path(tuple(error["loc"]), data)
             if error["type"] == "union_tag_invalid":
                 loc = (*loc, "kind")
-            issues.append(_issue(file, root, loc, error["msg"]))
+            issues.append(_issue(file, root, loc, error["msg"], applied))
         raise SpecError(issues) from None
-    issues = [_issue(file, root, loc, message) for loc, message in cross_check(spec, check_paths)]
+    issues = [_issue(file, root, loc, message, applied) for loc, message in cross_check(spec, check_paths)]
     if issues:
         raise SpecError(issues)
     return spec
 
 
-def load_spec(path: str | os.PathLike[str], check_paths: bool = True) -> Spec:
-    """Load a spec file. Relative dataset/model paths resolve against the current directory."""
+def load_spec(path: str | os.PathLike[str], check_paths: bool = True, overrides: Sequence[str] = ()) -> Spec:
+    """Load a spec file, with `--set path=value` overrides. Relative dataset/model paths resolve
+    against the current directory."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -936,7 +964,7 @@ def load_spec(path: str | os.PathLike[str], check_paths: bool = True) -> Spec:
         raise SpecError([SpecIssue(str(path), 1, 1, "", f"cannot read spec: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError:
         raise SpecError([SpecIssue(str(path), 1, 1, "", "spec is not UTF-8 text")]) from None
-    return parse_spec_text(text, file=str(path), check_paths=check_paths)
+    return parse_spec_text(text, file=str(path), check_paths=check_paths, overrides=overrides)
 
 
 def cross_check(spec: Spec, check_paths: bool = True) -> list[tuple[tuple[Any, ...], str]]:

@@ -76,7 +76,7 @@ TABLES: dict[str, TableDef] = {
             ("mask_path", pa.string(), "Absolute path of the segmentation mask, or null."),
             ("width", pa.int32(), "Width in pixels of the original file."),
             ("height", pa.int32(), "Height in pixels of the original file."),
-            ("status", pa.string(), "`ok`, or why the record stage skips the image (the same checks): `too small (...)`, `corrupt image (...)`, `animated (...)`, `broken symlink`, `file name is not valid UTF-8 ...`."),
+            ("status", pa.string(), "`ok`, or why the record stage skips the image (the same checks): `too small (...)`, `corrupt image (...)`, `animated (...)`, `broken symlink`. A file name that is not UTF-8 is read like any other (its `path` shows the odd bytes escaped)."),
         ),
         _table(
             "saes",

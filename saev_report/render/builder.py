@@ -168,8 +168,11 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 class SiteBuilder:
     """One build: holds the connection, the staging folder, the pool and the image names."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, staging: Path, previous: Path | None, report: ReportSpec, model_labels: dict[str, str], workers: int | None):
+    def __init__(self, con: duckdb.DuckDBPyConnection, staging: Path, previous: Path | None, report: ReportSpec, model_labels: dict[str, str], workers: int | None,
+                 manifest: dict[str, Any] | None = None, resolved_spec: str | None = None, cache_dir: str | None = None):
         self.con, self.staging, self.previous, self.report = con, staging, previous, report
+        self.manifest, self.resolved_spec = manifest, resolved_spec  # the run's manifest.json: the "How this was built" page
+        self.cache_dir = cache_dir  # where the `images` table's relative paths (the demo set, in the shared cache) are
         self.model_labels = model_labels
         self.workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
         self._pool: Executor | None = None
@@ -184,8 +187,8 @@ class SiteBuilder:
         self._by_id: dict[str, SaeInfo] = {}
         self.comparisons: list[dict[str, str]] = []
         self.has_edits = self.has_compare = self.has_experiments = self.has_claims = False
-        # Tables from before concept detection have no best_concept column (and no concepts rows).
-        self.has_concepts = "best_concept" in {r[0] for r in con.sql("DESCRIBE features").fetchall()}
+        # `tables.connect` declares every column, so the question is whether any concept was scored.
+        self.has_concepts = count_rows(con, "concepts") > 0
         self.concepts: list[dict[str, Any]] = []
         self.page_cache: Path | None = None  # this build's folder of chunk contexts (`page_cache_key`), if any
 
@@ -234,6 +237,7 @@ class SiteBuilder:
             "has_experiments": self.has_experiments,
             "has_claims": self.has_claims,
             "has_compare": self.has_compare,
+            "has_build_page": self.manifest is not None,
             "comparisons": self.comparisons,
             "saes_nav": [{"list_page": s.list_page, "short": s.short, "sae_id": s.sae_id} for s in self.saes],
         }
@@ -307,7 +311,7 @@ class SiteBuilder:
         todo = sorted({p for p in paths if p and (p, px) not in self.thumb_names})
         if not todo:
             return
-        jobs = [overlays.ThumbJob(p, px, str(self.staging), str(self.previous) if self.previous else None) for p in todo]
+        jobs = [overlays.ThumbJob(p, px, str(self.staging), str(self.previous) if self.previous else None, self.cache_dir) for p in todo]
         with bar(f"thumbnails ({px}px)", total=len(jobs), unit="img") as b:
             for chunk in chunks(jobs, 256):
                 for source, name, rendered in self._map(overlays.make_thumbnail, chunk, chunksize=8, n_items=len(jobs)):
