@@ -59,8 +59,8 @@ def test_a_run_built_with_one_cache_reads_its_images_through_another(tmp_path: P
     # A head added now reads the finished recording: its images are found, not recorded again.
     out = _build(spec, second, "--set", HEAD)
     assert "not in the record dataset" not in out, out
-    # images of the two splits, tokens, heads, splice; the recording, SAE and analysis are reused
-    assert re.search(r"ran 5 stage\(s\), 4 cached", out), out
+    # images of the two splits, tokens, heads, splice and the claims stage (splice intervals); the recording, SAE and analysis are reused
+    assert re.search(r"ran 6 stage\(s\), 4 cached", out), out
     [extra] = (run / "cache" / "tokens").glob("rand-*/extra/images.json")
     assert json.loads(extra.read_text())["images"] == []
     assert "n_missing_images=0" in out.replace(" ", "")  # the site finds every thumbnail through the new cache
