@@ -12,7 +12,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from saev_report.spec import ClaimSpec, StatsSpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, table_part
+from saev_report.stages.analyse import AnalyseOut
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, table_part
+from saev_report.stages.edits import EditsOut
+from saev_report.stages.experiments import ExperimentsOut
+from saev_report.stages.splice import SpliceOut
 
 READS = ("experiments", "splice_images", "concepts", "concept_nulls", "features", "edits")
 """The tables this stage reads from its inputs' parts."""
@@ -87,4 +91,8 @@ def claims_action(params: ClaimsParams, inputs: Inputs, out_dir: Path) -> None:
         log(f"  claim {row['claim']}: [{colour}]{row['verdict']}[/] ({row['summary']})")
 
 
-CLAIMS = StageKind(name="claims", version=1, params=ClaimsParams, out=ClaimsOut, action=claims_action)
+CLAIMS = StageKind(
+    name="claims", version=1, params=ClaimsParams, out=ClaimsOut, action=claims_action,
+    reads={"experiments": Role(ExperimentsOut, optional=True, per_key=True), "splice": Role(SpliceOut, optional=True, per_key=True),
+           "edits": Role(EditsOut, optional=True, per_key=True), "analyse": Role(AnalyseOut, optional=True, per_key=True)},
+    writes=("experiment_summary", "edit_summary", "splice_summary", "claims", "claim_evidence"))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from saev_report.spec import DatasetSpec, ExperimentSpec, ModelSpec
 from saev_report.stages.analyse import AnalyseOut
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
 from saev_report.stages.heads import HeadOut
 from saev_report.stages.train import TrainOut
 
@@ -112,4 +112,6 @@ def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
         # Summaries, intervals and verdicts: the `claims` stage (one aggregation of these rows).
 
 
-EXPERIMENTS = StageKind(name="experiments", version=3, params=ExperimentParams, out=ExperimentsOut, action=experiment)
+EXPERIMENTS = StageKind(name="experiments", version=3, params=ExperimentParams, out=ExperimentsOut, action=experiment,
+                         reads={"head": Role(HeadOut), "train": Role(TrainOut), "analyse": Role(AnalyseOut)},
+                         writes=("experiments", "experiment_concepts"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saev_report.spec import DatasetSpec, ModelSpec, SAESpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
 from saev_report.stages.heads import HeadOut
 from saev_report.stages.record import RecordOut
 from saev_report.stages.tokens import TokensOut
@@ -71,4 +71,7 @@ def splice(params: SpliceParams, inputs: Inputs, out_dir: Path) -> None:
     write_table(table_part(out_dir, "splice_images"), "splice_images", per_image, params.digest())
 
 
-SPLICE = StageKind(name="splice", version=3, params=SpliceParams, out=SpliceOut, action=splice)
+SPLICE = StageKind(name="splice", version=3, params=SpliceParams, out=SpliceOut, action=splice,
+                    reads={"record": Role(RecordOut), "train": Role(TrainOut, per_key=True), "head": Role(HeadOut, per_key=True),
+                           "tokens": Role(TokensOut, optional=True)},
+                    writes=("saes", "splice_images"))
