@@ -55,4 +55,4 @@ bench:
 	for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b --quick || exit 1; done
 
 docs:
-	$(PYTHON) -m saev_report.docs README.md
+	$(PYTHON) -m saev_report.docs README.md --architecture docs/ARCHITECTURE.md

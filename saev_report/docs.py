@@ -1,7 +1,8 @@
-"""Reference documentation generated from the code: spec fields and table columns.
+"""Reference documentation generated from the code: spec fields, table columns, stage kinds.
 
-`python -m saev_report.docs` rewrites the generated sections of README.md, so the
-README cannot drift from the pydantic models and table schemas.
+`python -m saev_report.docs` rewrites the generated sections of README.md (and, with
+`--architecture FILE`, docs/ARCHITECTURE.md's stage list), so the docs cannot drift from the
+pydantic models, the table schemas and the stage registry (`stages.KINDS`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,31 @@ def spec_reference_markdown() -> str:
     return "\n".join(_model_section(model, title) for title, model in SECTIONS)
 
 
+def stage_summary(kind) -> str:
+    """A stage kind's one-line description: its module's docstring, less the `Stage `name`:` prefix.
+    A module declaring several kinds ("Stages `a` and `b`: ...") adds the clause naming this one."""
+    doc = " ".join((sys.modules[kind.action.__module__].__doc__ or "").split())
+    first, _, rest = doc.partition(". ")
+    text = re.sub(r"^Stages? [^:]*:\s*", "", first).rstrip(".") + "."
+    if doc.startswith("Stages "):
+        own = re.search(rf"`{re.escape(kind.name)}` ([^.;]*)", rest)
+        if own:
+            text += f" `{kind.name}` {own.group(1)}."
+    return text
+
+
+def stage_list_markdown() -> str:
+    """Every stage kind in build order (`stages.KINDS`): what it does, resumable, split across ranks."""
+    from saev_report.stages import KINDS
+
+    lines = [f"A build runs {len(KINDS)} kinds of stage, in this order, then publishes the tables and renders the site "
+             "(`saev-report build --only KIND` runs one kind and what it reads):", "",
+             "| stage | what it does | resumes a killed run | split across torchrun ranks |", "|---|---|---|---|"]
+    for name, kind in KINDS.items():
+        lines.append(f"| `{name}` | {stage_summary(kind)} | {'yes' if kind.resumable else 'restarts'} | {'yes' if kind.parallel else 'rank 0'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _replace_block(text: str, name: str, body: str) -> str:
     start, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
@@ -102,17 +128,39 @@ def _replace_block(text: str, name: str, body: str) -> str:
 
 def render_readme(text: str) -> str:
     text = _replace_block(text, "SPEC REFERENCE", spec_reference_markdown())
+    text = _replace_block(text, "STAGE LIST", stage_list_markdown())
     return _replace_block(text, "TABLE REFERENCE", table_reference_markdown())
 
 
+def render_architecture(text: str) -> str:
+    return _replace_block(text, "STAGE LIST", stage_list_markdown())
+
+
+RENDERERS = {"readme": render_readme, "architecture": render_architecture}
+"""Each generated document and what regenerates it."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    readme = Path(args[0] if args else "README.md")
-    new = render_readme(readme.read_text())
-    if "--check" in args:
-        return 0 if new == readme.read_text() else 1
-    readme.write_text(new)
-    return 0
+    """`python -m saev_report.docs [README.md] [--architecture docs/ARCHITECTURE.md] [--check]`."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    check = "--check" in args
+    args = [a for a in args if a != "--check"]
+    files: list[tuple[Path, str]] = []
+    if "--architecture" in args:
+        i = args.index("--architecture")
+        files.append((Path(args[i + 1]), "architecture"))
+        del args[i : i + 2]
+    if args or not files:
+        files.insert(0, (Path(args[0] if args else "README.md"), "readme"))
+    stale = False
+    for path, kind in files:
+        old = path.read_text()
+        new = RENDERERS[kind](old)
+        if check:
+            stale |= new != old
+        elif new != old:
+            path.write_text(new)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

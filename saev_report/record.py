@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from saev_report.activations import ShardWriter, StoreMeta, images_per_shard_for
 from saev_report.backbones import Backbone, TokenLayout
 from saev_report.datasets import BadImage, ImageDataset, ImageRecord, load_image
+from saev_report.datasets.base import relative_to_cache, resolve_in_cache
 from saev_report.fsutil import atomic_write_text
 from saev_report.progress import bar, log, track
 from saev_report.spec import TOKEN_KINDS
@@ -216,15 +217,29 @@ def record_layers(
     write_image_index(out_dir, backbone.image_size, dataset.records)
 
 
-def write_image_index(out_dir: Path, image_size: int, records: Sequence[ImageRecord]) -> None:
-    index = {"image_size": image_size, "images": [[r.index, _resolved(r.path)] for r in records]}
+def write_image_index(out_dir: Path, image_size: int, records: Sequence[ImageRecord], cache_dir: Path | None = None) -> None:
+    """`images.json`: the model input size and [dataset index, resolved path] of every image.
+
+    Paths under `cache_dir` (the shared cache: the generated demo set, say) are stored relative to
+    it, so a finished stage still finds its images after the cache moves or another cache is used;
+    `read_image_index` resolves them against the cache of the build reading them. Every other path
+    is absolute. JSON's `\\udcNN` escapes keep the bytes of a name that is not UTF-8.
+    """
+    index = {"image_size": image_size, "relative_to": "cache", "images": [[r.index, relative_to_cache(_resolved(r.path), cache_dir)] for r in records]}
     atomic_write_text(out_dir / IMAGES_FILE, json.dumps(index))
 
 
-def read_image_index(folder: Path) -> tuple[int, list[tuple[int, str]]]:
-    """(model input size, [(dataset index, resolved path)]) of a folder `write_image_index` wrote."""
+def relocate_image_index(folder: Path, cache_dir: Path) -> None:
+    """Rewrite `folder`'s `images.json` with paths under `cache_dir` relative to it (idempotent)."""
+    image_size, images = read_image_index(folder, cache_dir)
+    write_image_index(folder, image_size, [ImageRecord(i, p) for i, p in images], cache_dir)
+
+
+def read_image_index(folder: Path, cache_dir: Path | None = None) -> tuple[int, list[tuple[int, str]]]:
+    """(model input size, [(dataset index, resolved path)]) of a folder `write_image_index` wrote;
+    relative paths are resolved against `cache_dir`, the shared cache of the build reading them."""
     index = json.loads((Path(folder) / IMAGES_FILE).read_text(encoding="utf-8"))
-    return int(index["image_size"]), [(int(i), str(p)) for i, p in index["images"]]
+    return int(index["image_size"]), [(int(i), resolve_in_cache(p, cache_dir)) for i, p in index["images"]]
 
 
 def _resolved(path: str) -> str:

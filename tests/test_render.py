@@ -222,6 +222,25 @@ def test_thumbnail_names_are_content_addressed(tmp_path):
     assert overlays.make_thumbnail(overlays.ThumbJob(str(tmp_path / "missing.png"), 32, str(site), None))[1] is None
 
 
+def test_thumbnails_of_names_that_are_not_utf8_and_of_images_in_the_cache(tmp_path):
+    from saev_report.datasets.base import display_path, relative_to_cache
+
+    odd = os.fsencode(tmp_path) + b"/gar\xe7on-caf\xe9.png"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(os.fsdecode(odd))
+    site = tmp_path / "site"
+    shown = display_path(os.fsdecode(odd))  # what the images table holds
+    assert shown.endswith("gar\\xe7on-caf\\xe9.png")
+    source, name, rendered = overlays.make_thumbnail(overlays.ThumbJob(shown, 32, str(site), None))
+    assert source == shown and name is not None and rendered
+    cache = tmp_path / "cache"
+    (cache / "demo-1").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(cache / "demo-1" / "x.png")
+    stored = relative_to_cache(cache / "demo-1" / "x.png", cache)
+    assert stored == "demo-1/x.png"
+    assert overlays.make_thumbnail(overlays.ThumbJob(stored, 32, str(site), None, str(cache)))[1] == name  # same pixels
+    assert overlays.make_thumbnail(overlays.ThumbJob(stored, 32, str(site), None))[1] is None  # no cache: placeholder
+
+
 # --------------------------------------------------------------------------- the built folder
 
 
@@ -502,6 +521,29 @@ def test_missing_images_and_sparse_tables_still_build(tmp_path):
     assert stats.n_feature_pages > 0 and stats.n_missing_images == 10 and stats.n_heatmaps == 0
     page = next((tmp_path / "site" / "features").rglob("[0-9]*.html")).read_text(encoding="utf-8")
     assert "assets/missing.svg" in page
+
+
+def test_a_run_without_concepts_offers_no_concept_columns(tmp_path):
+    # `tables.connect` declares `features.best_concept` whether or not concepts were scored.
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 10)], edits=False, matches=False, concepts=False))
+    build_site(run_dir, tmp_path / "site", REPORT, workers=1)
+    data_js = next(p for p in (tmp_path / "site" / "data").rglob("*.js") if p.name != "index.js")
+    payload = json.loads(data_js.read_text(encoding="utf-8").split("]=", 1)[1].rstrip(";\n"))
+    assert payload["concepts"] == [] and set(payload["concept"]) == {-1}
+    [listing] = [p for p in (tmp_path / "site" / "features").rglob("index.html")]
+    assert 'value="concept_ap"' not in listing.read_text(encoding="utf-8")
+    from saev_report import tables
+    from saev_report.render.site import SiteBuilder
+
+    for run, scored in ((run_dir, False), (tmp_path / "scored", True)):
+        if scored:
+            write_synthetic_run(run, small_run(saes=[SyntheticSAE("dino", 10)], edits=False, matches=False))
+        con = tables.connect(run)
+        try:
+            assert SiteBuilder(con, tmp_path / "staging", None, REPORT, {}, 1).has_concepts is scored
+        finally:
+            con.close()
 
 
 def test_only_images_table(tmp_path):

@@ -72,16 +72,26 @@ CASES = [
     ("datasets.demo_val.max_images", 50, {"images/demo_val"} | TOKENS | HEADS | EDITS | SPLICE),
     ("datasets.demo_train.max_images", 50, {"images/demo_train"} | TOKENS | HEADS | EDITS | SPLICE),
     ("experiments.0.rank_on", "head_train", {"experiments/segment-concepts"}),
+    ("experiments.0.random_draws", 2, {"experiments/segment-concepts"}),
+    ("stats.n_resamples", 500, {"claims/all"}),  # the statistics re-run alone
+    ("stats.correction", "holm", {"claims/all"}),
 ]
+
+CLAIMS = {"claims/all"}
+"""The statistics read every experiment's, edit's and splice's rows, and the analyses the demo's `ap_lift`
+claim counts features of (DINOv2's and the twin's): they move with any of those."""
+CLAIM_INPUTS = EXPERIMENTS | SPLICE | {"edits/suppress-evidence", "analyse/dinov2-L11", "analyse/random-L11", "analyse/random-L10"}
 
 
 @pytest.mark.parametrize(("field", "value", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_a_spec_change_moves_exactly_the_keys_that_read_it(field: str, value: Any, expected: set[str]) -> None:
+    if expected & CLAIM_INPUTS or field == "run.seed":
+        expected = expected | CLAIMS
     assert _changed(field, value) == expected
 
 
 def test_every_kind_is_declared_in_one_shape() -> None:
-    assert list(KINDS) == ["images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability"]
+    assert list(KINDS) == ["images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability", "claims"]
     for kind in KINDS.values():
         assert issubclass(kind.params, StageParams) and kind.params.model_config["frozen"]
         assert issubclass(kind.out, StageOut)
@@ -126,7 +136,7 @@ def test_defaults_are_resolved_once_in_the_builder() -> None:
 def test_a_model_only_a_head_reads_gets_tokens_but_no_recording() -> None:
     data = yaml.safe_load(yaml.safe_dump(DEMO))
     data["record"]["models"] = ["random"]
-    data["edits"], data["compare"], data["stability"], data["experiments"] = [], [], [], []
+    data["edits"], data["compare"], data["stability"], data["experiments"], data["claims"] = [], [], [], [], []
     stages = {s.name: s for s in build_stages(parse_spec_text(yaml.safe_dump(data)))}
     assert "record/dinov2" not in stages and stages["tokens/dinov2"].inputs == {}
     assert stages["tokens/dinov2"].params.from_layer is None

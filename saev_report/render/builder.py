@@ -131,6 +131,14 @@ def fmt_pct(value: Any, digits: int = 3) -> str:
     return f"{100 * float(value):.{digits}g}%"
 
 
+def fmt_interval(lo: Any, hi: Any, as_pct: bool = False, digits: int = 3) -> str:
+    """"[lo, hi]" of a bootstrap interval, or "" when there is none (older runs, single images)."""
+    if lo is None or hi is None:
+        return ""
+    fmt = fmt_pct if as_pct else fmt_num
+    return f"[{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
 def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
     """Jinja environment; autoescape is on for every template (labels come from datasets)."""
     if not (templates_dir / "base.html").is_file() or not (ASSETS_DIR / "atlas.js").is_file():
@@ -140,6 +148,7 @@ def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
                       lstrip_blocks=True, auto_reload=False)
     env.filters["num"] = fmt_num
     env.filters["pct"] = fmt_pct
+    env.globals["interval"] = fmt_interval
     env.filters["script_json"] = charts.script_json
     return env
 
@@ -159,8 +168,11 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 class SiteBuilder:
     """One build: holds the connection, the staging folder, the pool and the image names."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, staging: Path, previous: Path | None, report: ReportSpec, model_labels: dict[str, str], workers: int | None):
+    def __init__(self, con: duckdb.DuckDBPyConnection, staging: Path, previous: Path | None, report: ReportSpec, model_labels: dict[str, str], workers: int | None,
+                 manifest: dict[str, Any] | None = None, resolved_spec: str | None = None, cache_dir: str | None = None):
         self.con, self.staging, self.previous, self.report = con, staging, previous, report
+        self.manifest, self.resolved_spec = manifest, resolved_spec  # the run's manifest.json: the "How this was built" page
+        self.cache_dir = cache_dir  # where the `images` table's relative paths (the demo set, in the shared cache) are
         self.model_labels = model_labels
         self.workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
         self._pool: Executor | None = None
@@ -174,9 +186,9 @@ class SiteBuilder:
         self.saes: list[SaeInfo] = []
         self._by_id: dict[str, SaeInfo] = {}
         self.comparisons: list[dict[str, str]] = []
-        self.has_edits = self.has_compare = self.has_experiments = False
-        # Tables from before concept detection have no best_concept column (and no concepts rows).
-        self.has_concepts = "best_concept" in {r[0] for r in con.sql("DESCRIBE features").fetchall()}
+        self.has_edits = self.has_compare = self.has_experiments = self.has_claims = False
+        # `tables.connect` declares every column, so the question is whether any concept was scored.
+        self.has_concepts = count_rows(con, "concepts") > 0
         self.concepts: list[dict[str, Any]] = []
         self.page_cache: Path | None = None  # this build's folder of chunk contexts (`page_cache_key`), if any
 
@@ -223,7 +235,9 @@ class SiteBuilder:
             "has_edits": self.has_edits,
             "has_concepts": self.has_concepts,
             "has_experiments": self.has_experiments,
+            "has_claims": self.has_claims,
             "has_compare": self.has_compare,
+            "has_build_page": self.manifest is not None,
             "comparisons": self.comparisons,
             "saes_nav": [{"list_page": s.list_page, "short": s.short, "sae_id": s.sae_id} for s in self.saes],
         }
@@ -297,7 +311,7 @@ class SiteBuilder:
         todo = sorted({p for p in paths if p and (p, px) not in self.thumb_names})
         if not todo:
             return
-        jobs = [overlays.ThumbJob(p, px, str(self.staging), str(self.previous) if self.previous else None) for p in todo]
+        jobs = [overlays.ThumbJob(p, px, str(self.staging), str(self.previous) if self.previous else None, self.cache_dir) for p in todo]
         with bar(f"thumbnails ({px}px)", total=len(jobs), unit="img") as b:
             for chunk in chunks(jobs, 256):
                 for source, name, rendered in self._map(overlays.make_thumbnail, chunk, chunksize=8, n_items=len(jobs)):
@@ -378,6 +392,7 @@ class SiteBuilder:
         self.load_saes()
         self.has_edits = count_rows(self.con, "edits") > 0
         self.has_experiments = count_rows(self.con, "experiments") > 0
+        self.has_claims = count_rows(self.con, "claims") > 0  # the nav links the page from every page; it is rendered later
         self.comparisons = [
             {"name": r["comparison"], "href": addr.compare_page(r["comparison"])} for r in fetch_rows(self.con, "SELECT DISTINCT comparison FROM matches ORDER BY comparison")
         ]

@@ -53,6 +53,15 @@ class EditPages:
         for r in real:
             groups.setdefault(r["edit"], []).append(r)
         summary = [edit_summary(name, group, [g["control"] for g in group if g["control"]]) for name, group in groups.items()]
+        # The claims stage's `edit_summary` (means over images, with intervals) replaces the per-edit means where it exists.
+        pooled = {(r["edit"], bool(r["is_control"])): r for r in fetch_rows(self.site.con, "SELECT * FROM edit_summary")}
+        for s in summary:
+            for side, is_control in (("real", False), ("control", True)):
+                row = pooled.get((s["edit"], is_control))
+                if row is not None:
+                    s[side].update({"target_delta": row["target_delta"], "target_delta_lo": row["target_delta_lo"], "target_delta_hi": row["target_delta_hi"],
+                                    "flip_rate": row["flip_frac"], "flip_rate_lo": row["flip_frac_lo"], "flip_rate_hi": row["flip_frac_hi"],
+                                    "n_images": row["n_images"]})
         for r in real:
             self.site.render("edit.html", r["href"], e=r, c=r["control"])
             self.site.stats.n_edit_pages += 1
@@ -141,6 +150,8 @@ def edit_summary(name: str, edits: list[dict[str, Any]], controls: list[dict[str
             "specificity": float(np.median(spec)) if spec else None,
             "target_delta": float(np.mean(delta)) if delta else None,
             "flip_rate": sum(flips) / len(flips) if flips else None,
+            # intervals over images, from the claims stage's `edit_summary` when the run has it
+            "target_delta_lo": None, "target_delta_hi": None, "flip_rate_lo": None, "flip_rate_hi": None,
         }
 
     return {"edit": name, "task": edits[0]["task"] if edits else None, "real": stats(edits), "control": stats(controls)}

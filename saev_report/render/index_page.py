@@ -25,6 +25,11 @@ class IndexPage:
         for s in self.site.saes:
             blank = {c.name: None for c in tables.TABLES["saes"].columns}  # older runs lack the splice columns
             saes.append({**blank, **s.metrics, "sae_id": s.sae_id, "model_label": s.model_label, "short": s.short, "list_page": s.list_page, "data_file": s.data_file, "n_pages": len(s.pages)})
+        # Intervals over the validation images (the claims stage's `splice_summary`): per (SAE, head), and per head its clean score.
+        splice_ci = {(r["sae_id"], r["head"]): r for r in fetch_rows(self.site.con, "SELECT * FROM splice_summary")}
+        for row in saes:
+            row["ci"] = {prefix: splice_ci.get((row["sae_id"], row[f"{prefix}_head"])) for prefix in ("cls", "seg")}
+        head_ci = {head: r for (_, head), r in sorted(splice_ci.items())}
         logs: dict[str, dict[str, list[float]]] = {}
         for s in self.site.saes:
             rows = fetch_rows(self.site.con, "SELECT step, loss, mse, l0 FROM train_log WHERE sae_id = ? ORDER BY step", [s.sae_id])
@@ -51,6 +56,8 @@ class IndexPage:
             "FROM images GROUP BY dataset ORDER BY dataset",
         )
         heads = fetch_rows(self.site.con, "SELECT head, model, task, val_accuracy, val_miou, n_train, n_val, len(classes) AS n_classes FROM heads ORDER BY head")
+        for h in heads:
+            h["ci"] = head_ci.get(h["head"])
         self.site.render("index.html", "index.html", saes=saes, figures=[f for f in figures if f not in CONCEPT_FIGURES], datasets=datasets,
                     heads=heads, stats=self.site.stats, concept_figures=[f for f in CONCEPT_FIGURES if f in figures])
 

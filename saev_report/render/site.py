@@ -41,6 +41,9 @@ from saev_report.progress import log
 from saev_report.render import addresses as addr
 from saev_report.render import builder, charts, contract, features, heatmaps, overlays, queries
 from saev_report.render.builder import SiteBuilder, SiteStats, fmt_num, fmt_pct  # noqa: F401  (re-exported)
+from saev_report.manifest import RESOLVED_SPEC_FILE, read_manifest
+from saev_report.render.build_page import build_build_page
+from saev_report.render.claims import build_claims_page
 from saev_report.render.compare import ComparePages
 from saev_report.render.concepts import build_concept_pages
 from saev_report.render.edits import EditPages
@@ -55,12 +58,18 @@ def _concept_pages(site: SiteBuilder) -> None:
     site.concepts = build_concept_pages(site)
 
 
+def _claims_page(site: SiteBuilder) -> None:
+    site.has_claims = build_claims_page(site, has_concept_pages=bool(site.concepts))
+
+
 # In build order: every later kind links to feature pages, and the index lists what the others made.
 PAGE_KINDS: tuple[tuple[str, Callable[[SiteBuilder], None]], ...] = (
     ("features", lambda site: FeaturePages(site).build()),
     ("edits", lambda site: EditPages(site).build()),
     ("concepts", _concept_pages),
+    ("claims", _claims_page),
     ("compare", lambda site: ComparePages(site).build()),
+    ("build", build_build_page),
     ("index", lambda site: IndexPage(site).build()),
 )
 
@@ -113,12 +122,14 @@ def _site_bytes(root: Path) -> int:
 
 
 def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: dict[str, str] | None = None, workers: int | None = None,
-               page_cache: bool = True) -> SiteStats:
+               page_cache: bool = True, cache_dir: Path | None = None) -> SiteStats:
     """Render the atlas of the run's published tables into `out_dir` (replaced atomically).
 
     `model_labels` maps model keys to display names (`dino` → `DINOv2`); `workers`
     sets the thumbnail process pool (default: CPU count, at most 8; 1 = in process);
-    `page_cache` keeps the feature pages' contexts in `<run>/cache/render/` for the next render.
+    `page_cache` keeps the feature pages' contexts in `<run>/cache/render/` for the next render;
+    `cache_dir` is the shared cache the `images` table's relative paths are in (default: the one the
+    run's manifest names).
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned pool worker is importing a script that calls build_site at top level: building here
@@ -132,7 +143,12 @@ def build_site(run_dir: Path, out_dir: Path, report: ReportSpec, model_labels: d
     overlays.forget_dirs()
     previous = out_dir if (out_dir / "index.html").is_file() else None
     con = tables.connect(Path(run_dir))
-    site = SiteBuilder(con, staging, previous, report, model_labels or {}, workers)
+    resolved = Path(run_dir) / RESOLVED_SPEC_FILE
+    manifest = read_manifest(Path(run_dir))
+    cache = cache_dir if cache_dir is not None else (manifest or {}).get("cache_dir")
+    site = SiteBuilder(con, staging, previous, report, model_labels or {}, workers, manifest=manifest,
+                       resolved_spec=resolved.read_text(encoding="utf-8") if resolved.is_file() else None,
+                       cache_dir=None if cache is None else str(cache))
     if page_cache:
         site.page_cache = prepare_page_cache(Path(run_dir), page_cache_key(Path(run_dir), report, model_labels or {}))
     try:

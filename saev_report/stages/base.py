@@ -50,10 +50,14 @@ class StageParams(BaseModel):
 
 
 class StageOut:
-    """A finished stage's output folder; each kind subclasses it with typed accessors."""
+    """A finished stage's output folder; each kind subclasses it with typed accessors.
 
-    def __init__(self, root: Path):
+    `cache_dir` is the shared cache of the build reading it: outputs store paths into the cache
+    relative to it (`record.write_image_index`), resolved here, so a moved cache is still found."""
+
+    def __init__(self, root: Path, cache_dir: Path | None = None):
         self.root = Path(root)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
 
     def table_part(self, table: str, name: str = "part") -> Path:
         return table_part(self.root, table, name)
@@ -172,7 +176,7 @@ class Stage:
 
     def output(self, run_dir: Path) -> StageOut:
         """The typed view of this stage's finished output."""
-        return self.kind.out(self.out_dir(run_dir))
+        return self.kind.out(self.out_dir(run_dir), cache_dir=self.params.cache_dir)
 
 
 # --------------------------------------------------------------------------- shared loaders

@@ -28,7 +28,7 @@ def images(params: ImagesParams, inputs: Inputs, out_dir: Path) -> None:
     from saev_report.tables import write_table
 
     dataset = open_dataset(params.dataset_key, params.dataset, params.cache_dir)
-    rows = image_rows(dataset)  # decodes each file with the record stage's checks
+    rows = image_rows(dataset, cache_dir=params.cache_dir)  # decodes each file with the record stage's checks
     write_table(table_part(out_dir, "images"), "images", rows, params.digest())
     log(f"  {len(rows)} image(s) in {params.dataset_key}")
 
