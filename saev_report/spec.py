@@ -148,15 +148,25 @@ KNOWN_DATASET_SIZES: dict[tuple[str, str], int] = {
 
 # --------------------------------------------------------------------------- models
 
-MODEL_FAMILIES: dict[str, str] = {
-    "hf": "saev_report.backbones.hf:load_hf",
-    "timm": "saev_report.backbones.timm_family:load_timm",
-    "open_clip": "saev_report.backbones.open_clip_vit:load_open_clip",
-    "imgfocus": "saev_report.backbones.imgfocus:load_imgfocus",
+@dataclass(frozen=True)
+class ModelFamily:
+    """One entry of `MODEL_FAMILIES`."""
+
+    loader: str
+    """`module:function` that builds the family's `Backbone` (imported only when used)."""
+    needs_source: bool = True
+    """Whether a spec must name the model (`source`); a family of one model does not."""
+
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    "hf": ModelFamily("saev_report.backbones.hf:load_hf"),
+    "timm": ModelFamily("saev_report.backbones.timm_family:load_timm"),
+    "open_clip": ModelFamily("saev_report.backbones.open_clip_vit:load_open_clip"),
+    "imgfocus": ModelFamily("saev_report.backbones.imgfocus:load_imgfocus", needs_source=False),
 }
-"""Model family → `module:loader` that builds its `Backbone` (imported only when used). Within a
-family the loader picks the adapter by the model itself: `hf` by the config's `model_type`
-(`backbones.hf.HF_ADAPTERS`), `timm` by the model's class (`backbones.timm_family.TIMM_ADAPTERS`)."""
+"""Model family → its loader. Within a family the loader picks the adapter by the model itself:
+`hf` by the config's `model_type` (`backbones.hf.HF_ADAPTERS`), `timm` by the model's class
+(`backbones.timm_family.TIMM_ADAPTERS`). A family without a source is its own `KNOWN_ARCHS` key."""
 Family = Literal[tuple(MODEL_FAMILIES)]  # type: ignore[valid-type]
 TokenKind = Literal["cls", "registers", "patches"]
 TOKEN_KINDS: tuple[str, ...] = get_args(TokenKind)
@@ -207,7 +217,7 @@ class ModelSpec(SpecModel):
 
     @model_validator(mode="after")
     def _source_needed(self) -> "ModelSpec":
-        if self.family != "imgfocus" and not self.source:
+        if MODEL_FAMILIES[self.family].needs_source and not self.source:
             raise ValueError(f"family {self.family!r} needs a `source`")
         return self
 
@@ -253,7 +263,7 @@ KNOWN_ARCHS: dict[str, Arch] = {
 
 
 def known_arch(model: ModelSpec) -> Arch | None:
-    return KNOWN_ARCHS.get("imgfocus" if model.family == "imgfocus" else (model.source or ""))
+    return KNOWN_ARCHS.get((model.source or "") if MODEL_FAMILIES[model.family].needs_source else model.family)
 
 
 def model_depth(model: ModelSpec) -> int | None:

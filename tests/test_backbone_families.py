@@ -64,8 +64,8 @@ def block_reference(model: torch.nn.Module, blocks, pixels: torch.Tensor, featur
 
 
 def test_every_registered_family_and_adapter_resolves():
-    for family, path in MODEL_FAMILIES.items():
-        module, _, name = path.partition(":")
+    for family, entry in MODEL_FAMILIES.items():
+        module, _, name = entry.loader.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), family
     for model_type, path in HF_ADAPTERS.items():
         adapter = import_object(path)

@@ -22,7 +22,7 @@ def load_backbone(spec: ModelSpec, cache_dir: Path, device: torch.device, seed: 
     library, or weights absent offline, raises `ModelUnavailable` at once with what is missing
     and where to put it.
     """
-    module, _, name = MODEL_FAMILIES[spec.family].partition(":")
+    module, _, name = MODEL_FAMILIES[spec.family].loader.partition(":")
     loader = getattr(importlib.import_module(module), name)
     return loader(source=spec.source, cache_dir=Path(cache_dir), random_init=spec.random_init,
                   image_size=spec.image_size, seed=seed, device=device)
