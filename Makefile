@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine:
 #   make demo   install, then `saev-report build specs/demo.yaml` (offline, CPU, minutes)
 #   make test   install, then the whole test suite (what CI runs)
+#   make test-fast   the suite without `slow` and `browser` tests (no install)
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE := 1
@@ -32,8 +33,9 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# The suite without the multi-process, whole-build and browser tests (markers in pyproject.toml): minutes, for iterating.
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow and not browser"
 
 # Build the wheel, install it (not editable) in a fresh venv and render a site with it (CI runs this).
 wheel-check:

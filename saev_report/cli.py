@@ -1,7 +1,8 @@
 """`saev-report`: build, check and query SAE reports of vision transformers.
 
 Exit codes: 0 ok, 1 a stage failed (a full disk included) or a query hit its time or
-memory bound, 2 bad input (spec, SQL, arguments), 3 a model or dataset is unavailable.
+memory bound, 2 bad input (spec, SQL, arguments), 3 a model or dataset is unavailable,
+4 the run is in use by another build.
 """
 
 from __future__ import annotations
