@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Debian packages: demo photos (tuxpaint stamps) and the headless browser for site tests.
 APT_PACKAGES := tuxpaint-stamps-default chromium chromium-driver
 
-.PHONY: install system-deps python-deps demo test test-fast wheel-check bench docs
+.PHONY: install system-deps python-deps demo test test-fast wheel-check bench docs docs-site
 
 install: system-deps python-deps
 
@@ -44,5 +44,10 @@ wheel-check:
 bench:
 	for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b --quick || exit 1; done
 
+# Regenerate the reference pages (docs/reference/{spec,tables,cli,spec-errors}.md) from the code.
 docs:
-	$(PYTHON) -m saev_report.docs README.md
+	$(PYTHON) -m saev_report.docs
+
+# The documentation site, built strictly (a broken link or anchor fails it) into site-docs/ (CI runs this).
+docs-site: docs
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --quiet

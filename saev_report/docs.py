@@ -166,11 +166,43 @@ def cli_page() -> str:
     return "\n".join(lines)
 
 
+BAD_SPECS = Path(__file__).resolve().parents[1] / "tests" / "data" / "bad_specs"
+
+
+def spec_errors_page() -> str:
+    """What `validate` answers to each mistake of the test corpus (tests/data/bad_specs), run now."""
+    from saev_report.spec import SpecError, parse_spec_text
+
+    lines = [GENERATED, "# What a mistaken spec gets", "",
+             "Each row is one spec of the test corpus (`tests/data/bad_specs/`, checked by `tests/test_spec.py`) "
+             "and the answer `saev-report validate` gives it, produced by the validator when this page was generated. "
+             "Every answer exits with code 2 and names the file, line and column.", "",
+             "| mistake | the spec (its first line is the test's expectation) | answer |", "|---|---|---|"]
+    for path in sorted(BAD_SPECS.glob("*.yaml")):
+        text = path.read_text()
+        try:
+            parse_spec_text(text, path.name, check_paths=True)
+            answer = "(accepted: the corpus expects an error)"
+        except SpecError as exc:
+            answer = "<br>".join(_cell(str(issue)) for issue in exc.issues)
+        shown = "<br>".join(_cell(line) for line in text.splitlines() if line.strip())
+        lines.append(f"| `{path.stem}` | <code>{shown}</code> | {answer} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell and HTML: escaped, pipes and spaces kept."""
+    import html
+
+    return html.escape(text).replace("|", "&#124;").replace("  ", "&nbsp;&nbsp;")
+
+
 # The one list of generated pages: path under the repository root → its generator.
 PAGES: dict[str, Callable[[], str]] = {
     "docs/reference/spec.md": spec_page,
     "docs/reference/tables.md": tables_page,
     "docs/reference/cli.md": cli_page,
+    "docs/reference/spec-errors.md": spec_errors_page,
 }
 
 
