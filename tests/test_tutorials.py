@@ -153,10 +153,9 @@ def test_every_block_says_how_it_is_tested(page: Path) -> None:
     assert missing == [], f"{page.name}: blocks without a `<!-- doctest: ... -->` directive"
 
 
-@pytest.mark.slow  # a real build (record, train, analyse, heads, …) of every tutorial, on tiny models
-@pytest.mark.parametrize("page", TUTORIALS, ids=[p.stem for p in TUTORIALS])
-def test_tutorial_runs_as_written(page: Path, tmp_path: Path) -> None:
-    work = tmp_path / "tutorial"
+def run_tutorial(page: Path, tmp: Path) -> Path:
+    """Every block of `page` in a fresh folder under `tmp`; returns that folder."""
+    work = tmp / "tutorial"
     work.mkdir()
     env = prepare(page, work)
     ran = 0
@@ -165,6 +164,41 @@ def test_tutorial_runs_as_written(page: Path, tmp_path: Path) -> None:
         run_block(directive, lang, body, work, env, page)
         ran += directive.startswith("doctest: run")
     assert ran > 0, f"{page.name}: no block ran"
+    return work
+
+
+@pytest.fixture(scope="module")
+def tutorial_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each tutorial run once, on demand (the screenshot test reuses the hypothesis tutorial's build)."""
+    class Runs(dict):
+        def __missing__(self, stem: str) -> Path:
+            page = next(p for p in TUTORIALS if p.stem == stem)
+            self[stem] = run_tutorial(page, tmp_path_factory.mktemp(stem))
+            return self[stem]
+
+    return Runs()
+
+
+@pytest.mark.slow  # a real build (record, train, analyse, heads, …) of every tutorial, on tiny models
+@pytest.mark.parametrize("page", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_tutorial_runs_as_written(page: Path, tutorial_runs: dict[str, Path]) -> None:
+    assert (tutorial_runs[page.stem] / "runs").is_dir()
+
+
+@pytest.mark.slow
+def test_the_screenshot_script_shoots_a_feature_and_a_concept_page(tutorial_runs: dict[str, Path], browser, tmp_path: Path) -> None:
+    """scripts/screenshots.py (the README's pictures) on a built site with concept experiments."""
+    from PIL import Image
+
+    site = tutorial_runs["hypothesis"] / "runs" / "hypothesis" / "site"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshots.py"), str(site), "--out", str(tmp_path)],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("feature.png", "concept.png"):
+        with Image.open(tmp_path / name) as shot:
+            assert shot.width == 1280 and shot.height >= 600
+            assert len(set(shot.convert("L").resize((64, 64)).getdata())) > 8  # a page, not a blank window
 
 
 def test_a_failing_block_fails_the_test(tmp_path: Path) -> None:
