@@ -128,7 +128,7 @@ def validate(
 
 @app.command()
 def schema(
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print the README's field reference instead of JSON schema.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the spec reference (docs/reference/spec.md) as Markdown instead of JSON schema.")] = False,
 ) -> None:
     """Print the spec's JSON schema (for editors such as yaml-language-server)."""
     if markdown:

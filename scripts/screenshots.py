@@ -3,6 +3,9 @@
     python scripts/screenshots.py                    # from runs/demo/site (after `make demo`)
     python scripts/screenshots.py runs/other/site --out /tmp/shots
 
+The committed pictures come from `scripts/screenshots.yaml` (the demo's photos and model, built
+smaller): `saev-report build scripts/screenshots.yaml && python scripts/screenshots.py runs/shots/site`.
+
 Writes `feature.png` (the feature page of the SAE's most label-pure feature with a full set of
 exemplars; `--feature N` picks another) and `concept.png` (the concept page whose top features
 remove the most of their concept; `--concept NAME` picks another) into `--out` (default

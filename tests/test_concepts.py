@@ -415,8 +415,8 @@ def test_dataset_labels_read_masks_and_memory_map_them(tmp_path):
 
 
 def _readme_query(comment: str) -> str:
-    """The SQL statement that follows `-- <comment>` in the README's examples."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    """The SQL statement that follows `-- <comment>` in the docs' examples (docs/how-to/query.md)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "how-to" / "query.md").read_text(encoding="utf-8")
     start = text.index(f"-- {comment}\n") + len(comment) + 4
     return text[start:text.index(";", start) + 1]
 

@@ -88,6 +88,11 @@ def test_readme_spec_validates() -> None:
     assert spec.run.name == "my-atlas" and spec.datasets["photos"].kind == "image_folder"
 
 
+def test_the_screenshot_spec_validates() -> None:
+    spec = parse_spec_text((ROOT / "scripts/screenshots.yaml").read_text(), "scripts/screenshots.yaml", check_paths=False)
+    assert spec.experiments, "the concept screenshot needs an experiment"
+
+
 def test_readme_has_no_measurement_diary() -> None:
     text = README.read_text()
     assert "measured" not in text.lower() and "## Performance" not in text
