@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Debian packages: demo photos (tuxpaint stamps) and the headless browser for site tests.
 APT_PACKAGES := tuxpaint-stamps-default chromium chromium-driver
 
-.PHONY: install system-deps python-deps demo test test-fast wheel-check bench docs docs-site
+.PHONY: install system-deps python-deps reference-venv demo test test-fast wheel-check bench docs docs-site
 
 install: system-deps python-deps
 
@@ -30,8 +30,20 @@ python-deps:
 demo: install
 	saev-report build specs/demo.yaml
 
-test: install
-	$(PYTHON) -m pytest -q
+# saev 0.1.0, the paper's code, in its own venv (cached): tests/test_reference_saev.py runs it as the
+# oracle for the SAE's update. It borrows this machine's torch (--system-site-packages) and installs only
+# the packages saev.nn imports, so it costs seconds, not another torch.
+REFERENCE_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/saev-report/reference-venv/saev-0.1.0
+reference-venv: $(REFERENCE_VENV)/.built
+$(REFERENCE_VENV)/.built:
+	$(PYTHON) -m venv --system-site-packages $(REFERENCE_VENV)
+	$(REFERENCE_VENV)/bin/python -m pip install -q --no-deps "saev==0.1.0"
+	$(REFERENCE_VENV)/bin/python -m pip install -q "beartype>=0.19" "einops>=0.8" "jaxtyping>=0.2.34"
+	PYTHONPATH= $(REFERENCE_VENV)/bin/python -c "import saev.nn, saev.config"
+	touch $@
+
+test: install reference-venv
+	SAEV_REPORT_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -q
 
 # The suite without the multi-process, whole-build and browser tests (markers in pyproject.toml): minutes, for iterating.
 test-fast:

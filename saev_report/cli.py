@@ -373,5 +373,42 @@ def list_tables(run: Annotated[Path, typer.Argument(help="Run directory, e.g. ru
     out.print(table)
 
 
+@app.command()
+def check(
+    run_or_spec: Annotated[Path, typer.Argument(help="A run directory (runs/demo) or the spec that built it.", show_default=False)],
+    strict: Annotated[bool, typer.Option("--strict", help="Count an inconclusive claim as failing too.")] = False,
+) -> None:
+    """Print the verdicts of the spec's `claims:` from the run's `claims` table (the one the Claims page shows).
+
+    Exit 0 when no claim fails, 1 when one fails (with `--strict`, or is inconclusive), 2 when the run
+    has no claims or cannot be read. A claim can gate CI like a test.
+    """
+    from saev_report.tables import QueryError, connect, fetch_arrow
+
+    run = _load(run_or_spec).run_dir if run_or_spec.is_file() else run_or_spec
+    try:
+        con = connect(run)
+        rows = fetch_arrow(con.sql("SELECT * FROM claims ORDER BY claim")).to_pylist()
+    except (QueryError, OSError) as exc:
+        _fail(str(exc), 2)
+    if not rows:
+        _fail(f"{run} has no claims: declare them in the spec's `claims:` section and build", 2)
+    table = Table(title=f"claims of {escape(str(run))}")
+    for col in ("claim", "verdict", "replicates", "evidence"):
+        table.add_column(col, overflow="fold")
+    colour = {"holds": "green", "fails": "red", "inconclusive": "yellow"}
+    for row in rows:
+        reps = ", ".join(f"{escape(s)}: {v}" for s, v in zip(row["replicates"] or [], row["replicate_verdicts"] or []))
+        table.add_row(escape(row["claim"]), f"[{colour.get(row['verdict'], 'white')}]{row['verdict']}[/]", reps, escape(row["summary"] or ""))
+    out.print(table)
+    first = rows[0]
+    out.print(f"{len(rows)} claim(s); {first['family_size']} test(s) in the corrected family ({first['correction']}, α = {first['alpha']:g}); "
+              f"{first['confidence']:.0%} intervals", highlight=False)
+    failing = [r["claim"] for r in rows if r["verdict"] == "fails" or (strict and r["verdict"] == "inconclusive")]
+    if failing:
+        err.print(f"[bold red]{len(failing)} claim(s) {'do not hold' if strict else 'fail'}:[/] {escape(', '.join(failing))}", highlight=False)
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

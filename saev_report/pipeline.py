@@ -96,6 +96,9 @@ def publish_tables(stage_list: list[Stage], run_dir: Path) -> Path:
         out = stage.out_dir(run_dir)
         for part in sorted(out.glob("tables/*/*.parquet")):
             table = part.parent.name
+            if table not in stage.kind.writes:  # a code bug, not bad input: the declaration is the contract
+                raise RuntimeError(f"stage {stage.name} wrote a part of table {table!r}, which its kind does not declare "
+                                   f"(writes: {', '.join(stage.kind.writes) or 'nothing'})")
             target = staging / table / f"{stage.kind.name}-{stage.label}-{part.stem}.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
             try:

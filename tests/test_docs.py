@@ -134,7 +134,7 @@ def test_the_sql_check_catches_a_wrong_column() -> None:
 def test_yaml_examples_parse() -> None:
     for page in PAGES:
         for block in fenced_blocks(page.read_text(), "yaml"):
-            assert isinstance(yaml.safe_load(block), dict), page
+            assert yaml.safe_load(block) is not None, page  # a spec or a fragment of one (a list of claims, say)
 
 
 # --------------------------------------------------------------------------- links and anchors

@@ -29,6 +29,8 @@ from headless import open_page as _open
 from headless import severe as _severe
 from saev_report.render import addresses as addr
 from saev_report.render import charts, heatmaps, overlays
+from saev_report.render import builder as builder_mod
+from saev_report.render import features as features_mod
 from saev_report.render import site as site_mod
 from saev_report.render.site import build_site
 from saev_report.render.synthetic import SyntheticRun, SyntheticSAE, write_synthetic_run
@@ -456,8 +458,8 @@ def test_a_template_only_rebuild_reuses_the_page_contexts_and_changed_tables_do_
     first = build_site(run_dir, tmp_path / "a", REPORT, workers=1)
     pages_a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a" / "features").rglob("*.html")}
     built_chunks = []
-    real = site_mod.SiteBuilder.render_feature_chunk
-    monkeypatch.setattr(site_mod.SiteBuilder, "render_feature_chunk", lambda self, *a, **k: (built_chunks.append(a[1]), real(self, *a, **k)))
+    real = features_mod.FeaturePages.render_feature_chunk
+    monkeypatch.setattr(features_mod.FeaturePages, "render_feature_chunk", lambda self, *a, **k: (built_chunks.append(a[1]), real(self, *a, **k)))
     second = build_site(run_dir, tmp_path / "b", REPORT.model_copy(update={"title": "Retitled"}), workers=1)
     pages_b = {p.relative_to(tmp_path / "b"): p.read_bytes().replace(b"Retitled", REPORT.title.replace("<", "&lt;").replace(">", "&gt;").encode())
                for p in (tmp_path / "b" / "features").rglob("*.html")}
@@ -477,9 +479,9 @@ def test_process_pool_path_draws_the_same_files(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 12)], edits=False, matches=False))
     inline = build_site(run_dir, tmp_path / "a", REPORT, workers=1)
-    monkeypatch.setattr(site_mod, "POOL_MIN_JOBS", 1)
-    monkeypatch.setattr(site_mod, "PAGE_POOL_MIN_PAGES", 1)
-    monkeypatch.setattr(site_mod, "PAGES_PER_TASK", 3)
+    monkeypatch.setattr(builder_mod, "POOL_MIN_JOBS", 1)
+    monkeypatch.setattr(builder_mod, "PAGE_POOL_MIN_PAGES", 1)
+    monkeypatch.setattr(builder_mod, "PAGES_PER_TASK", 3)
     pooled = build_site(run_dir, tmp_path / "b", REPORT, workers=2)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "img").rglob("*.jpg"))
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / "img").rglob("*.jpg"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saev_report.spec import AnalysisSpec, DatasetSpec, SAESpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_dataset, table_part, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_dataset, table_part, take
 from saev_report.stages.images import ImagesOut
 from saev_report.stages.record import RecordOut
 from saev_report.stages.train import TrainOut
@@ -108,4 +108,6 @@ def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path:
 
 # `parallel`: every rank scans a contiguous range of whole batches of the images and
 # `analyse.ScanResult.merge_ranks` merges them exactly; rank 0 writes the tables.
-ANALYSE = StageKind(name="analyse", version=5, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True)
+ANALYSE = StageKind(name="analyse", version=5, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True,
+                     reads={"record": Role(RecordOut), "train": Role(TrainOut), "images": Role(ImagesOut)},
+                     writes=("features", "exemplars", "quantile_exemplars", "class_split", "similar_features", "concepts", "saes"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from saev_report.progress import log
 from saev_report.spec import DatasetSpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_dataset, table_part
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_dataset, table_part
 
 
 class ImagesParams(StageParams):
@@ -33,4 +33,4 @@ def images(params: ImagesParams, inputs: Inputs, out_dir: Path) -> None:
     log(f"  {len(rows)} image(s) in {params.dataset_key}")
 
 
-IMAGES = StageKind(name="images", version=2, params=ImagesParams, out=ImagesOut, action=images)
+IMAGES = StageKind(name="images", version=2, params=ImagesParams, out=ImagesOut, action=images, writes=("images",))

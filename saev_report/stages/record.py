@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saev_report.spec import DatasetSpec, Dtype, ModelSpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_backbone, open_dataset
 
 
 class RecordParams(StageParams):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saev_report.spec import DatasetSpec, Dtype, ModelSpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_backbone, open_dataset
 from saev_report.stages.record import RecordOut
 
 
@@ -77,4 +77,4 @@ def tokens(params: TokensParams, inputs: Inputs, out_dir: Path) -> None:
     )
 
 
-TOKENS = StageKind(name="tokens", version=1, params=TokensParams, out=TokensOut, action=tokens)
+TOKENS = StageKind(name="tokens", version=1, params=TokensParams, out=TokensOut, action=tokens, reads={"record": Role(RecordOut, optional=True)})
