@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine:
 #   make demo   install, then `saev-report build specs/demo.yaml` (offline, CPU, minutes)
 #   make test   install, then the whole test suite (what CI runs)
+#   make test-fast   the suite without `slow` and `browser` tests (no install)
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE := 1
@@ -9,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Debian packages: demo photos (tuxpaint stamps) and the headless browser for site tests.
 APT_PACKAGES := tuxpaint-stamps-default chromium chromium-driver
 
-.PHONY: install system-deps python-deps reference-venv demo test test-fast wheel-check bench docs
+.PHONY: install system-deps python-deps reference-venv demo test test-fast wheel-check bench docs docs-site
 
 install: system-deps python-deps
 
@@ -44,8 +45,9 @@ $(REFERENCE_VENV)/.built:
 test: install reference-venv
 	SAEV_REPORT_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -q
 
+# The suite without the multi-process, whole-build and browser tests (markers in pyproject.toml): minutes, for iterating.
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow and not browser"
 
 # Build the wheel, install it (not editable) in a fresh venv and render a site with it (CI runs this).
 wheel-check:
@@ -54,5 +56,10 @@ wheel-check:
 bench:
 	for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b --quick || exit 1; done
 
+# Regenerate the reference pages (docs/reference/{spec,tables,cli,spec-errors}.md) from the code.
 docs:
-	$(PYTHON) -m saev_report.docs README.md --architecture docs/ARCHITECTURE.md
+	$(PYTHON) -m saev_report.docs
+
+# The documentation site, built strictly (a broken link or anchor fails it) into site-docs/ (CI runs this).
+docs-site: docs
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --quiet

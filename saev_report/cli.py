@@ -1,7 +1,8 @@
 """`saev-report`: build, check and query SAE reports of vision transformers.
 
 Exit codes: 0 ok, 1 a stage failed (a full disk included) or a query hit its time or
-memory bound, 2 bad input (spec, SQL, arguments), 3 a model or dataset is unavailable.
+memory bound, 2 bad input (spec, SQL, arguments), 3 a model or dataset is unavailable,
+4 the run is in use by another build.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def validate(
 
 @app.command()
 def schema(
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print the README's field reference instead of JSON schema.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the spec reference (docs/reference/spec.md) as Markdown instead of JSON schema.")] = False,
 ) -> None:
     """Print the spec's JSON schema (for editors such as yaml-language-server)."""
     if markdown:

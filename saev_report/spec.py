@@ -1,8 +1,8 @@
 """The YAML spec: every declarative input of a saev-report build.
 
 Every type here is a pydantic model whose attribute docstrings are the field
-documentation: they become the README's spec reference (`saev-report schema
---markdown`) and the JSON schema editors use (`saev-report schema`).
+documentation: they become the spec reference, docs/reference/spec.md (`saev-report schema
+--markdown`; `python -m saev_report.docs` writes it) and the JSON schema editors use (`saev-report schema`).
 
 `load_spec(path)` parses YAML, validates it and checks cross references
 (a head naming an undeclared model, say). Every problem is reported as a

@@ -1,7 +1,7 @@
 """Parquet tables and the read-only DuckDB views over them.
 
 Every table a build writes is declared here with its columns and their meaning;
-the README's table reference is generated from `TABLES`. Stages write parts of
+the table reference (docs/reference/tables.md) is generated from `TABLES`. Stages write parts of
 tables (`write_table`) inside their own cached output directories; the
 pipeline's publish step links the current parts into `<run>/tables/<table>/`,
 and `connect(run_dir)` exposes each folder as a DuckDB view that no SQL can write through.
@@ -626,7 +626,7 @@ def read_table(run_dir: Path, table: str, where: str = "") -> pa.Table:
 
 
 def table_reference_markdown(tables: Iterable[TableDef] | None = None) -> str:
-    """README section documenting every table and column."""
+    """The table reference: every table and column (docs/reference/tables.md)."""
     out = []
     for t in tables or TABLES.values():
         out.append(f"### `{t.name}`\n\n{t.doc}\n\n| column | type | meaning |\n|---|---|---|")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from saev_report.graph import build_stages
 from saev_report.spec import Spec, parse_spec_text
@@ -96,8 +98,31 @@ def test_every_kind_is_declared_in_one_shape() -> None:
         assert issubclass(kind.params, StageParams) and kind.params.model_config["frozen"]
         assert issubclass(kind.out, StageOut)
         assert list(inspect.signature(kind.action).parameters) == ["params", "inputs", "out_dir"]
-        # No action is handed the spec: no params model has a field of type Spec.
-        assert all(f.annotation is not Spec for f in kind.params.model_fields.values())
+        # No action is handed the spec: no params field holds a Spec, however deeply it is wrapped.
+        assert not _holds_spec(kind.params), kind.name
+
+
+def _holds_spec(annotation: Any, seen: frozenset = frozenset()) -> bool:
+    """Whether a value of this type can contain a `Spec`: the type itself, a subclass, a `Spec | None`,
+    a `list[Spec]` / `dict[str, Spec]`, or a pydantic model with such a field at any depth."""
+    if annotation in seen:
+        return False
+    if isinstance(annotation, type) and issubclass(annotation, Spec):
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return any(_holds_spec(f.annotation, seen | {annotation}) for f in annotation.model_fields.values())
+    return any(_holds_spec(arg, seen) for arg in typing.get_args(annotation))
+
+
+class _Nested(BaseModel):
+    spec: Spec
+
+
+@pytest.mark.parametrize("annotation", [Spec, Spec | None, list[Spec], dict[str, Spec], typing.Optional[_Nested],
+                                        type("Sub", (Spec,), {})])
+def test_the_spec_check_sees_through_wrappers(annotation: Any) -> None:
+    assert _holds_spec(annotation)
+    assert not _holds_spec(list[int] | None)
 
 
 def test_stage_refuses_params_of_another_kind() -> None:
