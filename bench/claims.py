@@ -17,6 +17,7 @@ of each concept, n = 2 … all), the figure to choose `n_images` by.
     python bench/claims.py                 # both heads, all concepts (~2 min on 2 cores)
     python bench/claims.py --quick         # 2 concepts a head
     python bench/claims.py --run runs/demo # + the interval width against n on a real build
+    python bench/claims.py --run runs/demo --skip-timing   # only that
 """
 
 from __future__ import annotations
@@ -90,29 +91,32 @@ def _stats(rows: list[dict]) -> Timer:
     return t
 
 
-def narrowing(run: Path) -> None:
-    """The fixed segmentation claim's concept-arm intervals at m = 4, factor −1, on the first n images of each concept."""
+def narrowing(run: Path, m: int = 4, factor: float = -1.0) -> None:
+    """The segmentation claim's concept-arm intervals at (m, factor), on the first n images of each concept."""
     from saev_report.spec import StatsSpec
     from saev_report.tables import read_table
 
-    rows = read_table(run, "experiments", "WHERE task = 'segmentation' AND m = 4 AND factor = -1").to_pylist()
+    rows = read_table(run, "experiments", f"WHERE task = 'segmentation' AND m = {int(m)} AND factor = {float(factor)}").to_pylist()
     if not rows:
-        print(f"{run}: no segmentation rows at m = 4, factor −1")
+        print(f"{run}: no segmentation rows at m = {m}, factor {factor:g}")
         return
     stats = StatsSpec(n_resamples=2000)
     first = {}
     for r in rows:
         first.setdefault((r["sae_id"], r["concept"]), set()).add(r["image_idx"])
     n_max = max(len(v) for v in first.values())
-    print(f"\nInterval width against images per concept ({run}, m = 4, factor −1, concept arm; median over concepts):")
+    print(f"\nInterval width against images per concept ({run}, m = {m}, factor {factor:g}, concept arm; median over concepts):")
     print(f"{'n':>3} | {'removed share: width':>22} | {'side effect: width':>19} | side effect of each concept [lo, hi]")
     for n in range(2, n_max + 1):
         keep = [r for r in rows if r["image_idx"] in sorted(first[(r["sae_id"], r["concept"])])[:n]]
         summary = [s for s in cl.summarise_rows(keep, stats) if s["arm"] == "concept"]
-        w_removed = np.median([s["removed_frac_hi"] - s["removed_frac_lo"] for s in summary if s["removed_frac_lo"] is not None])
-        w_side = np.median([s["other_changed_frac_hi"] - s["other_changed_frac_lo"] for s in summary])
+        def width(name: str) -> float:
+            widths = [s[f"{name}_hi"] - s[f"{name}_lo"] for s in summary if s[f"{name}_lo"] is not None]
+            return float(np.median(widths)) if widths else float("nan")
+
+        w_removed, w_side = width("removed_frac"), width("other_changed_frac")
         sides = ", ".join(f"{s['concept']} [{100 * s['other_changed_frac_lo']:.1f}, {100 * s['other_changed_frac_hi']:.1f}]"
-                          for s in summary if s["sae_id"].endswith("s0") and "topk" in s["sae_id"])
+                          for s in summary if s["sae_id"] == summary[0]["sae_id"] and s["other_changed_frac_lo"] is not None)
         print(f"{n:>3} | {w_removed:>22.3f} | {w_side:>19.4f} | {sides}")
 
 
@@ -120,9 +124,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 concepts a head")
     parser.add_argument("--run", type=Path, default=None, help="a built run: also print the interval width against n")
+    parser.add_argument("--m", type=int, default=4, help="with --run: the setting's m")
+    parser.add_argument("--factor", type=float, default=-1.0, help="with --run: the setting's factor")
+    parser.add_argument("--skip-timing", action="store_true", help="with --run: only the interval widths")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("SAEV_REPORT_CACHE", Path.home() / ".cache" / "saev-report")))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.run is not None and args.skip_timing:
+        narrowing(args.run, args.m, args.factor)
+        return
     total_exp = total_stats = total_exp_cpu = total_stats_cpu = 0.0
     for task in ("segmentation", "classification"):
         rows, t_exp = _rows(task, 2 if args.quick else None, args.cache)
@@ -134,7 +144,7 @@ def main() -> None:
         total_exp_cpu, total_stats_cpu = total_exp_cpu + t_exp.cpu, total_stats_cpu + t_stats.cpu
     print(f"\nstatistics / experiments, both heads: {total_stats / total_exp:.3f} wall, {total_stats_cpu / total_exp_cpu:.3f} CPU (goal ≤ 0.10)")
     if args.run is not None:
-        narrowing(args.run)
+        narrowing(args.run, args.m, args.factor)
 
 
 if __name__ == "__main__":

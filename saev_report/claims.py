@@ -489,10 +489,18 @@ WITH best AS (
 SELECT sae_id, count(*) FILTER (WHERE lift >= ?) AS n_lift, count(*) FILTER (WHERE null_lift >= ?) AS n_null
 FROM best GROUP BY sae_id
 """
-"""Per SAE: live features whose best concept reaches the AP lift, and the same under the permuted-label null."""
+"""Per SAE: live features whose best concept reaches the AP lift, and the same under the (first) permuted-label null."""
+
+NULL_COUNTS_SQL = """
+SELECT n.sae_id, n.permutation, count(*) FILTER (WHERE n.best_lift >= ?) AS n_null
+FROM concept_nulls n JOIN features f USING (sae_id, feature)
+WHERE n.level = ? AND NOT f.dead GROUP BY ALL ORDER BY n.sae_id, n.permutation
+"""
+"""Per SAE and null permutation: live features whose best lift under those labels reaches the threshold."""
 
 
-def _ap_lift_claim(work: _ClaimWork, counts: Mapping[tuple[str, str, float], tuple[int, int]]) -> None:
+def _ap_lift_claim(work: _ClaimWork, counts: Mapping[tuple[str, str, float], tuple[int, int]],
+                   null_counts: Mapping[tuple[str, str, float], list[int]]) -> None:
     claim = work.resolved.claim
     assert isinstance(claim, APLiftClaim)
     control = counts.get((str(work.resolved.control_sae_id), claim.level, claim.threshold))
@@ -503,14 +511,19 @@ def _ap_lift_claim(work: _ClaimWork, counts: Mapping[tuple[str, str, float], tup
             work.fixed_verdicts[r] = "inconclusive"
             continue
         n, n_null = own
+        nulls = null_counts.get((sae_id, claim.level, claim.threshold)) or [n_null]
         base = {"sae_id": sae_id, "seed": work.resolved.seeds[r], "check": "threshold", "metric": f"features with AP lift ≥ {claim.threshold:g}",
                 "images": "all", "estimate": float(n)}
         vs_control = "pass" if n >= claim.times * control[0] else "fail"
-        vs_null = "pass" if n > n_null else "fail"
+        vs_null = "pass" if n > max(nulls) else "fail"
+        if len(nulls) > 1:  # more than every permutation's count: a permutation test at p ≤ 1 / (permutations + 1)
+            null_label = f"> every one of {len(nulls)} label permutations' counts (max {max(nulls)}; p ≤ 1/{len(nulls) + 1})"
+        else:
+            null_label = f"> the permuted-label null's {nulls[0]}"
         work.checks.append(_Check({**base, "label": f"≥ {claim.times:g} × the control's {control[0]}", "arm": "control",
                                    "threshold": claim.times * control[0], "bound": "min", "outcome": vs_control}, r, None))
-        work.checks.append(_Check({**base, "label": f"> the permuted-label null's {n_null}", "arm": "null",
-                                   "threshold": float(n_null), "bound": "min", "outcome": vs_null}, r, None))
+        work.checks.append(_Check({**base, "label": null_label, "arm": "null",
+                                   "threshold": float(max(nulls)), "bound": "min", "outcome": vs_null}, r, None))
         work.fixed_verdicts[r] = "holds" if vs_control == vs_null == "pass" else "fails"
 
 
@@ -532,7 +545,8 @@ def _concept_verdict(checks: Sequence[_Check]) -> str:
 
 
 def evaluate(claims: Sequence[ResolvedClaim], groups: Mapping[GroupKey, Group], splice: Sequence[Mapping[str, Any]],
-             ap_counts: Mapping[tuple[str, str, float], tuple[int, int]], spec: StatsSpec, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+             ap_counts: Mapping[tuple[str, str, float], tuple[int, int]], spec: StatsSpec, seed: int,
+             null_counts: Mapping[tuple[str, str, float], list[int]] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(`claims` rows, `claim_evidence` rows) of every claim; the tests of all claims form one
     family, corrected together (`spec.correction`)."""
     works = [_ClaimWork(c) for c in claims]
@@ -543,7 +557,7 @@ def evaluate(claims: Sequence[ResolvedClaim], groups: Mapping[GroupKey, Group], 
         elif isinstance(claim, SplicedClaim):
             _spliced_claim(work, splice)
         else:
-            _ap_lift_claim(work, ap_counts)
+            _ap_lift_claim(work, ap_counts, null_counts or {})
     tests = [c for w in works for c in w.checks if c.row["check"] == "test"]
     adjusted = stats.correct([c.row["p_value"] if c.row["p_value"] is not None else math.nan for c in tests], spec.correction)
     family = int(np.isfinite(adjusted).sum())
@@ -599,6 +613,17 @@ def _summary_line(work: _ClaimWork, verdicts: Sequence[str], need: int) -> str:
     return "; ".join(parts)
 
 
+def null_lift_counts(con: Any, claims: Sequence[ResolvedClaim]) -> dict[tuple[str, str, float], list[int]]:
+    """(sae_id, level, threshold) → the count of features reaching the lift under each null permutation (`concept_nulls`)."""
+    out: dict[tuple[str, str, float], list[int]] = {}
+    for c in claims:
+        if not isinstance(c.claim, APLiftClaim):
+            continue
+        for sae_id, _, n in con.execute(NULL_COUNTS_SQL, [c.claim.threshold, c.claim.level]).fetchall():
+            out.setdefault((sae_id, c.claim.level, c.claim.threshold), []).append(int(n))
+    return out
+
+
 def ap_lift_counts(con: Any, claims: Sequence[ResolvedClaim]) -> dict[tuple[str, str, float], tuple[int, int]]:
     """(sae_id, level, threshold) → (features reaching the AP lift, the same under permuted labels)."""
     out: dict[tuple[str, str, float], tuple[int, int]] = {}
@@ -611,4 +636,4 @@ def ap_lift_counts(con: Any, claims: Sequence[ResolvedClaim]) -> dict[tuple[str,
 
 
 __all__ = ["EFFECT_METRIC", "edit_summary_rows", "METRICS", "Metric", "PER_IMAGE_SQL", "VERDICTS", "ap_lift_counts", "evaluate",
-           "per_image", "splice_summary_rows", "summarise_rows", "split_images", "statement", "summary_rows"]
+           "null_lift_counts", "per_image", "splice_summary_rows", "summarise_rows", "split_images", "statement", "summary_rows"]

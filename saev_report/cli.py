@@ -437,5 +437,54 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command(name="sae-check")
+def sae_check(
+    source: Annotated[str, typer.Argument(help="A published SAE: a file, a folder, or a hub repo id in the local HF cache (`owner/name[/sub/folder]`).", show_default=False)],
+    acts: Annotated[Optional[Path], typer.Option(help="Activations (`.npy`, n × d) of the declared model and layer: L0, MSE and FVU are recomputed on them and compared with the stated ones.")] = None,
+    select: Annotated[Optional[str], typer.Option(help="Which SAE of a folder holding several (a saev manifest run id, a SAELens sub-folder).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Declared model, checked against the checkpoint's.")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="Declared layer (saev-report's numbering: block L counted from 1).")] = None,
+    normalization: Annotated[Optional[str], typer.Option(help="Declared normalisation: none, mean_and_scale, scale, per_token_norm, layer_norm.")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="Declared SAE kind.")] = None,
+    k: Annotated[Optional[int], typer.Option(help="Declared k (TopK / BatchTopK).")] = None,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Write the checked SAE here as a saev-report checkpoint (config.json + sae.safetensors).")] = None,
+) -> None:
+    """Load a published SAE (saev, SAELens), check it against what you declare and, with `--acts`,
+    against its own stated metrics. A mislabelled checkpoint exits with code 2."""
+    import numpy as np
+    import torch
+    from pydantic import ValidationError
+
+    from saev_report.published import DeclaredSAE, PublishedSAESpec, load_published, save_published
+
+    try:
+        declared = DeclaredSAE(model=model, layer=layer, normalization=normalization, kind=kind, k=k)
+    except ValidationError as exc:
+        _fail("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()), 2)
+    acts_nd = None
+    if acts is not None:
+        if acts.suffix != ".npy" or not acts.is_file():
+            _fail(f"--acts {acts}: expected an existing .npy file of shape (n, d)", 2)
+        array = np.load(acts, mmap_mode="r")
+        if array.ndim != 2:
+            _fail(f"--acts {acts}: shape {array.shape}, expected (n, d)", 2)
+        acts_nd = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the map is read-only
+    with user_errors(err, _debug()):
+        sae, pub, check = load_published(PublishedSAESpec(source=source, select=select, declared=declared), acts_nd)
+    out.print(escape(pub.describe()), highlight=False)
+    facts = {"model": pub.model, "layer": pub.layer, "hook": pub.hook, "dataset": pub.dataset, "normalisation": pub.normalization}
+    out.print(escape("  " + ", ".join(f"{key} {value}" for key, value in facts.items() if value is not None)), highlight=False)
+    for note in pub.notes:
+        out.print(escape(f"  note: {note}"), highlight=False)
+    for line in check.lines if check else ["not checked against its stated metrics: pass --acts"]:
+        out.print(escape(f"  {line}"), highlight=False)
+    if save is not None:
+        with user_errors(err, _debug()), _disk_full_ends_cleanly([save]):
+            save_published(sae, pub, check, save)
+        out.print(escape(f"  saved as a saev-report checkpoint in {save}"), highlight=False)
+    if check is not None:
+        out.print(f"ok: loaded as saev-report {sae.kind} SAE, checked on {check.measured.n} activations", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -205,12 +205,12 @@ def head_data_concepts(
     per patch is kept, so memory is the histograms plus one batch of codes. Unreadable images are
     skipped. Empty tables when the dataset has no labels at `level`.
     """
-    labels = level_labels(dataset, level, backbone.layout.grid, seed, patch_path)
+    labels = level_labels(dataset, level, backbone.layer_layout(layer).grid, seed, patch_path)
     if labels is None:
         log(f"  [yellow]ranking[/]: {dataset.key} has no {level}-level concept labels")
         return {key: to_arrow("concepts", []) for key in saes}
     backbone.eval()
-    patches = backbone.layout.patch_slice
+    patches = backbone.layer_layout(layer).patch_slice
     stats: dict[str, ConceptStats] = {}
     n = len(dataset.records)
     for start in track(range(0, n, batch_size), f"ranking on {dataset.key}", unit="batch"):
@@ -385,7 +385,7 @@ def run_experiment(
         log(f"  [yellow]experiment {name}[/]: no {level}-level concept of {sae_id} is a class of head {head_key} "
             f"(concepts: {', '.join(list(ranked)[:5]) or 'none'}; head classes: {', '.join(head.classes[:5])}); nothing to test")
     seg_classes = dataset.seg_classes or []
-    grid, n_seg = backbone.layout.grid, len(seg_classes)
+    grid, n_seg = backbone.layer_layout(layer).grid, len(seg_classes)  # the SAE's patches, where edits land
     needs_masks = level == "patch" or "concept" in wheres
     patch_class_of: dict[int, Tensor] = {}
     if needs_masks:
@@ -410,7 +410,7 @@ def run_experiment(
         if tokens is None:
             continue
         acts_td, final_td, size = tokens
-        captured = CapturedImage(layer, acts_td, final_td, sae.encode(acts_td[backbone.layout.patch_slice]))
+        captured = CapturedImage(layer, acts_td, final_td, sae.encode(acts_td[backbone.layer_layout(layer).patch_slice]))
         edits = []
         for concept, trial in jobs[position]:
             seg_id = class_index(seg_classes, concept)
@@ -429,7 +429,7 @@ def run_experiment(
                 "experiment": name, "sae_id": sae_id, "head": head_key, "task": head.task, "level": level,
                 "concept": concept, "arm": trial.arms.arm, "arm_source": trial.arms.source, "draw": trial.arms.draw, "m": trial.arms.m,
                 "factor": trial.factor, "where": trial.where, "features": list(trial.arms.features),
-                "n_patches_edited": len(edit.patches) if edit.patches != "all" else backbone.layout.n_patches,
+                "n_patches_edited": len(edit.patches) if edit.patches != "all" else backbone.layer_layout(layer).n_patches,
                 "dataset": dataset.key, "image_idx": dataset.records[position].index, "rank_dataset": rank_dataset, **measure,
             })
     return rows
@@ -523,7 +523,7 @@ def spliced_scores(
         acts_btd, clean_btd = _splice_inputs(backbone, sources, layer)
         ablated_btd = None
         for sae_key, sae in saes.items():
-            spliced, ablated = spliced_tokens(acts_btd, sae, backbone.layout.patch_slice, mean_d)
+            spliced, ablated = spliced_tokens(acts_btd, sae, backbone.layer_layout(layer).patch_slice, mean_d)
             if ablated_btd is None:
                 ablated_btd = backbone.resume(ablated, layer)
             finals = {"clean": clean_btd, "spliced": backbone.resume(spliced, layer), "ablated": ablated_btd}

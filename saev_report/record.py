@@ -89,6 +89,13 @@ def shard_images(tokens_per_image: int, d_model: int, dtype: str, batch_size: in
     return max(batch_size, per_shard // batch_size * batch_size)
 
 
+def source_shape(backbone: Backbone, source: int | str) -> tuple[TokenLayout, int]:
+    """Token layout and width of a store's source: a layer's (a CNN's differ per stage) or the final tokens'."""
+    if source == "final":
+        return backbone.layout, backbone.d_model
+    return backbone.layer_layout(int(source)), backbone.layer_width(int(source))
+
+
 def record_activations(
     backbone: Backbone,
     dataset: ImageDataset,
@@ -103,14 +110,14 @@ def record_activations(
     num_workers: int | None = None,
 ) -> dict[str, Path]:
     """Fill every store in `stores` for every image of `dataset`, one forward pass per batch."""
-    layout = backbone.layout
     writers: dict[str, ShardWriter] = {}
     for request in stores:
-        meta = StoreMeta.create(model=model_key, layer=request.source, dataset=dataset.key, d_model=backbone.d_model,
+        layout, width = source_shape(backbone, request.source)
+        meta = StoreMeta.create(model=model_key, layer=request.source, dataset=dataset.key, d_model=width,
                                 dtype=dtype, token_kinds=list(request.tokens), layout=layout)
-        per_shard = shard_images(meta.tokens_per_image, backbone.d_model, dtype, batch_size, shard_mb)
+        per_shard = shard_images(meta.tokens_per_image, width, dtype, batch_size, shard_mb)
         writers[request.name] = ShardWriter(out_dir / request.name, meta, per_shard)
-    token_idx = {r.name: layout.indices(r.tokens) for r in stores}
+    token_idx = {r.name: source_shape(backbone, r.source)[0].indices(r.tokens) for r in stores}
     layers = sorted({r.source for r in stores if r.source != "final"})
     final = any(r.source == "final" for r in stores)
     # Stores are written shard by shard in lock-step; after a kill, align them on the shortest.

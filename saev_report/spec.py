@@ -148,7 +148,26 @@ KNOWN_DATASET_SIZES: dict[tuple[str, str], int] = {
 
 # --------------------------------------------------------------------------- models
 
-Family = Literal["hf", "timm", "open_clip", "imgfocus"]
+@dataclass(frozen=True)
+class ModelFamily:
+    """One entry of `MODEL_FAMILIES`."""
+
+    loader: str
+    """`module:function` that builds the family's `Backbone` (imported only when used)."""
+    needs_source: bool = True
+    """Whether a spec must name the model (`source`); a family of one model does not."""
+
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    "hf": ModelFamily("saev_report.backbones.hf:load_hf"),
+    "timm": ModelFamily("saev_report.backbones.timm_family:load_timm"),
+    "open_clip": ModelFamily("saev_report.backbones.open_clip_vit:load_open_clip"),
+    "imgfocus": ModelFamily("saev_report.backbones.imgfocus:load_imgfocus", needs_source=False),
+}
+"""Model family → its loader. Within a family the loader picks the adapter by the model itself:
+`hf` by the config's `model_type` (`backbones.hf.HF_ADAPTERS`), `timm` by the model's class
+(`backbones.timm_family.TIMM_ADAPTERS`). A family without a source is its own `KNOWN_ARCHS` key."""
+Family = Literal[tuple(MODEL_FAMILIES)]  # type: ignore[valid-type]
 TokenKind = Literal["cls", "registers", "patches"]
 TOKEN_KINDS: tuple[str, ...] = get_args(TokenKind)
 """Every token kind, in the order they sit in a ViT's residual stream (and in every store)."""
@@ -158,8 +177,12 @@ class ModelSpec(SpecModel):
     """A vision transformer to study."""
 
     family: Family
-    """Adapter family: `hf` (transformers CLIPVisionModel / Dinov2Model / SiglipVisionModel),
-    `timm` (VisionTransformer), `open_clip`, or `imgfocus` (the offline DINOv2 ViT-S/14)."""
+    """Adapter family: `hf` (transformers Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
+    CLIPVisionModel, SiglipVisionModel — SigLIP and fixed-resolution SigLIP 2 — and
+    Siglip2VisionModel, SigLIP 2 NaFlex at a fixed size), `timm`
+    (VisionTransformer, Eva — Perception Encoder PE-Core and PE-Spatial — and ConvNeXt, whose
+    stages are the layers), `open_clip` (its own ViTs and timm-trunk towers), or `imgfocus` (the
+    offline DINOv2 ViT-S/14)."""
     source: str | None = None
     """Hub id (`facebook/dinov2-base`), open_clip `ARCH/PRETRAINED` (`ViT-B-16/openai`), timm
     name, or a local directory. Not used by `imgfocus`."""
@@ -194,7 +217,7 @@ class ModelSpec(SpecModel):
 
     @model_validator(mode="after")
     def _source_needed(self) -> "ModelSpec":
-        if self.family != "imgfocus" and not self.source:
+        if MODEL_FAMILIES[self.family].needs_source and not self.source:
             raise ValueError(f"family {self.family!r} needs a `source`")
         return self
 
@@ -224,6 +247,14 @@ KNOWN_ARCHS: dict[str, Arch] = {
     "facebook/dinov2-large": Arch(24, 1024, 14, 224),
     "facebook/dinov2-with-registers-base": Arch(12, 768, 14, 224, n_registers=4),
     "google/siglip-base-patch16-224": Arch(12, 768, 16, 224, has_cls=False),
+    "google/siglip2-base-patch16-224": Arch(12, 768, 16, 224, has_cls=False),
+    "facebook/dinov3-vits16-pretrain-lvd1689m": Arch(12, 384, 16, 224, n_registers=4),
+    "facebook/dinov3-vitb16-pretrain-lvd1689m": Arch(12, 768, 16, 224, n_registers=4),
+    "facebook/dinov3-vitl16-pretrain-lvd1689m": Arch(24, 1024, 16, 224, n_registers=4),
+    "vit_base_patch16_siglip_224.v2_webli": Arch(12, 768, 16, 224, has_cls=False),
+    "vit_pe_core_base_patch16_224": Arch(12, 768, 16, 224),
+    "vit_pe_core_large_patch14_336": Arch(24, 1024, 14, 336),
+    "vit_pe_spatial_base_patch16_512": Arch(12, 768, 16, 512),
     "vit_base_patch16_224": Arch(12, 768, 16, 224),
     "vit_small_patch16_224": Arch(12, 384, 16, 224),
     "vit_base_patch14_dinov2": Arch(12, 768, 14, 224),
@@ -232,7 +263,7 @@ KNOWN_ARCHS: dict[str, Arch] = {
 
 
 def known_arch(model: ModelSpec) -> Arch | None:
-    return KNOWN_ARCHS.get("imgfocus" if model.family == "imgfocus" else (model.source or ""))
+    return KNOWN_ARCHS.get((model.source or "") if MODEL_FAMILIES[model.family].needs_source else model.family)
 
 
 def model_depth(model: ModelSpec) -> int | None:
@@ -390,6 +421,10 @@ class AnalysisSpec(SpecModel):
     """Bins of the per-feature log10 activation histogram."""
     batch_size: int = Field(default=4096, gt=0)
     """Patches per analysis step."""
+    null_permutations: int = Field(default=1, ge=1)
+    """Label permutations of the concept-detection null. `concepts.null_ap` is the first; every
+    one's best lift per feature goes to `concept_nulls`, the null distribution an `ap_lift` claim
+    compares with. Each adds one set of concept histograms to the analysis pass."""
 
 
 # --------------------------------------------------------------------------- heads

@@ -162,9 +162,9 @@ def bootstrap(kind: str, arrays: Sequence[np.ndarray], *, n_resamples: int, conf
               generator: np.random.Generator, method: str = "bca") -> Interval:
     """The estimate of statistic `kind` on per-image `arrays` and its bootstrap interval over images.
 
-    Degenerate groups give degenerate intervals rather than errors: no image → NaNs; every resample
-    equal (one image, or all values the same) → [θ̂, θ̂]; a ratio whose resamples can have a zero
-    denominator drops those resamples.
+    Degenerate groups give degenerate intervals rather than errors: no image → NaNs; one image →
+    the estimate with no interval (NaN ends); every resample equal (all values the same) → [θ̂, θ̂];
+    a ratio whose resamples can have a zero denominator drops those resamples.
     """
     stat = STATISTICS[kind]
     data = tuple(np.asarray(a, dtype=np.float64) for a in arrays)
@@ -174,6 +174,8 @@ def bootstrap(kind: str, arrays: Sequence[np.ndarray], *, n_resamples: int, conf
     if n == 0:
         return Interval(float("nan"), float("nan"), float("nan"), 0)
     theta = float(stat.value(data, np.arange(n)[None])[0])
+    if n < 2:  # one image says nothing about the spread: no interval (a claim reads it as straddling)
+        return Interval(theta, float("nan"), float("nan"), n)
     theta_b = _bootstrap_values(stat, data, n_resamples, generator)
     theta_b = theta_b[np.isfinite(theta_b)]
     if not math.isfinite(theta) or theta_b.size == 0:

@@ -320,6 +320,17 @@ TABLES["experiment_concepts"] = _table(
     *((c.name, c.type, c.doc) for c in TABLES["concepts"].columns),
 )
 
+TABLES["concept_nulls"] = _table(
+    "concept_nulls",
+    "The concept-detection null as a distribution: under each of `analysis.null_permutations` label permutations, every "
+    "feature's best `ap_lift` over the concepts (permutation 0 is the one `concepts.null_ap` reports).",
+    ("sae_id", pa.string(), "SAE."),
+    ("level", pa.string(), "`patch` or `image`."),
+    ("permutation", pa.int32(), "Which permutation (0 … null_permutations − 1)."),
+    ("feature", pa.int32(), "Feature."),
+    ("best_lift", pa.float64(), "Its best (AP − base rate) / (1 − base rate) under those labels (null if it never fires on a labelled sample)."),
+)
+
 TABLES["splice_images"] = _table(
     "splice_images",
     "Per validation image, what the spliced task metrics pool (the `saes` `cls_*` / `seg_*` columns): "

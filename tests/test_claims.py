@@ -185,6 +185,22 @@ def test_ap_lift_claims_count_against_the_control_and_the_null():
     assert cl.evaluate([resolved], {}, [], counts, STATS, 0)[0][0]["verdict"] == "holds"
     counts[("twin", "patch", 0.2)] = (11, 0)
     assert cl.evaluate([resolved], {}, [], counts, STATS, 0)[0][0]["verdict"] == "fails"
+    # Against a null distribution of several permutations: more than every one of them.
+    counts[("twin", "patch", 0.2)] = (8, 0)
+    nulls = {("s0", "patch", 0.2): [0, 2, 31]}
+    claims, evidence = cl.evaluate([resolved], {}, [], counts, STATS, 0, nulls)
+    assert claims[0]["verdict"] == "fails" and "every one of 3 label permutations" in evidence[1]["label"]
+    assert cl.evaluate([resolved], {}, [], counts, STATS, 0, {("s0", "patch", 0.2): [0, 2, 5]})[0][0]["verdict"] == "holds"
+
+
+def test_null_counts_come_from_every_permutation():
+    con = duckdb.connect()
+    con.register("features", to_arrow("features", [{"sae_id": "s0", "feature": f, "dead": f == 3} for f in range(4)]))
+    con.register("concept_nulls", to_arrow("concept_nulls", [
+        {"sae_id": "s0", "level": "patch", "permutation": k, "feature": f, "best_lift": 0.1 * (f + k)} for k in range(3) for f in range(4)]))
+    resolved = _claim("- {name: lift, kind: ap_lift, model: m, control_model: m, threshold: 0.2}")
+    # permutation k: lifts 0.1k … 0.1(k + 3), feature 3 dead
+    assert cl.null_lift_counts(con, [resolved]) == {("s0", "patch", 0.2): [1, 2, 3]}
 
 
 @pytest.mark.parametrize(("text", "message"), [

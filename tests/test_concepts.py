@@ -254,6 +254,32 @@ def test_streamed_concepts_equal_brute_force(seed, images_per_batch):
     check_rows_against_brute_force(stats.table("sae").to_pylist(), acts_ipd, labels)
 
 
+def test_several_null_permutations_keep_the_first_and_score_each_by_brute_force():
+    n_images, n_patches, d = 15, 5, 4
+    rng = np.random.default_rng(7)
+    acts_ipd = np.where(rng.random((n_images, n_patches, d)) < 0.4, rng.lognormal(0, 1, (n_images, n_patches, d)), 0).astype(np.float32)
+    one = synthetic_labels(n_images, n_patches, 3, 2, 7)
+    three = C.make_labels(one.patch_names, one.patch_ip, one.image_names, one.image_i, 7, n_null=3)
+    assert (three.null_i == one.null_i).all() and three.null_sets.shape == (3, n_images)
+    assert len({tuple(p) for p in three.null_sets}) == 3  # distinct permutations
+    tables = {}
+    for labels in (one, three):
+        stats = C.ConceptStats(labels, d, CPU)
+        f_bpf = torch.from_numpy(acts_ipd)
+        stats.update(f_bpf, f_bpf.amax(1), np.arange(n_images))
+        tables[labels.null_sets.shape[0]] = stats
+    assert tables[1].table("s").to_pylist() == tables[3].table("s").to_pylist()  # `concepts` is unchanged
+    nulls = tables[3].null_table("s").to_pylist()
+    assert sorted({(r["level"], r["permutation"]) for r in nulls}) == [(lv, k) for lv in ("image", "patch") for k in range(3)]
+    patch_acts = acts_ipd.reshape(-1, d)
+    for r in (r for r in nulls if r["level"] == "patch"):
+        y = three.patch_ip[three.null_sets[r["permutation"]]].reshape(-1)
+        scores = binned(patch_acts[:, r["feature"]])
+        lifts = [(average_precision_score(y == c, scores) - (y == c).mean()) / (1 - (y == c).mean())
+                 for c in range(3) if (y == c).any()]
+        assert r["best_lift"] == pytest.approx(max(lifts), abs=1e-12)
+
+
 def check_rows_against_brute_force(rows: list[dict], acts_ipd: np.ndarray, labels: C.ConceptLabels) -> None:
     """Every `concepts` row is sklearn's AP and a brute-force IoU over all samples, and every concept with support has its rows."""
     d = acts_ipd.shape[2]

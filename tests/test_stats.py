@@ -91,6 +91,8 @@ def test_an_interval_narrows_with_more_images():
 def test_degenerate_groups_give_degenerate_intervals():
     g = np.random.default_rng(0)
     assert np.isnan(stats.bootstrap("mean", (np.zeros(0),), n_resamples=100, confidence=0.95, generator=g).estimate)
+    one = stats.bootstrap("mean", (np.array([0.3]),), n_resamples=100, confidence=0.95, generator=g)
+    assert one.estimate == 0.3 and np.isnan(one.lo) and np.isnan(one.hi)  # one image: no interval, not [θ, θ]
     same = stats.bootstrap("mean", (np.full(5, 0.25),), n_resamples=100, confidence=0.95, generator=g)
     assert (same.estimate, same.lo, same.hi) == (0.25, 0.25, 0.25)
     with pytest.raises(ValueError, match="takes 2"):

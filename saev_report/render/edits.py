@@ -150,6 +150,8 @@ def edit_summary(name: str, edits: list[dict[str, Any]], controls: list[dict[str
             "specificity": float(np.median(spec)) if spec else None,
             "target_delta": float(np.mean(delta)) if delta else None,
             "flip_rate": sum(flips) / len(flips) if flips else None,
+            # intervals over images, from the claims stage's `edit_summary` when the run has it
+            "target_delta_lo": None, "target_delta_hi": None, "flip_rate_lo": None, "flip_rate_hi": None,
         }
 
     return {"edit": name, "task": edits[0]["task"] if edits else None, "real": stats(edits), "control": stats(controls)}

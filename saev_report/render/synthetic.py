@@ -375,6 +375,11 @@ def _write_concepts(path: Path, sae: SyntheticSAE, run: SyntheticRun, dead: np.n
         "base_rate": base_c[concept_fc.ravel()], "ap_lift": lift_fc.ravel(), "null_iou": null_fc.ravel() / 2,
         "fire_rate": np.clip(ap_fc.ravel() * 0.8, 0, 1),
     }, SPEC_HASH)
+    null_lift_fc = (null_fc - base_c) / (1 - base_c)
+    write_table(path.parent.parent / "concept_nulls" / path.name, "concept_nulls", {  # two permutations: the first is null_ap's
+        "sae_id": [sae.sae_id] * (2 * n_f), "level": ["patch"] * (2 * n_f), "permutation": [0] * n_f + [1] * n_f,
+        "feature": list(range(n_f)) * 2, "best_lift": np.concatenate([null_lift_fc.max(1), null_lift_fc.max(1) * 0.9]),
+    }, SPEC_HASH)
     order = np.argsort(-lift_fc, axis=1)
     best, second = order[:, 0], order[:, 1]
     rows = np.arange(n_f)

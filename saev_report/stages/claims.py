@@ -18,7 +18,7 @@ from saev_report.stages.edits import EditsOut
 from saev_report.stages.experiments import ExperimentsOut
 from saev_report.stages.splice import SpliceOut
 
-READS = ("experiments", "splice_images", "concepts", "features", "edits")
+READS = ("experiments", "splice_images", "concepts", "concept_nulls", "features", "edits")
 """The tables this stage reads from its inputs' parts."""
 
 
@@ -82,7 +82,8 @@ def claims_action(params: ClaimsParams, inputs: Inputs, out_dir: Path) -> None:
     write_table(table_part(out_dir, "edit_summary"), "edit_summary", cl.edit_summary_rows(con, params.stats, params.seed), digest)
     splice = cl.splice_summary_rows(tables.get("splice_images"), params.stats, params.seed)
     write_table(table_part(out_dir, "splice_summary"), "splice_summary", splice, digest)
-    claim_rows, evidence = cl.evaluate(params.claims, groups, splice, cl.ap_lift_counts(con, params.claims), params.stats, params.seed)
+    claim_rows, evidence = cl.evaluate(params.claims, groups, splice, cl.ap_lift_counts(con, params.claims), params.stats, params.seed,
+                                       cl.null_lift_counts(con, params.claims))
     write_table(table_part(out_dir, "claims"), "claims", claim_rows, digest)
     write_table(table_part(out_dir, "claim_evidence"), "claim_evidence", evidence, digest)
     for row in claim_rows:

@@ -85,7 +85,7 @@ def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
             log(f"  [yellow]experiment {exp.name}[/]: ranking on {params.rank_dataset_key}, the images it edits too "
                 "(the head has no validation data): the test is circular")
         rank_data = open_dataset(params.rank_dataset_key, params.rank_dataset, params.cache_dir)
-        batch = rank_batch_size(backbone.layout.n_patches, max(saes[c.sae_tag].n_features for c in on_head_data))
+        batch = rank_batch_size(backbone.layer_layout(params.layer).n_patches, max(saes[c.sae_tag].n_features for c in on_head_data))
         work = out_dir / "work"  # memory-mapped patch labels, gone once ranked
         tables = head_data_concepts(backbone, {c.sae_tag: saes[c.sae_tag] for c in on_head_data},
                                     {c.sae_tag: c.sae_id for c in on_head_data}, rank_data, params.layer, params.level,
