@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from saev_report import __version__
 from saev_report.fsutil import atomic_write
+from saev_report.sae.registry import KINDS as SAE_KINDS
 
 # --------------------------------------------------------------------------- schemas
 
@@ -84,12 +85,12 @@ TABLES: dict[str, TableDef] = {
             ("sae_id", pa.string(), "`<model>/L<layer>/<tag>`, e.g. `dino/L10/relu-x16-l1_0.0004-s0`."),
             ("model", pa.string(), "Model key."),
             ("layer", pa.int32(), "Residual-stream layer (block output, 1-based)."),
-            ("kind", pa.string(), "`relu`, `topk` or `batchtopk`."),
+            ("kind", pa.string(), f"SAE kind: {', '.join(f'`{name}`' for name in SAE_KINDS)} (docs/explanation/sae-kinds.md)."),
             ("d_model", pa.int32(), "Activation width d."),
             ("n_features", pa.int32(), "Dictionary width F."),
             ("expansion", pa.int32(), "F / d."),
             ("l1_coeff", pa.float64(), "Sparsity coefficient λ (relu)."),
-            ("k", pa.int32(), "k (topk, batchtopk); 0 for relu."),
+            ("k", pa.int32(), "k (the TopK family); 0 for kinds without one."),
             ("seed", pa.int32(), "Initialisation seed."),
             ("n_patches_trained", pa.int64(), "Patches seen in training."),
             ("n_patches_eval", pa.int64(), "Patches in the evaluation pass."),
@@ -107,7 +108,7 @@ TABLES: dict[str, TableDef] = {
             ("sae_id", pa.string(), "SAE id."),
             ("step", pa.int64(), "Optimiser step."),
             ("n_patches", pa.int64(), "Patches seen so far."),
-            ("loss", pa.float64(), "Total loss (MSE + λ·L1, or MSE for topk)."),
+            ("loss", pa.float64(), "Total loss: the kind's terms (MSE + λ·L1 for relu; MSE (+ AuxK) for the TopK family; Σ prefix MSEs for matryoshka; MSE + λ·L0 for jumprelu)."),
             ("mse", pa.float64(), "Reconstruction MSE (normalised space)."),
             ("l1", pa.float64(), "Mean ‖f‖₁ per patch."),
             ("l0", pa.float64(), "Mean active features per patch."),

@@ -16,9 +16,10 @@ from saev_report.sae import (
     load_sae,
     read_sae_config,
     save_sae,
-    select_active,
     stable_argsort,
 )
+from saev_report.sae.batchtopk import batch_topk_pairs
+from saev_report.sae.topk import topk_pairs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,8 +107,10 @@ def test_init_recipe():
 def test_bad_kind_and_k():
     with pytest.raises(ValueError, match="unknown SAE kind"):
         SparseAutoencoder(4, 8, "gated")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="greater than 0"):
+        SparseAutoencoder(4, 8, "topk", k=0)  # the kind's own Params refuse it
     with pytest.raises(ValueError, match="needs 0 < k"):
-        SparseAutoencoder(4, 8, "topk", k=0)
+        SparseAutoencoder(4, 8, "topk", k=9)
 
 
 # --------------------------------------------------------------------------- sparsity patterns
@@ -125,7 +128,7 @@ def test_topk_keeps_exactly_k_per_row():
     expected = np.zeros_like(pre)
     np.put_along_axis(expected, top, np.take_along_axis(pre, top, axis=1), axis=1)
     np.testing.assert_allclose(f_nf.detach().numpy(), expected, rtol=1e-6)
-    active = select_active(torch.from_numpy(pre), "topk", 5)
+    active = topk_pairs(torch.from_numpy(pre), 5)
     assert active.nnz == 64 * 5 and torch.equal(torch.bincount(active.rows_a), torch.full((64,), 5))
 
 
@@ -133,7 +136,7 @@ def test_topk_keeps_exactly_k_per_row():
 def test_batch_topk_selection_matches_flat_topk(n_rows, n_features, k):
     g = torch.Generator().manual_seed(n_features)
     pre_nf = torch.randn(n_rows, n_features, generator=g)
-    active = select_active(pre_nf, "batchtopk", k)
+    active = batch_topk_pairs(pre_nf, k)
     flat = pre_nf.numpy().reshape(-1)
     n_keep = min(k * n_rows, int((flat > 0).sum()))
     expected = set(np.argsort(-flat)[:n_keep].tolist())
@@ -146,7 +149,7 @@ def test_batch_topk_selection_matches_flat_topk(n_rows, n_features, k):
 def test_batch_topk_with_ties_keeps_exactly_k_per_row_on_average():
     # all values equal: the sampled cut keeps nothing, so the exact fallback runs
     pre_nf = torch.ones(300, 400)
-    active = select_active(pre_nf, "batchtopk", 5)
+    active = batch_topk_pairs(pre_nf, 5)
     assert active.nnz == 1500 and active.min_kept == 1.0
     assert torch.equal(active.rows_a, active.rows_a.sort().values)
 
@@ -247,7 +250,7 @@ def test_save_load_round_trip(tmp_path, kind):
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["config.json", "sae.safetensors"]  # no temp files left
     loaded = load_sae(tmp_path / "sae")
     assert not loaded.training
-    assert (loaded.kind, loaded.k, loaded.d_model, loaded.n_features) == (kind, 3, 12, 48)
+    assert (loaded.kind, loaded.params, loaded.d_model, loaded.n_features) == (kind, sae.params, 12, 48)
     for name, tensor in sae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     x_nd = raw_batch()
