@@ -8,12 +8,14 @@ bandwidth ε (rectangle: K(u) = 1 for |u| < ½, else 0), as in the paper's eqs. 
     ∂f_j/∂θ_j   := −(θ_j / ε) · K((z_j − θ_j) / ε)       ∂f_j/∂z_j = H(z_j − θ_j)
     ∂H_j/∂θ_j   := −(1 / ε) · K((z_j − θ_j) / ε)          (the L0 term gives z no gradient)
 
-θ is stored as `log_threshold_f` (positive by construction). The sparse path keeps the pairs
+θ is the parameter `threshold_f`, clamped to ≥ 1e-6 after each step. (A log-parametrised θ moves
+by a factor e^lr per Adam step at most: from 0.001, 5,000 steps to reach 0.1 at lr 1e-3, longer than
+the demo trains.) The sparse path keeps the pairs
 with z > θ − ε/2: the active ones and those just below their threshold, whose θ still gets a
 gradient.
 
 Sparsity is set by either a fixed coefficient `l0_coeff` (warmed up like ReLU's λ) or an
-`l0_target`: then λ is steered after every step, log λ += rate · clip(L0 / target − 1, ±1)
+`l0_target`: then λ is steered after every step, log λ += rate · clip(log(L0 / target), ±1), λ kept within 1e-2…1e4 × its start
 (a multiplicative controller, not in the paper, which sweeps λ), and θ starts at each feature's
 (1 − target / F) quantile on the normalisation sample, so training starts near the target.
 """
@@ -36,7 +38,11 @@ if TYPE_CHECKING:
     from saev_report.distributed import Shard
     from saev_report.sae.base import SparseAutoencoder
 
-INIT_SAMPLE_ROWS = 4096  # rows of the normalisation sample the thresholds start from
+INIT_SAMPLE_ROWS = 4096
+# With `l0_target`, λ stays within these multiples of `l0_coeff_init`: a long stretch under the target
+# (early training) would otherwise wind λ down so far that it takes as long to come back.
+CONTROLLER_RANGE = (1e-2, 1e4)
+THRESHOLD_FLOOR = 1e-6  # θ is clamped here after every step  # rows of the normalisation sample the thresholds start from
 
 
 class JumpReLUParams(SpecModel):
@@ -50,9 +56,9 @@ class JumpReLUParams(SpecModel):
     """Kernel bandwidth ε of the straight-through estimators (paper 0.001, with activations scaled as here)."""
     threshold_init: float = Field(default=0.001, gt=0)
     """Initial threshold θ (paper 0.001); with `l0_target`, the floor of the data-dependent start."""
-    l0_coeff_init: float = Field(default=1e-3, gt=0)
+    l0_coeff_init: float = Field(default=0.1, gt=0)
     """With `l0_target`: λ at the first step."""
-    controller_rate: float = Field(default=0.05, gt=0, le=1)
+    controller_rate: float = Field(default=0.3, gt=0, le=1)
     """With `l0_target`: how fast λ moves (log λ changes by at most this per step)."""
 
     @model_validator(mode="after")
@@ -112,7 +118,7 @@ class JumpReLU(SAEKind):
         return given
 
     def init_module(self, sae: "SparseAutoencoder") -> None:
-        sae.log_threshold_f = torch.nn.Parameter(torch.full((sae.n_features,), math.log(sae.params.threshold_init)))
+        sae.threshold_f = torch.nn.Parameter(torch.full((sae.n_features,), float(sae.params.threshold_init)))
         sae.register_buffer("l0_coeff_now", torch.tensor(float(sae.params.l0_coeff_init), dtype=torch.float64))
 
     @torch.no_grad()
@@ -123,10 +129,10 @@ class JumpReLU(SAEKind):
         pre_nf = sae.pre_activations_normalized(xn_nd[:INIT_SAMPLE_ROWS].to(sae.W_enc_fd.dtype))
         q = min(1.0, max(0.0, 1.0 - params.l0_target / sae.n_features))
         theta_f = torch.quantile(pre_nf.float(), q, dim=0).clamp(min=params.threshold_init)
-        sae.log_threshold_f.copy_(theta_f.log().to(sae.log_threshold_f.dtype))
+        sae.threshold_f.copy_(theta_f.to(sae.threshold_f.dtype))
 
     def threshold_f(self, sae: "SparseAutoencoder") -> Tensor:
-        return sae.log_threshold_f.exp()
+        return sae.threshold_f
 
     def activate(self, sae: "SparseAutoencoder", pre_nf: Tensor) -> Tensor:
         return torch.where(pre_nf > self.threshold_f(sae), pre_nf, 0.0)
@@ -152,13 +158,15 @@ class JumpReLU(SAEKind):
     @torch.no_grad()
     def after_step(self, sae: "SparseAutoencoder", out: TrainForward, data_parallel: "Shard", share: float) -> None:
         params: JumpReLUParams = sae.params
+        sae.threshold_f.clamp_(min=THRESHOLD_FLOOR)  # θ > 0: a jump at or below 0 would pass negative codes
         if params.l0_target is None:
             return
         l0 = out.l0
         if data_parallel.world > 1:  # the full batch's L0: share-weighted sum over ranks
             l0 = float(distributed.sum_(torch.tensor(l0 * share, dtype=torch.float64, device=out.xhat_nd.device)))
-        error = max(-1.0, min(1.0, l0 / params.l0_target - 1.0))
-        sae.l0_coeff_now.mul_(math.exp(params.controller_rate * error))
+        error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / params.l0_target)))
+        low, high = params.l0_coeff_init * CONTROLLER_RANGE[0], params.l0_coeff_init * CONTROLLER_RANGE[1]
+        sae.l0_coeff_now.mul_(math.exp(params.controller_rate * error)).clamp_(low, high)
 
 
 KIND = JumpReLU()
