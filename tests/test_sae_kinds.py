@@ -310,3 +310,61 @@ def test_auxk_leaves_fewer_dead_latents(tmp_path):
     aux = train_one(tmp_path, "aux", topk={"aux_k": 16, "dead_patches": 256 * 5}, **common)
     assert n_dead(plain) > 20
     assert n_dead(aux) < 0.5 * n_dead(plain), (n_dead(aux), n_dead(plain))
+
+
+# --------------------------------------------------------------------------- analysis and site
+
+
+def test_matryoshka_prefix_metrics_match_numpy(tmp_path):
+    from saev_report.activations import ActivationStore, ShardWriter, StoreMeta
+    from saev_report.analyse import sub_model_metrics
+
+    class Layout:
+        n_cls, n_registers, grid = 0, 0, (2, 3)
+
+    g = torch.Generator().manual_seed(4)
+    acts_ipd = torch.randn(9, 6, D, generator=g) * 2 + 1
+    meta = StoreMeta.create(model="m", layer=3, dataset="ds", d_model=D, dtype="float32", token_kinds=["patches"], layout=Layout)
+    writer = ShardWriter(tmp_path, meta, images_per_shard=4)
+    writer.add(np.arange(9), acts_ipd)
+    writer.close()
+    sae = SparseAutoencoder(D, N_FEATURES, "matryoshka", seed=0, params=MatryoshkaParams(k=5, prefixes=[0.25, 0.5, 1.0]))
+    sae.fit_normalization(acts_ipd.reshape(-1, D))
+    sae.threshold.fill_(0.3)
+    subs = KINDS["matryoshka"].sub_models(sae.params, N_FEATURES)
+    assert [(s.name, s.n_features) for s in subs] == [("prefix 1", 12), ("prefix 2", 24)]  # the whole SAE is the `saes` row
+    rows = sub_model_metrics(ActivationStore(tmp_path), sae, subs, batch_size=13, device=torch.device("cpu"))
+    with torch.no_grad():  # numpy, float64
+        xn = sae.normalize(acts_ipd.reshape(-1, D)).double().numpy()
+        f = sae.encode_normalized(torch.from_numpy(xn).float()).double().numpy()
+        W, b = sae.W_dec_fd.double().numpy(), sae.b_dec_d.double().numpy()
+    for row, sub in zip(rows, subs):
+        m = sub.n_features
+        err = ((xn - (f[:, :m] @ W[:m] + b)) ** 2).sum()
+        assert row["fvu"] == pytest.approx(err / ((xn - xn.mean(0)) ** 2).sum(), rel=1e-5)
+        assert row["l0"] == pytest.approx((f[:, :m] > 0).sum(1).mean())
+        assert row["n_patches_eval"] == 54
+
+
+def test_feature_page_line_names_the_prefix():
+    kind, params = KINDS["matryoshka"], MatryoshkaParams(prefixes=[0.25, 0.5, 1.0])
+    assert kind.feature_group(params, 48, 0).startswith("Matryoshka prefix 1 of 3: features 0–11")
+    assert kind.feature_group(params, 48, 12).startswith("Matryoshka prefix 2 of 3: features 12–23")
+    assert kind.feature_group(params, 48, 47).startswith("Matryoshka prefix 3 of 3: features 24–47")
+    assert KINDS["topk"].feature_group(TopKParams(), 48, 3) is None
+
+
+def test_l0_plot_draws_each_kinds_frontier_and_the_prefixes():
+    from saev_report.render.charts import metric_scatter, pareto_front
+
+    assert pareto_front([(1, 0.5), (2, 0.6), (3, 0.2), (0.5, 0.9)]) == [(0.5, 0.9), (1, 0.5), (3, 0.2)]
+    saes = [{"sae_id": f"m/L1/{kind}-{i}", "model_label": "M", "kind": kind, "l0": l0, "fvu": fvu, "list_page": "p.html"}
+            for kind, points in {"topk": [(8, 0.3), (32, 0.2)], "matryoshka": [(32, 0.25)]}.items() for i, (l0, fvu) in enumerate(points)]
+    subs = [{"sae_id": "m/L1/matryoshka-0", "model_label": "M", "kind": "matryoshka", "name": "prefix 1", "n_features": 96,
+             "l0": 4.0, "fvu": 0.6, "list_page": "p.html"}]
+    traces = metric_scatter(saes, "fvu", "FVU", subs)["data"]
+    names = [t["name"] for t in traces]
+    assert names == ["M · topk", "M · topk frontier", "M · matryoshka", "M · matryoshka prefixes"]
+    assert traces[1]["x"] == [8, 32] and traces[1]["showlegend"] is False
+    assert traces[0]["marker"]["symbol"] != traces[2]["marker"]["symbol"]
+    assert traces[3]["x"] == [4.0] and "prefix 1 (96 features)" in traces[3]["text"][0]

@@ -57,6 +57,7 @@ from markupsafe import Markup, escape
 from rich.markup import escape as rich_escape
 
 from saev_report import __version__, fsutil, tables
+from saev_report.sae.registry import KINDS as SAE_KINDS
 from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
 from saev_report.render import charts, heatmaps, overlays, queries
@@ -130,9 +131,19 @@ class SaeInfo:
     label_pos: dict[str | None, int] = field(default_factory=dict)
     label_images: dict[str, int] = field(default_factory=dict)
     concept_base: list[list[Any]] = field(default_factory=list)
+    _params: Any = field(default=None, repr=False)  # the kind's Params, parsed once from `metrics["params"]`
 
     def title(self, feature: int) -> str:
         return addr.feature_title(self.model_label, self.n_features, feature)
+
+    def feature_group(self, feature: int) -> str | None:
+        """What the SAE's kind says about where the feature sits (a Matryoshka prefix), from the `saes` row."""
+        kind = SAE_KINDS.get(self.metrics.get("kind") or "")
+        if kind is None or not self.metrics.get("params"):
+            return None
+        if self._params is None:
+            self._params = kind.Params.model_validate_json(self.metrics["params"])
+        return kind.feature_group(self._params, self.n_features, feature)
 
     @property
     def short(self) -> str:
@@ -598,7 +609,7 @@ class SiteBuilder:
         context = dict(
             sae={"short": sae.short, "sae_id": sae.sae_id, "data_file": sae.data_file}, f=row,
             saes_nav=[], comparisons=[],  # the crumbs lead to the lists: menus on every feature page are bytes × 24K
-            title=sae.title(f), exemplars=tiles, vmax=vmax,
+            title=sae.title(f), group=sae.feature_group(f), exemplars=tiles, vmax=vmax,
             heat={"g": grid, "z": maps} if maps else None, panels=panels,
             concept=row.get("best_concept"), concepts=concepts, edits=edits, prev=prev, next=next,
         )
@@ -846,9 +857,13 @@ class SiteBuilder:
             if rows:
                 logs[s.sae_id] = {key: [r[key] for r in rows] for key in ("step", "loss", "mse", "l0")}
         names = legend_names(self.saes)
+        by_id = {s["sae_id"]: s for s in saes}
+        sub_models = [{**r, "model_label": by_id[r["sae_id"]]["model_label"], "kind": by_id[r["sae_id"]].get("kind"),
+                       "list_page": by_id[r["sae_id"]]["list_page"]}
+                      for r in fetch_rows(self.con, "SELECT * FROM sub_models ORDER BY sae_id, n_features") if r["sae_id"] in by_id]
         figures = {
-            "l0_mse": charts.metric_scatter(saes, "mse", "MSE"),
-            "l0_fvu": charts.metric_scatter(saes, "fvu", "FVU"),
+            "l0_mse": charts.metric_scatter(saes, "mse", "MSE", sub_models),
+            "l0_fvu": charts.metric_scatter(saes, "fvu", "FVU", sub_models),
             "loss": charts.training_curves(logs, "loss", "training loss", names),
             "mse": charts.training_curves(logs, "mse", "training MSE", names),
             "l0": charts.training_curves(logs, "l0", "training L0", names),

@@ -82,7 +82,9 @@ class Matryoshka(BatchTopK):
     def feature_group(self, params: MatryoshkaParams, n_features: int, feature: int) -> str | None:
         sizes = prefix_sizes(params, n_features)
         p = next(i for i, size in enumerate(sizes) if feature < size)
-        return f"Matryoshka prefix {p + 1} of {len(sizes)} (features 0–{sizes[p] - 1}; first needed by prefix {p + 1})"
+        first = sizes[p - 1] if p else 0
+        return (f"Matryoshka prefix {p + 1} of {len(sizes)}: features {first}–{sizes[p] - 1} join the dictionary at this prefix, "
+                f"which reconstructs with its first {sizes[p]:,} features")
 
 
 KIND = Matryoshka()
