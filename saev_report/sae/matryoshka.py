@@ -5,15 +5,15 @@ reconstructs on its own. With prefix sizes m_1 < … < m_P = F and BatchTopK cod
 
 so the first features learn the coarse directions and later ones refine them. The codes are
 BatchTopK's (training: the batch's top k·n; inference: the learnt threshold). Sparse path: the
-kept pairs are split into the bands [m_{p−1}, m_p), each band decoded once, and the prefix
-reconstructions are running sums, so P prefixes cost one decode.
+kept pairs fall into bands [m_{p−1}, m_p), each band is decoded once and the prefix
+reconstructions are running sums (`sparse._DecodePrefixes`): P prefixes cost about P small decodes
+and no extra encoder work; the dense reference decodes every prefix with its own matmul.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
@@ -61,15 +61,8 @@ class Matryoshka(BatchTopK):
             raise ValueError(f"prefixes {params.prefixes} of {n_features} features round to repeated sizes {sizes}")
 
     def reconstruct(self, sae: "SparseAutoencoder", coder: Coder, f_a: Tensor, pairs: ActivePairs) -> tuple[Tensor, dict[str, Any]]:
-        ends = torch.tensor(prefix_sizes(sae.params, sae.n_features), device=pairs.cols_a.device)
-        band_a = torch.bucketize(pairs.cols_a, ends, right=True)  # feature j lies in band p: m_{p−1} ≤ j < m_p
-        xhat_nd = sae.b_dec_d.expand(pairs.n_rows, sae.d_model)
-        prefix_xhat = []
-        for band in range(len(ends)):
-            keep_a = band_a == band
-            xhat_nd = xhat_nd + coder.decode(f_a[keep_a], pairs.subset(keep_a))
-            prefix_xhat.append(xhat_nd)
-        return xhat_nd, {"prefix_xhat": prefix_xhat}
+        prefix_xhat = [xhat_nd + sae.b_dec_d for xhat_nd in coder.decode_prefixes(f_a, pairs, tuple(prefix_sizes(sae.params, sae.n_features)))]
+        return prefix_xhat[-1], {"prefix_xhat": prefix_xhat}
 
     def loss(self, sae: "SparseAutoencoder", out: TrainForward, coder: Coder, ctx: LossContext) -> dict[str, Tensor]:
         xn_nd = coder.xn_nd

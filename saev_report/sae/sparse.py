@@ -137,6 +137,60 @@ class _DecodePairs(torch.autograd.Function):
         return g_f_a, g_W_dec_fd, None
 
 
+class _DecodePrefixes(torch.autograd.Function):
+    """x̂_p (without b_dec) = Σ_{pairs with j < m_p} f_ij · W_dec[j] for nested prefix sizes m_1 < … < m_P.
+
+    Forward: one embedding_bag per band [m_{p−1}, m_p) (the other bands' weights zeroed), then running
+    sums. Backward: band b feeds every prefix p ≥ b, so its pairs see G_b = Σ_{p ≥ b} ∂L/∂x̂_p; in
+    feature-major order a band's pairs are one contiguous slice, so each band is one sampled matmul
+    and one embedding_bag on its slice, with no masking or re-sorting."""
+
+    @staticmethod
+    def forward(ctx, f_a, W_dec_fd, pairs: ActivePairs, sizes: tuple[int, ...]):  # type: ignore[override]
+        ends = torch.tensor(sizes, device=pairs.cols_a.device)
+        band_a = torch.bucketize(pairs.cols_a, ends, right=True)
+        offsets_n = pairs.row_offsets()
+        outputs, total = [], None
+        for band in range(len(sizes)):
+            part = F.embedding_bag(pairs.cols_a, W_dec_fd, offsets_n, mode="sum", per_sample_weights=f_a * (band_a == band))
+            total = part if total is None else total + part
+            outputs.append(total)
+        ctx.save_for_backward(f_a, W_dec_fd)
+        ctx.pairs, ctx.sizes = pairs, sizes
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *g_prefix):  # type: ignore[override]
+        f_a, W_dec_fd = ctx.saved_tensors
+        pairs: ActivePairs = ctx.pairs
+        perm_a, rows_fm, offsets_f1 = pairs.feature_major()
+        f_fm = f_a[perm_a]
+        g_f_fm = torch.zeros_like(f_fm)
+        g_W_dec_fd = torch.zeros_like(W_dec_fd)
+        G_nd = None
+        starts = (0, *ctx.sizes[:-1])
+        for band in reversed(range(len(ctx.sizes))):  # suffix sums: G_b = Σ_{p ≥ b} g_p
+            g = g_prefix[band]
+            if g is not None:
+                G_nd = g.contiguous() if G_nd is None else G_nd + g
+            if G_nd is None:
+                continue
+            first, stop = starts[band], ctx.sizes[band]
+            lo, hi = int(offsets_f1[first]), int(offsets_f1[stop])
+            if hi == lo:
+                continue
+            crow = offsets_f1[first:stop + 1] - lo
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, rows_fm[lo:hi], torch.zeros(hi - lo, dtype=f_a.dtype, device=f_a.device),
+                                                  size=(stop - first, pairs.n_rows), check_invariants=False)
+            g_f_fm[lo:hi] = torch.sparse.sampled_addmm(pattern, W_dec_fd[first:stop], G_nd.t(), beta=0.0).values()
+            g_W_dec_fd[first:stop] = F.embedding_bag(rows_fm[lo:hi], G_nd, crow[:-1], mode="sum", per_sample_weights=f_fm[lo:hi])
+        g_f_a = torch.empty_like(g_f_fm)
+        g_f_a[perm_a] = g_f_fm
+        return g_f_a, g_W_dec_fd, None, None
+
+
 class SparseCoder:
     """Encoder and decoder at the pairs only; `pre_nf` was computed without autograd."""
 
@@ -151,6 +205,10 @@ class SparseCoder:
     def decode(self, f_a: Tensor, pairs: ActivePairs) -> Tensor:
         return _DecodePairs.apply(f_a, self.sae.W_dec_fd, pairs)
 
+    def decode_prefixes(self, f_a: Tensor, pairs: ActivePairs, sizes: tuple[int, ...]) -> list[Tensor]:
+        """x̂ (without b_dec) of each nested prefix of the dictionary: features 0 … m_p − 1."""
+        return list(_DecodePrefixes.apply(f_a, self.sae.W_dec_fd, pairs, tuple(sizes)))
+
 
 class DenseCoder:
     """The plain reference: autograd through n × F pre-activations and codes."""
@@ -163,10 +221,16 @@ class DenseCoder:
     def encode(self, pairs: ActivePairs) -> Tensor:
         return self.pre_nf_grad[pairs.rows_a, pairs.cols_a]
 
-    def decode(self, f_a: Tensor, pairs: ActivePairs) -> Tensor:
+    def codes(self, f_a: Tensor, pairs: ActivePairs) -> Tensor:
         f_nf = torch.zeros(pairs.n_rows, pairs.n_features, dtype=f_a.dtype, device=f_a.device)
-        f_nf = f_nf.index_put((pairs.rows_a, pairs.cols_a), f_a)
-        return f_nf @ self.sae.W_dec_fd
+        return f_nf.index_put((pairs.rows_a, pairs.cols_a), f_a)
+
+    def decode(self, f_a: Tensor, pairs: ActivePairs) -> Tensor:
+        return self.codes(f_a, pairs) @ self.sae.W_dec_fd
+
+    def decode_prefixes(self, f_a: Tensor, pairs: ActivePairs, sizes: tuple[int, ...]) -> list[Tensor]:
+        f_nf = self.codes(f_a, pairs)
+        return [f_nf[:, :m] @ self.sae.W_dec_fd[:m] for m in sizes]
 
 
 Coder = SparseCoder | DenseCoder
