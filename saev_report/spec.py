@@ -974,12 +974,13 @@ def sae_id(model_key: str, layer: int, config: SAEConfig) -> str:
 
 
 def sae_sweep(sae: SAESpec) -> list[SAEConfig]:
-    """Expand the sweep lists in a fixed order (kind, expansion, the kind's swept fields, seed)."""
+    """Expand the sweep lists in a fixed order (kind, expansion, the kind's swept fields, seed: the
+    kind section's `seeds` if given, else `sae.seeds`)."""
     configs = []
     for kind in sae.kinds:
         for expansion in sae.expansion:
             for params in SAE_KINDS[kind].expand(sae.section(kind)):
-                for seed in sae.seeds:
+                for seed in sae.section(kind).seeds or sae.seeds:
                     configs.append(SAEConfig(len(configs), kind, expansion, params, seed))
     return configs
 

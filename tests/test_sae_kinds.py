@@ -368,3 +368,8 @@ def test_l0_plot_draws_each_kinds_frontier_and_the_prefixes():
     assert traces[1]["x"] == [8, 32] and traces[1]["showlegend"] is False
     assert traces[0]["marker"]["symbol"] != traces[2]["marker"]["symbol"]
     assert traces[3]["x"] == [4.0] and "prefix 1 (96 features)" in traces[3]["text"][0]
+
+
+def test_a_kind_section_may_train_fewer_seeds():
+    spec = SAESpec(kind=["topk", "matryoshka"], expansion=[4], k=[32], seeds=[0, 1], matryoshka={"seeds": [0]})
+    assert [c.tag for c in sae_sweep(spec)] == ["topk-x4-k32-s0", "topk-x4-k32-s1", "matryoshka-x4-k32-s0"]

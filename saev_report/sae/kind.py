@@ -118,6 +118,8 @@ class SAEKind:
                                                   f"{info.description or ''} A list: the sweep trains one SAE per value."))
             else:
                 fields[name] = (info.annotation, info)
+        fields["seeds"] = (list[int] | None, Field(default=None, min_length=1, description=
+                           "This kind's initialisation seeds (default: `sae.seeds`): e.g. one seed for a kind added only for comparison."))
         kind = self
 
         def _expand_check(section):  # every combination must be valid Params, reported at the section
@@ -130,7 +132,7 @@ class SAEKind:
 
     def expand(self, section: SpecModel) -> list[Any]:
         """One `Params` per combination of the section's swept lists, in field order."""
-        data = section.model_dump()
+        data = section.model_dump(exclude={"seeds"})
         lists = [data[name] for name in self.swept]
         return [self.Params(**{**data, **dict(zip(self.swept, combo))}) for combo in itertools.product(*lists)]
 
