@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from saev_report.sae import (
+    KINDS,
     SparseAutoencoder,
     load_reference_checkpoint,
     load_sae,
@@ -196,7 +197,7 @@ def _grads(sae: SparseAutoencoder, xn_nd: torch.Tensor, sparse: bool, l1_coeff: 
     return loss.item(), {name: p.grad.clone() for name, p in sae.named_parameters()}
 
 
-@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_sparse_gradients_equal_dense_autograd(kind):
     sae = make_sae(kind, k=5)
     xn_nd = torch.randn(96, 12, generator=torch.Generator().manual_seed(7))
@@ -319,7 +320,7 @@ def test_reference_checkpoint_written_by_saev(tmp_path):
     torch.testing.assert_close(xhat, xhat_ref.detach())
 
 
-@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_both_paths_report_the_same_firing_statistics(kind):
     sae = make_sae(kind, k=4)
     xn_nd = torch.randn(50, 12, generator=torch.Generator().manual_seed(3))

@@ -279,9 +279,9 @@ def test_jumprelu_reaches_its_target_l0(tmp_path):
     with torch.no_grad():
         xhat, f = sae(held_out())
     l0 = float((f > 0).sum(1).float().mean())
-    # Stated tolerance: ±40 % on held-out patches after 200 steps. Measured: 8.2 (+36 %); the controller
-    # lags the encoder, which first drops L0 to ~2.7 and then lets it creep up (docs/explanation/sae-kinds.md).
-    assert l0 == pytest.approx(target, rel=0.4)
+    # Stated tolerance: ±25 % on held-out patches after 200 steps. Measured: 6.14 (+2 %); with the integral
+    # term alone (gain 0) 8.2 (+36 %): the encoder first drops L0 to ~2.8, θ follows slowly (docs/explanation/sae-kinds.md).
+    assert l0 == pytest.approx(target, rel=0.25)
     assert fvu(held_out(), xhat) < 0.5
 
 

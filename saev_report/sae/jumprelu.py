@@ -15,8 +15,9 @@ with z > θ − ε/2: the active ones and those just below their threshold, whos
 gradient.
 
 Sparsity is set by either a fixed coefficient `l0_coeff` (warmed up like ReLU's λ) or an
-`l0_target`: then λ is steered after every step, log λ += rate · clip(log(L0 / target), ±1), λ kept within 1e-2…1e4 × its start
-(a multiplicative controller, not in the paper, which sweeps λ), and θ starts at each feature's
+`l0_target`: then λ is steered after every step by a proportional-integral controller on
+e = clip(log(L0 / target), ±1): log λ_I += rate · e (kept within 1e-2…1e4 × its start) and the loss
+uses λ_I · exp(gain · e) (not in the paper, which sweeps λ), and θ starts at each feature's
 (1 − target / F) quantile on the normalisation sample, so training starts near the target.
 """
 
@@ -59,7 +60,9 @@ class JumpReLUParams(SpecModel):
     l0_coeff_init: float = Field(default=0.1, gt=0)
     """With `l0_target`: λ at the first step."""
     controller_rate: float = Field(default=0.3, gt=0, le=1)
-    """With `l0_target`: how fast λ moves (log λ changes by at most this per step)."""
+    """With `l0_target`: the controller's integral rate (its log λ moves by at most this per step)."""
+    controller_gain: float = Field(default=10.0, ge=0)
+    """With `l0_target`: the controller's proportional gain: λ used = λ_integral · (L0 / target)^gain, L0 of the last step."""
 
     @model_validator(mode="after")
     def _one_sparsity(self) -> "JumpReLUParams":
@@ -120,6 +123,7 @@ class JumpReLU(SAEKind):
     def init_module(self, sae: "SparseAutoencoder") -> None:
         sae.threshold_f = torch.nn.Parameter(torch.full((sae.n_features,), float(sae.params.threshold_init)))
         sae.register_buffer("l0_coeff_now", torch.tensor(float(sae.params.l0_coeff_init), dtype=torch.float64))
+        sae.register_buffer("l0_error", torch.zeros((), dtype=torch.float64))  # clip(log(L0 / target), ±1) of the last step
 
     @torch.no_grad()
     def init_from_sample(self, sae: "SparseAutoencoder", xn_nd: Tensor) -> None:
@@ -146,7 +150,9 @@ class JumpReLU(SAEKind):
 
     def coefficient(self, sae: "SparseAutoencoder", ctx: LossContext) -> float:
         params: JumpReLUParams = sae.params
-        return params.l0_coeff * ctx.sparsity_scale if params.l0_coeff is not None else float(sae.l0_coeff_now)
+        if params.l0_coeff is not None:
+            return params.l0_coeff * ctx.sparsity_scale
+        return float(sae.l0_coeff_now) * math.exp(params.controller_gain * float(sae.l0_error))
 
     def loss(self, sae: "SparseAutoencoder", out: TrainForward, coder: Coder, ctx: LossContext) -> dict[str, Tensor]:
         pairs = out.pairs
@@ -167,6 +173,7 @@ class JumpReLU(SAEKind):
         error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / params.l0_target)))
         low, high = params.l0_coeff_init * CONTROLLER_RANGE[0], params.l0_coeff_init * CONTROLLER_RANGE[1]
         sae.l0_coeff_now.mul_(math.exp(params.controller_rate * error)).clamp_(low, high)
+        sae.l0_error.fill_(error)
 
 
 KIND = JumpReLU()
