@@ -6,6 +6,7 @@ before, AuxK leaves fewer dead latents than no AuxK on the same data."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -373,3 +374,40 @@ def test_l0_plot_draws_each_kinds_frontier_and_the_prefixes():
 def test_a_kind_section_may_train_fewer_seeds():
     spec = SAESpec(kind=["topk", "matryoshka"], expansion=[4], k=[32], seeds=[0, 1], matryoshka={"seeds": [0]})
     assert [c.tag for c in sae_sweep(spec)] == ["topk-x4-k32-s0", "topk-x4-k32-s1", "matryoshka-x4-k32-s0"]
+
+
+# --------------------------------------------------------------------------- data-parallel
+
+
+DDP_CASES = {
+    "jumprelu": dict(kind="jumprelu", jumprelu={"l0_target": [6.0], "bandwidth": 0.05}),  # λ from the full batch's L0
+    "topk-auxk": dict(kind="topk", k=[1], topk={"aux_k": 16, "dead_patches": 256 * 3}),  # dead latents shared by the ranks
+    "matryoshka": dict(kind="matryoshka", k=[4], matryoshka={"aux_k": 8, "dead_patches": 256 * 3}),  # per-rank BatchTopK
+}
+
+
+def _train_state(rank: int, world: int, out: str, case: str) -> dict[str, torch.Tensor]:
+    from saev_report.distributed import Shard
+
+    spec = SAESpec(**{**dict(expansion=[4], seeds=[0], batch_size=256, n_patches=256 * 30, lr=5e-3, lr_warmup_steps=5,
+                             l1_warmup_steps=5, log_every=10), **DDP_CASES[case]})
+    (result,) = train_saes(Planted(), spec, sae_sweep(spec), Path(out) / f"r{rank}", "cpu", "h", "m",
+                           data_parallel=Shard(rank, world))
+    return {name: t.detach().clone() for name, t in result.sae.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(DDP_CASES))
+def test_new_kinds_train_data_parallel(tmp_path, case):
+    """2 gloo ranks: the replicas stay equal, and (where the kind's rule does not see the batch
+    split: not BatchTopK's per-rank top k·n) match one process within float tolerance."""
+    from gloo import run_on_ranks
+
+    torch.set_num_threads(1)
+    rank0, rank1 = run_on_ranks(_train_state, 2, tmp_path, 2, str(tmp_path), case)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    if case != "matryoshka":
+        one = _train_state(0, 1, str(tmp_path / "one"), case)
+        for name in one:
+            torch.testing.assert_close(rank0[name], one[name], rtol=1e-3, atol=1e-4, msg=name)
