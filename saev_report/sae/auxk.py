@@ -55,10 +55,10 @@ def aux_pairs(pre_nf: Tensor, dead_j: Tensor, aux_k: int) -> ActivePairs:
     """Each row's `aux_k` largest pre-activations among the dead latents `dead_j`."""
     n_rows, n_features = pre_nf.shape
     k = min(aux_k, dead_j.numel())
-    top_nk = pre_nf.index_select(1, dead_j).topk(k, dim=1, sorted=False).indices
+    values_nk, top_nk = pre_nf.index_select(1, dead_j).topk(k, dim=1, sorted=False)
     cols_a = dead_j[top_nk].reshape(-1)
     rows_a = torch.arange(n_rows, device=pre_nf.device).repeat_interleave(k)
-    return ActivePairs(rows_a, cols_a, n_rows, n_features)
+    return ActivePairs(rows_a, cols_a, n_rows, n_features, pre_a=values_nk.reshape(-1))
 
 
 def aux_loss(sae: "SparseAutoencoder", params: AuxKParams, out: TrainForward, coder: Coder, ctx: LossContext) -> dict[str, Tensor]:

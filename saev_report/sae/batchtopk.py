@@ -32,7 +32,7 @@ def batch_topk_pairs(pre_nf: Tensor, k: int) -> ActivePairs:
     rows_a, cols_a = _batch_topk_pairs(pre_nf, k * n_rows)
     kept_a = pre_nf[rows_a, cols_a]
     min_kept = float(kept_a.min()) if kept_a.numel() else None
-    return ActivePairs(rows_a, cols_a, n_rows, n_features, min_kept=min_kept)
+    return ActivePairs(rows_a, cols_a, n_rows, n_features, min_kept=min_kept, pre_a=kept_a)
 
 
 def _batch_topk_pairs(pre_nf: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:

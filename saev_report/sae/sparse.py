@@ -49,6 +49,7 @@ class ActivePairs:
     n_rows: int
     n_features: int
     min_kept: float | None = None  # BatchTopK: smallest positive kept pre-activation
+    pre_a: Tensor | None = field(default=None, repr=False)  # the pairs' pre-activations, when the selection had them
     _feature_major: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -69,10 +70,6 @@ class ActivePairs:
             torch.cumsum(counts_f, 0, out=offsets_f1[1:])
             self._feature_major = (perm_a, self.rows_a[perm_a], offsets_f1)
         return self._feature_major
-
-    def subset(self, keep_a: Tensor) -> "ActivePairs":
-        """The pairs where `keep_a` is true (still patch-major)."""
-        return ActivePairs(self.rows_a[keep_a], self.cols_a[keep_a], self.n_rows, self.n_features)
 
     @staticmethod
     def from_mask(mask_nf: Tensor) -> "ActivePairs":
@@ -199,7 +196,7 @@ class SparseCoder:
 
     def encode(self, pairs: ActivePairs) -> Tensor:
         sae = self.sae
-        pre_a = self.pre_nf[pairs.rows_a, pairs.cols_a]
+        pre_a = pairs.pre_a if pairs.pre_a is not None else self.pre_nf[pairs.rows_a, pairs.cols_a]
         return _EncodePairs.apply(self.xn_nd, sae.W_enc_fd, sae.b_enc_f, sae.b_dec_d, pre_a, pairs)
 
     def decode(self, f_a: Tensor, pairs: ActivePairs) -> Tensor:

@@ -28,9 +28,9 @@ class TopKParams(AuxKParams):
 def topk_pairs(pre_nf: Tensor, k: int) -> ActivePairs:
     """Each row's k largest pre-activations, patch-major."""
     n_rows, n_features = pre_nf.shape
-    idx_nk = pre_nf.topk(k, dim=1, sorted=False).indices
+    values_nk, idx_nk = pre_nf.topk(k, dim=1, sorted=False)
     rows_a = torch.arange(n_rows, device=pre_nf.device).repeat_interleave(k)
-    return ActivePairs(rows_a, idx_nk.reshape(-1), n_rows, n_features)
+    return ActivePairs(rows_a, idx_nk.reshape(-1), n_rows, n_features, pre_a=values_nk.reshape(-1))
 
 
 class TopK(SAEKind):
