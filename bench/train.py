@@ -3,6 +3,11 @@
     python bench/train.py            # demo scale (d=384, F=6,144) and paper scale (d=768, F=24,576)
     python bench/train.py --quick    # smaller batches, fewer rounds
     python bench/train.py --fresh    # from the paper's init (L0 ≈ F / 2): where training uses the dense step
+    python bench/train.py --kinds-only   # only the per-kind lines (below)
+
+Per kind (`kinds` section, at the demo's SAE size: d=384, F=1,536, batch 4,096): each registered
+kind's sparse step against its own plain dense reference (`DenseCoder`: autograd through n × F codes;
+ReLU's own memory-lean dense step), AuxK with 30 % of the latents dead.
 
 The reference is PyPI `saev==0.1.0`'s `saev.nn.SparseAutoencoder` with its training step
 (normalise decoder, forward, backward, remove parallel gradients, Adam). It needs einops,
@@ -47,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("SAEV_REPORT_PROGRESS", "0")
 
 import saev_report.train as train_module  # noqa: E402
-from saev_report.sae import SparseAutoencoder  # noqa: E402
+from saev_report.sae import KINDS, LossContext, SparseAutoencoder  # noqa: E402
+from saev_report.sae.relu import ReluParams  # noqa: E402
 from saev_report.spec import SAESpec, sae_sweep  # noqa: E402
 from saev_report.train import keep_freed_memory, make_adam, optimizer_step, train_saes  # noqa: E402
 
@@ -96,7 +102,7 @@ class Planted:
 def settled_sae(scale: Scale, data: Planted, fresh: bool = False) -> SparseAutoencoder:
     """A ReLU SAE near the planted dictionary with mean L0 ≈ the target, or (`fresh`) the
     paper's initialisation, which fires about half of its features."""
-    sae = SparseAutoencoder(scale.d, scale.n_features, "relu", seed=0)
+    sae = SparseAutoencoder(scale.d, scale.n_features, "relu", seed=0, params=ReluParams(l1_coeff=L1_COEFF))
     sample = data.batch(2048)
     sae.fit_normalization(sample)
     sae.init_b_dec(sample)
@@ -160,7 +166,7 @@ def saev_step(ref, optimizer, xn_nd: torch.Tensor, chunk_rows: int) -> None:
 
 
 def ours_step(sae: SparseAutoencoder, optimizer, xn_nd: torch.Tensor, sparse: bool) -> float:
-    out, _ = optimizer_step(sae, optimizer, xn_nd, L1_COEFF, sparse)
+    out, _ = optimizer_step(sae, optimizer, xn_nd, LossContext(), sparse)
     return out.l0
 
 
@@ -277,6 +283,72 @@ def agreement_from_scratch(steps: int) -> None:
           f"(L0 / F = {rs.l0 / 6144:.1%}: the sparse path is forced here, train_saes would run dense steps)")  # fmt: skip
 
 
+# --------------------------------------------------------------------------- one line per kind
+
+# (label, kind, params) at the demo's sparsity (k = 32; JumpReLU's target L0 32). AuxK's pairs add
+# n · aux_k to the n · k of the main code: at k_aux = d / 2 = 192 they are 6× the main pairs.
+KIND_CASES = [
+    ("relu (settled)", "relu", {}),  # no params: `settled_sae` at L0 ≈ 32 (a fresh ReLU SAE fires half of F: dense steps)
+    ("topk", "topk", {"k": 32}),
+    ("topk + AuxK 64", "topk", {"k": 32, "aux_k": 64, "dead_patches": 1}),
+    ("topk + AuxK 192", "topk", {"k": 32, "aux_k": 192, "dead_patches": 1}),  # Gao et al.'s k_aux = d / 2
+    ("batchtopk", "batchtopk", {"k": 32}),
+    ("batchtopk + AuxK 64", "batchtopk", {"k": 32, "aux_k": 64, "dead_patches": 1}),
+    ("matryoshka", "matryoshka", {"k": 32}),
+    ("matryoshka + AuxK 64", "matryoshka", {"k": 32, "aux_k": 64, "dead_patches": 1}),
+    ("jumprelu", "jumprelu", {"l0_target": 32}),
+]
+DEAD_FRACTION = 0.3  # of the latents, for the AuxK cases
+
+
+def bench_kinds(rounds: int, d: int, n_features: int, batch: int, device: torch.device) -> dict[str, float]:
+    """Each kind's sparse step against its own dense reference, same batches, rotating order."""
+    print(f"\n== kinds: d={d}, F={n_features:,}, batch={batch:,}, {device}: sparse step / the kind's own dense step ==", flush=True)
+    data = Planted(d, n_features, 24, seed=1)
+    sample = data.batch(4096)
+    batches = [data.batch(batch).to(device) for _ in range(rounds)]
+    g = torch.Generator().manual_seed(2)
+    dead_f = torch.rand(n_features, generator=g) < DEAD_FRACTION
+    n_seen = 10 * batch
+    ctx = LossContext(n_seen=n_seen, last_fired_f=torch.where(dead_f, 0, n_seen).long().to(device))
+    ratios = {}
+    for label, kind, given in KIND_CASES:
+        if not given:  # ReLU: the settled state of the other lines (λ = the paper's)
+            base = settled_sae(Scale("kinds", d, n_features, batch, 32, 24), data)
+        else:
+            base = SparseAutoencoder(d, n_features, kind, seed=0, params=KINDS[kind].Params(**given))
+            base.fit_normalization(sample)
+            base.init_b_dec(sample)
+            base.init_from_sample(sample)
+        base.to(device).train()
+        steps = {}
+        for sparse in (True, False):
+            sae = copy.deepcopy(base)
+            optimizer = make_adam(sae, LR)
+            steps[sparse] = (lambda xn, s=sae, o=optimizer, sp=sparse: optimizer_step(s, o, xn, ctx, sp)[0])
+        times: dict[bool, list[float]] = {True: [], False: []}
+        cpu: dict[bool, list[float]] = {True: [], False: []}  # process CPU time: less moved by other processes' load
+        l0s = []
+        for r, x_nd in enumerate(batches):
+            xn_nd = base.normalize(x_nd)
+            for sparse in ((True, False) if r % 2 == 0 else (False, True)):
+                _sync(device)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                out = steps[sparse](xn_nd)
+                _sync(device)
+                times[sparse].append(time.perf_counter() - start)
+                cpu[sparse].append(time.process_time() - start_cpu)
+                if sparse:
+                    l0s.append(out.l0)
+        keep = slice(1, None) if rounds > 2 else slice(None)
+        sparse_s, dense_s = statistics.median(times[True][keep]), statistics.median(times[False][keep])
+        cpu_ratio = statistics.median(cpu[False][keep]) / statistics.median(cpu[True][keep])
+        ratios[label] = dense_s / sparse_s
+        print(f"  {label:>20}: sparse {sparse_s * 1e3:7,.0f} ms, dense {dense_s * 1e3:7,.0f} ms  → ratio {ratios[label]:.2f}× wall, "
+              f"{cpu_ratio:.2f}× CPU time  (L0 {statistics.mean(l0s):.0f})", flush=True)
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small batches and few rounds")
@@ -290,6 +362,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc's mmap/trim behaviour as it is")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every contender runs there)")
+    parser.add_argument("--kinds-only", action="store_true", help="only the per-kind sparse / dense lines")
+    parser.add_argument("--kind-rounds", type=int, default=None, help="steps per path and kind (default 5; --quick 3)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if not args.system_malloc:
@@ -299,6 +373,11 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
           f"{'system malloc' if args.system_malloc else 'freed memory kept for reuse'}")  # fmt: skip
+    kind_rounds = args.kind_rounds or (3 if args.quick else 5)
+    bench_kinds(kind_rounds, 384, 4 * 384, 1024 if args.quick else 4096, device)
+    if args.kinds_only:
+        print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+        return
     saev = load_saev()
     rounds = args.rounds or (3 if args.quick else 6)
     wanted = set(args.scales.split(","))

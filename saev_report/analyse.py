@@ -896,6 +896,26 @@ def analyse_store(store, sae: SAELike, labels: Mapping[int, str | None] | None, 
                        spec, sae_id, dataset_key, device, n_images=len(mine), concept_labels=concept_labels, shard=shard)
 
 
+@torch.inference_mode()
+def sub_model_metrics(store, sae, sub_models: Sequence, batch_size: int, device: torch.device) -> list[dict[str, float | int | str]]:
+    """MSE, L0 and centred FVU of each nested reconstruction (`SubModel`: the first `n_features`
+    features decode it) over every patch of the store: a second pass, run only for kinds with sub-models."""
+    if not sub_models:
+        return []
+    d_model = int(sae.d_model)
+    stats = [ReconstructionStats(d_model, device) for _ in sub_models]
+    images_per_batch = max(1, batch_size // store.meta.n_patches)
+    for acts_bpd, _ in store_batches(store, images_per_batch):
+        xn_nd = sae.normalize(acts_bpd.reshape(-1, acts_bpd.shape[-1]).to(device, torch.float32))
+        f_nf = sae.encode_normalized(xn_nd)
+        for sub, acc in zip(sub_models, stats):
+            f_nm = f_nf[:, :sub.n_features]
+            xhat_nd = torch.addmm(sae.b_dec_d, f_nm, sae.W_dec_fd[:sub.n_features])
+            acc.update(xn_nd, xhat_nd, int((f_nm > 0).sum()))
+    return [{"name": sub.name, "n_features": sub.n_features, "n_patches_eval": acc.n_patches, **acc.metrics(d_model)}
+            for sub, acc in zip(sub_models, stats)]
+
+
 def write_analysis(result: AnalysisResult, out_dir: Path, spec_hash: str, stem: str = "part") -> dict[str, Path]:
     """Write the `features`, `exemplars`, panel and `concepts` parts (the `saes` row also needs training info: the caller's)."""
     parts = {

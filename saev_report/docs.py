@@ -77,6 +77,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("models.<key>.sae", spec_module.SweepOverride),
     ("record", spec_module.RecordSpec),
     ("sae", spec_module.SAESpec),
+    *[(f"sae.{name}", kind.sweep_model()) for name, kind in spec_module.SAE_KINDS.items()],
     ("analysis", spec_module.AnalysisSpec),
     ("heads.<key>", spec_module.HeadSpec),
     ("edits[]", spec_module.EditSpec),

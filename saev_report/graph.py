@@ -71,7 +71,7 @@ def counterpart(spec: Spec, config: SAEConfig, model_key: str) -> SAEConfig:
 def seed_twin(spec: Spec, model_key: str) -> SAEConfig:
     """The model's first SAE trained with another seed (what `stability` compares against)."""
     first, *rest = sae_sweep(spec.sweep_for(model_key))
-    return next(c for c in rest if c.seed != first.seed and (c.kind, c.expansion, c.l1_coeff, c.k) == (first.kind, first.expansion, first.l1_coeff, first.k))
+    return next(c for c in rest if c.seed != first.seed and c.same_but_seed(first))
 
 
 SPLICE_PREFIX = {"classification": "cls", "segmentation": "seg"}

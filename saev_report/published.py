@@ -710,8 +710,9 @@ def _encoder_bias_f(pub: PublishedSAE, acts_nd: Tensor | None, mean_d: Tensor, s
     return (pub.b_enc_f if chosen == "x_minus_b_dec" else folded_f), note
 
 
-def _kind_and_k(pub: PublishedSAE) -> tuple[str, int, float | None]:
-    """(saev-report kind, k, inference threshold) reproducing the published activation."""
+def _kind_and_k(pub: PublishedSAE) -> tuple[str, int, float | Tensor | None]:
+    """(saev-report kind, k, inference threshold: one for BatchTopK, per feature for JumpReLU)
+    reproducing the published activation."""
     if pub.kind in ("relu", "topk"):
         return pub.kind, pub.k or 0, None
     threshold_f = pub.threshold_f
@@ -721,11 +722,10 @@ def _kind_and_k(pub: PublishedSAE) -> tuple[str, int, float | None]:
         # One threshold for every feature is BatchTopK's inference rule, whatever the file calls it
         # (SAELens saves BatchTopK as JumpReLU); k only matters in training.
         return "batchtopk", pub.k or max(1, round(pub.stated.l0 or 1)), max(float(threshold_f[0]), 0.0)
-    if "jumprelu" in KINDS:  # pragma: no cover - wired once the kinds package lands
-        return "jumprelu", 0, None
-    raise UnsupportedCheckpoint(
-        f"{pub.source}: a JumpReLU SAE with per-feature thresholds needs the jumprelu kind, which saev-report does not have yet"
-    )
+    if bool((threshold_f <= 0).any()):  # our JumpReLU keeps θ > 0 (a jump at or below 0 passes negative codes)
+        raise UnsupportedCheckpoint(f"{pub.source}: a JumpReLU SAE with non-positive thresholds "
+                                    f"(min {float(threshold_f.min()):.3g}) is not one saev-report can run")
+    return "jumprelu", 0, threshold_f
 
 
 def _build(pub: PublishedSAE, mean_d: Tensor, scale: float) -> SparseAutoencoder:
@@ -740,7 +740,9 @@ def _build(pub: PublishedSAE, mean_d: Tensor, scale: float) -> SparseAutoencoder
         sae.b_dec_d.copy_(pub.b_dec_d)
         sae.act_mean_d.copy_(mean_d)
         sae.act_scale.fill_(scale)
-        if threshold is not None:
+        if isinstance(threshold, Tensor):
+            sae.threshold_f.copy_(threshold.to(sae.threshold_f.dtype))
+        elif threshold is not None:
             sae.threshold.fill_(threshold)
     return sae.eval()
 

@@ -21,17 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from saev_report.overrides import Override, OverrideError, apply_overrides, flag_for, parse_override
+from saev_report.sae.registry import KINDS as SAE_KINDS
 
 # --------------------------------------------------------------------------- base
 
 
-class SpecModel(BaseModel):
-    """Strict base: unknown fields are errors, docstrings document fields."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+from saev_report.specmodel import SpecModel  # noqa: E402  (the kinds' parameter models share it)
 
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
@@ -295,7 +293,7 @@ class RecordSpec(SpecModel):
 # --------------------------------------------------------------------------- SAEs
 
 
-SAEKind = Literal["relu", "topk", "batchtopk"]
+SAEKind = Literal[tuple(SAE_KINDS)]  # type: ignore[valid-type]  (the registered kinds' names)
 
 
 def _positive_ints(values: list[int] | None) -> list[int] | None:
@@ -318,19 +316,37 @@ def _kinds_unique(kind: str | list[str] | None) -> str | list[str] | None:
     return kind
 
 
-class SAESpec(SpecModel):
+# The shorthand fields of `sae` (and `models.<key>.sae`) that set a field of every kind section having it.
+SWEEP_SHORTHANDS = ("k", "l1_coeff")
+
+
+def _with_shorthands(sections: dict[str, dict[str, Any]], shorthands: dict[str, Any], force: bool) -> dict[str, dict[str, Any]]:
+    """Put each shorthand's value into every kind section with that field (unless the section set it, or `force`)."""
+    out = {}
+    for name, section in sections.items():
+        fields = SAE_KINDS[name].sweep_model().model_fields
+        given = dict(section)
+        for field_name, value in shorthands.items():
+            if value is not None and field_name in fields and (force or field_name not in given):
+                given[field_name] = value
+        out[name] = given
+    return out
+
+
+class _SAESpecBase(SpecModel):
     """The SAE sweep: one SAE per combination of the list-valued fields, for every recorded
-    (model, layer). All SAEs of a (model, layer) train in one pass over the activations."""
+    (model, layer). All SAEs of a (model, layer) train in one pass over the activations. Each
+    kind's own parameters sit in its section (`sae.topk`, `sae.matryoshka`, …, below)."""
 
     kind: SAEKind | list[SAEKind] = "relu"
-    """`relu` (the paper: ReLU + L1), `topk`, or `batchtopk` (saved with a fixed threshold); a list
-    (`[topk, relu]`) sweeps several kinds, each with its own sparsity list (`k` or `l1_coeff`)."""
+    """An SAE kind (`relu`: the paper's ReLU + L1; `topk`, `batchtopk`, `jumprelu`, `matryoshka`: see
+    docs/explanation/sae-kinds.md) or a list (`[topk, relu]`), each with the sweep of its own section."""
     expansion: list[int] = Field(default_factory=lambda: [32], min_length=1)
     """Dictionary width as a multiple of the model width (paper: 32 → 24,576 for d=768)."""
-    l1_coeff: list[float] = Field(default_factory=lambda: [4e-4], min_length=1)
-    """Sparsity coefficient λ on ‖f‖₁ (relu only; paper 4e-4)."""
-    k: list[int] = Field(default_factory=lambda: [64], min_length=1)
-    """Active features per patch (topk) or mean per patch (batchtopk)."""
+    l1_coeff: list[float] | None = Field(default=None, min_length=1)
+    """Shorthand for `relu.l1_coeff` (the sparsity coefficient λ; paper 4e-4)."""
+    k: list[int] | None = Field(default=None, min_length=1)
+    """Shorthand for the `k` of every kind section with one (`topk`, `batchtopk`, `matryoshka`) that does not set its own."""
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     """Initialisation seeds; two seeds measure dictionary stability."""
     lr: float = Field(default=4e-4, gt=0)
@@ -338,7 +354,7 @@ class SAESpec(SpecModel):
     lr_warmup_steps: int = Field(default=500, ge=0)
     """Linear learning-rate warm-up steps (paper 500)."""
     l1_warmup_steps: int = Field(default=500, ge=0)
-    """Linear λ warm-up steps (paper 500)."""
+    """Linear warm-up steps of a fixed sparsity coefficient (ReLU's λ, JumpReLU's `l0_coeff`; paper 500)."""
     batch_size: int = Field(default=16384, gt=0)
     """Patches per step (paper 16,384)."""
     n_patches: int = Field(default=100_000_000, gt=0)
@@ -355,6 +371,10 @@ class SAESpec(SpecModel):
         """The swept kinds, in spec order."""
         return [self.kind] if isinstance(self.kind, str) else list(self.kind)
 
+    def section(self, kind: str) -> SpecModel:
+        """The kind's sweep section (`sae.<kind>`)."""
+        return getattr(self, kind)
+
     @field_validator("kind")
     @classmethod
     def _kinds_unique(cls, kind: str | list[str]) -> str | list[str]:
@@ -370,24 +390,70 @@ class SAESpec(SpecModel):
     def _non_negative(cls, values: list[float]) -> list[float]:
         return _non_negative(values)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_shorthands(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not any(data.get(name) is not None for name in SWEEP_SHORTHANDS):
+            return data
+        sections = {name: data.get(name) or {} for name in SAE_KINDS}
+        if not all(isinstance(section, dict) for section in sections.values()):
+            return data  # a section of the wrong type: reported by its own validation
+        shorthands = {name: data.get(name) for name in SWEEP_SHORTHANDS}
+        return {**data, **_with_shorthands(sections, shorthands, force=False)}
+
+    def overridden(self, override: "SweepOverride") -> "SAESpec":
+        """This sweep with a model's own `models.<key>.sae` fields applied (override wins, shorthands too)."""
+        data = self.model_dump(exclude=set(SWEEP_SHORTHANDS))
+        for name in ("kind", "expansion", "seeds"):
+            if getattr(override, name) is not None:
+                data[name] = getattr(override, name)
+        sections = {name: {**data[name], **(getattr(override, name).model_dump(exclude_unset=True) if getattr(override, name) else {})}
+                    for name in SAE_KINDS}
+        shorthands = {name: getattr(override, name) for name in SWEEP_SHORTHANDS}
+        data.update(_with_shorthands(sections, shorthands, force=True))
+        return SAESpec.model_validate(data)
+
+
+def _kind_sections(optional: bool) -> dict[str, Any]:
+    """One field per registered kind: its sweep section."""
+    fields = {}
+    for name, kind in SAE_KINDS.items():
+        model = kind.sweep_model()
+        doc = f"`{name}`'s parameters ({kind.reference}): {' '.join((model.__doc__ or '').split())}"
+        fields[name] = (model | None, Field(default=None, description=doc)) if optional else \
+            (model, Field(default_factory=model, description=doc))
+    return fields
+
+
+def _sweep_defaults_validator(cls, data: Any) -> Any:
+    """Each kind's own defaults for what its section leaves out (JumpReLU: a fixed λ replaces the target)."""
+    if isinstance(data, dict):
+        data = {**data, **{name: SAE_KINDS[name].sweep_defaults(data[name]) for name in SAE_KINDS if isinstance(data.get(name), dict)}}
+    return data
+
+
+SAESpec = create_model("SAESpec", __base__=_SAESpecBase, __doc__=_SAESpecBase.__doc__, __module__=__name__,
+                       __validators__={"_kind_defaults": model_validator(mode="before")(classmethod(_sweep_defaults_validator))},
+                       **_kind_sections(optional=False))
+
 
 # --------------------------------------------------------------------------- analysis
 
 
 
-class SweepOverride(SpecModel):
-    """A model's own SAE sweep: each field given here replaces the `sae` section's list for this
-    model's SAEs (the training budget and optimiser stay shared). A control model often needs
-    fewer SAEs than the model under study."""
+class _SweepOverrideBase(SpecModel):
+    """A model's own SAE sweep: each field given here replaces the `sae` section's for this
+    model's SAEs (the training budget and optimiser stay shared); a kind section given here
+    replaces the fields it sets. A control model often needs fewer SAEs than the model under study."""
 
     kind: SAEKind | list[SAEKind] | None = None
     """Kinds to train for this model (default: `sae.kind`)."""
     expansion: list[int] | None = Field(default=None, min_length=1)
     """Dictionary widths (default: `sae.expansion`)."""
     l1_coeff: list[float] | None = Field(default=None, min_length=1)
-    """ReLU sparsity coefficients (default: `sae.l1_coeff`)."""
+    """ReLU sparsity coefficients (shorthand for `relu.l1_coeff`; default: the `sae` section's)."""
     k: list[int] | None = Field(default=None, min_length=1)
-    """TopK/BatchTopK sparsities (default: `sae.k`)."""
+    """TopK-family sparsities (shorthand for every kind section's `k`; default: the `sae` section's)."""
     seeds: list[int] | None = Field(default=None, min_length=1)
     """Initialisation seeds (default: `sae.seeds`)."""
 
@@ -405,6 +471,11 @@ class SweepOverride(SpecModel):
     @classmethod
     def _non_negative(cls, values: list[float] | None) -> list[float] | None:
         return _non_negative(values)
+
+
+SweepOverride = create_model("SweepOverride", __base__=_SweepOverrideBase, __doc__=_SweepOverrideBase.__doc__, __module__=__name__,
+                             __validators__={"_kind_defaults": model_validator(mode="before")(classmethod(_sweep_defaults_validator))},
+                             **_kind_sections(optional=True))
 
 
 ModelSpec.model_rebuild()  # its `sae` field names SweepOverride, defined after it
@@ -845,7 +916,7 @@ class Spec(SpecModel):
         override = self.models[model_key].sae
         if override is None:
             return self.sae
-        return self.sae.model_copy(update=override.model_dump(exclude_none=True))
+        return self.sae.overridden(override)
 
 
 # --------------------------------------------------------------------------- errors
@@ -1148,14 +1219,26 @@ class SAEConfig:
     index: int
     kind: str
     expansion: int
-    l1_coeff: float
-    k: int
+    params: SpecModel  # the kind's `Params` (e.g. `TopKParams(k=32)`)
     seed: int
 
     @property
     def tag(self) -> str:
-        sparsity = f"l1_{self.l1_coeff:g}" if self.kind == "relu" else f"k{self.k}"
-        return f"{self.kind}-x{self.expansion}-{sparsity}-s{self.seed}"
+        return f"{self.kind}-x{self.expansion}-{SAE_KINDS[self.kind].tag_part(self.params)}-s{self.seed}"
+
+    @property
+    def l1_coeff(self) -> float:
+        """The `saes` table's λ column (0 for kinds without one)."""
+        return SAE_KINDS[self.kind].table_fields(self.params)["l1_coeff"]
+
+    @property
+    def k(self) -> int:
+        """The `saes` table's k column (0 for kinds without one)."""
+        return SAE_KINDS[self.kind].table_fields(self.params)["k"]
+
+    def same_but_seed(self, other: "SAEConfig") -> bool:
+        """Trained alike but for the seed (what a stability comparison pairs)."""
+        return (self.kind, self.expansion, self.params) == (other.kind, other.expansion, other.params)
 
 
 def sae_id(model_key: str, layer: int, config: SAEConfig) -> str:
@@ -1164,14 +1247,14 @@ def sae_id(model_key: str, layer: int, config: SAEConfig) -> str:
 
 
 def sae_sweep(sae: SAESpec) -> list[SAEConfig]:
-    """Expand the sweep lists in a fixed order (kind, expansion, sparsity, seed)."""
+    """Expand the sweep lists in a fixed order (kind, expansion, the kind's swept fields, seed: the
+    kind section's `seeds` if given, else `sae.seeds`)."""
     configs = []
     for kind in sae.kinds:
-        sparsities: list[tuple[float, int]] = [(l1, 0) for l1 in sae.l1_coeff] if kind == "relu" else [(0.0, k) for k in sae.k]
         for expansion in sae.expansion:
-            for l1, k in sparsities:
-                for seed in sae.seeds:
-                    configs.append(SAEConfig(len(configs), kind, expansion, l1, k, seed))
+            for params in SAE_KINDS[kind].expand(sae.section(kind)):
+                for seed in sae.section(kind).seeds or sae.seeds:
+                    configs.append(SAEConfig(len(configs), kind, expansion, params, seed))
     return configs
 
 

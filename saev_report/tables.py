@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from saev_report import __version__
 from saev_report.fsutil import atomic_write
+from saev_report.sae.registry import KINDS as SAE_KINDS
 
 # --------------------------------------------------------------------------- schemas
 
@@ -84,12 +85,13 @@ TABLES: dict[str, TableDef] = {
             ("sae_id", pa.string(), "`<model>/L<layer>/<tag>`, e.g. `dino/L10/relu-x16-l1_0.0004-s0`."),
             ("model", pa.string(), "Model key."),
             ("layer", pa.int32(), "Residual-stream layer (block output, 1-based)."),
-            ("kind", pa.string(), "`relu`, `topk` or `batchtopk`."),
+            ("kind", pa.string(), f"SAE kind: {', '.join(f'`{name}`' for name in SAE_KINDS)} (docs/explanation/sae-kinds.md)."),
             ("d_model", pa.int32(), "Activation width d."),
             ("n_features", pa.int32(), "Dictionary width F."),
             ("expansion", pa.int32(), "F / d."),
             ("l1_coeff", pa.float64(), "Sparsity coefficient λ (relu)."),
-            ("k", pa.int32(), "k (topk, batchtopk); 0 for relu."),
+            ("k", pa.int32(), "k (the TopK family); 0 for kinds without one."),
+            ("params", pa.string(), "Every parameter of the kind, as JSON (`sae.<kind>` in the spec; docs/explanation/sae-kinds.md)."),
             ("seed", pa.int32(), "Initialisation seed."),
             ("n_patches_trained", pa.int64(), "Patches seen in training."),
             ("n_patches_eval", pa.int64(), "Patches in the evaluation pass."),
@@ -102,12 +104,23 @@ TABLES: dict[str, TableDef] = {
             *_splice_columns("seg", "mIoU", "segmentation head"),
         ),
         _table(
+            "sub_models",
+            "Nested reconstructions of an SAE scored on their own, one row each (a Matryoshka SAE's prefixes but the whole).",
+            ("sae_id", pa.string(), "SAE id."),
+            ("name", pa.string(), "e.g. `prefix 1`: features 0 … n_features − 1 decode it."),
+            ("n_features", pa.int32(), "Features of the nested dictionary."),
+            ("n_patches_eval", pa.int64(), "Patches in the evaluation pass."),
+            ("mse", pa.float64(), "As `saes.mse`, decoding only these features."),
+            ("l0", pa.float64(), "Mean active features per patch among these features."),
+            ("fvu", pa.float64(), "As `saes.fvu`, decoding only these features."),
+        ),
+        _table(
             "train_log",
             "SAE training curves, one row every `sae.log_every` steps.",
             ("sae_id", pa.string(), "SAE id."),
             ("step", pa.int64(), "Optimiser step."),
             ("n_patches", pa.int64(), "Patches seen so far."),
-            ("loss", pa.float64(), "Total loss (MSE + λ·L1, or MSE for topk)."),
+            ("loss", pa.float64(), "Total loss: the kind's terms (MSE + λ·L1 for relu; MSE (+ AuxK) for the TopK family; Σ prefix MSEs for matryoshka; MSE + λ·L0 for jumprelu)."),
             ("mse", pa.float64(), "Reconstruction MSE (normalised space)."),
             ("l1", pa.float64(), "Mean ‖f‖₁ per patch."),
             ("l0", pa.float64(), "Mean active features per patch."),

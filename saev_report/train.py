@@ -2,9 +2,10 @@
 
 Every SAE of a (model, layer) sees the same shuffled batches, so the store is read
 once however wide the sweep. Per step and per SAE: forward (sparse or dense path,
-see `sae.py`), loss = MSE + λ·L1 (relu) or MSE (topk, batchtopk), backward, drop the
-gradient parallel to each decoder atom, Adam step, renormalise the atoms. Learning
-rate and λ warm up linearly. A non-finite loss or weight stops training with
+see `sae/sparse.py`), the kind's loss (`SAEKind.loss`, one signature for every kind: MSE +
+λ·L1 for relu, MSE (+ AuxK) for the TopK family, …), backward, drop the gradient parallel to
+each decoder atom, Adam step, renormalise the atoms, the kind's `after_step`. Learning rate
+and a fixed sparsity coefficient warm up linearly. A non-finite loss or weight stops training with
 `TrainingDiverged`, naming the SAE and the step.
 """
 
@@ -25,7 +26,7 @@ from torch import Tensor
 from saev_report import __version__, distributed
 from saev_report.distributed import ONE, Shard
 from saev_report.progress import bar
-from saev_report.sae import SparseAutoencoder, TrainForward, save_sae
+from saev_report.sae import LossContext, SparseAutoencoder, TrainForward, save_sae
 from saev_report.spec import SAEConfig, SAESpec
 from saev_report.tables import write_table
 from saev_report.errors import UserError
@@ -209,9 +210,10 @@ def _take_rows(batches: Iterator[Tensor], n_rows: int) -> list[Tensor]:
 
 
 def _new_run(sae_id: str, config: SAEConfig, spec: SAESpec, d_model: int, sample_nd: Tensor, device: torch.device) -> _Run:
-    sae = SparseAutoencoder(d_model, d_model * config.expansion, config.kind, config.k, seed=config.seed)
+    sae = SparseAutoencoder(d_model, d_model * config.expansion, config.kind, seed=config.seed, params=config.params)
     sae.fit_normalization(sample_nd, spec.normalize)
     sae.init_b_dec(sample_nd)
+    sae.init_from_sample(sample_nd)
     sae.to(device).train()
     optimizer = make_adam(sae, spec.lr)
     last_fired_f = torch.zeros(sae.n_features, dtype=torch.long, device=device)
@@ -227,18 +229,18 @@ def make_adam(sae: SparseAutoencoder, lr: float) -> torch.optim.Optimizer:
 
 
 def optimizer_step(
-    sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, xn_nd: Tensor, l1_coeff: float, sparse: bool,
+    sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, xn_nd: Tensor, ctx: LossContext, sparse: bool,
     data_parallel: Shard = ONE, share: float = 1.0,
 ) -> tuple[TrainForward, Tensor]:
-    """The paper's update on one normalised batch: loss, backward, drop the gradient parallel to
-    each atom, Adam, renormalise the atoms (and fold BatchTopK's threshold). Raises
-    FloatingPointError on a non-finite loss.
+    """The paper's update on one normalised batch: the kind's loss, backward, drop the gradient
+    parallel to each atom, Adam, renormalise the atoms, then the kind's `after_step` (BatchTopK's
+    threshold, JumpReLU's λ). Raises FloatingPointError on a non-finite loss.
 
-    Data-parallel: this rank's batch is `share` of the full one; the gradients are summed
-    over ranks weighted by their shares (the full batch's mean-loss gradient), and BatchTopK's
-    threshold takes the smallest kept activation of any rank, so every replica stays equal."""
-    out = sae.training_forward(xn_nd, sparse=sparse)
-    loss = out.mse + l1_coeff * out.l1 if l1_coeff else out.mse
+    Data-parallel: this rank's batch is `share` of the full one; the gradients are summed over
+    ranks weighted by their shares (the full batch's mean-loss gradient), and the kinds'
+    `after_step` reduce what they fold over ranks, so every replica stays equal."""
+    out = sae.training_forward(xn_nd, sparse=sparse, ctx=ctx)
+    loss = out.loss
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
@@ -252,12 +254,7 @@ def optimizer_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # the gradients (2·d·F floats) are not held between steps
     sae.normalize_decoder_()
-    min_kept = out.min_kept
-    if sae.kind == "batchtopk" and data_parallel.world > 1:
-        kept = distributed.min_(torch.tensor(math.inf if min_kept is None else min_kept, dtype=torch.float64, device=xn_nd.device))
-        min_kept = None if math.isinf(float(kept)) else float(kept)
-    if sae.kind == "batchtopk" and min_kept is not None:
-        sae.update_threshold(min_kept)
+    sae.kind_impl.after_step(sae, out, data_parallel, share)
     return out, loss.detach()
 
 
@@ -266,13 +263,17 @@ def _step(run: _Run, x_nd: Tensor, step: int, n_seen: int, spec: SAESpec, log_no
     """One optimiser step of one SAE on one batch (`step` is 1-based; data-parallel: this rank's slice)."""
     sae = run.sae
     lr = spec.lr * warmup(step - 1, spec.lr_warmup_steps)
-    l1_coeff = run.config.l1_coeff * warmup(step - 1, spec.l1_warmup_steps) if sae.kind == "relu" else 0.0
+    sparsity_scale = warmup(step - 1, spec.l1_warmup_steps)
+    l1_coeff = run.config.l1_coeff * sparsity_scale  # logged (0 for kinds without λ)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    if data_parallel.world > 1 and sae.kind_impl.reads_dead_latents(sae.params):  # every rank: the same dead latents
+        distributed.max_(run.last_fired_f)
+    ctx = LossContext(sparsity_scale, n_seen, run.last_fired_f)  # n_seen includes this batch: `last_fired_f` counts so too
 
     sparse = spec.sparse_backward and run.density <= SPARSE_MAX_DENSITY
     try:
-        out, loss = optimizer_step(sae, run.optimizer, sae.normalize(x_nd), l1_coeff, sparse, data_parallel, share)
+        out, loss = optimizer_step(sae, run.optimizer, sae.normalize(x_nd), ctx, sparse, data_parallel, share)
     except FloatingPointError as exc:
         bad_input = not bool(torch.isfinite(x_nd).all())
         raise TrainingDiverged(run.sae_id, step, str(exc) + (" (the input batch holds NaN/inf)" if bad_input else "")) from None

@@ -385,12 +385,22 @@ def test_saelens_batchtopk_saved_as_jumprelu_with_one_threshold_is_batchtopk(tmp
     np.testing.assert_allclose(got_xhat, want_xhat, atol=2e-4)
 
 
-def test_saelens_jumprelu_with_per_feature_thresholds_needs_the_jumprelu_kind(tmp_path):
+def test_saelens_jumprelu_with_per_feature_thresholds_runs_as_the_jumprelu_kind(tmp_path):
     state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in raw_space_weights().items()}
     state["threshold"] = torch.linspace(0.1, 1.0, N_FEATURES)
-    pub = read_published(write_saelens(tmp_path / "jr", saelens_v6_cfg(architecture="jumprelu", normalize="none"), state))
-    with pytest.raises(UnsupportedCheckpoint, match="needs the jumprelu kind"):
-        to_sparse_autoencoder(pub)
+    cfg = saelens_v6_cfg(architecture="jumprelu", normalize="none")
+    pub = read_published(write_saelens(tmp_path / "jr", cfg, state))
+    sae = to_sparse_autoencoder(pub)
+    assert sae.kind == "jumprelu"
+    torch.testing.assert_close(sae.threshold_f.detach(), state["threshold"])
+    want_xhat, want_f = saelens_forward(state, cfg, CHECK)
+    got_xhat, got_f = sae_outputs(sae, CHECK)
+    assert (want_f > 0).any() and (want_f == 0).any()  # the thresholds cut some codes and keep others
+    np.testing.assert_allclose(got_f, want_f, atol=2e-4)
+    np.testing.assert_allclose(got_xhat, want_xhat, atol=2e-4)
+    state["threshold"][0] = -0.5
+    with pytest.raises(UnsupportedCheckpoint, match="non-positive thresholds"):
+        to_sparse_autoencoder(read_published(write_saelens(tmp_path / "neg", cfg, state)))
 
 
 def test_saelens_rescale_acts_by_decoder_norm_is_folded(tmp_path):
@@ -623,6 +633,7 @@ LIBRARY_FIXTURES = Path(__file__).parent / "data" / "published"  # tests/referen
         ("saelens/topk", "topk", 4, "topk"),
         ("saelens/topk_rescaled", "topk", 4, "topk"),
         ("saelens/batchtopk", "batchtopk", 4, "batchtopk"),  # saved by SAELens as jumprelu
+        ("saelens/jumprelu", "jumprelu", None, "jumprelu"),  # per-feature thresholds
     ],
 )
 def test_checkpoints_written_by_saev_and_saelens_compute_what_their_own_code_computes(name, kind, k, built_as):
@@ -643,6 +654,3 @@ def test_checkpoints_written_by_saev_and_saelens_compute_what_their_own_code_com
     torch.testing.assert_close(xhat_nd, recorded[f"{name}/xhat"], atol=2e-5, rtol=1e-5)
 
 
-def test_a_saelens_jumprelu_with_per_feature_thresholds_from_saelens_itself_is_refused():
-    with pytest.raises(UnsupportedCheckpoint, match="needs the jumprelu kind"):
-        to_sparse_autoencoder(read_published(LIBRARY_FIXTURES / "saelens" / "jumprelu"))

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from saev_report.sae import load_reference_checkpoint
+from saev_report.sae.kind import LossContext
 from saev_report.train import optimizer_step
 
 SCRIPT = Path(__file__).parent / "reference" / "saev_train_steps.py"
@@ -66,9 +67,10 @@ def test_training_steps_match_saevs_training_loop(reference_run):
     atom renormalisation) lands on saev's weights, and reports its loss terms, step for step."""
     trace = torch.load(reference_run / "trace.pt", weights_only=True)
     sae = load_reference_checkpoint(reference_run / "init" / "sae.pt").train()
+    assert sae.params.l1_coeff == pytest.approx(trace["sparsity_coeff"])  # read from saev's header
     optimizer = torch.optim.Adam(sae.parameters(), lr=trace["lr"])
     for step, x_nd in enumerate(trace["batches"]):
-        out, loss = optimizer_step(sae, optimizer, sae.normalize(x_nd), trace["sparsity_coeff"], sparse=False)
+        out, loss = optimizer_step(sae, optimizer, sae.normalize(x_nd), LossContext(), sparse=False)
         mse, sparsity, l0, l1 = trace["losses"][step].tolist()
         assert out.mse.item() == pytest.approx(mse, rel=1e-5)
         assert loss.item() == pytest.approx(mse + sparsity, rel=1e-5)
@@ -84,8 +86,8 @@ def test_the_sparse_path_takes_the_same_steps(reference_run):
     sparse = load_reference_checkpoint(reference_run / "init" / "sae.pt").train()
     optimizers = [torch.optim.Adam(s.parameters(), lr=trace["lr"]) for s in (dense, sparse)]
     for x_nd in trace["batches"]:
-        optimizer_step(dense, optimizers[0], x_nd, trace["sparsity_coeff"], sparse=False)
-        optimizer_step(sparse, optimizers[1], x_nd, trace["sparsity_coeff"], sparse=True)
+        optimizer_step(dense, optimizers[0], x_nd, LossContext(), sparse=False)
+        optimizer_step(sparse, optimizers[1], x_nd, LossContext(), sparse=True)
     for (name, a), b in zip(dense.named_parameters(), sparse.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from saev_report.sae import (
+    KINDS,
     SparseAutoencoder,
     load_reference_checkpoint,
     load_sae,
     read_sae_config,
     save_sae,
-    select_active,
     stable_argsort,
 )
+from saev_report.sae.batchtopk import batch_topk_pairs
+from saev_report.sae.topk import topk_pairs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,8 +108,10 @@ def test_init_recipe():
 def test_bad_kind_and_k():
     with pytest.raises(ValueError, match="unknown SAE kind"):
         SparseAutoencoder(4, 8, "gated")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="greater than 0"):
+        SparseAutoencoder(4, 8, "topk", k=0)  # the kind's own Params refuse it
     with pytest.raises(ValueError, match="needs 0 < k"):
-        SparseAutoencoder(4, 8, "topk", k=0)
+        SparseAutoencoder(4, 8, "topk", k=9)
 
 
 # --------------------------------------------------------------------------- sparsity patterns
@@ -125,7 +129,7 @@ def test_topk_keeps_exactly_k_per_row():
     expected = np.zeros_like(pre)
     np.put_along_axis(expected, top, np.take_along_axis(pre, top, axis=1), axis=1)
     np.testing.assert_allclose(f_nf.detach().numpy(), expected, rtol=1e-6)
-    active = select_active(torch.from_numpy(pre), "topk", 5)
+    active = topk_pairs(torch.from_numpy(pre), 5)
     assert active.nnz == 64 * 5 and torch.equal(torch.bincount(active.rows_a), torch.full((64,), 5))
 
 
@@ -133,7 +137,7 @@ def test_topk_keeps_exactly_k_per_row():
 def test_batch_topk_selection_matches_flat_topk(n_rows, n_features, k):
     g = torch.Generator().manual_seed(n_features)
     pre_nf = torch.randn(n_rows, n_features, generator=g)
-    active = select_active(pre_nf, "batchtopk", k)
+    active = batch_topk_pairs(pre_nf, k)
     flat = pre_nf.numpy().reshape(-1)
     n_keep = min(k * n_rows, int((flat > 0).sum()))
     expected = set(np.argsort(-flat)[:n_keep].tolist())
@@ -146,7 +150,7 @@ def test_batch_topk_selection_matches_flat_topk(n_rows, n_features, k):
 def test_batch_topk_with_ties_keeps_exactly_k_per_row_on_average():
     # all values equal: the sampled cut keeps nothing, so the exact fallback runs
     pre_nf = torch.ones(300, 400)
-    active = select_active(pre_nf, "batchtopk", 5)
+    active = batch_topk_pairs(pre_nf, 5)
     assert active.nnz == 1500 and active.min_kept == 1.0
     assert torch.equal(active.rows_a, active.rows_a.sort().values)
 
@@ -193,7 +197,7 @@ def _grads(sae: SparseAutoencoder, xn_nd: torch.Tensor, sparse: bool, l1_coeff: 
     return loss.item(), {name: p.grad.clone() for name, p in sae.named_parameters()}
 
 
-@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_sparse_gradients_equal_dense_autograd(kind):
     sae = make_sae(kind, k=5)
     xn_nd = torch.randn(96, 12, generator=torch.Generator().manual_seed(7))
@@ -247,7 +251,7 @@ def test_save_load_round_trip(tmp_path, kind):
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["config.json", "sae.safetensors"]  # no temp files left
     loaded = load_sae(tmp_path / "sae")
     assert not loaded.training
-    assert (loaded.kind, loaded.k, loaded.d_model, loaded.n_features) == (kind, 3, 12, 48)
+    assert (loaded.kind, loaded.params, loaded.d_model, loaded.n_features) == (kind, sae.params, 12, 48)
     for name, tensor in sae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     x_nd = raw_batch()
@@ -301,7 +305,7 @@ def test_load_reference_checkpoint_rejects_other_files(tmp_path):
         load_reference_checkpoint(bad)
 
 
-@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_both_paths_report_the_same_firing_statistics(kind):
     sae = make_sae(kind, k=4)
     xn_nd = torch.randn(50, 12, generator=torch.Generator().manual_seed(3))

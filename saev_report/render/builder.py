@@ -27,6 +27,7 @@ from saev_report.progress import bar, log
 from saev_report.render import addresses as addr
 from saev_report.render import charts, contract, heatmaps, overlays
 from saev_report.render.queries import fetch_rows
+from saev_report.sae.registry import KINDS as SAE_KINDS
 from saev_report.spec import ReportSpec
 
 def _bundled(name: str) -> Path:
@@ -85,9 +86,19 @@ class SaeInfo:
     label_pos: dict[str | None, int] = field(default_factory=dict)
     label_images: dict[str, int] = field(default_factory=dict)
     concept_base: list[list[Any]] = field(default_factory=list)
+    _params: Any = field(default=None, repr=False)  # the kind's Params, parsed once from `metrics["params"]`
 
     def title(self, feature: int) -> str:
         return addr.feature_title(self.model_label, self.n_features, feature)
+
+    def feature_group(self, feature: int) -> str | None:
+        """What the SAE's kind says about where the feature sits (a Matryoshka prefix), from the `saes` row."""
+        kind = SAE_KINDS.get(self.metrics.get("kind") or "")
+        if kind is None or not self.metrics.get("params"):
+            return None
+        if self._params is None:
+            self._params = kind.Params.model_validate_json(self.metrics["params"])
+        return kind.feature_group(self._params, self.n_features, feature)
 
     @property
     def short(self) -> str:

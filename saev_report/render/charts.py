@@ -151,26 +151,69 @@ def base_layout(title: str, x_title: str, y_title: str, **extra: Any) -> dict[st
     return layout
 
 
-def metric_scatter(saes: list[dict[str, Any]], y: str, y_title: str) -> dict[str, Any]:
-    """L0 against a reconstruction metric, one trace (colour) per model; hover names the SAE."""
+KIND_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "x", "star", "pentagon")
+"""Marker of each SAE kind in the L0 scatter, in the order kinds first appear."""
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (lower L0 and lower error), by increasing L0."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def metric_scatter(saes: list[dict[str, Any]], y: str, y_title: str, sub_models: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """L0 against a reconstruction metric: colour per model, marker per SAE kind, and each (model, kind)'s
+    frontier as a line; `sub_models` rows (a Matryoshka SAE's prefixes, with `model_label`, `kind`,
+    `sae_id`, `name`, `list_page`) as their own open markers. Hover names the SAE."""
     traces = []
+    kinds = list(dict.fromkeys(s.get("kind") or "sae" for s in saes))
     for i, model in enumerate(dict.fromkeys(s["model_label"] for s in saes)):
-        rows = [s for s in saes if s["model_label"] == model and s.get("l0") is not None and s.get(y) is not None]
-        if not rows:
-            continue
-        traces.append(
-            {
-                "type": "scatter",
-                "mode": "markers",
-                "name": plotly_text(model),
-                "x": round_sig([r["l0"] for r in rows]),
-                "y": round_sig([r[y] for r in rows]),
-                "text": [plotly_text(r["sae_id"]) for r in rows],
-                "customdata": [r["list_page"] for r in rows],
-                "hovertemplate": "%{text}<br>L0 %{x}<br>" + y_title + " %{y}<extra></extra>",
-                "marker": {"size": 10, "color": PALETTE[i % len(PALETTE)], "line": {"width": 1, "color": "#fff"}},
-            }
-        )
+        colour = PALETTE[i % len(PALETTE)]
+        for kind in kinds:
+            rows = [s for s in saes if s["model_label"] == model and (s.get("kind") or "sae") == kind
+                    and s.get("l0") is not None and s.get(y) is not None]
+            if not rows:
+                continue
+            name = plotly_text(f"{model} · {kind}" if len(kinds) > 1 else model)
+            symbol = KIND_SYMBOLS[kinds.index(kind) % len(KIND_SYMBOLS)]
+            traces.append(
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": name,
+                    "legendgroup": name,
+                    "x": round_sig([r["l0"] for r in rows]),
+                    "y": round_sig([r[y] for r in rows]),
+                    "text": [plotly_text(r["sae_id"]) for r in rows],
+                    "customdata": [r["list_page"] for r in rows],
+                    "hovertemplate": "%{text}<br>L0 %{x}<br>" + y_title + " %{y}<extra></extra>",
+                    "marker": {"size": 10, "color": colour, "symbol": symbol, "line": {"width": 1, "color": "#fff"}},
+                }
+            )
+            front = pareto_front([(float(r["l0"]), float(r[y])) for r in rows])
+            if len(front) > 1:
+                traces.append({"type": "scatter", "mode": "lines", "name": name + " frontier", "legendgroup": name, "showlegend": False,
+                               "x": round_sig([p[0] for p in front]), "y": round_sig([p[1] for p in front]), "hoverinfo": "skip",
+                               "line": {"width": 1.5, "color": colour, "dash": "dot" if kinds.index(kind) else "solid"}})
+        subs = [r for r in sub_models if r["model_label"] == model and r.get("l0") is not None and r.get(y) is not None]
+        if subs:
+            name = plotly_text(f"{model} · {subs[0].get('kind') or 'nested'} prefixes")
+            traces.append(
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": name,
+                    "x": round_sig([r["l0"] for r in subs]),
+                    "y": round_sig([r[y] for r in subs]),
+                    "text": [plotly_text(f"{r['sae_id']} · {r['name']} ({r['n_features']} features)") for r in subs],
+                    "customdata": [r["list_page"] for r in subs],
+                    "hovertemplate": "%{text}<br>L0 %{x}<br>" + y_title + " %{y}<extra></extra>",
+                    "marker": {"size": 9, "color": "rgba(0,0,0,0)", "symbol": "circle-open", "line": {"width": 2, "color": colour}},
+                }
+            )
     return {"data": traces, "layout": base_layout(f"L0 vs {y_title}", "L0 (active features per patch)", y_title)}
 
 

@@ -266,7 +266,7 @@ class FeaturePages:
         context = dict(
             sae={"short": sae.short, "sae_id": sae.sae_id, "data_file": sae.data_file}, f=row,
             saes_nav=[], comparisons=[],  # the crumbs lead to the lists: menus on every feature page are bytes × 24K
-            title=sae.title(f), exemplars=tiles, vmax=vmax,
+            title=sae.title(f), group=sae.feature_group(f), exemplars=tiles, vmax=vmax,
             heat={"g": grid, "z": maps} if maps else None, panels=panels,
             concept=row.get("best_concept"), concepts=concepts, edits=edits, prev=prev, next=next,
         )

@@ -38,9 +38,13 @@ class IndexPage:
             if rows:
                 logs[s.sae_id] = {key: [r[key] for r in rows] for key in ("step", "loss", "mse", "l0")}
         names = legend_names(self.site.saes)
+        by_id = {s["sae_id"]: s for s in saes}
+        sub_models = [{**r, "model_label": by_id[r["sae_id"]]["model_label"], "kind": by_id[r["sae_id"]].get("kind"),
+                       "list_page": by_id[r["sae_id"]]["list_page"]}
+                      for r in fetch_rows(self.site.con, "SELECT * FROM sub_models ORDER BY sae_id, n_features") if r["sae_id"] in by_id]
         figures = {
-            "l0_mse": charts.metric_scatter(saes, "mse", "MSE"),
-            "l0_fvu": charts.metric_scatter(saes, "fvu", "FVU"),
+            "l0_mse": charts.metric_scatter(saes, "mse", "MSE", sub_models),
+            "l0_fvu": charts.metric_scatter(saes, "fvu", "FVU", sub_models),
             "loss": charts.training_curves(logs, "loss", "training loss", names),
             "mse": charts.training_curves(logs, "mse", "training MSE", names),
             "l0": charts.training_curves(logs, "l0", "training L0", names),

@@ -260,7 +260,7 @@ def write_synthetic_run(run_dir: Path, run: SyntheticRun | None = None) -> dict[
         SPEC_HASH,
     )
     n_patches = run.n_images * run.grid[0] * run.grid[1]
-    sae_rows, log_rows, facts = [], [], {"features": {}, "labels": image_labels, "images": paths}
+    sae_rows, log_rows, sub_rows, facts = [], [], [], {"features": {}, "labels": image_labels, "images": paths}
     for s_i, sae in enumerate(run.saes):
         cols = _feature_rows(sae, run, rng, n_patches)
         max_act, dead = cols.pop("_max_act"), cols.pop("_dead")
@@ -279,8 +279,12 @@ def write_synthetic_run(run_dir: Path, run: SyntheticRun | None = None) -> dict[
                 "n_features": sae.n_features, "expansion": sae.expansion, "l1_coeff": 4e-4, "k": 0, "seed": sae.seed,
                 "n_patches_trained": 1_000_000, "n_patches_eval": n_patches, "mse": float(rng.uniform(0.05, 0.12)),
                 "l0": l0, "fvu": float(rng.uniform(0.1, 0.4)), "n_dead": int(dead.sum()), "n_dense": int(cols["dense"].sum()),
+                "params": '{"l1_coeff": 0.0004}',
             }
         )
+        # a nested reconstruction, as a Matryoshka SAE's prefix has (synthetic: the first half of the features)
+        sub_rows.append({"sae_id": sae.sae_id, "name": "prefix 1", "n_features": sae.n_features // 2, "n_patches_eval": n_patches,
+                         "mse": sae_rows[-1]["mse"] * 1.5, "l0": l0 / 3, "fvu": sae_rows[-1]["fvu"] + 0.2})
         steps = np.arange(0, 2000, 20)
         decay = np.exp(-steps / 400)
         for step, dcy in zip(steps, decay):
@@ -293,6 +297,7 @@ def write_synthetic_run(run_dir: Path, run: SyntheticRun | None = None) -> dict[
             )
     write_table(tables / "saes" / "part-0.parquet", "saes", sae_rows, SPEC_HASH)
     write_table(tables / "train_log" / "part-0.parquet", "train_log", log_rows, SPEC_HASH)
+    write_table(tables / "sub_models" / "part-0.parquet", "sub_models", sub_rows, SPEC_HASH)
     if run.edits:
         _write_edits(tables, run, rng, facts)
     if run.matches and len(run.saes) >= 2:

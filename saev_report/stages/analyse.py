@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from saev_report.spec import AnalysisSpec, DatasetSpec, SAESpec
@@ -47,7 +48,7 @@ class AnalyseOut(StageOut):
 def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     """Under torchrun every rank scans its range of the images and rank 0 writes the merged tables."""
     from saev_report import distributed
-    from saev_report.analyse import analyse_store, write_analysis
+    from saev_report.analyse import analyse_store, sub_model_metrics, write_analysis
     from saev_report.progress import log
     from saev_report.runtime import pick_device
     from saev_report.spec import sae_id, sae_sweep
@@ -62,10 +63,11 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     concept_labels = shared_concept_labels(open_dataset(params.dataset_key, params.dataset, params.cache_dir),
                                            (store.meta.grid_h, store.meta.grid_w), params.seed, out_dir / "concepts" / "patch_labels.npy",
                                            params.analysis.null_permutations)
-    rows = []
+    rows, sub_rows = [], []
     for config in sae_sweep(params.sae):
         sid = sae_id(params.model_key, params.layer, config)
-        result = analyse_store(store, saes.sae(config.tag, device), labels_or_none, params.analysis, sid, params.dataset_key, device,
+        sae = saes.sae(config.tag, device)
+        result = analyse_store(store, sae, labels_or_none, params.analysis, sid, params.dataset_key, device,
                                concept_labels=concept_labels, shard=shard)
         if result is None:
             continue  # not rank 0: this rank's share is merged into rank 0's result
@@ -73,13 +75,17 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
         trained = saes.sae_config(config.tag)
         rows.append({
             "sae_id": sid, "model": params.model_key, "layer": params.layer, "kind": config.kind, "d_model": trained["d_model"],
-            "n_features": trained["n_features"], "expansion": config.expansion, "l1_coeff": config.l1_coeff,
-            "k": config.k, "seed": config.seed, "n_patches_trained": trained.get("n_patches_trained"), **result.metrics,
+            "n_features": trained["n_features"], "expansion": config.expansion, **sae.kind_impl.table_fields(config.params),
+            "params": json.dumps(config.params.model_dump(mode="json"), sort_keys=True), "seed": config.seed, "n_patches_trained": trained.get("n_patches_trained"), **result.metrics,
         })
         m = result.metrics
         log(f"  {sid}: MSE {m['mse']:.4f}, FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['n_dead']}, dense {m['n_dense']}")
+        for sub in sub_model_metrics(store, sae, sae.kind_impl.sub_models(sae.params, sae.n_features), params.analysis.batch_size, device):
+            sub_rows.append({"sae_id": sid, **sub})
+            log(f"    {sub['name']} ({sub['n_features']} features): FVU {sub['fvu']:.3f}, L0 {sub['l0']:.1f}")
     if shard.is_main:
         write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
+        write_table(table_part(out_dir, "sub_models"), "sub_models", sub_rows, params.digest())
 
 
 def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path: Path, n_null: int = 1):
@@ -109,7 +115,7 @@ def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path:
 
 # `parallel`: every rank scans a contiguous range of whole batches of the images and
 # `analyse.ScanResult.merge_ranks` merges them exactly; rank 0 writes the tables.
-ANALYSE = StageKind(name="analyse", version=6, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True,
+ANALYSE = StageKind(name="analyse", version=7, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True,
                      reads={"record": Role(RecordOut), "train": Role(TrainOut), "images": Role(ImagesOut)},
                      writes=("features", "exemplars", "quantile_exemplars", "class_split", "similar_features", "concepts",
-                             "concept_nulls", "saes"))
+                             "concept_nulls", "saes", "sub_models"))
