@@ -38,6 +38,7 @@ out = Console()
 err = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="Path of the YAML spec (see `saev-report schema --markdown`).", show_default=False)]
+RehearseOpt = Annotated[bool, typer.Option("--rehearse", help="The spec at miniature scale on CPU: generated data in each dataset kind's real layout, tiny random models of each model's family and class, capped budgets; run `<name>-rehearsal` (docs/guides/rehearsal.md).")]
 
 
 def _debug() -> bool:
@@ -87,14 +88,28 @@ def _disk_full_ends_cleanly(folders: list[Path]) -> Iterator[None]:
               "command again: finished stages and shards are kept, and the build resumes where it stopped.", 1)
 
 
-def _load(path: Path, check_paths: bool = True):
+def _load(path: Path, check_paths: bool = True, rehearse: bool = False):
+    """The spec at `path`, validated; with `rehearse`, its miniature (`rehearsal.rehearsal_spec`),
+    whose generated data and checkpoints are then checked for paths instead of the file's own."""
     try:
-        return load_spec(path, check_paths=check_paths)
+        parsed = load_spec(path, check_paths=check_paths and not rehearse)
     except SpecError as exc:
         for issue in exc.issues:
             err.print(f"[bold red]error:[/] {escape(str(issue))}", highlight=False, soft_wrap=True)
         err.print(f"{len(exc.issues)} problem(s) in {escape(str(path))}", highlight=False)
         raise typer.Exit(2)
+    return _rehearsed(parsed) if rehearse else parsed
+
+
+def _rehearsed(parsed):
+    from saev_report.pipeline import default_cache_dir
+    from saev_report.rehearsal import RehearsalUnsupported, rehearsal_spec
+
+    try:
+        with user_errors(err, _debug()):
+            return rehearsal_spec(parsed, default_cache_dir())
+    except RehearsalUnsupported as exc:
+        _fail(f"--rehearse: {exc}", 2)
 
 
 def _version(value: bool) -> None:
@@ -115,12 +130,13 @@ def main(
 def validate(
     spec: SpecArg,
     check_paths: Annotated[bool, typer.Option(help="Also check that dataset folders and local model paths exist.")] = True,
+    rehearse: RehearseOpt = False,
 ) -> None:
     """Check a spec: schema, references between sections, layer ranges and paths.
 
     Problems print as `file:line:column: field.path: message` and exit with code 2.
     """
-    parsed = _load(spec, check_paths)
+    parsed = _load(spec, check_paths, rehearse)
     out.print(f"[green]ok[/] {escape(str(spec))}: {len(parsed.models)} model(s), {len(parsed.datasets)} dataset(s), "
               f"{len(parsed.heads)} head(s), {len(parsed.edits)} edit(s)", highlight=False)
 
@@ -143,11 +159,12 @@ def plan(
     spec: SpecArg,
     check_paths: Annotated[bool, typer.Option(help="Check that dataset folders exist.")] = False,
     gpus: Annotated[int, typer.Option(help="Also estimate the time on this many GPUs (torchrun ranks, or GPUs per Slurm job).", min=1)] = 1,
+    rehearse: RehearseOpt = False,
 ) -> None:
     """Show the stages of a build, their cache status, and estimated disk and time for recording and training."""
     from saev_report.plan import plan_rows, recording_estimates, training_estimates
 
-    parsed = _load(spec, check_paths)
+    parsed = _load(spec, check_paths, rehearse)
     table = Table(title=f"stages of {parsed.run.name} ({parsed.run_dir})")
     for col in ("stage", "key", "status"):
         table.add_column(col)
@@ -204,6 +221,7 @@ def build(
     partition: Annotated[Optional[str], typer.Option(help="Slurm partition (overrides `slurm.partition`).")] = None,
     gpus: Annotated[Optional[int], typer.Option(help="GPUs per record/train/analyse/compare job (overrides `slurm.gpus`).", min=1)] = None,
     time_min: Annotated[Optional[int], typer.Option(help="Time limit per job in minutes (overrides `slurm.time_min`).", min=1)] = None,
+    rehearse: RehearseOpt = False,
 ) -> None:
     """Run the pipeline: record → train → analyse → tokens → heads → edits → experiments → splice → compare → tables → site.
 
@@ -211,9 +229,11 @@ def build(
     """
     from saev_report import pipeline
 
-    parsed = _load(spec)
+    if rehearse and executor is Executor.slurm:
+        _fail("--rehearse runs on this machine's CPU: it does not combine with `--executor slurm`", 2)
+    parsed = _load(spec, rehearse=rehearse)
     if launcher is Launcher.torchrun:
-        raise typer.Exit(_torchrun(spec, nproc, only, no_site))
+        raise typer.Exit(_torchrun(spec, nproc, only, no_site, rehearse))
     if executor is Executor.slurm:
         overrides = {k: v for k, v in {"partition": partition, "gpus": gpus, "time_min": time_min}.items() if v is not None}
         _submit_slurm(spec, parsed.model_copy(update={"slurm": parsed.slurm.model_copy(update=overrides)}), only, no_site)
@@ -227,13 +247,13 @@ def build(
         out.print(f"site: {escape(str(result.site / 'index.html'))}", highlight=False)
 
 
-def _torchrun(spec: Path, nproc: int, only: Optional[list[str]], no_site: bool) -> int:
+def _torchrun(spec: Path, nproc: int, only: Optional[list[str]], no_site: bool, rehearse: bool = False) -> int:
     """`torchrun --standalone --nproc-per-node N -m saev_report build SPEC ...`; returns its exit code."""
     import subprocess
 
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "saev_report", "build", str(spec), *[a for kind in only or [] for a in ("--only", kind)]]
-    return subprocess.call(args + (["--no-site"] if no_site else []))
+    return subprocess.call(args + (["--no-site"] if no_site else []) + (["--rehearse"] if rehearse else []))
 
 
 def _submit_slurm(spec_path: Path, parsed, only: Optional[list[str]], no_site: bool) -> None:
@@ -249,11 +269,11 @@ def _submit_slurm(spec_path: Path, parsed, only: Optional[list[str]], no_site: b
 
 
 @app.command()
-def render(spec: SpecArg) -> None:
+def render(spec: SpecArg, rehearse: RehearseOpt = False) -> None:
     """Re-render only the site from the published tables (after editing templates)."""
     from saev_report.pipeline import rerender
 
-    parsed = _load(spec, check_paths=False)
+    parsed = _load(spec, check_paths=False, rehearse=rehearse)
     with _disk_full_ends_cleanly([parsed.run_dir]), user_errors(err, _debug()):
         site = rerender(parsed)
     out.print(f"site: {escape(str(site / 'index.html'))}", highlight=False)
