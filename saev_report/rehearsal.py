@@ -24,6 +24,7 @@ What it proves and what it does not: docs/guides/rehearsal.md.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -43,8 +44,11 @@ from saev_report.spec import (
     ImageFolderDataset,
     ModelSpec,
     SegFolderDataset,
+    ExperimentSpec,
+    HeadSpec,
     Spec,
     content_hash,
+    cross_check,
     known_arch,
     model_depth,
 )
@@ -73,8 +77,8 @@ class RehearsalScale(BaseModel):
     """Test images per species (`train_test_split.txt` 0)."""
     ade_training: int = Field(default=24, gt=0)
     """Images of ADE20K's `training` split; their masks cover every one of the 150 classes."""
-    ade_validation: int = Field(default=8, gt=0)
-    """Images of ADE20K's `validation` split."""
+    ade_validation: int = Field(default=10, gt=0)
+    """Images of ADE20K's `validation` split; with 10 or more their masks too show every class."""
     seg_images: int = Field(default=16, gt=0)
     """Images of a generated `seg_folder` tree."""
     d_model: int = Field(default=64, gt=0)
@@ -103,6 +107,9 @@ class RehearsalScale(BaseModel):
     """Cap on `edits[].generate.images_per_feature`."""
     max_experiment_images: int = Field(default=2, gt=0)
     """Cap on `experiments[].n_images`."""
+    max_experiment_concepts: int = Field(default=8, gt=0)
+    """Concepts each experiment tests: its own `concepts`, else this many of the classes its head
+    predicts, spread evenly over them (ranking on the head's training data still scores every class)."""
 
 
 # --------------------------------------------------------------------------- cache entries
@@ -146,14 +153,14 @@ def _rng(*key: int | str) -> np.random.Generator:
     return np.random.default_rng([int(content_hash(*key), 16)])
 
 
-def class_colour(class_id: int, n_classes: int) -> np.ndarray:
+def class_colour(class_id: int) -> np.ndarray:
     """A colour per class, spread around the hue circle (what a head can learn to tell apart)."""
     hue = (class_id * 0.61803398875) % 1.0
     rgb = np.array(Image.new("HSV", (1, 1), (int(hue * 255), 200, 220)).convert("RGB").getpixel((0, 0)), dtype=np.float32)
     return rgb
 
 
-def class_picture(class_id: int, n_classes: int, rng: np.random.Generator) -> Image.Image:
+def class_picture(class_id: int, rng: np.random.Generator) -> Image.Image:
     """A photo-sized picture of class `class_id`: a noisy background and a blob of the class colour."""
     w, h = int(rng.choice(IMAGE_SIDES)), int(rng.choice(IMAGE_SIDES))
     image_hw3 = rng.normal(110, 30, size=(h, w, 3)).astype(np.float32)
@@ -161,11 +168,11 @@ def class_picture(class_id: int, n_classes: int, rng: np.random.Generator) -> Im
     cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
     radius = rng.uniform(0.25, 0.4) * min(h, w)
     inside_hw = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
-    image_hw3[inside_hw] = class_colour(class_id, n_classes) + rng.normal(0, 12, size=(int(inside_hw.sum()), 3))
+    image_hw3[inside_hw] = class_colour(class_id) + rng.normal(0, 12, size=(int(inside_hw.sum()), 3))
     return Image.fromarray(np.clip(image_hw3, 0, 255).astype(np.uint8), "RGB")
 
 
-def scene_picture(class_ids: list[int], n_classes: int, rng: np.random.Generator, grid: int = 4) -> tuple[Image.Image, np.ndarray]:
+def scene_picture(class_ids: list[int], rng: np.random.Generator, grid: int = 4) -> tuple[Image.Image, np.ndarray]:
     """A scene of `grid × grid` regions, region k showing class `class_ids[k]`; and its mask, with
     class c stored as c + 1 and a 0 (unlabelled) border between regions, as ADE20K stores them."""
     w, h = 4 * int(rng.choice(IMAGE_SIDES)) // 3, int(rng.choice(IMAGE_SIDES))  # landscape, like most scenes
@@ -176,7 +183,7 @@ def scene_picture(class_ids: list[int], n_classes: int, rng: np.random.Generator
         r, c = divmod(k, grid)
         region = (slice(ys[r], ys[r + 1]), slice(xs[c], xs[c + 1]))
         shape = (ys[r + 1] - ys[r], xs[c + 1] - xs[c], 3)
-        image_hw3[region] = class_colour(class_id, n_classes) + rng.normal(0, 15, size=shape)
+        image_hw3[region] = class_colour(class_id) + rng.normal(0, 15, size=shape)
         mask_hw[region] = class_id + 1
         mask_hw[ys[r] : ys[r] + 2, xs[c] : xs[c + 1]] = 0
         mask_hw[ys[r] : ys[r + 1], xs[c] : xs[c] + 2] = 0
@@ -197,7 +204,7 @@ def write_image_folder(root: Path, scale: RehearsalScale) -> None:
     for class_id in range(n):
         wnid = f"n{1440764 + 1000 * class_id:08d}"
         for j in range(scale.folder_images_per_class):
-            _save_jpeg(class_picture(class_id, n, _rng("folder", class_id, j)), root / wnid / f"{wnid}_{j + 1}.JPEG")
+            _save_jpeg(class_picture(class_id, _rng("folder", class_id, j)), root / wnid / f"{wnid}_{j + 1}.JPEG")
 
 
 def cub_class_name(class_id: int) -> str:
@@ -216,7 +223,7 @@ def write_cub200(root: Path, scale: RehearsalScale) -> None:
         for j in range(per_class):
             ident = len(images) + 1
             rel = f"{name}/{name.split('.', 1)[1]}_{ident:04d}_{j}.jpg"
-            _save_jpeg(class_picture(class_id, n, _rng("cub", class_id, j)), root / "images" / rel)
+            _save_jpeg(class_picture(class_id, _rng("cub", class_id, j)), root / "images" / rel)
             images.append(f"{ident} {rel}")
             labels.append(f"{ident} {class_id + 1}")
             split.append(f"{ident} {1 if j < scale.cub_train_per_class else 0}")
@@ -227,22 +234,19 @@ def write_cub200(root: Path, scale: RehearsalScale) -> None:
 def write_ade20k(root: Path, scale: RehearsalScale) -> None:
     """`ADEChallengeData2016/`: images/{training,validation}/ADE_*.jpg, same-stem PNG masks under
     annotations/ (0 unlabelled, k = class k−1) and objectInfo150.csv naming the 150 classes. The
-    training masks show every class; the validation masks a sample of them."""
+    masks of each split walk through the classes in their own order, so 10 images show all 150."""
     from saev_report.datasets.folders import ADE20K_CLASSES
 
     n = len(ADE20K_CLASSES)
     rows = ["Idx,Ratio,Train,Val,Name"] + [f'{i + 1},0.01,1,1,"{name}"' for i, name in enumerate(ADE20K_CLASSES)]
     root.mkdir(parents=True, exist_ok=True)
     (root / "objectInfo150.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    cycle = np.random.default_rng(0).permutation(n)  # training regions walk through every class
     for split, count, tag in (("training", scale.ade_training, "train"), ("validation", scale.ade_validation, "val")):
+        cycle = np.random.default_rng(len(split)).permutation(n)  # the regions walk through every class
         for i in range(count):
             rng = _rng("ade", split, i)
-            if split == "training":
-                class_ids = [int(cycle[(16 * i + k) % n]) for k in range(16)]
-            else:
-                class_ids = [int(c) for c in rng.choice(n, size=16, replace=True)]
-            image, mask_hw = scene_picture(class_ids, n, rng)
+            class_ids = [int(cycle[(16 * i + k) % n]) for k in range(16)]
+            image, mask_hw = scene_picture(class_ids, rng)
             stem = f"ADE_{tag}_{i + 1:08d}"
             _save_jpeg(image, root / "images" / split / f"{stem}.jpg")
             (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
@@ -253,16 +257,25 @@ def write_seg_folder(root: Path, scale: RehearsalScale) -> None:
     """`images/<stem>.jpg` with `masks/<stem>.png` holding class ids (8 classes, 255 between regions)."""
     for i in range(scale.seg_images):
         rng = _rng("seg", i)
-        image, mask_hw = scene_picture([int(c) for c in rng.choice(8, size=4)], 8, rng, grid=2)
+        image, mask_hw = scene_picture([int(c) for c in rng.choice(8, size=4)], rng, grid=2)
         mask_hw = np.where(mask_hw == 0, 255, mask_hw - 1).astype(np.uint8)
         _save_jpeg(image, root / "images" / f"{i:05d}.jpg")
         (root / "masks").mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask_hw, "L").save(root / "masks" / f"{i:05d}.png")
 
 
-def _folder_entry(cache_dir: Path, kind: str, scale: RehearsalScale, write: Callable[[Path, RehearsalScale], None]) -> Path:
-    sizes = scale.model_dump()
-    return cached_entry(cache_dir, f"rehearsal-{kind}-{content_hash(kind, FORMAT_VERSION, sizes)}", lambda folder: write(folder, scale))
+# The scale fields each generated tree depends on (its cache key), by generator.
+TREE_SIZES: dict[Callable[[Path, RehearsalScale], None], tuple[str, ...]] = {
+    write_image_folder: ("folder_classes", "folder_images_per_class"),
+    write_cub200: ("cub_classes", "cub_train_per_class", "cub_test_per_class"),
+    write_ade20k: ("ade_training", "ade_validation"),
+    write_seg_folder: ("seg_images",),
+}
+
+
+def _folder_entry(cache_dir: Path, name: str, scale: RehearsalScale, write: Callable[[Path, RehearsalScale], None]) -> Path:
+    sizes = {field: getattr(scale, field) for field in TREE_SIZES[write]}
+    return cached_entry(cache_dir, f"rehearsal-{name}-{content_hash(name, FORMAT_VERSION, sizes)}", lambda folder: write(folder, scale))
 
 
 def miniature_image_folder(spec: ImageFolderDataset, cache_dir: Path, scale: RehearsalScale) -> DatasetSpec:
@@ -361,8 +374,11 @@ def tiny_hf(model: ModelSpec, cache_dir: Path, scale: RehearsalScale) -> ModelSp
         transformers = import_transformers()
         _, class_name = MODEL_TYPES[model_type]
         model_class = getattr(transformers, class_name)
+        from saev_report.backbones.hf import quiet_transformers
+
         torch.manual_seed(0)
-        model_class(model_class.config_class(**sizes)).save_pretrained(folder)
+        with quiet_transformers():
+            model_class(model_class.config_class(**sizes)).save_pretrained(folder)
 
     key = content_hash("hf", FORMAT_VERSION, model_type, sizes)
     folder = cached_entry(cache_dir, f"rehearsal-hf-{model_type}-{key}", write)
@@ -397,7 +413,13 @@ def tiny_open_clip(model: ModelSpec, cache_dir: Path, scale: RehearsalScale) -> 
         folder.mkdir(parents=True)
         (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=1))
         torch.manual_seed(0)
-        clip = open_clip.create_model(f"local-dir:{folder}", pretrained=None, load_weights=False)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # open_clip warns that the folder has no weights yet: it is making them
+        try:
+            clip = open_clip.create_model(f"local-dir:{folder}", pretrained=None, load_weights=False)
+        finally:
+            root.setLevel(level)
         save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
 
     key = content_hash("open_clip", FORMAT_VERSION, model_cfg, preprocess)
@@ -436,8 +458,7 @@ def rehearsal_spec(spec: Spec, cache_dir: Path, scale: RehearsalScale = Rehearsa
         models[key] = TINY_MODELS[model.family](model, Path(cache_dir), scale)
     sae = spec.sae
     sae = sae.model_copy(update={
-        "expansion": [min(e, scale.max_expansion) for e in sae.expansion] if len(sae.expansion) == 1
-        else _capped_distinct(sae.expansion, scale.max_expansion),
+        "expansion": _capped_distinct(sae.expansion, scale.max_expansion),
         "n_patches": min(sae.n_patches, scale.max_n_patches),
         "batch_size": min(sae.batch_size, scale.max_sae_batch),
         "lr_warmup_steps": min(sae.lr_warmup_steps, scale.max_warmup_steps),
@@ -453,13 +474,33 @@ def rehearsal_spec(spec: Spec, cache_dir: Path, scale: RehearsalScale = Rehearsa
             generate = generate.model_copy(update={"top_purity": min(generate.top_purity, scale.max_edit_features),
                                                    "images_per_feature": min(generate.images_per_feature, scale.max_edit_images)})
         edits.append(edit.model_copy(update={"generate": generate}))
-    experiments = [exp.model_copy(update={"n_images": min(exp.n_images, scale.max_experiment_images)}) for exp in spec.experiments]
+    experiments = [exp.model_copy(update={"n_images": min(exp.n_images, scale.max_experiment_images),
+                                          "concepts": _sample_concepts(exp, spec.heads[exp.head], datasets, cache_dir, scale)})
+                   for exp in spec.experiments]
     record = spec.record.model_copy(update={"batch_size": min(spec.record.batch_size, scale.max_record_batch),
                                             "shard_mb": min(spec.record.shard_mb, scale.max_shard_mb)})
     run = spec.run.model_copy(update={"name": spec.run.name[: 64 - len(RUN_SUFFIX)] + RUN_SUFFIX, "device": "cpu"})
     report = spec.report.model_copy(update={"title": f"{spec.report.title} (rehearsal)"})
-    return spec.model_copy(update={"run": run, "datasets": datasets, "models": models, "record": record, "sae": sae,
-                                   "heads": heads, "edits": edits, "experiments": experiments, "report": report})
+    rehearsed = spec.model_copy(update={"run": run, "datasets": datasets, "models": models, "record": record, "sae": sae,
+                                        "heads": heads, "edits": edits, "experiments": experiments, "report": report})
+    problems = cross_check(rehearsed, check_paths=True)
+    if problems:  # a miniature that breaks what the spec's own validation allowed: a rehearsal bug
+        raise RehearsalUnsupported("; ".join(f"{'.'.join(map(str, loc))}: {message}" for loc, message in problems))
+    return rehearsed
+
+
+def _sample_concepts(exp: ExperimentSpec, head: HeadSpec, datasets: dict[str, DatasetSpec], cache_dir: Path,
+                     scale: RehearsalScale) -> list[str]:
+    """At most `max_experiment_concepts` of the experiment's concepts: the classes its head predicts
+    (mask classes for segmentation, labels for classification), evenly spread, in class order."""
+    from saev_report.datasets import open_dataset
+
+    if exp.concepts is not None:
+        return list(exp.concepts[: scale.max_experiment_concepts])
+    train = open_dataset(head.train, datasets[head.train], Path(cache_dir))
+    names = list(train.seg_classes or []) if head.task == "segmentation" else list(train.classes)
+    step = max(1, len(names) // scale.max_experiment_concepts)
+    return names[::step][: scale.max_experiment_concepts]
 
 
 def _capped_distinct(values: list[int], cap: int) -> list[int]:
