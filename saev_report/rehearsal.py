@@ -71,7 +71,7 @@ class RehearsalScale(BaseModel):
     """Images in each class folder."""
     cub_classes: int = Field(default=200, gt=0, le=200)
     """CUB species generated (200: the real set's class count)."""
-    cub_train_per_class: int = Field(default=2, gt=0)
+    cub_train_per_class: int = Field(default=1, gt=0)
     """Training images per species (`train_test_split.txt` 1)."""
     cub_test_per_class: int = Field(default=1, gt=0)
     """Test images per species (`train_test_split.txt` 0)."""
@@ -105,9 +105,9 @@ class RehearsalScale(BaseModel):
     """Cap on `edits[].generate.top_purity`."""
     max_edit_images: int = Field(default=2, gt=0)
     """Cap on `edits[].generate.images_per_feature`."""
-    max_experiment_images: int = Field(default=2, gt=0)
+    max_experiment_images: int = Field(default=1, gt=0)
     """Cap on `experiments[].n_images`."""
-    max_experiment_concepts: int = Field(default=8, gt=0)
+    max_experiment_concepts: int = Field(default=4, gt=0)
     """Concepts each experiment tests: its own `concepts`, else this many of the classes its head
     predicts, spread evenly over them (ranking on the head's training data still scores every class)."""
 

@@ -4,7 +4,6 @@ end on CPU with every table checked for the paper's shapes and the site in a bro
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -145,10 +144,10 @@ def test_every_table_has_rows(built: Path) -> None:
 
 @pytest.mark.slow
 def test_tables_have_the_paper_shapes(built: Path) -> None:
-    tokens = {}
-    for store in (built / "cache" / "record").glob("*/L11"):
-        tokens[store.parent.name.split("-")[0]] = json.loads((store / "meta.json").read_text())["tokens_per_image"]
-    assert tokens == {"clip": 197, "dinov2": 257}
+    from saev_report.activations import ActivationStore
+
+    stores = {d.parent.name.split("-")[0]: ActivationStore(d) for d in (built / "cache" / "record").glob("*/L11")}
+    assert {model: store.tokens_per_image for model, store in stores.items()} == {"clip": 197, "dinov2": 257}
     grids = {r["model"]: (r["grid_h"], r["grid_w"], r["n"]) for r in _rows(
         built, "SELECT split_part(sae_id, '/', 1) AS model, grid_h, grid_w, max(len(patch_acts)) AS n FROM exemplars GROUP BY ALL")}
     assert grids == {"clip": (14, 14, 196), "dinov2": (16, 16, 256)}
