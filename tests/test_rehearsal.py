@@ -114,6 +114,22 @@ def test_tiny_twins_are_the_paper_classes_with_its_grids(rehearsed) -> None:
     assert torch.equal(again.visual.conv1.weight, clip.visual.conv1.weight)
 
 
+def test_rehearse_refuses_what_it_has_no_miniature_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from saev_report.cli import app
+
+    monkeypatch.setenv("SAEV_REPORT_CACHE", str(tmp_path / "cache"))
+    spec = tmp_path / "timm.yaml"
+    spec.write_text("run: {name: t}\ndatasets: {d: {kind: demo}}\nmodels: {m: {family: timm, source: vit_small_patch16_224, layers: [11]}}\n"
+                    "record: {dataset: d}\n")
+    result = CliRunner().invoke(app, ["validate", str(spec), "--rehearse"])
+    assert result.exit_code == 2, result.output
+    assert "--rehearse: models.m: no tiny twin for model family 'timm'" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["build", str(spec), "--rehearse", "--executor", "slurm"])
+    assert result.exit_code == 2 and "does not combine" in result.output
+
+
 # --------------------------------------------------------------------------- end to end (slow)
 
 
