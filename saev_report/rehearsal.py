@@ -344,7 +344,7 @@ def hf_model_type(source: str) -> str:
 
     transformers = import_transformers()
     try:
-        return str(transformers.AutoConfig.from_pretrained(source).model_type)
+        return str(transformers.AutoConfig.from_pretrained(source, local_files_only=True).model_type)  # never the network
     except (OSError, ValueError):
         pass
     for fragment, model_type in HF_SOURCE_TYPES:
