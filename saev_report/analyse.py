@@ -96,6 +96,8 @@ class AnalysisResult:
     """The `similar_features` table (empty when the SAE exposes no decoder)."""
     concepts: pa.Table | None = None
     """The `concepts` table (None when the analysis had no concept labels)."""
+    concept_nulls: pa.Table | None = None
+    """The `concept_nulls` table (None when the analysis had no concept labels)."""
 
 
 # --------------------------------------------------------------------------- accumulators
@@ -865,6 +867,7 @@ def analyse_sae(batches: Iterable[Batch], sae: SAELike, grid: tuple[int, int], l
         class_split=split.table(sae_id) if split else tables.to_arrow("class_split", {}),
         similar_features=similar,
         concepts=concept_table,
+        concept_nulls=concepts.null_table(sae_id) if concepts is not None else None,
     )
 
 
@@ -901,4 +904,6 @@ def write_analysis(result: AnalysisResult, out_dir: Path, spec_hash: str, stem: 
     }
     if result.concepts is not None:
         parts["concepts"] = result.concepts
+    if result.concept_nulls is not None:
+        parts["concept_nulls"] = result.concept_nulls
     return {name: tables.write_table(Path(out_dir) / name / f"{stem}.parquet", name, table, spec_hash) for name, table in parts.items()}

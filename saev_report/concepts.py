@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -113,6 +114,14 @@ class ConceptLabels:
     """[images] int16 class id of every image, NO_CONCEPT without a label."""
     null_i: np.ndarray
     """[images] int64 permutation of the labelled images (identity elsewhere)."""
+    more_null_i: np.ndarray | None = None
+    """[permutations − 1, images] further permutations of the null (`analysis.null_permutations`)."""
+
+    @property
+    def null_sets(self) -> np.ndarray:
+        """[permutations, images]: every null permutation, the first one first."""
+        extra = self.more_null_i if self.more_null_i is not None else np.zeros((0, len(self.null_i)), dtype=np.int64)
+        return np.concatenate([self.null_i[None], extra])
 
     @property
     def has_patch(self) -> bool:
@@ -123,7 +132,7 @@ class ConceptLabels:
         return self.image_i is not None and len(self.image_names) > 0
 
 
-def null_permutation(labelled_i: np.ndarray, seed: int) -> np.ndarray:
+def null_permutation(labelled_i: np.ndarray, seed: int | Sequence[int]) -> np.ndarray:
     """A seeded permutation of the images where `labelled_i` is true (the others map to themselves)."""
     perm = np.arange(len(labelled_i), dtype=np.int64)
     which = np.flatnonzero(labelled_i)
@@ -132,18 +141,20 @@ def null_permutation(labelled_i: np.ndarray, seed: int) -> np.ndarray:
 
 
 def make_labels(patch_names: Sequence[str], patch_ip: np.ndarray | None, image_names: Sequence[str],
-                image_i: np.ndarray | None, seed: int) -> ConceptLabels:
-    """ConceptLabels with the null permutation drawn over the images that carry any label."""
+                image_i: np.ndarray | None, seed: int, n_null: int = 1) -> ConceptLabels:
+    """ConceptLabels with `n_null` null permutations drawn over the images that carry any label
+    (the first from `seed` alone, as a single-permutation build drew it; the k-th from [seed, k])."""
     n = len(patch_ip) if patch_ip is not None else len(image_i) if image_i is not None else 0
     labelled = np.zeros(n, dtype=bool)
     if patch_ip is not None:
         labelled |= np.asarray((patch_ip != NO_CONCEPT).any(1))
     if image_i is not None:
         labelled |= np.asarray(image_i) != NO_CONCEPT
-    return ConceptLabels(list(patch_names), patch_ip, list(image_names), image_i, null_permutation(labelled, seed))
+    more = np.stack([null_permutation(labelled, [seed, k]) for k in range(1, n_null)]) if n_null > 1 else None
+    return ConceptLabels(list(patch_names), patch_ip, list(image_names), image_i, null_permutation(labelled, seed), more)
 
 
-def dataset_labels(dataset, grid: tuple[int, int], seed: int, patch_path: Path | None = None) -> ConceptLabels | None:
+def dataset_labels(dataset, grid: tuple[int, int], seed: int, patch_path: Path | None = None, n_null: int = 1) -> ConceptLabels | None:
     """Concept labels of every image of an `ImageDataset`: mask classes per patch (when it has masks) and
     class labels per image (when it has labels); None with neither. With `patch_path` the patch labels are
     written there (atomically, `.npy`) and memory-mapped, so they never need to fit in memory."""
@@ -181,7 +192,7 @@ def dataset_labels(dataset, grid: tuple[int, int], seed: int, patch_path: Path |
             patch_ip = np.load(patch_path, mmap_mode="r")
     if patch_ip is None and image_i is None:
         return None
-    return make_labels(seg, patch_ip, list(dataset.classes), image_i, seed)
+    return make_labels(seg, patch_ip, list(dataset.classes), image_i, seed, n_null)
 
 
 # --------------------------------------------------------------------------- bins
@@ -416,19 +427,20 @@ class ConceptStats:
         self.labels = labels
         self.n_features = n_features
         self.device = device
-        self.patch = DetectionHistograms(n_features, len(labels.patch_names), 2, device) if labels.has_patch else None
-        self.image = DetectionHistograms(n_features, len(labels.image_names), 2, device) if labels.has_image else None
+        n_sets = 1 + len(labels.null_sets)  # the real labels, then every null permutation
+        self.patch = DetectionHistograms(n_features, len(labels.patch_names), n_sets, device) if labels.has_patch else None
+        self.image = DetectionHistograms(n_features, len(labels.image_names), n_sets, device) if labels.has_image else None
 
     def update(self, f_bpf: torch.Tensor, img_max_bf: torch.Tensor, image_idx_b: np.ndarray,
                entries: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Add a batch: features [images, patches, F], their per-image max [images, F], dataset indices
         [images], and optionally the firing entries of f_bpf (flat indices, values) if the caller has them."""
         image_idx_b = np.asarray(image_idx_b, dtype=np.int64)
-        both_b = np.stack([image_idx_b, self.labels.null_i[image_idx_b]])  # [sets, images]
+        both_b = np.concatenate([image_idx_b[None], self.labels.null_sets[:, image_idx_b]])  # [sets, images]
         if self.patch is not None:
             assert self.labels.patch_ip is not None
             concept_sn = torch.from_numpy(np.asarray(self.labels.patch_ip[both_b.reshape(-1)], dtype=np.int64))
-            self._add(self.patch, entries or _firing(f_bpf), concept_sn.view(2, -1).to(self.device))
+            self._add(self.patch, entries or _firing(f_bpf), concept_sn.view(len(both_b), -1).to(self.device))
         if self.image is not None:
             assert self.labels.image_i is not None
             concept_sn = torch.from_numpy(np.asarray(self.labels.image_i[both_b], dtype=np.int64))
@@ -455,6 +467,29 @@ class ConceptStats:
             if hist is not None:
                 parts.append(_level_table(sae_id, level, hist, names))
         return pa.concat_tables(parts) if parts else tables.to_arrow("concepts", [])
+
+    def null_table(self, sae_id: str) -> pa.Table:
+        """The `concept_nulls` rows: under each null permutation, every feature's best lift over the concepts."""
+        from saev_report import tables
+
+        cols: dict[str, list] = {"sae_id": [], "level": [], "permutation": [], "feature": [], "best_lift": []}
+        for level, hist in (("patch", self.patch), ("image", self.image)):
+            if hist is None:
+                continue
+            for k in range(1, hist.n_sets):
+                support_c = hist.support_sc[k].cpu().numpy()
+                base_rate = support_c / max(hist.n_samples, 1)
+                lift_fc = chance_corrected(hist.scores(k, bounds=False).ap, base_rate[None, :])
+                lift_fc = np.where(support_c[None, :] > 0, lift_fc, np.nan)
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    best_f = np.nanmax(lift_fc, axis=1) if lift_fc.size else np.zeros(hist.n_features)
+                cols["sae_id"] += [sae_id] * hist.n_features
+                cols["level"] += [level] * hist.n_features
+                cols["permutation"] += [k - 1] * hist.n_features
+                cols["feature"] += list(range(hist.n_features))
+                cols["best_lift"] += [None if not np.isfinite(v) else float(v) for v in best_f]
+        return tables.to_arrow("concept_nulls", cols)
 
 
 def _firing(f_nf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

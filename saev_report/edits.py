@@ -82,7 +82,7 @@ def captured_from_acts(backbone: Backbone, sae: SAELike, acts_td: Tensor, layer:
     """Step 1 from an image's layer-L tokens: the unedited forward resumed from L, and f = enc(x_patches)."""
     acts_td = acts_td.to(backbone.device, torch.float32)
     final_td = backbone.resume(acts_td[None], layer)[0]
-    return CapturedImage(layer, acts_td, final_td, sae.encode(acts_td[backbone.layout.patch_slice]))
+    return CapturedImage(layer, acts_td, final_td, sae.encode(acts_td[backbone.layer_layout(layer).patch_slice]))
 
 
 @torch.no_grad()
@@ -142,7 +142,7 @@ def edited_acts(backbone: Backbone, sae: SAELike, captured: CapturedImage, edit:
     changed = torch.nonzero((edited_pm != f_pm).any(dim=1)).flatten()
     acts_td = captured.acts_td.clone()
     if changed.numel():
-        rows = changed + backbone.layout.patch_slice.start
+        rows = changed + backbone.layer_layout(captured.layer).patch_slice.start
         delta_nd = decoded_change(sae, captured.f_pf[changed], edited_pm[changed], features)  # = dec(f') + err − x
         acts_td[rows] = acts_td[rows] + delta_nd.to(acts_td.dtype)
     return acts_td, patches
@@ -325,7 +325,7 @@ def attributed_features(backbone: Backbone, sae: SAELike, head: LinearHead, capt
     with torch.enable_grad():
         f_pf = captured.f_pf.clone().requires_grad_(True)
         delta_pd = sae.decode(f_pf) - sae.decode(captured.f_pf)  # zero, but carries d/df
-        patches = backbone.layout.patch_slice
+        patches = backbone.layer_layout(captured.layer).patch_slice
         acts_td = torch.cat([captured.acts_td[: patches.start], captured.acts_td[patches] + delta_pd, captured.acts_td[patches.stop:]])
         logits = head(backbone.resume(acts_td[None], captured.layer), backbone.layout)[0]
         score = logits.log_softmax(0)[target].sum()
@@ -390,10 +390,11 @@ def matched_control(rows: Mapping[int, Mapping[str, Any]], feature: int, exclude
 
 
 @torch.no_grad()
-def max_codes(backbone: Backbone, sae: SAELike, dataset: ImageDataset, positions: Sequence[int], tokens: LayerTokens) -> dict[int, Tensor]:
+def max_codes(backbone: Backbone, sae: SAELike, dataset: ImageDataset, positions: Sequence[int], tokens: LayerTokens,
+              layer: int) -> dict[int, Tensor]:
     """Per image: each feature's maximum over the patches at layer L [F]; unrecorded images left out."""
     out: dict[int, Tensor] = {}
-    patches = backbone.layout.patch_slice
+    patches = backbone.layer_layout(layer).patch_slice
     for position in positions:
         acts_td = tokens.get(dataset.records[position].path)
         if acts_td is not None:
@@ -465,7 +466,7 @@ def plan_edits(
         chosen = purest_features(rows, spec.generate.top_purity)
         shown = labelled_positions(dataset)
         candidates = {r["top_label"]: shown.get(r["top_label"], [])[:MAX_CANDIDATES] for r in chosen}
-        scores = max_codes(backbone, sae, dataset, sorted({p for ps in candidates.values() for p in ps}), tokens)
+        scores = max_codes(backbone, sae, dataset, sorted({p for ps in candidates.values() for p in ps}), tokens, layer)
         for row in chosen:
             feature = int(row["feature"])
             scored = [p for p in candidates[row["top_label"]] if p in scores]

@@ -111,6 +111,8 @@ class ArmFeatures:
     features: tuple[int, ...]
     source: str | None
     """Whose features they are: the concept itself, the other concept, or None (random)."""
+    draw: int = 0
+    """Which random draw (0 to random_draws − 1); 0 for the other arms."""
 
 
 def plan_arms(
@@ -120,32 +122,38 @@ def plan_arms(
     controls: Sequence[str],
     feature_rows: Mapping[int, Mapping[str, Any]],
     seed: int,
+    random_draws: int = 1,
 ) -> list[ArmFeatures]:
     """The concept's top-m features for every m, and each control arm of the same size.
 
-    Random controls are drawn once for the largest m and truncated, so the m = 4 control is the
-    first 4 of the m = 16 one, like the concept's own features. An arm that cannot be filled (too
-    few features, no frequency data) is left out rather than run smaller.
+    Random controls are drawn once per draw for the largest m and truncated, so the m = 4 control
+    is the first 4 of the m = 16 one, like the concept's own features. Each of the `random_draws`
+    draws is independent (its own generator; draw 0 is the one a single-draw build made), and
+    never picks the concept's own top features. An arm that cannot be filled (too few features,
+    no frequency data) is left out rather than run smaller.
     """
     own = list(ranked.get(concept, []))
     arms: list[ArmFeatures] = []
     biggest = min(max(ms), len(own)) if own and ms else 0
-    random_features: list[int] = []
+    draws: list[list[int]] = []
     if "random" in controls and biggest:
-        rng = np.random.default_rng([seed, *concept.encode()])
-        exclude = set(own[:biggest])
-        for feature in own[:biggest]:
-            match = matched_control(feature_rows, feature, exclude | set(random_features), rng)
-            if match is None:
-                break
-            random_features.append(match)
+        for draw in range(random_draws):
+            rng = np.random.default_rng([seed, *concept.encode()] if draw == 0 else [seed, draw, *concept.encode()])
+            exclude, random_features = set(own[:biggest]), []
+            for feature in own[:biggest]:
+                match = matched_control(feature_rows, feature, exclude | set(random_features), rng)
+                if match is None:
+                    break
+                random_features.append(match)
+            draws.append(random_features)
     other = other_concept(concept, list(ranked)) if "other" in controls else None
     for m in sorted(set(ms)):
         if m > len(own):
             continue
         arms.append(ArmFeatures(concept, "concept", m, tuple(own[:m]), concept))
-        if len(random_features) >= m:
-            arms.append(ArmFeatures(concept, "random", m, tuple(random_features[:m]), None))
+        for draw, random_features in enumerate(draws):
+            if len(random_features) >= m:
+                arms.append(ArmFeatures(concept, "random", m, tuple(random_features[:m]), None, draw))
         if other is not None and len(ranked[other]) >= m:
             arms.append(ArmFeatures(concept, "other", m, tuple(ranked[other][:m]), other))
     return arms
@@ -197,12 +205,12 @@ def head_data_concepts(
     per patch is kept, so memory is the histograms plus one batch of codes. Unreadable images are
     skipped. Empty tables when the dataset has no labels at `level`.
     """
-    labels = level_labels(dataset, level, backbone.layout.grid, seed, patch_path)
+    labels = level_labels(dataset, level, backbone.layer_layout(layer).grid, seed, patch_path)
     if labels is None:
         log(f"  [yellow]ranking[/]: {dataset.key} has no {level}-level concept labels")
         return {key: to_arrow("concepts", []) for key in saes}
     backbone.eval()
-    patches = backbone.layout.patch_slice
+    patches = backbone.layer_layout(layer).patch_slice
     stats: dict[str, ConceptStats] = {}
     n = len(dataset.records)
     for start in track(range(0, n, batch_size), f"ranking on {dataset.key}", unit="batch"):
@@ -355,6 +363,7 @@ def run_experiment(
     n_images: int,
     concepts: Sequence[str] | None = None,
     seed: int = 0,
+    random_draws: int = 1,
     tokens_cache: dict[int, tuple[Tensor, Tensor, tuple[int, int]]] | None = None,
     rank_dataset: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -376,7 +385,7 @@ def run_experiment(
         log(f"  [yellow]experiment {name}[/]: no {level}-level concept of {sae_id} is a class of head {head_key} "
             f"(concepts: {', '.join(list(ranked)[:5]) or 'none'}; head classes: {', '.join(head.classes[:5])}); nothing to test")
     seg_classes = dataset.seg_classes or []
-    grid, n_seg = backbone.layout.grid, len(seg_classes)
+    grid, n_seg = backbone.layer_layout(layer).grid, len(seg_classes)  # the SAE's patches, where edits land
     needs_masks = level == "patch" or "concept" in wheres
     patch_class_of: dict[int, Tensor] = {}
     if needs_masks:
@@ -390,7 +399,7 @@ def run_experiment(
 
     jobs: dict[int, list[tuple[str, Trial]]] = {}
     for concept in wanted:
-        arms = plan_arms({c: ranked[c] for c in ranked if c in wanted}, concept, ms, controls, feature_rows, seed)
+        arms = plan_arms({c: ranked[c] for c in ranked if c in wanted}, concept, ms, controls, feature_rows, seed, random_draws)
         trials = [Trial(a, float(f), w) for a in arms for f in factors for w in wheres]
         for position in concept_images(dataset, concept, level, n_images, seg_classes, patch_class_of):
             jobs.setdefault(position, []).extend((concept, t) for t in trials)
@@ -401,7 +410,7 @@ def run_experiment(
         if tokens is None:
             continue
         acts_td, final_td, size = tokens
-        captured = CapturedImage(layer, acts_td, final_td, sae.encode(acts_td[backbone.layout.patch_slice]))
+        captured = CapturedImage(layer, acts_td, final_td, sae.encode(acts_td[backbone.layer_layout(layer).patch_slice]))
         edits = []
         for concept, trial in jobs[position]:
             seg_id = class_index(seg_classes, concept)
@@ -418,9 +427,9 @@ def run_experiment(
                        else segmentation_measure(before, after, size, target, pred_before))
             rows.append({
                 "experiment": name, "sae_id": sae_id, "head": head_key, "task": head.task, "level": level,
-                "concept": concept, "arm": trial.arms.arm, "arm_source": trial.arms.source, "m": trial.arms.m,
+                "concept": concept, "arm": trial.arms.arm, "arm_source": trial.arms.source, "draw": trial.arms.draw, "m": trial.arms.m,
                 "factor": trial.factor, "where": trial.where, "features": list(trial.arms.features),
-                "n_patches_edited": len(edit.patches) if edit.patches != "all" else backbone.layout.n_patches,
+                "n_patches_edited": len(edit.patches) if edit.patches != "all" else backbone.layer_layout(layer).n_patches,
                 "dataset": dataset.key, "image_idx": dataset.records[position].index, "rank_dataset": rank_dataset, **measure,
             })
     return rows
@@ -443,44 +452,6 @@ def layer_tokens(backbone: Backbone, dataset: ImageDataset, position: int, layer
     return tokens
 
 
-def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per (sae_id, head, concept, arm, m, factor, where): pooled removal and mean side effects.
-
-    removed_frac pools pixels over images (Σ removed / Σ predicted before), so images where the head
-    barely saw the concept weigh little; other_changed_frac and the probability deltas are means
-    over images.
-    """
-    groups: dict[tuple, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["sae_id"], r["head"], r["concept"], r["arm"], r["m"], r["factor"], r["where"]), []).append(r)
-    out = []
-    for (sid, head, concept, arm, m, factor, where), group in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        summary: dict[str, Any] = {"sae_id": sid, "head": head, "concept": concept, "arm": arm, "m": m, "factor": factor,
-                                   "where": where, "n_images": len(group)}
-        if group[0]["task"] == "segmentation":
-            before = sum(r["concept_px_before"] for r in group)
-            summary["removed_frac"] = sum(r["concept_px_removed"] for r in group) / before if before else None
-            summary["other_changed_frac"] = float(np.mean([r["other_changed_frac"] for r in group]))
-        else:
-            summary["p_delta"] = float(np.mean([r["p_delta"] for r in group]))
-            summary["other_p_delta"] = float(np.mean([r["other_p_delta"] for r in group]))
-            summary["flip_frac"] = float(np.mean([bool(r["flipped"]) for r in group]))
-        out.append(summary)
-    return out
-
-
-def log_summary(name: str, sae_id: str, summary: Sequence[Mapping[str, Any]]) -> None:
-    """One log line per arm at the strongest setting run (largest m, most negative factor)."""
-    if not summary:
-        return
-    m, factor = max(s["m"] for s in summary), min(s["factor"] for s in summary)
-    key = "removed_frac" if "removed_frac" in summary[0] else "p_delta"
-    for arm in ("concept", "random", "other"):
-        values = [s[key] for s in summary if (s["arm"], s["m"], s["factor"]) == (arm, m, factor) and s[key] is not None]
-        if values:
-            log(f"  {name} {sae_id} {arm}: m={m}, factor {factor:g}: median {key} {float(np.median(values)):.3f} over {len(values)} concept(s)")
-
-
 # --------------------------------------------------------------------------- spliced metrics
 
 
@@ -493,6 +464,11 @@ class SplicedScores:
     spliced: float
     ablated: float
     n_images: int
+    per_image: dict[str, np.ndarray] | None = None
+    """Per image, by arm (`clean`, `spliced`, `ablated`): 1/0 correct [n] (classification) or the
+    image's confusion matrix flattened [n, C²] (segmentation), rows in `image_idx` order; what the
+    intervals over images resample (`splice_images`)."""
+    image_idx: list[int] | None = None
 
     @property
     def recovered(self) -> float | None:
@@ -538,15 +514,16 @@ def spliced_scores(
     tallies = {(s, h): {arm: _Tally(head.task, len(head.classes)) for arm in ("clean", "spliced", "ablated")}
                for s in saes for h, head in heads.items()}
     n_used = dict.fromkeys(heads, 0)
+    image_idx: dict[str, list[int]] = {key: [] for key in heads}
     mean_d = mean_d.to(backbone.device)
     for start in track(range(0, len(dataset.records), batch_size), f"spliced L{layer}", unit="batch"):
-        sources, targets = _splice_targets(backbone, heads, dataset, range(start, min(start + batch_size, len(dataset.records))), tokens)
+        sources, targets, sources_at = _splice_targets(backbone, heads, dataset, range(start, min(start + batch_size, len(dataset.records))), tokens)
         if not sources:
             continue
         acts_btd, clean_btd = _splice_inputs(backbone, sources, layer)
         ablated_btd = None
         for sae_key, sae in saes.items():
-            spliced, ablated = spliced_tokens(acts_btd, sae, backbone.layout.patch_slice, mean_d)
+            spliced, ablated = spliced_tokens(acts_btd, sae, backbone.layer_layout(layer).patch_slice, mean_d)
             if ablated_btd is None:
                 ablated_btd = backbone.resume(ablated, layer)
             finals = {"clean": clean_btd, "spliced": backbone.resume(spliced, layer), "ablated": ablated_btd}
@@ -558,11 +535,18 @@ def spliced_scores(
                     tallies[(sae_key, head_key)][arm].add(head(final_btd[rows], backbone.layout), torch.stack(batch_targets))
         for head_key in heads:
             n_used[head_key] += len(targets[head_key][0])
+            image_idx[head_key] += [dataset.records[start + i].index for i in _positions_of(targets[head_key][0], sources_at)]
     return {
         (s, h): SplicedScores("accuracy" if heads[h].task == "classification" else "miou",
-                              t["clean"].score(), t["spliced"].score(), t["ablated"].score(), n_used[h])
+                              t["clean"].score(), t["spliced"].score(), t["ablated"].score(), n_used[h],
+                              {arm: tally.per_image() for arm, tally in t.items()}, list(image_idx[h]))
         for (s, h), t in tallies.items()
     }
+
+
+def _positions_of(rows: Sequence[int], sources_at: Sequence[int]) -> list[int]:
+    """Offsets in the batch's position range of the sources at `rows`."""
+    return [sources_at[r] for r in rows]
 
 
 # Where one image's tokens come from in a splice batch: (layer-L, final) tokens read from the
@@ -571,12 +555,14 @@ SpliceSource = tuple[Tensor, Tensor] | Tensor
 
 
 def _splice_targets(backbone: Backbone, heads: Mapping[str, LinearHead], dataset: ImageDataset, positions: range,
-                    tokens: tuple[LayerTokens, LayerTokens] | None) -> tuple[list[SpliceSource], dict[str, tuple[list[int], list[Tensor]]]]:
-    """The readable images among `positions` as `SpliceSource`s, and per head (rows among them, targets).
+                    tokens: tuple[LayerTokens, LayerTokens] | None) -> tuple[list[SpliceSource], dict[str, tuple[list[int], list[Tensor]]], list[int]]:
+    """The readable images among `positions` as `SpliceSource`s, per head (rows among them,
+    targets), and each source's offset in `positions`.
 
     An image both token sets hold is not decoded (the recording read it); the others are decoded
     once, here, and skipped when unreadable."""
     sources: list[SpliceSource] = []
+    sources_at: list[int] = []
     targets: dict[str, tuple[list[int], list[Tensor]]] = {key: ([], []) for key in heads}
     for position in positions:
         record = dataset.records[position]
@@ -598,7 +584,8 @@ def _splice_targets(backbone: Backbone, heads: Mapping[str, LinearHead], dataset
             targets[key][0].append(len(sources))
             targets[key][1].append(target)
         sources.append(source)
-    return sources, targets
+        sources_at.append(position - positions.start)
+    return sources, targets, sources_at
 
 
 def _splice_inputs(backbone: Backbone, sources: Sequence[SpliceSource], layer: int) -> tuple[Tensor, Tensor]:
@@ -635,13 +622,25 @@ class _Tally:
         self.correct = self.total = 0
         self.confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64)
 
+        self.images: list[np.ndarray] = []  # per image: correct (0/1), or its confusion matrix flattened
+
     def add(self, logits: Tensor, targets: Tensor) -> None:
         if self.task == "classification":
-            self.correct += int((class_map(logits).cpu() == targets).sum())
+            hits = (class_map(logits).cpu() == targets)
+            self.correct += int(hits.sum())
             self.total += len(targets)
+            self.images += list(hits.numpy().astype(np.float64))
         else:
             pred = pixel_classes(logits, tuple(targets.shape[-2:])).cpu()
-            self.confusion += confusion_matrix(pred, targets.long(), self.n_classes)
+            for pred_hw, target_hw in zip(pred, targets.long()):
+                confusion = confusion_matrix(pred_hw[None], target_hw[None], self.n_classes)
+                self.confusion += confusion
+                self.images.append(confusion.flatten().numpy().astype(np.float64))
+
+    def per_image(self) -> np.ndarray:
+        if self.task == "classification":
+            return np.asarray(self.images, dtype=np.float64)
+        return np.stack(self.images) if self.images else np.zeros((0, self.n_classes**2))
 
     def score(self) -> float:
         if self.task == "classification":
@@ -651,7 +650,7 @@ class _Tally:
 
 __all__ = [
     "ArmFeatures", "SplicedScores", "Trial", "classification_measure", "concept_images", "head_data_concepts", "level_labels",
-    "other_concept", "plan_arms", "log_summary", "rank_batch_size", "ranked_features", "run_experiment",
+    "other_concept", "plan_arms", "rank_batch_size", "ranked_features", "run_experiment",
     "tested_concepts", "segmentation_measure", "spliced_scores", "spliced_tokens",
-    "store_patch_mean", "summarise",
+    "store_patch_mean",
 ]

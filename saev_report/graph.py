@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saev_report.spec import ModelSpec, SAEConfig, Spec, sae_id, sae_sweep
+from saev_report.spec import APLiftClaim, ExperimentClaim, ModelSpec, SAEConfig, SplicedClaim, Spec, sae_id, sae_sweep
 from saev_report.stages import Stage
 from saev_report.stages.analyse import ANALYSE, AnalyseParams
+from saev_report.stages.claims import CLAIMS, ClaimsParams, ResolvedClaim
 from saev_report.stages.compare import COMPARE, STABILITY, MatchParams, SAERef
 from saev_report.stages.edits import EDITS, EditParams
 from saev_report.stages.experiments import EXPERIMENTS, ExperimentParams, SAEChoice
@@ -89,6 +90,33 @@ def splice_groups(spec: Spec) -> dict[tuple[str, str], dict[str, str]]:
     return groups
 
 
+def ap_lift_models(spec: Spec) -> list[str]:
+    """Models whose analysis an `ap_lift` claim counts features of (its own and its control), in declaration order."""
+    used = {k for c in spec.claims if isinstance(c, APLiftClaim) for k in (c.model, c.control_model)}
+    return [key for key in spec.models if key in used]
+
+
+def resolve_claims(spec: Spec) -> list[ResolvedClaim]:
+    """Each claim with its replicates' SAE ids and seeds, its spliced head, its control SAE."""
+    out = []
+    for claim in spec.claims:
+        if isinstance(claim, ExperimentClaim):
+            exp = next(e for e in spec.experiments if e.name == claim.experiment)
+            model_key, layer = exp.model, exp.layer or spec.models[exp.model].layers[0]
+        else:
+            model_key, layer = claim.model, spec.models[claim.model].layers[0]
+        configs = sae_sweep(spec.sweep_for(model_key))
+        chosen = [configs[i] for i in claim.saes]
+        extra: dict = {}
+        if isinstance(claim, SplicedClaim):
+            extra["head"] = next(key for key, h in spec.heads.items() if h.model == claim.model and h.task == claim.task)
+        if isinstance(claim, APLiftClaim):
+            control = first_sae(spec, claim.control_model)
+            extra["control_sae_id"] = sae_id(claim.control_model, spec.models[claim.control_model].layers[0], control)
+        out.append(ResolvedClaim(claim=claim, sae_ids=[sae_id(model_key, layer, c) for c in chosen], seeds=[c.seed for c in chosen], **extra))
+    return out
+
+
 def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
     """Every stage of the spec, in dependency order."""
     common = {"cache_dir": cache_dir}
@@ -145,39 +173,53 @@ def build_stages(spec: Spec, cache_dir: Path = Path(".")) -> list[Stage]:
             **common), inputs)
         stages.append(heads[head_key])
 
+    edit_stages: dict[str, Stage] = {}
     for edit in spec.edits:
         layer = edit_layer(spec, edit.model, edit.layer)
         config = sae_sweep(spec.sweep_for(edit.model))[edit.sae]
         ds_key = edit_dataset(spec, edit.head, edit.dataset)
-        stages.append(Stage(EDITS, edit.name, EditParams(
+        edit_stages[edit.name] = Stage(EDITS, edit.name, EditParams(
             edit=edit.model_copy(update={"layer": layer, "dataset": ds_key}), model=_model(spec, edit.model),
             sae_tag=config.tag, sae_id=sae_id(edit.model, layer, config), dataset=spec.datasets[ds_key],
             seed=run.seed, device=run.device, **common),
             {"head": heads[edit.head], "train": train[(edit.model, layer)], "analyse": analyse[(edit.model, layer)],
-             "record": record[edit.model], "tokens": tokens[edit.model]}))
+             "record": record[edit.model], "tokens": tokens[edit.model]})
+        stages.append(edit_stages[edit.name])
 
+    experiments: dict[str, Stage] = {}
     for exp in spec.experiments:
         configs = sae_sweep(spec.sweep_for(exp.model))
         layer = exp.layer or spec.models[exp.model].layers[0]
         ds_key = edit_dataset(spec, exp.head, exp.dataset)
         rank_key = None if exp.rank_on == "analysis" else spec.heads[exp.head].train  # read only then: keyed only then
-        stages.append(Stage(EXPERIMENTS, exp.name, ExperimentParams(
+        experiments[exp.name] = Stage(EXPERIMENTS, exp.name, ExperimentParams(
             experiment=exp.model_copy(update={"layer": layer, "dataset": ds_key}), layer=layer,
             level="patch" if spec.heads[exp.head].task == "segmentation" else "image",
             saes=[SAEChoice(sae_tag=configs[i].tag, sae_id=sae_id(exp.model, layer, configs[i])) for i in exp.saes],
             model=_model(spec, exp.model), dataset_key=ds_key, dataset=spec.datasets[ds_key], record_dataset_key=rec.dataset,
             rank_dataset_key=rank_key, rank_dataset=spec.datasets[rank_key] if rank_key else None, seed=run.seed, device=run.device,
             **common),
-            {"head": heads[exp.head], "train": train[(exp.model, layer)], "analyse": analyse[(exp.model, layer)]}))
+            {"head": heads[exp.head], "train": train[(exp.model, layer)], "analyse": analyse[(exp.model, layer)]})
+        stages.append(experiments[exp.name])
 
+    splices: dict[str, Stage] = {}
     for (model_key, ds_key), head_keys in splice_groups(spec).items():
         if model_key not in record:
             continue  # an unrecorded model has no SAE to splice
         inputs = {"record": record[model_key], **{f"train/L{layer}": train[(model_key, layer)] for layer in spec.models[model_key].layers},
                   **{f"head/{key}": heads[key] for key in head_keys}, "tokens": tokens[model_key]}
-        stages.append(Stage(SPLICE, f"{model_key}-{ds_key}", SpliceParams(
+        splices[f"{model_key}-{ds_key}"] = Stage(SPLICE, f"{model_key}-{ds_key}", SpliceParams(
             model_key=model_key, model=_model(spec, model_key), heads=head_keys, sae=spec.sweep_for(model_key), dataset_key=ds_key,
-            dataset=spec.datasets[ds_key], batch_size=rec.batch_size, seed=run.seed, device=run.device, **common), inputs))
+            dataset=spec.datasets[ds_key], batch_size=rec.batch_size, seed=run.seed, device=run.device, **common), inputs)
+        stages.append(splices[f"{model_key}-{ds_key}"])
+
+    if experiments or splices or edit_stages or spec.claims:
+        claim_analyses = {f"analyse/{m}-L{spec.models[m].layers[0]}": analyse[(m, spec.models[m].layers[0])]
+                          for m in ap_lift_models(spec)}
+        stages.append(Stage(CLAIMS, "all", ClaimsParams(stats=spec.stats, claims=resolve_claims(spec), seed=run.seed, **common),
+                            {**{f"experiments/{k}": s for k, s in experiments.items()}, **{f"splice/{k}": s for k, s in splices.items()},
+                             **{f"edits/{k}": s for k, s in edit_stages.items()},
+                             **claim_analyses}))
 
     for cmp in spec.compare:
         first = first_sae(spec, cmp.a)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from saev_report import distributed
 from saev_report.graph import build_stages
 from saev_report.locks import run_lock, sweep_cache
 from saev_report.fsutil import fsync_dir, swap_dir
+from saev_report.manifest import Provenance, now_utc, build_manifest, measure, write_manifest, write_measurement
 from saev_report.progress import log
 from saev_report.spec import Spec
 from saev_report.errors import UserError
@@ -67,23 +67,35 @@ def run_stage(stage: Stage, run_dir: Path) -> bool:
         partial.mkdir(parents=True, exist_ok=True)
     distributed.barrier()  # the folder exists before any rank writes into it
     inputs = {role: dep.output(run_dir) for role, dep in stage.inputs.items()}
-    started = time.perf_counter()
     log(f"[bold cyan]▶[/] {escape(stage.name)}")
     try:
-        if shard.is_main or stage.kind.parallel:
-            stage.kind.action(stage.params, inputs, partial)
+        with measure() as meter:
+            if shard.is_main or stage.kind.parallel:
+                stage.kind.action(stage.params, inputs, partial)
     except BaseException:
         if not stage.kind.resumable and shard.is_main:  # nothing in it can be reused (a diverged SAE, say): leave no debris
             shutil.rmtree(partial, ignore_errors=True)
         raise
     distributed.barrier()  # every rank's share is written
     if shard.is_main:
+        write_measurement(out, meter, partial, _device_type(stage))
         fsync_dir(partial)
         os.replace(partial, out)
         fsync_dir(out.parent)
     distributed.barrier()  # no rank reads the output before it is in place
-    log(f"[green]✓[/] {escape(stage.name)} [dim]({time.perf_counter() - started:.1f}s)[/]")
+    log(f"[green]✓[/] {escape(stage.name)} [dim]({meter.wall_s:.1f}s)[/]")
     return True
+
+
+def _device_type(stage: Stage) -> str:
+    """The device type the stage ran on (its params' `device`, resolved; `cpu` for kinds without one)."""
+    name = getattr(stage.params, "device", "cpu")
+    try:
+        from saev_report.runtime import pick_device
+
+        return pick_device(name).type
+    except (ImportError, RuntimeError):
+        return name
 
 
 def publish_tables(stage_list: list[Stage], run_dir: Path) -> Path:
@@ -96,6 +108,9 @@ def publish_tables(stage_list: list[Stage], run_dir: Path) -> Path:
         out = stage.out_dir(run_dir)
         for part in sorted(out.glob("tables/*/*.parquet")):
             table = part.parent.name
+            if table not in stage.kind.writes:  # a code bug, not bad input: the declaration is the contract
+                raise RuntimeError(f"stage {stage.name} wrote a part of table {table!r}, which its kind does not declare "
+                                   f"(writes: {', '.join(stage.kind.writes) or 'nothing'})")
             target = staging / table / f"{stage.kind.name}-{stage.label}-{part.stem}.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -107,13 +122,13 @@ def publish_tables(stage_list: list[Stage], run_dir: Path) -> Path:
     return tables
 
 
-def render_site(spec: Spec, run_dir: Path) -> Path:
+def render_site(spec: Spec, run_dir: Path, cache_dir: Path | None = None) -> Path:
     """Render `<run>/site` from the published tables (cheap enough to redo on every build)."""
     from saev_report.render import build_site
 
     out = run_dir / "site"
     labels = {key: model.label or key for key, model in spec.models.items()}
-    stats = build_site(run_dir, out, spec.report, model_labels=labels)
+    stats = build_site(run_dir, out, spec.report, model_labels=labels, cache_dir=cache_dir or default_cache_dir())
     log(f"[green]✓[/] site: {stats}")
     return out
 
@@ -126,11 +141,13 @@ class BuildResult:
     site: Path | None
 
 
-def build(spec: Spec, only: set[str] | None = None, render: bool = True, cache_dir: Path | None = None) -> BuildResult:
+def build(spec: Spec, only: set[str] | None = None, render: bool = True, cache_dir: Path | None = None,
+          provenance: Provenance = Provenance()) -> BuildResult:
     """Run every stage (or only the given kinds), publish the tables and render the site.
 
     Holds the run's lock throughout (a second build of the same run is refused)
     and first clears what killed builds left in the run and the shared cache.
+    Ends by writing `<run>/manifest.json` (`manifest.py`), also when a stage fails.
     """
     from saev_report.runtime import set_threads
 
@@ -151,12 +168,39 @@ def build(spec: Spec, only: set[str] | None = None, render: bool = True, cache_d
         distributed.barrier()
         wanted = with_dependencies(stage_list, only) if only else stage_list
         ran, skipped = [], []
-        for stage in wanted:
-            (ran if run_stage(stage, run_dir) else skipped).append(stage.name)
-        site = None
-        if shard.is_main:  # tables and site are cheap: rank 0 alone
-            publish_tables([s for s in stage_list if s.status(run_dir) == "done"], run_dir)
-            site = render_site(spec, run_dir) if render else None
+        statuses = {s.name: "cached" for s in stage_list if s.status(run_dir) == "done"}
+        started = now_utc()
+        site, steps = None, {}
+
+        def record_manifest() -> None:
+            manifest = build_manifest(spec, run_dir, stage_list, statuses, provenance, cache_dir, started, {"steps": steps})
+            write_manifest(run_dir, manifest, spec)
+
+        failed = True
+        try:
+            for stage in wanted:
+                statuses[stage.name] = "failed"
+                did_run = run_stage(stage, run_dir)
+                statuses[stage.name] = "ran" if did_run else "cached"
+                (ran if did_run else skipped).append(stage.name)
+            if shard.is_main:  # tables and site are cheap: rank 0 alone
+                with measure() as tables_meter:
+                    publish_tables([s for s in stage_list if s.status(run_dir) == "done"], run_dir)
+                steps["tables"] = {"wall_s": round(tables_meter.wall_s, 3)}
+            failed = False
+        finally:
+            if shard.is_main:  # a failed build says which stage failed and what ran before it
+                try:
+                    record_manifest()
+                except Exception:
+                    if not failed:
+                        raise
+                    log("[yellow]the manifest could not be written[/] (the stage's error follows)")
+        if shard.is_main and render:  # the site's "How this was built" page reads the manifest
+            with measure() as site_meter:
+                site = render_site(spec, run_dir, cache_dir)
+            steps["site"] = {"wall_s": round(site_meter.wall_s, 3), "peak_rss_bytes": site_meter.peak_rss_bytes}
+            record_manifest()
         distributed.barrier()
     return BuildResult(run_dir, ran, skipped, site)
 

@@ -12,6 +12,8 @@ Estimates need a model's width and patch grid before any weights are loaded:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from saev_report.graph import build_stages
 from saev_report.spec import KNOWN_DATASET_SIZES, Arch, DatasetSpec, ModelSpec, Spec, known_arch, model_depth, sae_sweep
 
@@ -122,3 +124,102 @@ def recording_estimates(spec: Spec, gpus: int = 1) -> list[dict[str, object]]:
                        gpus_time=_human_seconds(n_images * gflop * 1e9 / GPU_FLOPS / gpus))
         rows.append(row)
     return rows
+
+
+# --------------------------------------------------------------------------- per stage, for plan against reality
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    """What `plan` expects of one stage: its time on a CPU and on one GPU, and its disk."""
+
+    cpu_s: float
+    gpu_s: float
+    disk_bytes: float | None
+    """None where the stage's disk is not modelled."""
+
+    def seconds_on(self, device: str) -> float:
+        """The estimate for the device type a build ran on (`cpu`, `cuda`, `mps`)."""
+        return self.cpu_s if device == "cpu" else self.gpu_s
+
+
+def sae_checkpoint_bytes(d_model: int, n_features: int) -> int:
+    """float32 W_enc, W_dec, b_enc, b_dec and the normalisation buffers of one SAE."""
+    return 4 * (2 * d_model * n_features + n_features + 2 * d_model + 1)
+
+
+def sae_analyse_flop(d_model: int, n_features: int, n_rows: int) -> float:
+    """One pass over the store: encode and decode (2·d·F each) every recorded token."""
+    return 4.0 * d_model * n_features * n_rows
+
+
+def stage_estimates(spec: Spec) -> dict[str, StageEstimate]:
+    """Estimates by stage name (`record/<model>`, `train/<model>-L<layer>`, `analyse/<model>-L<layer>`):
+    the stages whose cost `plan` models. The others (heads, edits, ...) have no estimate yet; the
+    analysis estimate is its time only (its tables are small next to the activations)."""
+    n_images = dataset_size(spec.datasets[spec.record.dataset])
+    found: dict[str, StageEstimate] = {}
+    for key in spec.recorded_models():
+        model = spec.models[key]
+        arch = known_arch(model)
+        if arch is None:
+            continue
+        if n_images is not None:
+            depth = model_depth(model)
+            flop = n_images * forward_gflop(model, arch, max(model.layers) if depth else 12) * 1e9
+            disk = n_images * tokens_per_image(model, arch) * arch.d_model * BYTES[spec.record.dtype] * len(model.layers)
+            found[f"record/{key}"] = StageEstimate(flop / CPU_FLOPS, flop / GPU_FLOPS, disk)
+        configs = sae_sweep(spec.sweep_for(key))
+        for layer in model.layers:
+            features = [arch.d_model * c.expansion for c in configs]
+            flop = sum(sae_train_flop(arch.d_model, f, spec.sae.n_patches) for f in features)
+            found[f"train/{key}-L{layer}"] = StageEstimate(flop / CPU_FLOPS, flop / GPU_FLOPS,
+                                                          sum(sae_checkpoint_bytes(arch.d_model, f) for f in features))
+            if n_images is not None:
+                rows = n_images * tokens_per_image(model, arch)
+                flop = sum(sae_analyse_flop(arch.d_model, f, rows) for f in features)
+                found[f"analyse/{key}-L{layer}"] = StageEstimate(flop / CPU_FLOPS, flop / GPU_FLOPS, None)
+    return found
+
+
+def ratio(measured: float | None, estimated: float | None) -> float | None:
+    """measured / estimated: above 1 the estimate was low. None when either is missing or zero."""
+    if not measured or not estimated:
+        return None
+    return measured / estimated
+
+
+def human_bytes(n: float | None) -> str:
+    return "—" if n is None else _human_bytes(n)
+
+
+def human_seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 1:
+        return f"{s * 1000:.3g} ms"
+    return f"{s:.1f} s" if s < 10 else _human_seconds(s)
+
+
+def against_measured(spec: Spec) -> list[dict[str, object]]:
+    """Every stage's estimate next to what its last run measured (`manifest.read_measurement`), with
+    measured / estimated ratios; empty when no stage of this spec has run yet."""
+    from saev_report.manifest import read_measurement
+
+    estimates = stage_estimates(spec)
+    rows: list[dict[str, object]] = []
+    for stage in build_stages(spec):
+        out_dir = stage.out_dir(spec.run_dir)
+        measured = read_measurement(out_dir) if out_dir.is_dir() else None
+        estimate = estimates.get(stage.name)
+        device = measured.device if measured else None
+        est_s = estimate.seconds_on(device or "cpu") if estimate else None
+        rows.append({
+            "stage": stage.name, "device": device or "—",
+            "est_time": est_s, "time": measured.wall_s if measured else None,
+            "time_ratio": ratio(measured.wall_s, est_s) if measured else None,
+            "est_disk": estimate.disk_bytes if estimate else None, "disk": measured.disk_bytes if measured else None,
+            "disk_ratio": ratio(measured.disk_bytes, estimate.disk_bytes) if measured and estimate else None,
+            "peak_rss": measured.peak_rss_bytes if measured else None,
+        })
+    return rows if any(r["time"] is not None for r in rows) else []

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from saev_report.activations import ShardWriter, StoreMeta, images_per_shard_for
 from saev_report.backbones import Backbone, TokenLayout
 from saev_report.datasets import BadImage, ImageDataset, ImageRecord, load_image
+from saev_report.datasets.base import relative_to_cache, resolve_in_cache
 from saev_report.fsutil import atomic_write_text
 from saev_report.progress import bar, log, track
 from saev_report.spec import TOKEN_KINDS
@@ -88,6 +89,13 @@ def shard_images(tokens_per_image: int, d_model: int, dtype: str, batch_size: in
     return max(batch_size, per_shard // batch_size * batch_size)
 
 
+def source_shape(backbone: Backbone, source: int | str) -> tuple[TokenLayout, int]:
+    """Token layout and width of a store's source: a layer's (a CNN's differ per stage) or the final tokens'."""
+    if source == "final":
+        return backbone.layout, backbone.d_model
+    return backbone.layer_layout(int(source)), backbone.layer_width(int(source))
+
+
 def record_activations(
     backbone: Backbone,
     dataset: ImageDataset,
@@ -102,14 +110,14 @@ def record_activations(
     num_workers: int | None = None,
 ) -> dict[str, Path]:
     """Fill every store in `stores` for every image of `dataset`, one forward pass per batch."""
-    layout = backbone.layout
     writers: dict[str, ShardWriter] = {}
     for request in stores:
-        meta = StoreMeta.create(model=model_key, layer=request.source, dataset=dataset.key, d_model=backbone.d_model,
+        layout, width = source_shape(backbone, request.source)
+        meta = StoreMeta.create(model=model_key, layer=request.source, dataset=dataset.key, d_model=width,
                                 dtype=dtype, token_kinds=list(request.tokens), layout=layout)
-        per_shard = shard_images(meta.tokens_per_image, backbone.d_model, dtype, batch_size, shard_mb)
+        per_shard = shard_images(meta.tokens_per_image, width, dtype, batch_size, shard_mb)
         writers[request.name] = ShardWriter(out_dir / request.name, meta, per_shard)
-    token_idx = {r.name: layout.indices(r.tokens) for r in stores}
+    token_idx = {r.name: source_shape(backbone, r.source)[0].indices(r.tokens) for r in stores}
     layers = sorted({r.source for r in stores if r.source != "final"})
     final = any(r.source == "final" for r in stores)
     # Stores are written shard by shard in lock-step; after a kill, align them on the shortest.
@@ -209,15 +217,29 @@ def record_layers(
     write_image_index(out_dir, backbone.image_size, dataset.records)
 
 
-def write_image_index(out_dir: Path, image_size: int, records: Sequence[ImageRecord]) -> None:
-    index = {"image_size": image_size, "images": [[r.index, _resolved(r.path)] for r in records]}
+def write_image_index(out_dir: Path, image_size: int, records: Sequence[ImageRecord], cache_dir: Path | None = None) -> None:
+    """`images.json`: the model input size and [dataset index, resolved path] of every image.
+
+    Paths under `cache_dir` (the shared cache: the generated demo set, say) are stored relative to
+    it, so a finished stage still finds its images after the cache moves or another cache is used;
+    `read_image_index` resolves them against the cache of the build reading them. Every other path
+    is absolute. JSON's `\\udcNN` escapes keep the bytes of a name that is not UTF-8.
+    """
+    index = {"image_size": image_size, "relative_to": "cache", "images": [[r.index, relative_to_cache(_resolved(r.path), cache_dir)] for r in records]}
     atomic_write_text(out_dir / IMAGES_FILE, json.dumps(index))
 
 
-def read_image_index(folder: Path) -> tuple[int, list[tuple[int, str]]]:
-    """(model input size, [(dataset index, resolved path)]) of a folder `write_image_index` wrote."""
+def relocate_image_index(folder: Path, cache_dir: Path) -> None:
+    """Rewrite `folder`'s `images.json` with paths under `cache_dir` relative to it (idempotent)."""
+    image_size, images = read_image_index(folder, cache_dir)
+    write_image_index(folder, image_size, [ImageRecord(i, p) for i, p in images], cache_dir)
+
+
+def read_image_index(folder: Path, cache_dir: Path | None = None) -> tuple[int, list[tuple[int, str]]]:
+    """(model input size, [(dataset index, resolved path)]) of a folder `write_image_index` wrote;
+    relative paths are resolved against `cache_dir`, the shared cache of the build reading them."""
     index = json.loads((Path(folder) / IMAGES_FILE).read_text(encoding="utf-8"))
-    return int(index["image_size"]), [(int(i), str(p)) for i, p in index["images"]]
+    return int(index["image_size"]), [(int(i), resolve_in_cache(p, cache_dir)) for i, p in index["images"]]
 
 
 def _resolved(path: str) -> str:

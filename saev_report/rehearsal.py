@@ -355,7 +355,7 @@ def hf_model_type(source: str) -> str:
 
 def tiny_hf(model: ModelSpec, cache_dir: Path, scale: RehearsalScale) -> ModelSpec:
     """A random HF checkpoint folder of the source's own class (Dinov2Model, CLIPVisionModel, ...)."""
-    from saev_report.backbones.hf import MODEL_TYPES, import_transformers
+    from saev_report.backbones.hf import adapter_class, import_transformers
 
     assert model.source
     model_type = hf_model_type(model.source)
@@ -372,8 +372,7 @@ def tiny_hf(model: ModelSpec, cache_dir: Path, scale: RehearsalScale) -> ModelSp
         import torch
 
         transformers = import_transformers()
-        _, class_name = MODEL_TYPES[model_type]
-        model_class = getattr(transformers, class_name)
+        model_class = getattr(transformers, adapter_class(model_type).model_class)
         from saev_report.backbones.hf import quiet_transformers
 
         torch.manual_seed(0)

@@ -41,7 +41,7 @@ from saev_report.activations import META_FILE, ActivationStore, ShardEntry, Shar
 from saev_report.backbones import Backbone
 from saev_report.datasets import ImageDataset
 from saev_report.distributed import Shard
-from saev_report.record import IMAGES_FILE, layer_requests, record_activations, record_layers, shard_images, write_image_index
+from saev_report.record import IMAGES_FILE, layer_requests, record_activations, record_layers, shard_images, source_shape, write_image_index
 from saev_report.spec import SAEConfig, SAESpec
 from saev_report.train import BatchSource, TrainedSAE, train_saes
 
@@ -67,7 +67,8 @@ def record_across_ranks(backbone: Backbone, dataset: ImageDataset, *, shard: Sha
         return  # merged by an earlier run that was killed before the stage was renamed
     # Cut where the biggest stores (most tokens per image) change shard, so their shards are
     # linked, not copied; smaller stores (CLS, registers) are re-chunked if they do not line up.
-    align = min(shard_images(len(backbone.layout.indices(r.tokens)), backbone.d_model, dtype, batch_size, shard_mb)
+    align = min(shard_images(len(source_shape(backbone, r.source)[0].indices(r.tokens)), source_shape(backbone, r.source)[1],
+                             dtype, batch_size, shard_mb)
                 for r in requests)
     mine = shard.range(len(dataset.records), align=align)
     part = dataclasses.replace(dataset, records=dataset.records[mine.start:mine.stop])

@@ -72,8 +72,10 @@ def job_parameters(job: JobPlan, slurm: SlurmSpec, job_ids: dict[str, str], clus
 
 
 def submit_build(spec_path: Path, spec: Spec, *, only: set[str] | None = None, render: bool = True,
-                 cluster: str | None = None, cache_dir: Path | None = None) -> list[tuple[JobPlan, Any]]:
+                 cluster: str | None = None, cache_dir: Path | None = None, overrides: tuple[str, ...] = ()) -> list[tuple[JobPlan, Any]]:
     """Submit every unfinished stage of `spec` as a job; returns (plan, submitit job) pairs.
+
+    Each job loads `spec_path` again with the same `--set` `overrides`, so it builds the same stages.
 
     `cluster`: "slurm", "local" or "debug" (submitit's names); default: Slurm when available.
     """
@@ -92,21 +94,21 @@ def submit_build(spec_path: Path, spec: Spec, *, only: set[str] | None = None, r
         executor.update_parameters(**job_parameters(job, spec.slurm, {n: j.job_id for n, j in submitted.items()},
                                                     executor.cluster))
         if job.name == FINISH:
-            handle = executor.submit(finish_job, str(spec_path), str(cache_dir), render)
+            handle = executor.submit(finish_job, str(spec_path), str(cache_dir), render, overrides)
         else:
-            handle = executor.submit(stage_job, str(spec_path), job.name, str(cache_dir))
+            handle = executor.submit(stage_job, str(spec_path), job.name, str(cache_dir), overrides)
         submitted[job.name] = handle
         out.append((job, handle))
     return out
 
 
-def stage_job(spec_path: str, stage_name: str, cache_dir: str) -> bool:
+def stage_job(spec_path: str, stage_name: str, cache_dir: str, overrides: tuple[str, ...] = ()) -> bool:
     """Body of one stage's job (every task of it): join the job's ranks, run the stage."""
     from saev_report import distributed
     from saev_report.pipeline import run_stage
     from saev_report.runtime import set_threads
 
-    spec = load_spec(Path(spec_path), check_paths=False)
+    spec = load_spec(Path(spec_path), check_paths=False, overrides=overrides)
     set_threads(spec.run.threads)
     [stage] = [s for s in build_stages(spec, Path(cache_dir)) if s.name == stage_name]
     _export_ranks()
@@ -114,14 +116,19 @@ def stage_job(spec_path: str, stage_name: str, cache_dir: str) -> bool:
         return run_stage(stage, spec.run_dir)
 
 
-def finish_job(spec_path: str, cache_dir: str, render: bool) -> str:
-    """Body of the last job: publish the tables of every complete stage and render the site."""
+def finish_job(spec_path: str, cache_dir: str, render: bool, overrides: tuple[str, ...] = ()) -> str:
+    """Body of the last job: publish the tables of every complete stage, write the manifest (each
+    stage's measurements come from the job that ran it) and render the site."""
+    from saev_report.manifest import Provenance, now_utc, build_manifest, write_manifest
     from saev_report.pipeline import publish_tables, render_site
 
-    spec = load_spec(Path(spec_path), check_paths=False)
+    spec = load_spec(Path(spec_path), check_paths=False, overrides=overrides)
     stage_list = build_stages(spec, Path(cache_dir))
     tables = publish_tables([s for s in stage_list if s.status(spec.run_dir) == "done"], spec.run_dir)
-    return str(render_site(spec, spec.run_dir) if render else tables)
+    statuses = {s.name: "ran" if s.status(spec.run_dir) == "done" else "not run" for s in stage_list}
+    write_manifest(spec.run_dir, build_manifest(spec, spec.run_dir, stage_list, statuses, Provenance(Path(spec_path), tuple(overrides)),
+                                                Path(cache_dir), now_utc()), spec)
+    return str(render_site(spec, spec.run_dir, Path(cache_dir)) if render else tables)
 
 
 def _export_ranks() -> None:

@@ -1,8 +1,8 @@
 """The YAML spec: every declarative input of a saev-report build.
 
 Every type here is a pydantic model whose attribute docstrings are the field
-documentation: they become the README's spec reference (`saev-report schema
---markdown`) and the JSON schema editors use (`saev-report schema`).
+documentation: they become the spec reference, docs/reference/spec.md (`saev-report schema
+--markdown`; `python -m saev_report.docs` writes it) and the JSON schema editors use (`saev-report schema`).
 
 `load_spec(path)` parses YAML, validates it and checks cross references
 (a head naming an undeclared model, say). Every problem is reported as a
@@ -18,10 +18,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Sequence, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from saev_report.overrides import Override, OverrideError, apply_overrides, flag_for, parse_override
 
 # --------------------------------------------------------------------------- base
 
@@ -146,7 +148,26 @@ KNOWN_DATASET_SIZES: dict[tuple[str, str], int] = {
 
 # --------------------------------------------------------------------------- models
 
-Family = Literal["hf", "timm", "open_clip", "imgfocus"]
+@dataclass(frozen=True)
+class ModelFamily:
+    """One entry of `MODEL_FAMILIES`."""
+
+    loader: str
+    """`module:function` that builds the family's `Backbone` (imported only when used)."""
+    needs_source: bool = True
+    """Whether a spec must name the model (`source`); a family of one model does not."""
+
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    "hf": ModelFamily("saev_report.backbones.hf:load_hf"),
+    "timm": ModelFamily("saev_report.backbones.timm_family:load_timm"),
+    "open_clip": ModelFamily("saev_report.backbones.open_clip_vit:load_open_clip"),
+    "imgfocus": ModelFamily("saev_report.backbones.imgfocus:load_imgfocus", needs_source=False),
+}
+"""Model family → its loader. Within a family the loader picks the adapter by the model itself:
+`hf` by the config's `model_type` (`backbones.hf.HF_ADAPTERS`), `timm` by the model's class
+(`backbones.timm_family.TIMM_ADAPTERS`). A family without a source is its own `KNOWN_ARCHS` key."""
+Family = Literal[tuple(MODEL_FAMILIES)]  # type: ignore[valid-type]
 TokenKind = Literal["cls", "registers", "patches"]
 TOKEN_KINDS: tuple[str, ...] = get_args(TokenKind)
 """Every token kind, in the order they sit in a ViT's residual stream (and in every store)."""
@@ -156,8 +177,12 @@ class ModelSpec(SpecModel):
     """A vision transformer to study."""
 
     family: Family
-    """Adapter family: `hf` (transformers CLIPVisionModel / Dinov2Model / SiglipVisionModel),
-    `timm` (VisionTransformer), `open_clip`, or `imgfocus` (the offline DINOv2 ViT-S/14)."""
+    """Adapter family: `hf` (transformers Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel,
+    CLIPVisionModel, SiglipVisionModel — SigLIP and fixed-resolution SigLIP 2 — and
+    Siglip2VisionModel, SigLIP 2 NaFlex at a fixed size), `timm`
+    (VisionTransformer, Eva — Perception Encoder PE-Core and PE-Spatial — and ConvNeXt, whose
+    stages are the layers), `open_clip` (its own ViTs and timm-trunk towers), or `imgfocus` (the
+    offline DINOv2 ViT-S/14)."""
     source: str | None = None
     """Hub id (`facebook/dinov2-base`), open_clip `ARCH/PRETRAINED` (`ViT-B-16/openai`), timm
     name, or a local directory. Not used by `imgfocus`."""
@@ -192,7 +217,7 @@ class ModelSpec(SpecModel):
 
     @model_validator(mode="after")
     def _source_needed(self) -> "ModelSpec":
-        if self.family != "imgfocus" and not self.source:
+        if MODEL_FAMILIES[self.family].needs_source and not self.source:
             raise ValueError(f"family {self.family!r} needs a `source`")
         return self
 
@@ -222,6 +247,14 @@ KNOWN_ARCHS: dict[str, Arch] = {
     "facebook/dinov2-large": Arch(24, 1024, 14, 224),
     "facebook/dinov2-with-registers-base": Arch(12, 768, 14, 224, n_registers=4),
     "google/siglip-base-patch16-224": Arch(12, 768, 16, 224, has_cls=False),
+    "google/siglip2-base-patch16-224": Arch(12, 768, 16, 224, has_cls=False),
+    "facebook/dinov3-vits16-pretrain-lvd1689m": Arch(12, 384, 16, 224, n_registers=4),
+    "facebook/dinov3-vitb16-pretrain-lvd1689m": Arch(12, 768, 16, 224, n_registers=4),
+    "facebook/dinov3-vitl16-pretrain-lvd1689m": Arch(24, 1024, 16, 224, n_registers=4),
+    "vit_base_patch16_siglip_224.v2_webli": Arch(12, 768, 16, 224, has_cls=False),
+    "vit_pe_core_base_patch16_224": Arch(12, 768, 16, 224),
+    "vit_pe_core_large_patch14_336": Arch(24, 1024, 14, 336),
+    "vit_pe_spatial_base_patch16_512": Arch(12, 768, 16, 512),
     "vit_base_patch16_224": Arch(12, 768, 16, 224),
     "vit_small_patch16_224": Arch(12, 384, 16, 224),
     "vit_base_patch14_dinov2": Arch(12, 768, 14, 224),
@@ -230,7 +263,7 @@ KNOWN_ARCHS: dict[str, Arch] = {
 
 
 def known_arch(model: ModelSpec) -> Arch | None:
-    return KNOWN_ARCHS.get("imgfocus" if model.family == "imgfocus" else (model.source or ""))
+    return KNOWN_ARCHS.get((model.source or "") if MODEL_FAMILIES[model.family].needs_source else model.family)
 
 
 def model_depth(model: ModelSpec) -> int | None:
@@ -388,6 +421,10 @@ class AnalysisSpec(SpecModel):
     """Bins of the per-feature log10 activation histogram."""
     batch_size: int = Field(default=4096, gt=0)
     """Patches per analysis step."""
+    null_permutations: int = Field(default=1, ge=1)
+    """Label permutations of the concept-detection null. `concepts.null_ap` is the first; every
+    one's best lift per feature goes to `concept_nulls`, the null distribution an `ap_lift` claim
+    compares with. Each adds one set of concept histograms to the analysis pass."""
 
 
 # --------------------------------------------------------------------------- heads
@@ -417,6 +454,13 @@ class HeadSpec(SpecModel):
 # --------------------------------------------------------------------------- edits
 
 EditAction = Literal["suppress", "set", "scale", "clamp", "add"]
+FACTOR_LIMIT = 100.0
+"""Largest scale factor (either sign) an edit or an experiment accepts: a feature scaled past ±100×
+leaves the range any head was trained on, so a larger one can only be a typo (`-1e12` for `-1`)."""
+
+Factor = Annotated[float, Field(ge=-FACTOR_LIMIT, le=FACTOR_LIMIT, allow_inf_nan=False)]
+"""A scale factor applied to feature activations, within ±`FACTOR_LIMIT`."""
+
 EDIT_ACTIONS: tuple[str, ...] = get_args(EditAction)
 """Every edit action; `edits.EDIT_FUNCTIONS` implements each."""
 
@@ -469,14 +513,21 @@ class EditSpec(SpecModel):
     action: EditAction = "suppress"
     """`suppress` (set to 0), `set` to value, `scale` by value, `clamp` to at most value,
     `add` value."""
-    value: float = 0.0
-    """Argument of the action."""
+    value: float = Field(default=0.0, allow_inf_nan=False)
+    """Argument of the action (finite); for `scale`, a factor within ±100."""
     explicit: list[ExplicitEdit] = Field(default_factory=list)
     """Explicit edits."""
     generate: GeneratedEdits | None = None
     """Generated edits."""
     random_control: bool = True
     """Also run each edit on a frequency-matched random feature (specificity control)."""
+
+    @field_validator("value")
+    @classmethod
+    def _factor_bounded(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("action") == "scale" and abs(value) > FACTOR_LIMIT:
+            raise ValueError(f"a scale factor must lie within ±{FACTOR_LIMIT:g}, got {value:g} (a typo?)")
+        return value
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "EditSpec":
@@ -509,13 +560,17 @@ class ExperimentSpec(SpecModel):
     """Dataset of images to edit; default: the head's validation data."""
     m: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
     """Numbers of top features edited together."""
-    factors: list[float] = Field(default_factory=lambda: [1.0, 0.0, -1.0, -2.0], min_length=1)
-    """Factors the features are scaled by: 1 is no edit, 0 suppresses, below 0 pushes them negative."""
+    factors: list[Factor] = Field(default_factory=lambda: [1.0, 0.0, -1.0, -2.0], min_length=1)
+    """Factors the features are scaled by: 1 is no edit, 0 suppresses, below 0 pushes them negative
+    (each within ±100)."""
     where: list[Literal["all", "concept"]] = Field(default_factory=lambda: ["all"], min_length=1)
     """Edit every patch, and/or only the patches whose ground-truth class is the concept (needs masks)."""
     controls: list[ExperimentArm] = Field(default_factory=lambda: ["random", "other"])
     """`random`: frequency-matched random features; `other`: the same number of top features of
     another concept (the next one in name order)."""
+    random_draws: int = Field(default=4, ge=1)
+    """Independent frequency-matched random draws of the `random` control: the concept arm is
+    compared with their distribution (pooled per image), so one lucky or unlucky draw cannot decide a verdict."""
     n_images: int = Field(default=8, gt=0)
     """Images per concept: the first ones of the dataset that show it (labelled with it, or with
     at least one patch of it)."""
@@ -535,6 +590,150 @@ class ExperimentSpec(SpecModel):
         if any(v <= 0 for v in values):
             raise ValueError("every m must be positive")
         return values
+
+
+# --------------------------------------------------------------------------- statistics and claims
+
+
+class StatsSpec(SpecModel):
+    """How intervals and tests are computed (issue #17): bootstrap over images, the unit of
+    independence, seeded from `run.seed`."""
+
+    n_resamples: int = Field(default=2000, ge=100)
+    """Bootstrap resamples per interval, and the sign-flip test's Monte-Carlo resamples (exact over
+    all 2^n sign vectors when 2^n is no more than this)."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    """Confidence level of every interval."""
+    interval: Literal["bca", "percentile"] = "bca"
+    """`bca`: bias-corrected and accelerated (scipy's default); `percentile`: the plain percentile interval."""
+    correction: Literal["holm", "bh"] = "holm"
+    """Correction across the whole family of tests the claims run: `holm` (family-wise error) or
+    `bh` (Benjamini–Hochberg, false discovery rate)."""
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    """Level at which a corrected test beats its control."""
+
+
+ClaimMetric = Literal["removed_frac", "other_changed_frac", "p_delta", "other_p_delta", "flip_frac"]
+ClaimArm = Literal["concept", "random", "other"]
+
+
+class ClaimCondition(SpecModel):
+    """One threshold on one arm's summary metric, per concept: holds when the whole interval is on
+    the right side, fails when the whole interval is on the wrong side."""
+
+    metric: ClaimMetric
+    """A column of `experiment_summary`: `removed_frac` (Σ removed / Σ predicted pixels),
+    `other_changed_frac` (the side effect), `p_delta`, `other_p_delta`, `flip_frac`."""
+    arm: ClaimArm = "concept"
+    """Whose edit: the concept's top features, the frequency-matched random draws (pooled), or another concept's."""
+    min: float | None = None
+    """The metric is at least this."""
+    max: float | None = None
+    """The metric is at most this."""
+    times: float | None = Field(default=None, gt=0)
+    """Compare against `times` × the random draws' value of the same metric instead of a constant:
+    the condition is then on the paired difference metric − times × random (per image), against
+    `min` or `max` (default 0). E.g. "lowers the probability ≥ 5× more than random features":
+    `{metric: p_delta, times: 5, max: 0}`."""
+
+    @model_validator(mode="after")
+    def _one_side(self) -> "ClaimCondition":
+        if self.times is None and (self.min is None) == (self.max is None):
+            raise ValueError("give exactly one of `min` or `max`")
+        if self.times is not None and self.min is not None and self.max is not None:
+            raise ValueError("give at most one of `min` or `max`")
+        if self.times is not None and self.arm != "concept":
+            raise ValueError("`times` compares the concept arm with the random draws; leave `arm` at `concept`")
+        return self
+
+
+class FixedSetting(SpecModel):
+    """The experiment setting a claim is read at, fixed before looking."""
+
+    m: int = Field(gt=0)
+    """Number of top features edited."""
+    factor: float
+    """Factor they are scaled by."""
+    where: Literal["all", "concept"] = "all"
+    """Patches edited."""
+
+
+class _ClaimBase(SpecModel):
+    name: Name
+    """Claim name (the `claims` table and the Claims page)."""
+    statement: str | None = None
+    """The hypothesis in words, as the site shows it; default: generated from the fields."""
+    saes: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """The replication set: SAEs of the sweep (indices in sweep order), e.g. one configuration's seeds."""
+    min_replicates: int | None = Field(default=None, gt=0)
+    """The claim holds when it holds for at least this many of `saes`; default: all of them."""
+
+
+class ExperimentClaim(_ClaimBase):
+    """A concept-suppression claim read off one experiment: for at least `min_concepts` concepts,
+    every condition holds and the concept arm beats each control in a corrected paired test."""
+
+    kind: Literal["experiment"]
+    experiment: str
+    """Experiment name; its `saes` must include this claim's."""
+    setting: FixedSetting | None = None
+    """The setting, fixed up front. Leave it out and set `select: split` to choose it on half the images."""
+    select: Literal["fixed", "split"] = "fixed"
+    """`fixed`: read at `setting` on every image. `split`: each concept's images are split in two
+    halves (seeded); the setting is chosen on the selection half (the one where most concepts meet
+    every condition's point estimate; ties: fewer features, then the factor nearest 1) and the
+    headline numbers, tests and verdict come from the confirmation half alone."""
+    conditions: list[ClaimCondition] = Field(min_length=1)
+    """Thresholds every counted concept meets."""
+    beats: list[Literal["random", "other"]] = Field(default_factory=lambda: ["random"])
+    """Controls the concept arm must beat in a one-sided paired sign-flip test on the first
+    condition's metric (removed_frac: more pixels; p_delta: a larger drop), corrected across the family."""
+    concepts: list[str] | None = None
+    """Concepts the claim counts (e.g. the classes, not `background`); default every concept the
+    experiment tested. A named concept the experiment did not test counts as inconclusive."""
+    min_concepts: int | None = Field(default=None, gt=0)
+    """Concepts that must hold; default: every concept counted."""
+
+    @model_validator(mode="after")
+    def _setting_or_split(self) -> "ExperimentClaim":
+        if self.select == "fixed" and self.setting is None:
+            raise ValueError("a fixed claim needs `setting: {m, factor, where}`; or choose it on held-out images with `select: split`")
+        if self.select == "split" and self.setting is not None:
+            raise ValueError("`select: split` chooses the setting itself; drop `setting`")
+        return self
+
+
+class SplicedClaim(_ClaimBase):
+    """The share of a head's skill kept when the SAE's reconstruction replaces the activations:
+    (spliced − ablated) / (clean − ablated), with a bootstrap interval over the validation images."""
+
+    kind: Literal["spliced"]
+    model: str
+    """Model key (a recorded model with a head)."""
+    task: Literal["classification", "segmentation"]
+    """Which of the model's first heads: the classification or the segmentation one."""
+    min: float
+    """Recovered is at least this."""
+
+
+class APLiftClaim(_ClaimBase):
+    """Concept detection: features whose best concept reaches `ap_lift` ≥ `threshold` are at least
+    `times` as many as in a control SAE, and more than under permuted labels."""
+
+    kind: Literal["ap_lift"]
+    model: str
+    """Model key of the SAEs in `saes`."""
+    control_model: str
+    """The control (e.g. the random-weights twin); its sweep's first SAE is counted."""
+    level: Literal["patch", "image"] = "patch"
+    """Concept level."""
+    threshold: float = Field(default=0.2, gt=0, le=1)
+    """AP lift a feature's best concept reaches: (AP − base rate) / (1 − base rate)."""
+    times: float = Field(default=3.0, gt=0)
+    """At least this many times the control SAE's count."""
+
+
+ClaimSpec = Annotated[Union[ExperimentClaim, SplicedClaim, APLiftClaim], Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------- compare
@@ -629,6 +828,10 @@ class Spec(SpecModel):
     """Site options."""
     slurm: SlurmSpec = SlurmSpec()
     """Resources when the stages run as Slurm jobs (`--executor slurm`)."""
+    stats: StatsSpec = StatsSpec()
+    """Intervals, tests and their correction."""
+    claims: list[ClaimSpec] = Field(default_factory=list)
+    """Declared hypotheses, each checked to a verdict: holds, fails or inconclusive."""
 
     @property
     def run_dir(self) -> Path:
@@ -657,9 +860,12 @@ class SpecIssue:
     column: int
     field: str
     message: str
+    flag: str | None = None
+    """The `--set` argument the offending value came from (`sae.n_patches=-1`); it replaces the
+    file location, which holds a value the flag overrode."""
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}"
+        where = f"--set {self.flag}" if self.flag else f"{self.file}:{self.line}:{self.column}"
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
@@ -717,13 +923,16 @@ def _field_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     return tuple(path)
 
 
-def _issue(file: str, root: yaml.Node | None, loc: tuple[Any, ...], message: str) -> SpecIssue:
+def _issue(file: str, root: yaml.Node | None, loc: tuple[Any, ...], message: str,
+           applied: Sequence[tuple[tuple[Any, ...], Override]] = ()) -> SpecIssue:
     line, column = _locate(root, loc)
-    return SpecIssue(file, line, column, ".".join(str(p) for p in loc), message)
+    override = flag_for(loc, applied)
+    return SpecIssue(file, line, column, ".".join(str(p) for p in loc), message, override.flag if override else None)
 
 
-def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True) -> Spec:
-    """Parse and validate spec YAML; raise SpecError with located issues."""
+def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True, overrides: Sequence[str] = ()) -> Spec:
+    """Parse and validate spec YAML, with `--set path=value` overrides applied first (see
+    `overrides.py`); raise SpecError with issues located in the file or at the flag."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -736,6 +945,10 @@ def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True) -
     if not isinstance(data, dict):
         raise SpecError([SpecIssue(file, 1, 1, "", "a spec is a YAML mapping with `run`, `datasets`, `models`, `record`, ...")])
     try:
+        applied = apply_overrides(data, [parse_override(flag) for flag in overrides])
+    except OverrideError as exc:
+        raise SpecError([SpecIssue(file, 0, 0, "", exc.message, exc.flag)]) from None
+    try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
         issues = []
@@ -743,16 +956,17 @@ def parse_spec_text(text: str, file: str = "<spec>", check_paths: bool = True) -
             loc = _field_path(tuple(error["loc"]), data)
             if error["type"] == "union_tag_invalid":
                 loc = (*loc, "kind")
-            issues.append(_issue(file, root, loc, error["msg"]))
+            issues.append(_issue(file, root, loc, error["msg"], applied))
         raise SpecError(issues) from None
-    issues = [_issue(file, root, loc, message) for loc, message in cross_check(spec, check_paths)]
+    issues = [_issue(file, root, loc, message, applied) for loc, message in cross_check(spec, check_paths)]
     if issues:
         raise SpecError(issues)
     return spec
 
 
-def load_spec(path: str | os.PathLike[str], check_paths: bool = True) -> Spec:
-    """Load a spec file. Relative dataset/model paths resolve against the current directory."""
+def load_spec(path: str | os.PathLike[str], check_paths: bool = True, overrides: Sequence[str] = ()) -> Spec:
+    """Load a spec file, with `--set path=value` overrides. Relative dataset/model paths resolve
+    against the current directory."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -760,7 +974,7 @@ def load_spec(path: str | os.PathLike[str], check_paths: bool = True) -> Spec:
         raise SpecError([SpecIssue(str(path), 1, 1, "", f"cannot read spec: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError:
         raise SpecError([SpecIssue(str(path), 1, 1, "", "spec is not UTF-8 text")]) from None
-    return parse_spec_text(text, file=str(path), check_paths=check_paths)
+    return parse_spec_text(text, file=str(path), check_paths=check_paths, overrides=overrides)
 
 
 def cross_check(spec: Spec, check_paths: bool = True) -> list[tuple[tuple[Any, ...], str]]:
@@ -817,6 +1031,7 @@ def cross_check(spec: Spec, check_paths: bool = True) -> list[tuple[tuple[Any, .
         need("model", recorded, stab.model, ("stability", i, "model"))
         if stab.model in models and len(spec.sweep_for(stab.model).seeds) < 2:
             problems.append((("stability", i, "model"), "stability needs the model's sweep (`sae.seeds`, or its own `sae.seeds`) to list at least two seeds"))
+    problems += _check_claims(spec, models, recorded)
     if check_paths:
         for key, ds in spec.datasets.items():
             for field_name in ("root", "images", "masks"):
@@ -858,6 +1073,65 @@ def _check_experiment(spec: Spec, i: int, exp: ExperimentSpec, models: set[str],
     if ds is not None and not has_masks and (head is not None and head.task == "segmentation" or "concept" in exp.where):
         problems.append(((*loc, "where" if "concept" in exp.where else "head"), f"dataset {ds_key!r} ({ds.kind}) has no masks to find the concept's patches in"))
     return problems
+
+
+def _check_claims(spec: Spec, models: set[str], recorded: set[str]) -> list[tuple[tuple[Any, ...], str]]:
+    """Claims name declared experiments, models and SAEs; replication counts fit; names are unique."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    experiments = {e.name: e for e in spec.experiments}
+    seen: set[str] = set()
+    for i, claim in enumerate(spec.claims):
+        loc = ("claims", i)
+        if claim.name in seen:
+            problems.append(((*loc, "name"), f"claim {claim.name!r} is declared twice"))
+        seen.add(claim.name)
+        if claim.min_replicates is not None and claim.min_replicates > len(claim.saes):
+            problems.append(((*loc, "min_replicates"), f"{claim.min_replicates} replicates asked of {len(claim.saes)} SAE(s)"))
+        if isinstance(claim, ExperimentClaim):
+            exp = experiments.get(claim.experiment)
+            if exp is None:
+                problems.append(((*loc, "experiment"), f"experiment {claim.experiment!r} is not declared (declared: {', '.join(sorted(experiments)) or 'none'})"))
+                continue
+            for j, index in enumerate(claim.saes):
+                if index not in exp.saes:
+                    problems.append(((*loc, "saes", j), f"experiment {exp.name!r} runs SAEs {exp.saes}, not {index}"))
+            if claim.setting is not None:
+                s = claim.setting
+                for field_name, value, declared in (("m", s.m, exp.m), ("factor", s.factor, exp.factors), ("where", s.where, exp.where)):
+                    if value not in declared:
+                        problems.append(((*loc, "setting", field_name), f"experiment {exp.name!r} does not run {field_name} {value} (it runs {declared})"))
+            for j, control in enumerate(claim.beats):
+                if control not in exp.controls:
+                    problems.append(((*loc, "beats", j), f"experiment {exp.name!r} has no {control!r} control (controls: {exp.controls})"))
+            for j, cond in enumerate(claim.conditions):
+                if (cond.arm == "random" or cond.times is not None) and "random" not in exp.controls:
+                    problems.append(((*loc, "conditions", j), f"experiment {exp.name!r} has no random control"))
+            head = spec.heads.get(exp.head)
+            metrics = SEGMENTATION_METRICS if head is not None and head.task == "segmentation" else CLASSIFICATION_METRICS
+            for j, cond in enumerate(claim.conditions):
+                if head is not None and cond.metric not in metrics:
+                    problems.append(((*loc, "conditions", j, "metric"), f"a {head.task} experiment reports {', '.join(metrics)}, not {cond.metric}"))
+            n_tested = len(claim.concepts) if claim.concepts else len(exp.concepts) if exp.concepts else None
+            if claim.min_concepts is not None and n_tested is not None and claim.min_concepts > n_tested:
+                problems.append(((*loc, "min_concepts"), f"{claim.min_concepts} concepts asked of the {n_tested} tested"))
+            continue
+        for field_name in ("model", "control_model"):
+            key = getattr(claim, field_name, None)
+            if key is not None and key not in recorded:
+                problems.append(((*loc, field_name), f"model {key!r} is not a recorded model (recorded: {', '.join(sorted(recorded))})"))
+        if claim.model in recorded:
+            n_saes = len(sae_sweep(spec.sweep_for(claim.model)))
+            for j, index in enumerate(claim.saes):
+                if not 0 <= index < n_saes:
+                    problems.append(((*loc, "saes", j), f"the sweep has {n_saes} SAE(s); index {index} is out of range"))
+        if isinstance(claim, SplicedClaim) and claim.model in models:
+            if not any(h.model == claim.model and h.task == claim.task for h in spec.heads.values()):
+                problems.append(((*loc, "task"), f"model {claim.model!r} has no {claim.task} head to splice"))
+    return problems
+
+
+SEGMENTATION_METRICS = ("removed_frac", "other_changed_frac")
+CLASSIFICATION_METRICS = ("p_delta", "other_p_delta", "flip_frac")
 
 
 def _looks_local(source: str) -> bool:

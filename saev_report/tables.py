@@ -1,7 +1,7 @@
 """Parquet tables and the read-only DuckDB views over them.
 
 Every table a build writes is declared here with its columns and their meaning;
-the README's table reference is generated from `TABLES`. Stages write parts of
+the table reference (docs/reference/tables.md) is generated from `TABLES`. Stages write parts of
 tables (`write_table`) inside their own cached output directories; the
 pipeline's publish step links the current parts into `<run>/tables/<table>/`,
 and `connect(run_dir)` exposes each folder as a DuckDB view that no SQL can write through.
@@ -76,7 +76,7 @@ TABLES: dict[str, TableDef] = {
             ("mask_path", pa.string(), "Absolute path of the segmentation mask, or null."),
             ("width", pa.int32(), "Width in pixels of the original file."),
             ("height", pa.int32(), "Height in pixels of the original file."),
-            ("status", pa.string(), "`ok`, or why the record stage skips the image (the same checks): `too small (...)`, `corrupt image (...)`, `animated (...)`, `broken symlink`, `file name is not valid UTF-8 ...`."),
+            ("status", pa.string(), "`ok`, or why the record stage skips the image (the same checks): `too small (...)`, `corrupt image (...)`, `animated (...)`, `broken symlink`. A file name that is not UTF-8 is read like any other (its `path` shows the odd bytes escaped)."),
         ),
         _table(
             "saes",
@@ -268,6 +268,7 @@ TABLES: dict[str, TableDef] = {
             ("concept", pa.string(), "The concept under test (a head class)."),
             ("arm", pa.string(), "`concept` (its top-m features by AP), `random` (frequency-matched random features) or `other` (another concept's top-m)."),
             ("arm_source", pa.string(), "Whose features the arm edits: the concept, the other concept, or null (random)."),
+            ("draw", pa.int32(), "Which frequency-matched random draw (0 … `random_draws` − 1) a `random` row edits; 0 for the other arms."),
             ("m", pa.int32(), "Number of features edited."),
             ("factor", pa.float64(), "Features scaled by this (1 = no edit, 0 = suppressed, < 0 pushed negative)."),
             ("where", pa.string(), "`all` patches, or only the `concept`'s ground-truth patches."),
@@ -317,6 +318,142 @@ TABLES["experiment_concepts"] = _table(
     ("experiment", pa.string(), "Experiment name from the spec."),
     ("dataset", pa.string(), "Dataset key the statistics were computed on (the head's training data)."),
     *((c.name, c.type, c.doc) for c in TABLES["concepts"].columns),
+)
+
+TABLES["concept_nulls"] = _table(
+    "concept_nulls",
+    "The concept-detection null as a distribution: under each of `analysis.null_permutations` label permutations, every "
+    "feature's best `ap_lift` over the concepts (permutation 0 is the one `concepts.null_ap` reports).",
+    ("sae_id", pa.string(), "SAE."),
+    ("level", pa.string(), "`patch` or `image`."),
+    ("permutation", pa.int32(), "Which permutation (0 … null_permutations − 1)."),
+    ("feature", pa.int32(), "Feature."),
+    ("best_lift", pa.float64(), "Its best (AP − base rate) / (1 − base rate) under those labels (null if it never fires on a labelled sample)."),
+)
+
+TABLES["splice_images"] = _table(
+    "splice_images",
+    "Per validation image, what the spliced task metrics pool (the `saes` `cls_*` / `seg_*` columns): "
+    "the unit the intervals over images resample. One row per (SAE, head, image).",
+    ("sae_id", pa.string(), "SAE whose reconstruction was spliced in."),
+    ("head", pa.string(), "Head key."),
+    ("task", pa.string(), "`classification` or `segmentation`."),
+    ("dataset", pa.string(), "Dataset of the image (the head's validation data)."),
+    ("image_idx", pa.int64(), "The image."),
+    ("clean", pa.list_(pa.float64()), "Unedited: [1 or 0] correct (classification), or the image's confusion matrix, rows = target, flattened (segmentation)."),
+    ("spliced", pa.list_(pa.float64()), "The same with the patch tokens replaced by x̂."),
+    ("ablated", pa.list_(pa.float64()), "The same with them replaced by the mean activation."),
+)
+
+_SUMMARY_METRICS = (
+    ("removed_frac", "Segmentation: Σ concept_px_removed / Σ concept_px_before over the images (random draws pooled)."),
+    ("other_changed_frac", "Segmentation: mean side effect (other classes' pixels changed, as a fraction of the image)."),
+    ("p_delta", "Classification: mean change of the concept's probability."),
+    ("other_p_delta", "Classification: mean absolute change of the other classes' probabilities."),
+    ("flip_frac", "Classification: share of images whose top-1 class changed."),
+)
+
+
+def _with_interval(name: str, doc: str) -> list[tuple[str, pa.DataType, str]]:
+    return [(name, pa.float64(), doc), (f"{name}_lo", pa.float64(), f"Lower end of {name}'s bootstrap interval over images."),
+            (f"{name}_hi", pa.float64(), f"Upper end of {name}'s bootstrap interval over images.")]
+
+
+TABLES["experiment_summary"] = _table(
+    "experiment_summary",
+    "The one aggregation of the `experiments` rows (the site and `check` read it): per (SAE, head, concept, arm, "
+    "m, factor, where), each metric with its bootstrap interval over images (`stats:` sets resamples and level). "
+    "The `random` arm pools its draws image by image.",
+    ("experiment", pa.string(), "Experiment name."),
+    ("sae_id", pa.string(), "SAE edited with."),
+    ("head", pa.string(), "Head key."),
+    ("task", pa.string(), "`classification` or `segmentation`."),
+    ("level", pa.string(), "`patch` or `image`."),
+    ("concept", pa.string(), "Concept under test."),
+    ("arm", pa.string(), "`concept`, `random` or `other`."),
+    ("m", pa.int32(), "Features edited."),
+    ("factor", pa.float64(), "Scale factor."),
+    ("where", pa.string(), "`all` or `concept` patches."),
+    ("n_images", pa.int32(), "Images pooled."),
+    ("n_draws", pa.int32(), "Random draws pooled per image (1 for the other arms)."),
+    *(c for name, doc in _SUMMARY_METRICS for c in _with_interval(name, doc)),
+)
+
+TABLES["edit_summary"] = _table(
+    "edit_summary",
+    "Each edit's pooled effect with bootstrap intervals over images (an image edited several times counts once, its edits "
+    "averaged), its frequency-matched controls in their own rows.",
+    ("edit", pa.string(), "Edit name."),
+    ("sae_id", pa.string(), "SAE used."),
+    ("head", pa.string(), "Head key."),
+    ("task", pa.string(), "`classification` or `segmentation`."),
+    ("is_control", pa.bool_(), "The random-feature controls."),
+    ("n_images", pa.int32(), "Images."),
+    ("n_edits", pa.int32(), "Edits."),
+    *_with_interval("target_delta", "Mean change of the target class (probability, or pixel fraction)."),
+    *_with_interval("other_delta", "Mean absolute change of the other classes."),
+    *_with_interval("flip_frac", "Share of edits whose top prediction (any patch's class, for segmentation) changed."),
+)
+
+TABLES["splice_summary"] = _table(
+    "splice_summary",
+    "Spliced task metrics with bootstrap intervals over the validation images (paired: clean, spliced and ablated on the "
+    "same resampled images). `clean` is the head's validation score, so its interval is the head's too.",
+    ("sae_id", pa.string(), "SAE spliced in."),
+    ("head", pa.string(), "Head key."),
+    ("metric", pa.string(), "`accuracy` (classification) or `miou` (segmentation)."),
+    ("n_images", pa.int32(), "Validation images."),
+    *_with_interval("clean", "The head's score on the unedited model."),
+    *_with_interval("spliced", "Its score with x̂ spliced in."),
+    *_with_interval("ablated", "Its score with the mean activation spliced in."),
+    *_with_interval("recovered", "(spliced − ablated) / (clean − ablated)."),
+)
+
+TABLES["claims"] = _table(
+    "claims",
+    "One row per declared claim (`claims:` in the spec) with its verdict: `holds` (every interval on the right side of "
+    "its threshold and every corrected test beats its control), `fails` (an interval on the wrong side) or `inconclusive`.",
+    ("claim", pa.string(), "Claim name."),
+    ("kind", pa.string(), "`experiment`, `spliced` or `ap_lift`."),
+    ("statement", pa.string(), "The hypothesis in words."),
+    ("verdict", pa.string(), "`holds`, `fails` or `inconclusive`."),
+    ("selection", pa.string(), "`fixed` (setting declared up front), `split` (chosen on a selection half, read on the confirmation half), or null."),
+    ("replicates", pa.list_(pa.string()), "SAEs of the replication set."),
+    ("replicate_verdicts", pa.list_(pa.string()), "Each replicate's verdict, in the same order."),
+    ("min_replicates", pa.int32(), "Replicates that must hold."),
+    ("family_size", pa.int32(), "Tests in the corrected family (all claims together)."),
+    ("correction", pa.string(), "`holm` or `bh`."),
+    ("alpha", pa.float64(), "Level of the corrected tests."),
+    ("confidence", pa.float64(), "Confidence level of the intervals."),
+    ("summary", pa.string(), "One line: what decided the verdict."),
+)
+
+TABLES["claim_evidence"] = _table(
+    "claim_evidence",
+    "What each verdict rests on: one row per (claim, SAE, concept, check), a check being a threshold on an interval "
+    "or a corrected paired test against a control.",
+    ("claim", pa.string(), "Claim name."),
+    ("sae_id", pa.string(), "Replicate (SAE)."),
+    ("seed", pa.int32(), "Its training seed."),
+    ("concept", pa.string(), "Concept (null for claims without concepts)."),
+    ("level", pa.string(), "Concept level, for the link to the concept page."),
+    ("check", pa.string(), "`threshold` or `test`."),
+    ("label", pa.string(), "The check in words."),
+    ("metric", pa.string(), "Metric checked."),
+    ("arm", pa.string(), "Arm (tests: the control beaten)."),
+    ("m", pa.int32(), "Setting read: features edited."),
+    ("factor", pa.float64(), "Setting read: scale factor."),
+    ("where", pa.string(), "Setting read: patches."),
+    ("images", pa.string(), "`all`, or `confirmation` (split selection)."),
+    ("n_images", pa.int32(), "Images the check used."),
+    *_with_interval("estimate", "The estimate (tests: mean per-image difference, positive = the concept arm is stronger)."),
+    ("threshold", pa.float64(), "The bound (thresholds)."),
+    ("bound", pa.string(), "`min` or `max` (thresholds)."),
+    ("p_value", pa.float64(), "One-sided sign-flip p-value (tests)."),
+    ("p_adjusted", pa.float64(), "After the family's correction (tests)."),
+    ("exact", pa.bool_(), "The test enumerated every sign vector (tests)."),
+    ("outcome", pa.string(), "`pass`, `fail` or `straddle` (a threshold), `beats` or `not shown` (a test)."),
+    ("concept_verdict", pa.string(), "The concept's verdict on this replicate (null without concepts)."),
 )
 
 # --------------------------------------------------------------------------- writing
@@ -489,7 +626,7 @@ def read_table(run_dir: Path, table: str, where: str = "") -> pa.Table:
 
 
 def table_reference_markdown(tables: Iterable[TableDef] | None = None) -> str:
-    """README section documenting every table and column."""
+    """The table reference: every table and column (docs/reference/tables.md)."""
     out = []
     for t in tables or TABLES.values():
         out.append(f"### `{t.name}`\n\n{t.doc}\n\n| column | type | meaning |\n|---|---|---|")

@@ -7,6 +7,9 @@
   "use strict";
   var SAEV = (window.SAEV = window.SAEV || { data: {} });
   SAEV.data = SAEV.data || {};
+  // Field positions of the rows Python writes as lists (generated from saev_report/render/contract.py
+  // and prepended to this file by the site build; an unknown row or field name throws).
+  var F = SAEV.F;
   var body = document.body;
   var root = body.getAttribute("data-root") || "";
   var PLOT_CONFIG = { responsive: true, displaylogo: false, displayModeBar: "hover" }; // plotly.js 4 pins the modebar unless told
@@ -622,7 +625,7 @@
     var box = el("figure", { class: "hist-box", id: "hist" });
     box.appendChild(el("figcaption", { class: "muted small" }, "log₁₀ activation over firing patches"));
     hero.appendChild(box);
-    var counts = hist[0], W = 360, H = 96, padL = 4, padB = 18, padT = 4;
+    var counts = hist[F.hist.counts], W = 360, H = 96, padL = 4, padB = 18, padT = 4;
     var plotW = W - 2 * padL, plotH = H - padB - padT, barW = plotW / counts.length, base = padT + plotH;
     var top = Math.max.apply(null, counts), d = "";
     counts.forEach(function (c, i) {
@@ -638,7 +641,7 @@
     path.setAttribute("d", d);
     path.setAttribute("fill", "#2563eb");
     svg.appendChild(path);
-    [[padL, "start", hist[1]], [W - padL, "end", hist[2]]].forEach(function (t) {
+    [[padL, "start", hist[F.hist.lo]], [W - padL, "end", hist[F.hist.hi]]].forEach(function (t) {
       var text = document.createElementNS(NS, "text");
       text.setAttribute("x", String(t[0]));
       text.setAttribute("y", String(H - 4));
@@ -658,14 +661,15 @@
   function drawBands(d, bands) {
     var box = document.querySelector("#bands .bands");
     if (!box || !bands || !bands.length) return;
-    bands.forEach(function (band) { // [band, [[thumb, activation, label, has heat-map], ...]], positions in d's lists
+    var B = F.band, S = F.band_sample;
+    bands.forEach(function (band) { // thumbnails and labels are positions in d's lists
       var div = el("div", { class: "band" });
-      div.appendChild(el("h3", {}, d.bands[band[0]] || "band " + (band[0] + 1)));
+      div.appendChild(el("h3", {}, d.bands[band[B.band]] || "band " + (band[B.band] + 1)));
       var grid = el("div", { class: "grid band-grid ex" });
-      band[1].forEach(function (s) {
-        var fig = el("figure", s[3] ? {} : { class: "no-heat" });
-        fig.appendChild(el("img", { src: s[0] >= 0 ? root + d.thumbs[s[0]] : root + "assets/missing.svg", alt: "", loading: "lazy" }));
-        fig.appendChild(document.createTextNode(fmt(s[1]) + " " + labelOf(d, s[2]))); // captioned like the top images
+      band[B.samples].forEach(function (s) {
+        var fig = el("figure", s[S.heat] ? {} : { class: "no-heat" });
+        fig.appendChild(el("img", { src: s[S.thumb] >= 0 ? root + d.thumbs[s[S.thumb]] : root + "assets/missing.svg", alt: "", loading: "lazy" }));
+        fig.appendChild(document.createTextNode(fmt(s[S.act]) + " " + labelOf(d, s[S.label]))); // captioned like the top images
         grid.appendChild(fig);
       });
       div.appendChild(grid);
@@ -680,11 +684,11 @@
 
   /* Each concept's chance and support (the same on every page of the SAE) as its row's tooltip. */
   function conceptTips(d) {
-    var base = {};
-    (d.concept_base || []).forEach(function (c) { base[c[0] + "\n" + c[1]] = c; }); // [concept, level, chance, support]
+    var base = {}, C = F.concept_base;
+    (d.concept_base || []).forEach(function (c) { base[c[C.concept] + "\n" + c[C.level]] = c; });
     document.querySelectorAll("table.ct tr").forEach(function (tr) {
       var cells = tr.querySelectorAll("td"), c = cells.length > 1 ? base[cells[0].textContent + "\n" + cells[1].textContent] : null;
-      if (c) tr.title = "chance (the concept's share of samples): " + fmt(c[2]) + " · support: " + c[3].toLocaleString() + " samples";
+      if (c) tr.title = "chance (the concept's share of samples): " + fmt(c[C.chance]) + " · support: " + c[C.support].toLocaleString() + " samples";
     });
   }
 
@@ -692,19 +696,21 @@
     var box = document.getElementById("matches");
     if (!box || !matches || !matches.length) return;
     var tbody = box.querySelector("tbody");
-    matches.forEach(function (m) { // [comparison, SAE, its feature, score, matched, mutual, has a page]: positions in d's lists
-      var cmp = d.comparisons[m[0]], sae = m[1] >= 0 ? d.saes[m[1]] : null;
-      var title = !sae ? String(m[2]) : m[2] === null ? "— (dead feature: no match)" : sae[0] + "/" + m[2];
+    var M = F.match, R = F.sae_ref, K = F.comparison_ref;
+    matches.forEach(function (m) { // comparison and SAE are positions in d's lists
+      var cmp = d.comparisons[m[M.comparison]], sae = m[M.sae] >= 0 ? d.saes[m[M.sae]] : null;
+      var feature = m[M.feature];
+      var title = !sae ? String(feature) : feature === null ? "— (dead feature: no match)" : sae[R.short] + "/" + feature;
       var tr = el("tr");
       var c = el("td");
-      c.appendChild(el("a", { href: root + cmp[1] }, cmp[0]));
+      c.appendChild(el("a", { href: root + cmp[K.href] }, cmp[K.name]));
       tr.appendChild(c);
       var b = el("td");
-      b.appendChild(sae && m[6] ? el("a", { class: "mono", href: root + sae[1] + m[2] + ".html" }, title) : el("span", { class: "mono" }, title));
+      b.appendChild(sae && m[M.has_page] ? el("a", { class: "mono", href: root + sae[R.dir] + feature + ".html" }, title) : el("span", { class: "mono" }, title));
       tr.appendChild(b);
-      tr.appendChild(el("td", { class: "num" }, fmt(m[3])));
-      tr.appendChild(el("td", {}, m[4] ? "yes" : "no"));
-      tr.appendChild(el("td", {}, m[5] ? "yes" : "no"));
+      tr.appendChild(el("td", { class: "num" }, fmt(m[M.score])));
+      tr.appendChild(el("td", {}, m[M.matched] ? "yes" : "no"));
+      tr.appendChild(el("td", {}, m[M.mutual] ? "yes" : "no"));
       tbody.appendChild(tr);
     });
     box.hidden = false;
@@ -718,18 +724,19 @@
     var split = document.getElementById("split");
     if (split && panels.split && panels.split.length) {
       var list = split.querySelector(".bars");
-      panels.split.forEach(function (row) { // [label, firing images, mean activation, (images, where not the label's usual count)]
-        var label = labelOf(d, row[0]);
-        var n = row.length > 3 ? row[3] : d.label_images[row[0]];
-        var rate = n > 0 ? row[1] / n : 0;
-        var li = el("li", { title: row[1] + " of " + n + " images" });
+      var P = F.split;
+      panels.split.forEach(function (row) { // n_images only where it is not the label's usual count
+        var label = labelOf(d, row[P.label]);
+        var n = row.length > P.n_images ? row[P.n_images] : d.label_images[row[P.label]];
+        var rate = n > 0 ? row[P.n_fire] / n : 0;
+        var li = el("li", { title: row[P.n_fire] + " of " + n + " images" });
         li.appendChild(el("span", { class: "bar-label", title: label }, label));
         var track = el("span", { class: "bar-track" });
         var fill = el("span", { class: "bar-fill" });
         fill.style.width = Math.max(0, Math.min(100, 100 * rate)) + "%";
         track.appendChild(fill);
         li.appendChild(track);
-        li.appendChild(el("span", { class: "bar-value" }, pct(rate) + " · " + fmt(row[2])));
+        li.appendChild(el("span", { class: "bar-value" }, pct(rate) + " · " + fmt(row[P.mean_act])));
         list.appendChild(li);
       });
       split.hidden = false;
@@ -738,19 +745,20 @@
     var similar = document.getElementById("similar");
     if (similar && panels.similar && panels.similar.length) {
       var grid = similar.querySelector(".grid");
-      panels.similar.forEach(function (row) { // [feature, cosine]
-        var i = at[row[0]];
+      var Q = F.similar;
+      panels.similar.forEach(function (row) {
+        var f = row[Q.feature], i = at[f];
         var fig = el("figure", { class: "tile" });
         var src = i === undefined ? null : thumbOf(d, i);
-        var href = i !== undefined && d.page[i] ? row[0] + ".html" : null;
+        var href = i !== undefined && d.page[i] ? f + ".html" : null;
         if (src) {
-          var img = el("img", { src: src, alt: "top image of feature " + row[0], loading: "lazy" });
+          var img = el("img", { src: src, alt: "top image of feature " + f, loading: "lazy" });
           if (href) { var a = el("a", { href: href }); a.appendChild(img); fig.appendChild(a); } else fig.appendChild(img);
         }
         var cap = el("figcaption");
-        cap.appendChild(href ? el("a", { class: "mono", href: href }, String(row[0])) : el("span", { class: "mono" }, String(row[0])));
+        cap.appendChild(href ? el("a", { class: "mono", href: href }, String(f)) : el("span", { class: "mono" }, String(f)));
         if (i !== undefined && d.label[i] >= 0) cap.appendChild(el("span", { class: "chip" }, d.labels[d.label[i]]));
-        cap.appendChild(el("span", { class: "muted" }, "cos " + fmt(row[1])));
+        cap.appendChild(el("span", { class: "muted" }, "cos " + fmt(row[Q.cosine])));
         fig.appendChild(cap);
         grid.appendChild(fig);
       });

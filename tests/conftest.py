@@ -30,3 +30,10 @@ def browser(tmp_path_factory):
     driver = start_browser(tmp_path_factory.mktemp("chromium"))
     yield driver
     driver.quit()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that drives Chromium `browser`, from the fixture it takes: no test can forget it."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)

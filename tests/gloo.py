@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 
@@ -29,3 +30,12 @@ def _on_rank(rank: int, fn: Callable[..., Any], world: int, tmp: str, args: tupl
     finally:
         dist.destroy_process_group()
     (Path(tmp) / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def random_cuts(rng: np.random.Generator, n: int, world: int, rank_0_empty: bool = False) -> list[int]:
+    """A random split of n items over `world` ranks as cut points [0, …, n]: uneven, and a rank may get
+    nothing (rank 0 surely does with `rank_0_empty`). The rank cases of test_analyse and test_concepts use it."""
+    cuts = [0, *np.sort(rng.integers(0, n + 1, size=world - 1)).tolist(), n]
+    if rank_0_empty:
+        cuts[1] = 0
+    return cuts

@@ -22,9 +22,12 @@ transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
 
-from saev_report.backbones.hf import HFBackbone, load_hf  # noqa: E402
+from saev_report.backbones.hf import HFBackbone, hf_backbone, load_hf  # noqa: E402
+from saev_report.backbones.hf_clip import CLIPBackbone  # noqa: E402
+from saev_report.backbones.hf_siglip import SiglipBackbone  # noqa: E402
 from saev_report.backbones.open_clip_vit import OpenClipViTBackbone, load_open_clip, parse_source  # noqa: E402
-from saev_report.backbones.timm_vit import TimmViTBackbone, load_timm  # noqa: E402
+from saev_report.backbones.timm_family import load_timm  # noqa: E402
+from saev_report.backbones.timm_vit import TimmViTBackbone  # noqa: E402
 
 ATOL = 1e-5
 DEPTH = 3
@@ -76,7 +79,7 @@ def _tiny_dinov2(image_size: int = 56) -> HFBackbone:
     config = transformers.Dinov2Config(
         hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2, image_size=image_size, patch_size=14
     )
-    return HFBackbone(transformers.Dinov2Model(config).eval(), "dinov2", name="tiny", image_size=image_size)
+    return hf_backbone(transformers.Dinov2Model(config).eval(), name="tiny", image_size=image_size)
 
 
 def test_preprocess_shape_normalisation_and_centre_crop():
@@ -129,7 +132,7 @@ def test_hf_matches_hidden_states(case: str, resized: bool):
     model, kind, native, n_registers = _hf_case(case)
     model.eval()
     image_size = native + 2 * model.config.patch_size if resized else native
-    backbone = HFBackbone(model, kind, name=case, image_size=image_size)
+    backbone = hf_backbone(model, name=case, image_size=image_size)
     pixels = torch.randn(2, 3, image_size, image_size)
     kwargs = {} if kind == "dinov2" else {"interpolate_pos_encoding": resized}
     with torch.inference_mode():
@@ -151,7 +154,7 @@ def test_hf_matches_hidden_states(case: str, resized: bool):
 
 def test_hf_resume_uses_replaced_activations():
     model, kind, native, _ = _hf_case("dinov2")
-    backbone = HFBackbone(model.eval(), kind, name="x", image_size=native)
+    backbone = hf_backbone(model.eval(), name="x", image_size=native)
     pixels = torch.randn(1, 3, native, native)
     with torch.inference_mode():
         acts = backbone.capture(pixels, [1])[1]
@@ -173,7 +176,7 @@ def test_load_backbone_hf_local_folder(tmp_path: Path):
     )
     spec = ModelSpec(family="hf", source=str(tmp_path / "clip"), layers=[2])
     backbone = load_backbone(spec, tmp_path / "cache", torch.device("cpu"))
-    assert isinstance(backbone, HFBackbone) and backbone.kind == "clip"
+    assert isinstance(backbone, CLIPBackbone)
     assert backbone.image_size == 32 and backbone.mean == (0.1, 0.2, 0.3) and backbone.std == (0.4, 0.5, 0.6)
     assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
     pixels = torch.randn(1, 3, 32, 32)
@@ -210,7 +213,7 @@ def test_load_hf_full_checkpoint_uses_vision_tower(tmp_path: Path, kind: str):
         full = transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision, text_config=text))
     full.eval().save_pretrained(tmp_path / kind)
     backbone = load_hf(str(tmp_path / kind))
-    assert backbone.kind == kind and backbone.n_layers == 2
+    assert isinstance(backbone, {"clip": CLIPBackbone, "siglip": SiglipBackbone}[kind]) and backbone.n_layers == 2
     pixels = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         expected = full.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
@@ -423,5 +426,5 @@ def test_missing_local_folder_is_unavailable(tmp_path: Path):
 def test_unsupported_hf_model_type(tmp_path: Path):
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     config.save_pretrained(tmp_path / "bert")
-    with pytest.raises(ValueError, match="model_type 'bert'"):
+    with pytest.raises(ValueError, match="model_type 'bert'.*dinov3_vit"):
         load_hf(str(tmp_path / "bert"), random_init=True)

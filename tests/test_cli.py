@@ -204,3 +204,26 @@ def test_other_failures_are_not_taken_for_a_full_disk(tmp_path: Path, monkeypatc
     monkeypatch.setattr(pipeline, "render_site", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied", "x")))
     result = runner.invoke(app, ["render", str(spec)])
     assert isinstance(result.exception, PermissionError)  # not swallowed, not renamed
+
+
+def test_check_prints_verdicts_and_gates_on_them(full_run: Path, tmp_path: Path) -> None:
+    from saev_report.tables import write_table
+
+    verdict = query(full_run, "SELECT verdict FROM claims").column("verdict")[0].as_py()
+    assert verdict == "inconclusive"  # three images a concept: the smallest sign-flip p is 1/8
+    result = runner.invoke(app, ["check", str(full_run)])
+    assert result.exit_code == 0, result.output
+    assert "synthetic" in result.output and "inconclusive" in result.output and "corrected family" in result.output
+    strict = runner.invoke(app, ["check", str(full_run), "--strict"])
+    assert strict.exit_code == 1 and "do not hold" in strict.output
+    failing = tmp_path / "failing"
+    row = query(full_run, "SELECT * FROM claims").to_pylist()[0]
+    write_table(failing / "tables" / "claims" / "part-0.parquet", "claims", [{**row, "verdict": "fails"}], "test")
+    result = runner.invoke(app, ["check", str(failing)])
+    assert result.exit_code == 1 and "fail" in result.output
+
+
+def test_check_without_claims_or_a_run_exits_2(run_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["check", str(run_dir)])
+    assert result.exit_code == 2 and "no claims" in " ".join(result.output.split())
+    assert runner.invoke(app, ["check", str(tmp_path / "no-such-run")]).exit_code == 2

@@ -188,7 +188,7 @@ def _odd_folder(root: Path) -> dict[bytes, str]:
     good = _png_bytes(Image.fromarray(_photo(32, 32)), "JPEG")
     files = {
         b"good.jpg": (good, "ok"),
-        b"caf\xe9.jpg": (good, "file name is not valid UTF-8"),  # Latin-1 bytes, as an old camera writes
+        b"caf\xe9.jpg": (good, "ok"),  # Latin-1 bytes, as an old camera writes: read, shown escaped
         b"truncated.jpg": (good[: len(good) // 2], "corrupt image"),
         b"one.png": (_png_bytes(Image.new("RGB", (1, 1))), "too small (1x1 px"),
         b"fifteen.png": (_png_bytes(Image.new("RGB", (15, 15))), "too small (15x15 px"),
@@ -239,9 +239,17 @@ def test_folder_labels_from_non_utf8_folder_names(tmp_path):
     folder = os.fsencode(tmp_path) + b"/gar\xe7on"
     os.mkdir(folder)
     Image.fromarray(_photo()).save(os.fsdecode(folder + b"/a.png"))
+    Image.fromarray(_photo()).save(os.fsdecode(folder + b"/caf\xe9.png"))
     dataset = image_folder("d", tmp_path)
-    assert dataset.classes == ["gar\\xe7on"]
-    to_arrow("images", image_rows(dataset))
+    assert dataset.classes == ["gar\\xe7on"]  # a valid string: the odd byte escaped
+    assert [r.label for r in dataset.records] == ["gar\\xe7on"] * 2
+    rows = image_rows(dataset)
+    assert [r["status"] for r in rows] == ["ok", "ok"]  # no image of the class is lost
+    assert {os.path.basename(r["path"]) for r in rows} == {"a.png", "caf\\xe9.png"}
+    to_arrow("images", rows)
+    for record in dataset.records:  # opened by its bytes
+        assert os.fsencode(record.path).startswith(folder)
+        assert load_image(record.path).size == Image.open(os.fsdecode(os.fsencode(record.path))).size
 
 
 # --------------------------------------------------------------------------- load_mask

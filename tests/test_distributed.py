@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gloo import run_on_ranks
+from gloo import random_cuts, run_on_ranks
 from saev_report import distributed
 from saev_report.analyse import scan
 from saev_report.compare import match_features
@@ -25,6 +25,19 @@ def test_ranges_partition_the_items_at_aligned_cuts(n: int, world: int, align: i
         assert r.start % align == 0 or r.start == n
     sizes = [len(r) for r in ranges]
     assert max(sizes) - min(sizes) <= align  # as even as whole blocks allow
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 23])
+def test_random_cuts_partition_unevenly_and_leave_ranks_empty(n: int) -> None:
+    """The gloo rank cases' splits (tests/gloo.py): valid partitions that exercise empty and uneven shares."""
+    splits = []
+    for seed in range(8):
+        cuts = random_cuts(np.random.default_rng(seed), n, 3, rank_0_empty=seed == 1)
+        assert cuts[0] == 0 and cuts[-1] == n and cuts == sorted(cuts) and len(cuts) == 4
+        splits.append(np.diff(cuts))
+    assert splits[1][0] == 0  # rank 0 gets nothing
+    if n >= 5:
+        assert any(len(set(s.tolist())) == 3 for s in splits)  # three different share sizes
 
 
 def test_items_are_dealt_round_robin() -> None:
@@ -132,6 +145,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return run_on_ranks(_collectives_on_rank, 2, tmp_path_factory.mktemp("gloo"))
 
 
+@pytest.mark.slow  # a 2-process gloo group
 def test_collectives_reduce_over_ranks(two_ranks: list[dict]) -> None:
     for r in two_ranks:
         assert r["sum"] == [3.0, -1.0] and r["max"] == [2.0, 0.0] and r["min"] == [1.0, -1.0]
@@ -140,6 +154,7 @@ def test_collectives_reduce_over_ranks(two_ranks: list[dict]) -> None:
         assert r["topk"] == [[[90, 70, 60]], [[0, 3, 4]]]
 
 
+@pytest.mark.slow  # a 2-process gloo group
 def test_scan_merged_over_ranks_equals_one_pass(two_ranks: list[dict]) -> None:
     acts_ipd, sae = _data(), TinySAE(8, 5)
     one = _summary(scan(_batches(range(acts_ipd.shape[0]), acts_ipd, 4), sae, 3, torch.device("cpu")))
@@ -151,6 +166,7 @@ def test_scan_merged_over_ranks_equals_one_pass(two_ranks: list[dict]) -> None:
         assert merged["scan"]["sq_err"] == pytest.approx(one["sq_err"], rel=1e-12)
 
 
+@pytest.mark.slow  # a 2-process gloo group
 def test_matching_merged_over_ranks_equals_one_pass(two_ranks: list[dict]) -> None:
     maps_a, maps_b = _maps()
     one = _match_summary(match_features(maps_a, maps_b, block=3, step_rows=64))

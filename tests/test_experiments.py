@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from saev_report import claims
 from saev_report import experiments as ex
 from saev_report.datasets import ImageDataset, ImageRecord
 from saev_report.heads import LinearHead
@@ -76,6 +77,14 @@ def test_plan_arms_sizes_nesting_and_disjoint_random_controls():
     again = ex.plan_arms(ranked, "cat", [1, 4, 16], ["random", "other"], freq, seed=0)
     assert again == arms
     assert [a.arm for a in ex.plan_arms(ranked, "cat", [4], [], freq, seed=0)] == ["concept"]
+    many = {f: {"freq": 10 ** (-1 - f / 400), "dead": False} for f in range(1000)}  # more than one sample of candidates
+    drawn = ex.plan_arms(ranked, "cat", [1, 4, 16], ["random"], many, seed=0, random_draws=3)
+    assert [a.features for a in drawn if a.arm == "random" and a.draw == 0] == [
+        a.features for a in ex.plan_arms(ranked, "cat", [1, 4, 16], ["random"], many, seed=0) if a.arm == "random"]
+    draws = {a.draw: a.features for a in drawn if a.arm == "random" and a.m == 4}
+    assert sorted(draws) == [0, 1, 2]  # draw 0 is the single-draw build's (above)
+    assert len(set(draws.values())) == 3  # independent draws, none of them the concept's own features
+    assert all(not set(f) & set(ranked["cat"][:4]) for f in draws.values())
 
 
 # --------------------------------------------------------------------------- measurements against numpy
@@ -119,13 +128,21 @@ def test_classification_measure_matches_numpy(n_classes, seed):
     assert got["flipped"] == (before.argmax() != after.argmax())
 
 
-def test_summarise_pools_pixels_over_images():
-    base = {"sae_id": SID, "head": "seg", "task": "segmentation", "concept": "cat", "arm": "concept", "m": 1, "factor": 0.0, "where": "all"}
-    rows = [{**base, "concept_px_before": 100, "concept_px_removed": 90, "other_changed_frac": 0.0},
-            {**base, "concept_px_before": 10, "concept_px_removed": 0, "other_changed_frac": 0.1}]
-    [summary] = ex.summarise(rows)
-    assert summary["removed_frac"] == pytest.approx(90 / 110) and summary["other_changed_frac"] == pytest.approx(0.05)
-    assert summary["n_images"] == 2
+def test_the_summary_pools_pixels_over_images_and_random_draws_image_by_image():
+    base = {"experiment": "e", "sae_id": SID, "head": "seg", "task": "segmentation", "level": "patch", "concept": "cat",
+            "m": 1, "factor": 0.0, "where": "all"}
+    rows = [{**base, "arm": "concept", "draw": 0, "image_idx": 0, "concept_px_before": 100, "concept_px_removed": 90, "other_changed_frac": 0.0},
+            {**base, "arm": "concept", "draw": 0, "image_idx": 1, "concept_px_before": 10, "concept_px_removed": 0, "other_changed_frac": 0.1},
+            {**base, "arm": "random", "draw": 0, "image_idx": 0, "concept_px_before": 100, "concept_px_removed": 10, "other_changed_frac": 0.0},
+            {**base, "arm": "random", "draw": 1, "image_idx": 0, "concept_px_before": 100, "concept_px_removed": 30, "other_changed_frac": 0.2},
+            {**base, "arm": "random", "draw": 0, "image_idx": 1, "concept_px_before": 10, "concept_px_removed": 2, "other_changed_frac": 0.0},
+            {**base, "arm": "random", "draw": 1, "image_idx": 1, "concept_px_before": 10, "concept_px_removed": 0, "other_changed_frac": 0.0}]
+    summary = {s["arm"]: s for s in claims.summarise_rows(rows)}
+    assert summary["concept"]["removed_frac"] == pytest.approx(90 / 110) and summary["concept"]["other_changed_frac"] == pytest.approx(0.05)
+    assert summary["concept"]["n_images"] == 2 and summary["random"]["n_draws"] == 2
+    assert summary["random"]["removed_frac"] == pytest.approx(42 / 220)  # every draw's pixels pooled
+    assert summary["random"]["other_changed_frac"] == pytest.approx(0.05)  # draws averaged per image, then images
+    assert summary["concept"]["removed_frac_lo"] <= summary["concept"]["removed_frac"] <= summary["concept"]["removed_frac_hi"]
 
 
 # --------------------------------------------------------------------------- a planted concept, end to end
@@ -178,7 +195,7 @@ def test_editing_a_planted_concept_removes_it_and_the_controls_do_not(backbone, 
         wheres=["all", "concept"], controls=["random", "other"], n_images=3, seed=0,
     )
     to_arrow("experiments", rows)  # every row fits the declared schema
-    summary = {(s["concept"], s["arm"], s["m"], s["factor"], s["where"]): s for s in ex.summarise(rows)}
+    summary = {(s["concept"], s["arm"], s["m"], s["factor"], s["where"]): s for s in claims.summarise_rows(rows)}
     assert {r["image_idx"] for r in rows} == {0, 1, 2}  # n_images per concept, first in dataset order
     assert {s["n_images"] for s in summary.values()} == {3}
     for arm in ("concept", "random", "other"):
@@ -276,6 +293,15 @@ def test_spliced_scores_are_clean_for_a_perfect_sae_and_ablated_for_a_useless_on
         assert perfect.clean == useless.clean and perfect.ablated == useless.ablated
         if perfect.clean != perfect.ablated:
             assert perfect.recovered == 1.0 and useless.recovered == 0.0
+        # Per image, what the intervals resample: one entry per scored image, pooling back to the score.
+        from saev_report import stats
+
+        assert perfect.image_idx == ([0, 1, 2, 3, 5] if head.task == "classification" else [0, 1, 2, 3, 4, 5])
+        for arm in ("clean", "spliced", "ablated"):
+            per_image = perfect.per_image[arm]
+            assert len(per_image) == perfect.n_images
+            pooled = stats.STATISTICS["score"].value((per_image,), np.arange(len(per_image))[None])[0]
+            assert pooled == pytest.approx(getattr(perfect, arm))
         # The clean score against a direct computation of the head on the full forward pass.
         logits = head(final, backbone.layout)
         if head.task == "classification":
@@ -558,7 +584,7 @@ def test_the_stage_ranks_on_the_heads_training_data_when_the_record_dataset_lack
     best = max((r for r in ranked_on if r["concept"] == "cat"), key=lambda r: r["ap"])
     assert best["feature"] == planted and best["ap"] > 0.9
     assert not (out / "work").exists()  # the memory-mapped labels are gone
-    summary = {(s["concept"], s["arm"], s["factor"]): s for s in ex.summarise(rows)}
+    summary = {(s["concept"], s["arm"], s["factor"]): s for s in claims.summarise_rows(rows)}
     assert [r["features"] for r in rows if (r["concept"], r["arm"]) == ("cat", "concept")][0] == [planted]
     assert summary[("cat", "concept", -2.0)]["removed_frac"] > 0.9
     assert summary[("cat", "random", -2.0)]["removed_frac"] < 0.5

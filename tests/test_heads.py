@@ -25,7 +25,7 @@ from saev_report.spec import HeadSpec
 from saev_report.tables import to_arrow
 
 transformers = pytest.importorskip("transformers")
-from saev_report.backbones.hf import HFBackbone  # noqa: E402
+from saev_report.backbones.hf import HFBackbone, hf_backbone  # noqa: E402
 
 IMAGE = 56  # 4×4 grid of 14-px patches
 
@@ -34,14 +34,14 @@ def tiny_dinov2(image_size: int = IMAGE, seed: int = 0) -> HFBackbone:
     torch.manual_seed(seed)
     config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                                        image_size=image_size, patch_size=14)
-    return HFBackbone(transformers.Dinov2Model(config), "dinov2", name="tiny-dinov2", image_size=image_size).eval().requires_grad_(False)
+    return hf_backbone(transformers.Dinov2Model(config), name="tiny-dinov2", image_size=image_size).eval().requires_grad_(False)
 
 
 def tiny_siglip() -> HFBackbone:
     torch.manual_seed(0)
     config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                              image_size=28, patch_size=14)
-    return HFBackbone(transformers.SiglipVisionModel(config), "siglip", name="tiny-siglip").eval().requires_grad_(False)
+    return hf_backbone(transformers.SiglipVisionModel(config), name="tiny-siglip").eval().requires_grad_(False)
 
 
 def clusters(n: int, d: int, n_classes: int, seed: int, spread: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:

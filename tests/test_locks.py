@@ -115,11 +115,18 @@ def test_leftover_names_map_to_their_entry(name: str, entry: str | None) -> None
 
 
 def test_a_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
-    holder = _holding(tmp_path / "e.lock")
+    from saev_report.locks import try_hold
+
+    lock = tmp_path / "e.lock"
+    holder = _holding(lock)
+    assert try_hold(lock) is None  # held: a non-blocking take is refused (so the check below can fail)
     holder.kill()
     holder.wait()
-    with cache_entry_lock(tmp_path, "e"):  # SIGKILL drops a flock: never stale
-        pass
+    fd = try_hold(lock)  # SIGKILL drops a flock: never stale, and taking it does not wait
+    assert fd is not None
+    os.close(fd)
+    with cache_entry_lock(tmp_path, "e"):  # the waiting form takes the same file (pytest-timeout bounds a hang)
+        assert try_hold(lock) is None
 
 
 def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from saev_report.pipeline import publish_tables, run_stage, sweep_run, with_dependencies
-from saev_report.stages.base import Inputs, Stage, StageKind, StageOut, StageParams, table_part
+from saev_report.stages.base import Inputs, Role, Stage, StageKind, StageOut, StageParams, table_part
 from saev_report.tables import query, write_table
 
 
@@ -38,8 +38,8 @@ def write_parts(params: PartsParams, inputs: Inputs, out_dir: Path) -> None:
     write_table(table_part(out_dir, "saes"), "saes", [{"sae_id": "s", "model": "m", "layer": 1}], params.digest())
 
 
-PARTS = StageKind(name="parts", version=1, params=PartsParams, out=StageOut, action=write_parts)
-RESUMABLE_PARTS = StageKind(name="parts", version=1, params=PartsParams, out=StageOut, action=write_parts, resumable=True)
+PARTS = StageKind(name="parts", version=1, params=PartsParams, out=StageOut, action=write_parts, writes=("saes",))
+RESUMABLE_PARTS = StageKind(name="parts", version=1, params=PartsParams, out=StageOut, action=write_parts, resumable=True, writes=("saes",))
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +97,7 @@ def test_inputs_reach_the_action_as_typed_outputs(tmp_path: Path) -> None:
         seen.append(inputs["upstream"])
 
     upstream = Stage(PARTS, "up", PartsParams())
-    reader = Stage(StageKind(name="reader", version=1, params=PartsParams, out=StageOut, action=read_input), "r",
+    reader = Stage(StageKind(name="reader", version=1, params=PartsParams, out=StageOut, action=read_input, reads={"upstream": Role(StageOut)}), "r",
                    PartsParams(), {"upstream": upstream})
     for stage in with_dependencies([upstream, reader], {"reader"}):
         run_stage(stage, tmp_path)

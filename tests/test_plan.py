@@ -31,7 +31,7 @@ def test_plan_lists_every_stage_as_todo(tmp_path: Path) -> None:
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"out_dir": tmp_path})})
     rows = plan_rows(spec)
     kinds = {r["stage"].split("/")[0] for r in rows}
-    assert kinds == {"images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability"}
+    assert kinds == {"images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability", "claims"}
     assert all(r["status"] == "todo" for r in rows)
 
 

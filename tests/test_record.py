@@ -138,3 +138,43 @@ def test_final_tokens_are_made_only_for_images_a_head_reads(backbone, tmp_path):
                  out_dir=tmp_path / "tok", **COMMON)
     assert ActivationStore(tmp_path / "tok" / "final").image_indices.tolist() == [2]  # not the whole recording
     assert read_image_index(tmp_path / "tok" / EXTRA)[1] == []  # every edit image was recorded already
+
+
+def test_images_with_names_that_are_not_utf8_are_recorded_and_found_again(backbone, tmp_path):
+    # A class folder and a file named in Latin-1, as old archives are: every image is recorded.
+    import os
+
+    from saev_report.datasets.folders import image_folder
+
+    folder = os.fsencode(tmp_path / "img") + b"/gar\xe7on"
+    os.makedirs(folder)
+    rng = np.random.default_rng(1)
+    for name in (b"a.png", b"caf\xe9.png", b"b.png"):
+        Image.fromarray(rng.integers(0, 255, (60, 64, 3), dtype=np.uint8)).save(os.fsdecode(folder + b"/" + name))
+    dataset = image_folder("odd", tmp_path / "img")
+    record_layers(backbone, dataset, layers=[2], tokens=["patches"], out_dir=tmp_path / "rec", **COMMON)
+    store = ActivationStore(tmp_path / "rec" / "L2")
+    assert store.image_indices.tolist() == [0, 1, 2] and store.meta.n_skipped == 0
+    image_size, images = read_image_index(tmp_path / "rec")
+    assert {os.fsencode(p) for _, p in images} == {os.fsencode(r.path) for r in dataset.records}  # the bytes survive JSON
+    tokens = RecordedTokens([TokenSet((tmp_path / "rec" / "L2", tmp_path / "rec" / "L2-rest"), tuple(images))], image_size)
+    expected = _forward(backbone, dataset, 2)
+    for i, record in enumerate(dataset.records):
+        assert torch.allclose(tokens.get(record.path), expected[i], atol=1e-5)
+
+
+def test_the_image_index_stores_cache_paths_relative_to_the_cache(tmp_path):
+    from saev_report.record import write_image_index
+
+    cache, elsewhere = tmp_path / "cache", tmp_path / "photos"
+    records = [ImageRecord(0, str(cache / "demo-1" / "a.png")), ImageRecord(1, str(elsewhere / "b.png"))]
+    (tmp_path / "idx").mkdir()
+    write_image_index(tmp_path / "idx", 56, records, cache_dir=cache)
+    import json
+
+    stored = json.loads((tmp_path / "idx" / "images.json").read_text())["images"]
+    assert stored == [[0, "demo-1/a.png"], [1, str(elsewhere.resolve() / "b.png")]]
+    moved = tmp_path / "moved-cache"
+    assert read_image_index(tmp_path / "idx", moved)[1] == [(0, str(moved.resolve() / "demo-1" / "a.png")), (1, str(elsewhere.resolve() / "b.png"))]
+    with pytest.raises(ValueError, match="relative to the shared cache"):
+        read_image_index(tmp_path / "idx")

@@ -29,6 +29,8 @@ from headless import open_page as _open
 from headless import severe as _severe
 from saev_report.render import addresses as addr
 from saev_report.render import charts, heatmaps, overlays
+from saev_report.render import builder as builder_mod
+from saev_report.render import features as features_mod
 from saev_report.render import site as site_mod
 from saev_report.render.site import build_site
 from saev_report.render.synthetic import SyntheticRun, SyntheticSAE, write_synthetic_run
@@ -218,6 +220,25 @@ def test_thumbnail_names_are_content_addressed(tmp_path):
     assert results[0][1] == results[1][1] and results[0][2] and not results[1][2]  # same bytes → one file
     assert Image.open(site / addr.image_file("t", results[0][1])).size == (32, 32)
     assert overlays.make_thumbnail(overlays.ThumbJob(str(tmp_path / "missing.png"), 32, str(site), None))[1] is None
+
+
+def test_thumbnails_of_names_that_are_not_utf8_and_of_images_in_the_cache(tmp_path):
+    from saev_report.datasets.base import display_path, relative_to_cache
+
+    odd = os.fsencode(tmp_path) + b"/gar\xe7on-caf\xe9.png"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(os.fsdecode(odd))
+    site = tmp_path / "site"
+    shown = display_path(os.fsdecode(odd))  # what the images table holds
+    assert shown.endswith("gar\\xe7on-caf\\xe9.png")
+    source, name, rendered = overlays.make_thumbnail(overlays.ThumbJob(shown, 32, str(site), None))
+    assert source == shown and name is not None and rendered
+    cache = tmp_path / "cache"
+    (cache / "demo-1").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(cache / "demo-1" / "x.png")
+    stored = relative_to_cache(cache / "demo-1" / "x.png", cache)
+    assert stored == "demo-1/x.png"
+    assert overlays.make_thumbnail(overlays.ThumbJob(stored, 32, str(site), None, str(cache)))[1] == name  # same pixels
+    assert overlays.make_thumbnail(overlays.ThumbJob(stored, 32, str(site), None))[1] is None  # no cache: placeholder
 
 
 # --------------------------------------------------------------------------- the built folder
@@ -456,8 +477,8 @@ def test_a_template_only_rebuild_reuses_the_page_contexts_and_changed_tables_do_
     first = build_site(run_dir, tmp_path / "a", REPORT, workers=1)
     pages_a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a" / "features").rglob("*.html")}
     built_chunks = []
-    real = site_mod.SiteBuilder.render_feature_chunk
-    monkeypatch.setattr(site_mod.SiteBuilder, "render_feature_chunk", lambda self, *a, **k: (built_chunks.append(a[1]), real(self, *a, **k)))
+    real = features_mod.FeaturePages.render_feature_chunk
+    monkeypatch.setattr(features_mod.FeaturePages, "render_feature_chunk", lambda self, *a, **k: (built_chunks.append(a[1]), real(self, *a, **k)))
     second = build_site(run_dir, tmp_path / "b", REPORT.model_copy(update={"title": "Retitled"}), workers=1)
     pages_b = {p.relative_to(tmp_path / "b"): p.read_bytes().replace(b"Retitled", REPORT.title.replace("<", "&lt;").replace(">", "&gt;").encode())
                for p in (tmp_path / "b" / "features").rglob("*.html")}
@@ -477,9 +498,9 @@ def test_process_pool_path_draws_the_same_files(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 12)], edits=False, matches=False))
     inline = build_site(run_dir, tmp_path / "a", REPORT, workers=1)
-    monkeypatch.setattr(site_mod, "POOL_MIN_JOBS", 1)
-    monkeypatch.setattr(site_mod, "PAGE_POOL_MIN_PAGES", 1)
-    monkeypatch.setattr(site_mod, "PAGES_PER_TASK", 3)
+    monkeypatch.setattr(builder_mod, "POOL_MIN_JOBS", 1)
+    monkeypatch.setattr(builder_mod, "PAGE_POOL_MIN_PAGES", 1)
+    monkeypatch.setattr(builder_mod, "PAGES_PER_TASK", 3)
     pooled = build_site(run_dir, tmp_path / "b", REPORT, workers=2)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "img").rglob("*.jpg"))
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / "img").rglob("*.jpg"))
@@ -500,6 +521,29 @@ def test_missing_images_and_sparse_tables_still_build(tmp_path):
     assert stats.n_feature_pages > 0 and stats.n_missing_images == 10 and stats.n_heatmaps == 0
     page = next((tmp_path / "site" / "features").rglob("[0-9]*.html")).read_text(encoding="utf-8")
     assert "assets/missing.svg" in page
+
+
+def test_a_run_without_concepts_offers_no_concept_columns(tmp_path):
+    # `tables.connect` declares `features.best_concept` whether or not concepts were scored.
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, small_run(saes=[SyntheticSAE("dino", 10)], edits=False, matches=False, concepts=False))
+    build_site(run_dir, tmp_path / "site", REPORT, workers=1)
+    data_js = next(p for p in (tmp_path / "site" / "data").rglob("*.js") if p.name != "index.js")
+    payload = json.loads(data_js.read_text(encoding="utf-8").split("]=", 1)[1].rstrip(";\n"))
+    assert payload["concepts"] == [] and set(payload["concept"]) == {-1}
+    [listing] = [p for p in (tmp_path / "site" / "features").rglob("index.html")]
+    assert 'value="concept_ap"' not in listing.read_text(encoding="utf-8")
+    from saev_report import tables
+    from saev_report.render.site import SiteBuilder
+
+    for run, scored in ((run_dir, False), (tmp_path / "scored", True)):
+        if scored:
+            write_synthetic_run(run, small_run(saes=[SyntheticSAE("dino", 10)], edits=False, matches=False))
+        con = tables.connect(run)
+        try:
+            assert SiteBuilder(con, tmp_path / "staging", None, REPORT, {}, 1).has_concepts is scored
+        finally:
+            con.close()
 
 
 def test_only_images_table(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from saev_report.render import concepts as rc
 from saev_report.render.site import build_site
-from saev_report.render.synthetic import SyntheticRun, SyntheticSAE, write_synthetic_run
+from saev_report.render.synthetic import SyntheticRun, SyntheticSAE, write_summary, write_synthetic_run
 from saev_report.spec import ReportSpec
 from saev_report.tables import read_table, write_table
 
@@ -66,6 +66,26 @@ def _experiment_rows(concept: str, sae_id: str, n_images: int, grid: int) -> lis
     return rows
 
 
+def _write_claims(run_dir: Path, rows: list[dict], sae_id: str, twin_id: str) -> None:
+    """A claim on both seeds, evaluated as the claims stage does, its name hostile to HTML."""
+    import duckdb
+
+    from saev_report import claims as cl
+    from saev_report.spec import ExperimentClaim, StatsSpec
+    from saev_report.stages.claims import ResolvedClaim
+    from saev_report.tables import to_arrow
+
+    claim = ExperimentClaim.model_validate({
+        "name": "removes", "kind": "experiment", "experiment": "e", "saes": [0, 1], "statement": f"removes {EVIL}",
+        "setting": {"m": 4, "factor": -2.0}, "conditions": [{"metric": "removed_frac", "min": 0.5}], "beats": ["random"]})
+    con = duckdb.connect()
+    con.register("experiments", to_arrow("experiments", rows))
+    claims, evidence = cl.evaluate([ResolvedClaim(claim=claim, sae_ids=[sae_id, twin_id], seeds=[0, 1])], cl.per_image(con), [], {},
+                                   StatsSpec(correction="bh"), 0)
+    write_table(run_dir / "tables" / "claims" / "part-0.parquet", "claims", claims, "synthetic")
+    write_table(run_dir / "tables" / "claim_evidence" / "part-0.parquet", "claim_evidence", evidence, "synthetic")
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
@@ -83,6 +103,8 @@ def built(tmp_path_factory):
     for r in rows:
         r["dataset"] = dataset
     write_table(run_dir / "tables" / "experiments" / "part-0.parquet", "experiments", rows, "synthetic")
+    write_summary(run_dir / "tables", rows)
+    _write_claims(run_dir, rows, sae_id, twin_id)
     out = run_dir / "site"
     build_site(run_dir, out, REPORT, {"dino": "DINOv2"}, workers=1)
     return out
@@ -101,10 +123,22 @@ def test_a_page_per_concept_with_figures_and_examples(built):
     assert "90%" in index and "5%" in index  # the strongest setting's effect and the random control's, pooled over images
     data = (built / "data" / "concepts" / "patch-cat.js").read_text(encoding="utf-8")
     figures = json.loads(re.search(r"=(\{.*\});", data).group(1))
-    assert len(figures["dose-0"]["data"]) == 6
+    lines = [t for t in figures["dose-0"]["data"] if t["mode"] == "lines+markers"]
+    bands = [t for t in figures["dose-0"]["data"] if t.get("fill") == "toself"]
+    assert len(lines) == 6 and len(bands) == 4  # 3 arms × 2 m; intervals as bands on the concept and random arms
+    assert all(len(b["x"]) == 2 * len(lines[0]["x"]) for b in bands)
+    assert "[" in index and "]" in index  # the overview's effects carry their intervals
     for img in re.findall(r'src="([^"]+\.jpg)"', cat):
         assert (built / "concepts" / img).resolve().is_file(), img
     assert 'href="concepts/index.html"' in (built / "index.html").read_text(encoding="utf-8")
+
+
+def test_the_claims_page_states_the_verdict_per_seed_and_links_the_concept_pages(built):
+    page = (built / "claims.html").read_text(encoding="utf-8")
+    assert 'href="claims.html"' in (built / "index.html").read_text(encoding="utf-8")
+    assert "removes" in page and "verdict-" in page and "seed 0" in page and "seed 1" in page
+    assert 'href="concepts/patch-cat.html"' in page
+    assert "sign-flip" in page and "BH" in page
 
 
 def test_concept_names_are_escaped(built):

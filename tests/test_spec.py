@@ -107,3 +107,70 @@ def test_validate_and_plan_read_one_architecture_registry(monkeypatch: pytest.Mo
         parse_spec_text(text % 7, check_paths=False)
     [row] = recording_estimates(parse_spec_text(text % 6, check_paths=False))
     assert row["d"] == 100
+
+
+# --------------------------------------------------------------------------- --set overrides
+
+SMALL = ("run: {name: t}\ndatasets: {d: {kind: demo}, imagenet.val: {kind: demo, n_images: 50}}\n"
+         "models: {m: {family: imgfocus, layers: [10]}}\nrecord: {dataset: d}\n"
+         "heads: {h: {task: classification, model: m, train: d}}\n"
+         "edits: [{name: e, model: m, head: h, generate: {}}]\n")
+
+
+def test_overrides_are_yaml_typed_and_reach_every_kind_of_path() -> None:
+    spec = parse_spec_text(SMALL, overrides=[
+        "sae.n_patches=200000", "run.name=smoke", "sae.expansion=[8, 16]", "edits.0.action=scale", "edits[0].value=2",
+        "datasets.imagenet.val.n_images=7", "models.m.sae.seeds=[0, 1]", "report.title='10'"])
+    assert spec.sae.n_patches == 200000 and spec.run.name == "smoke" and spec.sae.expansion == [8, 16]
+    assert spec.edits[0].action == "scale" and spec.edits[0].value == 2.0
+    assert spec.datasets["imagenet.val"].n_images == 7  # a key holding dots is matched whole
+    assert spec.sweep_for("m").seeds == [0, 1]  # a section the file leaves out is created
+    assert spec.report.title == "10"
+
+
+def test_the_last_override_of_a_path_wins_and_the_file_is_unchanged() -> None:
+    spec = parse_spec_text(SMALL, overrides=["sae.n_patches=5", "sae.n_patches=6"])
+    assert spec.sae.n_patches == 6
+    assert parse_spec_text(SMALL).sae.n_patches != 6
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("sae.n_patches=-1", "greater than 0"),                   # validated like the file
+    ("sae={n_patches: -1}", "sae.n_patches"),                 # a mapping value: the field inside it is named
+    ("record.dataset=nope", "dataset 'nope' is not declared"),  # cross references too
+    ("run.nope=1", "Extra inputs are not permitted"),
+    ("sae.n_patches", "expected `path=value`"),
+    ("=3", "expected `path=value`"),
+    ("sae..k=3", "expected `path=value`"),
+    ("run.name.first=x", "run.name is a str value, not a mapping or list"),
+    ("edits.3.value=1", "edits has 1 item(s); index 3 is out of range"),
+    ("edits.first.value=1", "expected an index"),
+    ("sae.k=[1, 2", "not valid YAML"),
+])
+def test_a_bad_override_names_the_flag_and_exits_2(flag: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(SMALL)
+    result = runner.invoke(app, ["validate", "--no-check-paths", str(path), "--set", flag])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"--set {flag}: " in text and message in text, text
+    assert f"{path}:" not in text.split("problem(s)")[0]  # not blamed on a line of the file
+
+
+def test_a_problem_the_override_did_not_cause_stays_located_in_the_file() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec_text(SMALL.replace("layers: [10]", "layers: [0]"), "x.yaml", overrides=["sae.n_patches=5"])
+    [issue] = info.value.issues
+    assert issue.flag is None and str(issue).startswith("x.yaml:3:")
+
+
+def test_plan_and_render_take_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(SMALL)
+    plan = runner.invoke(app, ["plan", str(path), "--set", "run.name=other", "--set", "sae.expansion=[2, 4]"])
+    assert plan.exit_code == 0, plan.output
+    assert "stages of other" in plan.output and "train/m-L10" in plan.output
+    bad = runner.invoke(app, ["render", str(path), "--set", "report.thumbnail_px=-5"])
+    assert bad.exit_code == 2 and "--set report.thumbnail_px=-5: " in " ".join(bad.output.split())
+    bad = runner.invoke(app, ["build", str(path), "--set", "sae.n_patches=0"])
+    assert bad.exit_code == 2 and "--set sae.n_patches=0: " in " ".join(bad.output.split())

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from saev_report.graph import build_stages
 from saev_report.spec import Spec, parse_spec_text
@@ -72,22 +74,55 @@ CASES = [
     ("datasets.demo_val.max_images", 50, {"images/demo_val"} | TOKENS | HEADS | EDITS | SPLICE),
     ("datasets.demo_train.max_images", 50, {"images/demo_train"} | TOKENS | HEADS | EDITS | SPLICE),
     ("experiments.0.rank_on", "head_train", {"experiments/segment-concepts"}),
+    ("experiments.0.random_draws", 2, {"experiments/segment-concepts"}),
+    ("stats.n_resamples", 500, {"claims/all"}),  # the statistics re-run alone
+    ("stats.correction", "holm", {"claims/all"}),
 ]
+
+CLAIMS = {"claims/all"}
+"""The statistics read every experiment's, edit's and splice's rows, and the analyses the demo's `ap_lift`
+claim counts features of (DINOv2's and the twin's): they move with any of those."""
+CLAIM_INPUTS = EXPERIMENTS | SPLICE | {"edits/suppress-evidence", "analyse/dinov2-L11", "analyse/random-L11", "analyse/random-L10"}
 
 
 @pytest.mark.parametrize(("field", "value", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_a_spec_change_moves_exactly_the_keys_that_read_it(field: str, value: Any, expected: set[str]) -> None:
+    if expected & CLAIM_INPUTS or field == "run.seed":
+        expected = expected | CLAIMS
     assert _changed(field, value) == expected
 
 
 def test_every_kind_is_declared_in_one_shape() -> None:
-    assert list(KINDS) == ["images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability"]
+    assert list(KINDS) == ["images", "record", "train", "analyse", "tokens", "heads", "edits", "experiments", "splice", "compare", "stability", "claims"]
     for kind in KINDS.values():
         assert issubclass(kind.params, StageParams) and kind.params.model_config["frozen"]
         assert issubclass(kind.out, StageOut)
         assert list(inspect.signature(kind.action).parameters) == ["params", "inputs", "out_dir"]
-        # No action is handed the spec: no params model has a field of type Spec.
-        assert all(f.annotation is not Spec for f in kind.params.model_fields.values())
+        # No action is handed the spec: no params field holds a Spec, however deeply it is wrapped.
+        assert not _holds_spec(kind.params), kind.name
+
+
+def _holds_spec(annotation: Any, seen: frozenset = frozenset()) -> bool:
+    """Whether a value of this type can contain a `Spec`: the type itself, a subclass, a `Spec | None`,
+    a `list[Spec]` / `dict[str, Spec]`, or a pydantic model with such a field at any depth."""
+    if annotation in seen:
+        return False
+    if isinstance(annotation, type) and issubclass(annotation, Spec):
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return any(_holds_spec(f.annotation, seen | {annotation}) for f in annotation.model_fields.values())
+    return any(_holds_spec(arg, seen) for arg in typing.get_args(annotation))
+
+
+class _Nested(BaseModel):
+    spec: Spec
+
+
+@pytest.mark.parametrize("annotation", [Spec, Spec | None, list[Spec], dict[str, Spec], typing.Optional[_Nested],
+                                        type("Sub", (Spec,), {})])
+def test_the_spec_check_sees_through_wrappers(annotation: Any) -> None:
+    assert _holds_spec(annotation)
+    assert not _holds_spec(list[int] | None)
 
 
 def test_stage_refuses_params_of_another_kind() -> None:
@@ -126,7 +161,7 @@ def test_defaults_are_resolved_once_in_the_builder() -> None:
 def test_a_model_only_a_head_reads_gets_tokens_but_no_recording() -> None:
     data = yaml.safe_load(yaml.safe_dump(DEMO))
     data["record"]["models"] = ["random"]
-    data["edits"], data["compare"], data["stability"], data["experiments"] = [], [], [], []
+    data["edits"], data["compare"], data["stability"], data["experiments"], data["claims"] = [], [], [], [], []
     stages = {s.name: s for s in build_stages(parse_spec_text(yaml.safe_dump(data)))}
     assert "record/dinov2" not in stages and stages["tokens/dinov2"].inputs == {}
     assert stages["tokens/dinov2"].params.from_layer is None
@@ -159,3 +194,53 @@ def test_an_experiment_keys_its_heads_training_data_whenever_it_may_rank_on_it()
     _, analysis = experiment_params("analysis", None)
     assert analysis.rank_dataset_key is None and analysis.rank_dataset is None
     assert experiment_params("analysis", 50)[1].digest() == analysis.digest()  # not read, not keyed (the head still is)
+
+
+# --------------------------------------------------------------------------- declared inputs and outputs
+
+
+def test_every_kind_declares_tables_the_schema_knows_and_every_table_has_a_writer() -> None:
+    from saev_report.tables import TABLES
+
+    written = set()
+    for kind in KINDS.values():
+        assert set(kind.writes) <= set(TABLES), (kind.name, set(kind.writes) - set(TABLES))
+        written.update(kind.writes)
+    assert written == set(TABLES), set(TABLES) ^ written
+
+
+@pytest.mark.parametrize("spec_file", ["specs/demo.yaml", "specs/clip_vs_dino.yaml"])
+def test_the_graph_fills_every_declared_role_with_its_declared_type(spec_file: str) -> None:
+    """build_stages runs the check on every stage; here it is also read back, role by role."""
+    from saev_report.spec import load_spec
+
+    for stage in build_stages(load_spec(ROOT / spec_file, check_paths=False)):
+        for role, dep in stage.inputs.items():
+            assert issubclass(dep.kind.out, stage.kind.role_of(role).out), (stage.name, role)
+
+
+def test_a_stage_with_miswired_inputs_is_refused_when_it_is_made() -> None:
+    stages = {s.kind.name: s for s in build_stages(parse_spec_text(yaml.safe_dump(DEMO)))}
+    train = stages["train"]
+    with pytest.raises(TypeError, match="reads no input 'recording'"):
+        Stage(KINDS["train"], "x", train.params, {"recording": stages["record"]})
+    with pytest.raises(TypeError, match="input 'record' must be a RecordOut, got images's ImagesOut"):
+        Stage(KINDS["train"], "x", train.params, {"record": stages["images"]})
+    with pytest.raises(TypeError, match="needs input 'record'"):
+        Stage(KINDS["train"], "x", train.params, {})
+    splice = stages["splice"]
+    assert any(r.startswith("head/") for r in splice.inputs) and any(r.startswith("train/") for r in splice.inputs)
+    with pytest.raises(TypeError, match="reads no input 'head'"):  # a per-key role needs its key
+        Stage(KINDS["splice"], "x", splice.params, {**splice.inputs, "head": splice.inputs[next(r for r in splice.inputs if r.startswith("head/"))]})
+
+
+def test_publishing_refuses_a_part_of_a_table_the_kind_does_not_declare(tmp_path: Path) -> None:
+    from saev_report.pipeline import publish_tables
+    from saev_report.stages.base import table_part
+    from saev_report.tables import write_table
+
+    images = next(s for s in build_stages(parse_spec_text(yaml.safe_dump(DEMO))) if s.kind.name == "images")
+    out = images.out_dir(tmp_path)
+    write_table(table_part(out, "heads"), "heads", [], "x")
+    with pytest.raises(RuntimeError, match="images/.* wrote a part of table 'heads'"):
+        publish_tables([images], tmp_path)

@@ -11,12 +11,12 @@ def tiny_dinov2(d: int, n_layers: int, image: int):
     """A random HF DINOv2 (2 heads, patch 14) behind the project's `HFBackbone`, seeded."""
     import transformers
 
-    from saev_report.backbones.hf import HFBackbone
+    from saev_report.backbones.hf import hf_backbone
 
     torch.manual_seed(0)
     config = transformers.Dinov2Config(hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=2, intermediate_size=64,
                                        image_size=image, patch_size=14)
-    return HFBackbone(transformers.Dinov2Model(config), "dinov2", name="tiny", image_size=image).eval().requires_grad_(False)
+    return hf_backbone(transformers.Dinov2Model(config), name="tiny", image_size=image).eval().requires_grad_(False)
 
 
 def orthonormal_sae(d: int, seed: int = 5) -> SparseAutoencoder:

@@ -1,10 +1,13 @@
-"""The `Backbone` interface every model family implements, and its token layout.
+"""The `Backbone` interface every model family implements, its token layout and its preprocessing.
 
-An adapter implements four primitives — `embed`, `run_blocks`, `final_norm` and (optionally)
-`preprocess` — and the base class derives the rest: capturing the residual stream at any
-layers, resuming the forward pass from a layer with replaced activations (for edits), and the
-plain final forward. Layer L means HF's `hidden_states[L]`: 0 is the embeddings, L ≥ 1 the
-output of block L.
+An adapter implements three primitives — `embed`, `run_blocks`, `final_norm` — and says how its
+library preprocesses images (`Preprocessing`); the base class derives the rest: capturing the
+residual stream at any layers, resuming the forward pass from a layer with replaced activations
+(for heads and edits), and the plain final forward. Layer L means HF's `hidden_states[L]`: 0 is
+the embeddings, L ≥ 1 the output of block L (of stage L for a CNN).
+
+A ViT's stream has one layout and one width at every layer. A CNN's has its own per stage
+(`layer_layout`, `layer_width`): the stage's feature map, flattened row-major, is the patch grid.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -85,17 +88,47 @@ def resize_size(image_size: int) -> int:
     return round(image_size * 8 / 7)
 
 
+Interpolation = Literal["bicubic", "bilinear", "nearest"]
+ResizeOn = Literal["uint8", "float", "pil"]
+INTERPOLATIONS: dict[str, T.InterpolationMode] = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a PIL image becomes a model input: the project's geometry (resize the shorter side to
+    image_size·8/7, centre-crop image_size — masks, heat-maps and thumbnails are aligned by it),
+    with the model library's own photometry: mean/std, interpolation, and where the resize
+    happens, which changes the pixels by a few levels."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Interpolation = "bicubic"
+    resize_on: ResizeOn = "uint8"
+    """`uint8`: a uint8 tensor, antialiased (transformers' image processors, this project's
+    default); `float`: a [0, 1] float tensor, after rescaling (transformers' DINOv3 processor);
+    `pil`: the PIL image (timm's and open_clip's transforms)."""
+
+    def transform(self) -> T.Compose:
+        """PIL image → normalised [3, image_size, image_size] float32 tensor."""
+        resize = T.Resize(resize_size(self.image_size), interpolation=INTERPOLATIONS[self.interpolation], antialias=True)
+        crop = T.CenterCrop(self.image_size)
+        to_float = T.ToDtype(torch.float32, scale=True)
+        steps = {
+            "uint8": [T.ToImage(), resize, crop, to_float],
+            "float": [T.ToImage(), to_float, resize, crop],
+            "pil": [resize, crop, T.ToImage(), to_float],
+        }[self.resize_on]
+        return T.Compose([*steps, T.Normalize(mean=list(self.mean), std=list(self.std))])
+
+
 def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """PIL image → normalised [3, image_size, image_size] float tensor."""
-    return T.Compose(
-        [
-            T.ToImage(),
-            T.Resize(resize_size(image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(image_size),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
+    """PIL image → normalised [3, image_size, image_size] float tensor (bicubic, on uint8)."""
+    return Preprocessing(image_size, tuple(mean), tuple(std)).transform()  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -108,7 +141,10 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 class Backbone(nn.Module, ABC):
-    """A vision transformer seen as: embed → blocks → final norm, on a known token layout."""
+    """A vision model seen as: embed → blocks (or stages) → final norm, on a known token layout.
+
+    `layout` and `d_model` describe the final tokens (what heads read); `layer_layout(L)` and
+    `layer_width(L)` the residual stream at layer L, the same for every layer of a ViT."""
 
     name: str
     d_model: int
@@ -131,6 +167,9 @@ class Backbone(nn.Module, ABC):
         n_registers: int,
         mean: Sequence[float],
         std: Sequence[float],
+        interpolation: Interpolation = "bicubic",
+        resize_on: ResizeOn = "uint8",
+        grid: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.name = name
@@ -139,16 +178,35 @@ class Backbone(nn.Module, ABC):
         self.patch_size = patch_size
         self.image_size = image_size
         side = image_size // patch_size
-        self.layout = TokenLayout(n_cls=n_cls, n_registers=n_registers, grid=(side, side))
+        self.layout = TokenLayout(n_cls=n_cls, n_registers=n_registers, grid=grid or (side, side))
         self.mean = tuple(float(m) for m in mean)  # type: ignore[assignment]
         self.std = tuple(float(s) for s in std)  # type: ignore[assignment]
-        self._transform = make_transform(image_size, self.mean, self.std)
+        self.preprocessing = Preprocessing(image_size, self.mean, self.std, interpolation, resize_on)  # type: ignore[arg-type]
+        self._transform = self.preprocessing.transform()
 
     # ------------------------------------------------------------------ primitives
 
     def preprocess(self, image: Image.Image) -> Tensor:
-        """[3, H, W]: resize shorter side to image_size·8/7, centre crop, normalise."""
+        """[3, H, W]: resize shorter side to image_size·8/7, centre crop, normalise (`preprocessing`)."""
         return self._transform(image.convert("RGB"))
+
+    def set_photometry(self, mean: Sequence[float], std: Sequence[float], interpolation: Interpolation, resize_on: ResizeOn) -> None:
+        """Replace mean, std, interpolation and resize stage (a tower wrapped by another library
+        preprocesses as that library does)."""
+        self.mean = tuple(float(m) for m in mean)  # type: ignore[assignment]
+        self.std = tuple(float(s) for s in std)  # type: ignore[assignment]
+        self.preprocessing = Preprocessing(self.image_size, self.mean, self.std, interpolation, resize_on)  # type: ignore[arg-type]
+        self._transform = self.preprocessing.transform()
+
+    def layer_layout(self, layer: int) -> TokenLayout:
+        """Token layout of hidden_states[layer]; a ViT's is `layout` at every layer."""
+        self._check_layer(layer)
+        return self.layout
+
+    def layer_width(self, layer: int) -> int:
+        """Width of hidden_states[layer]; a ViT's is `d_model` at every layer."""
+        self._check_layer(layer)
+        return self.d_model
 
     @abstractmethod
     def embed(self, pixels_b3hw: Tensor) -> Tensor:

@@ -1,51 +1,41 @@
-"""HF transformers adapters: Dinov2Model, Dinov2WithRegistersModel, CLIPVisionModel, SiglipVisionModel.
+"""HF transformers vision towers: the shared loader and base class; one file per model type.
 
-The adapter drives the library's own modules (embeddings, encoder layers, final norm), so
-`capture(L)` equals `output_hidden_states=True`'s `hidden_states[L]`. CLIP's `pre_layrnorm`
-belongs to the embedding (HF's hidden_states[0] is taken after it) and its `post_layernorm`
-is the final norm, applied here to every token rather than to the pooled CLS only.
+Each adapter (`hf_dinov2.py`, `hf_clip.py`, `hf_siglip.py`, `hf_siglip2.py`, `hf_dinov3.py`) subclasses
+`HFBackbone` and drives the library's own modules (embeddings, encoder layers, final norm), so
+`capture(L)` equals `output_hidden_states=True`'s `hidden_states[L]`. `HF_ADAPTERS` maps a hub
+config's `model_type` to its adapter; `load_hf` reads the config and picks it from there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from saev_report.backbones.base import (
-    HALF_MEAN,
-    HALF_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    Backbone,
-    ModelUnavailable,
-    seeded,
-)
+from saev_report.backbones.base import Backbone, Interpolation, ModelUnavailable, ResizeOn, seeded
 
-# model_type of a hub config → (adapter kind, vision model class name)
-MODEL_TYPES: dict[str, tuple[str, str]] = {
-    "dinov2": ("dinov2", "Dinov2Model"),
-    "dinov2_with_registers": ("dinov2", "Dinov2WithRegistersModel"),
-    "clip": ("clip", "CLIPVisionModel"),
-    "clip_vision_model": ("clip", "CLIPVisionModel"),
-    "siglip": ("siglip", "SiglipVisionModel"),
-    "siglip_vision_model": ("siglip", "SiglipVisionModel"),
+HF_ADAPTERS: dict[str, str] = {
+    "dinov2": "saev_report.backbones.hf_dinov2:Dinov2Backbone",
+    "dinov2_with_registers": "saev_report.backbones.hf_dinov2:Dinov2WithRegistersBackbone",
+    "clip": "saev_report.backbones.hf_clip:CLIPBackbone",
+    "clip_vision_model": "saev_report.backbones.hf_clip:CLIPBackbone",
+    "siglip": "saev_report.backbones.hf_siglip:SiglipBackbone",
+    "siglip_vision_model": "saev_report.backbones.hf_siglip:SiglipBackbone",
+    "siglip2": "saev_report.backbones.hf_siglip2:Siglip2Backbone",
+    "siglip2_vision_model": "saev_report.backbones.hf_siglip2:Siglip2Backbone",
+    "dinov3_vit": "saev_report.backbones.hf_dinov3:DINOv3Backbone",
 }
-DEFAULT_MEAN_STD = {
-    "dinov2": (IMAGENET_MEAN, IMAGENET_STD),
-    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-    "siglip": (HALF_MEAN, HALF_STD),
-}
-# DINOv2 checkpoints say 518, far too slow on a CPU; 224 (a 16×16 grid) is the usual choice.
-DINOV2_DEFAULT_IMAGE_SIZE = 224
+"""Hub config `model_type` → `module:class` of its adapter (imported only when used)."""
+
+# PIL resampling ids in a preprocessor_config.json → interpolation
+PIL_RESAMPLE: dict[int, Interpolation] = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def import_transformers() -> Any:
@@ -59,67 +49,90 @@ def import_transformers() -> Any:
     return transformers
 
 
+def import_object(path: str) -> Any:
+    """`package.module:Name` → the object."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def adapter_class(model_type: str) -> type["HFBackbone"]:
+    if model_type not in HF_ADAPTERS:
+        raise ValueError(f"the `hf` family supports model types {sorted(HF_ADAPTERS)}, not {model_type!r}")
+    return import_object(HF_ADAPTERS[model_type])
+
+
 class HFBackbone(Backbone):
-    """One of Dinov2Model / Dinov2WithRegistersModel / CLIPVisionModel / SiglipVisionModel."""
+    """A transformers vision tower; subclasses say which modules are its parts."""
+
+    model_class: ClassVar[str]
+    """Name of the transformers class that holds the vision tower alone."""
+    mean_std: ClassVar[tuple[tuple[float, float, float], tuple[float, float, float]]]
+    """The library processor's defaults, used when the checkpoint has no preprocessor_config.json."""
+    interpolation: ClassVar[Interpolation] = "bicubic"
+    resize_on: ClassVar[ResizeOn] = "uint8"
+    has_cls: ClassVar[bool] = True
 
     def __init__(
         self,
         model: nn.Module,
-        kind: str,
         *,
         name: str,
         image_size: int | None = None,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        interpolation: Interpolation | None = None,
     ):
         config = model.config
-        native_size = int(config.image_size)
-        if image_size is None:
-            image_size = DINOV2_DEFAULT_IMAGE_SIZE if kind == "dinov2" else native_size
-        default_mean, default_std = DEFAULT_MEAN_STD[kind]
+        self.native_size = self.native_image_size(config)
+        default_mean, default_std = self.mean_std
         super().__init__(
             name=name,
             d_model=int(config.hidden_size),
             n_layers=int(config.num_hidden_layers),
             patch_size=int(config.patch_size),
-            image_size=int(image_size),
-            n_cls=0 if kind == "siglip" else 1,
+            image_size=int(image_size or self.default_image_size()),
+            n_cls=int(self.has_cls),
             n_registers=int(getattr(config, "num_register_tokens", 0) or 0),
             mean=mean or default_mean,
             std=std or default_std,
+            interpolation=interpolation or self.interpolation,
+            resize_on=self.resize_on,
         )
-        self.kind = kind
         self.model = model.eval()
-        self._interpolate = self.image_size != native_size
-        params = inspect.signature(self._layers()[0].forward).parameters
+        self._interpolate = self.image_size != self.native_size
+        params = inspect.signature(self.layers()[0].forward).parameters
         self._layer_kwargs = {key: None for key in ("attention_mask", "causal_attention_mask") if key in params}
 
+    @classmethod
+    def native_image_size(cls, config: Any) -> int:
+        """The input side the checkpoint was built for."""
+        return int(config.image_size)
+
+    def default_image_size(self) -> int:
+        return self.native_size
+
     # The tower's parts, looked up rather than stored so they are not registered twice.
-    def _tower(self) -> nn.Module:
+    def tower(self) -> nn.Module:
         return getattr(self.model, "vision_model", self.model)  # transformers < 5 nests it
 
-    def _layers(self) -> nn.ModuleList:
-        encoder = self._tower().encoder
-        return encoder.layer if self.kind == "dinov2" else encoder.layers
+    def layers(self) -> nn.ModuleList:
+        return self.tower().encoder.layers
 
-    def embed(self, pixels_b3hw: Tensor) -> Tensor:
-        tower = self._tower()
-        if self.kind == "dinov2":
-            return tower.embeddings(pixels_b3hw)  # interpolates positions itself
-        tokens_btd = tower.embeddings(pixels_b3hw, interpolate_pos_encoding=self._interpolate)
-        if self.kind == "clip":
-            tokens_btd = tower.pre_layrnorm(tokens_btd)  # HF's hidden_states[0] is taken after it
-        return tokens_btd
+    def block_kwargs(self, tokens_btd: Tensor) -> dict[str, Any]:
+        """Keyword arguments every encoder layer takes besides the tokens."""
+        return self._layer_kwargs
 
     def run_blocks(self, tokens_btd: Tensor, start: int, stop: int) -> Tensor:
-        for layer in self._layers()[start:stop]:
-            out = layer(tokens_btd, **self._layer_kwargs)
+        kwargs = self.block_kwargs(tokens_btd)
+        for layer in self.layers()[start:stop]:
+            out = layer(tokens_btd, **kwargs)
             tokens_btd = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns tuples
         return tokens_btd
 
-    def final_norm(self, tokens_btd: Tensor) -> Tensor:
-        tower = self._tower()
-        return tower.layernorm(tokens_btd) if self.kind == "dinov2" else tower.post_layernorm(tokens_btd)
+
+def hf_backbone(model: nn.Module, **kwargs: Any) -> HFBackbone:
+    """`model` (a transformers vision tower) behind the adapter its `config.model_type` names."""
+    return adapter_class(model.config.model_type)(model, **kwargs)
 
 
 # --------------------------------------------------------------------------- loading
@@ -212,8 +225,10 @@ def load_hf(
     image_size: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    cache_dir: Path | None = None,
 ) -> HFBackbone:
-    """Load an HF vision tower from a hub id or a local checkpoint folder."""
+    """Load an HF vision tower from a hub id or a local checkpoint folder (`cache_dir` is unused:
+    weights come from the hub cache or the folder)."""
     transformers = import_transformers()
     local = Path(source).expanduser()
     local_dir = local if local.is_dir() else None
@@ -226,13 +241,15 @@ def load_hf(
         if local_dir is not None:
             raise ModelUnavailable(f"{local_dir} is not an HF checkpoint folder (no config.json): {exc}") from None
         raise ModelUnavailable(missing_hub_message(source, f"HF model {source!r}", exc)) from None
-    if config.model_type not in MODEL_TYPES:
-        raise ValueError(
-            f"HF model {source!r} has model_type {config.model_type!r}; the `hf` family supports "
-            f"{sorted(MODEL_TYPES)} (Dinov2Model, Dinov2WithRegistersModel, CLIPVisionModel, SiglipVisionModel)"
+    if config.model_type not in HF_ADAPTERS:
+        raise ValueError(f"HF model {source!r} has model_type {config.model_type!r}; the `hf` family supports {sorted(HF_ADAPTERS)}")
+    adapter = adapter_class(config.model_type)
+    model_class = getattr(transformers, adapter.model_class, None)
+    if model_class is None:
+        raise ModelUnavailable(
+            f"HF model {source!r} needs transformers' {adapter.model_class}, which transformers "
+            f"{transformers.__version__} lacks; upgrade it with `pip install -U transformers`"
         )
-    kind, class_name = MODEL_TYPES[config.model_type]
-    model_class = getattr(transformers, class_name)
     if random_init:
         vision_config = getattr(config, "vision_config", config)  # full CLIP/SigLIP configs nest it
         with seeded(seed):
@@ -245,12 +262,12 @@ def load_hf(
             raise ModelUnavailable(missing_hub_message(source, f"weights of HF model {source!r}", exc)) from None
     pre = _read_preprocessor_config(source, local_dir)
     name = f"{source} (random)" if random_init else source
-    backbone = HFBackbone(
+    backbone = adapter(
         model,
-        kind,
         name=name,
         image_size=image_size,
         mean=tuple(pre["image_mean"]) if "image_mean" in pre else None,
         std=tuple(pre["image_std"]) if "image_std" in pre else None,
+        interpolation=PIL_RESAMPLE.get(pre.get("resample", -1)),
     )
     return backbone.to(device).eval().requires_grad_(False)

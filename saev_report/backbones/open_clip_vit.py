@@ -1,4 +1,6 @@
-"""open_clip VisionTransformer adapter (the paper's CLIP path).
+"""open_clip adapters: its own VisionTransformer (the paper's CLIP path) and towers whose trunk is
+a timm model (`PE-Core-*`: timm's Eva; `ViT-*-SigLIP2*`: timm's VisionTransformer), which use the
+timm family's adapter for the trunk with open_clip's preprocessing (its mean, std, interpolation).
 
 Follows `VisionTransformer._embeds` and `forward`: conv1 → CLS + position embedding →
 patch_dropout → ln_pre → transformer.resblocks → ln_post. open_clip ≥ 2.24 runs the blocks
@@ -57,6 +59,7 @@ class OpenClipViTBackbone(Backbone):
             std=std,
         )
         self.visual = visual.eval()
+        self.set_photometry(self.mean, self.std, "bicubic", "pil")  # open_clip's transform resizes the PIL image
         self._batch_first = bool(getattr(visual.transformer, "batch_first", True))
 
     def embed(self, pixels_b3hw: Tensor) -> Tensor:
@@ -94,7 +97,8 @@ def load_open_clip(
     image_size: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
-) -> OpenClipViTBackbone:
+    cache_dir: Path | None = None,
+) -> Backbone:
     open_clip = _import_open_clip()
     local = Path(source).expanduser()
     if local.is_dir():
@@ -141,19 +145,29 @@ def load_open_clip(
     return _backbone(open_clip, model, f"{source} (random)" if random_init else source, device)
 
 
-def _backbone(open_clip: Any, model: nn.Module, name: str, device: torch.device | str) -> OpenClipViTBackbone:
+def _backbone(open_clip: Any, model: nn.Module, name: str, device: torch.device | str) -> Backbone:
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
-    backbone = OpenClipViTBackbone(
-        model.visual,
-        name=name,
-        mean=tuple(preprocess_cfg.get("mean", OPENAI_CLIP_MEAN)),
-        std=tuple(preprocess_cfg.get("std", OPENAI_CLIP_STD)),
-    )
+    backbone = open_clip_backbone(model.visual, name=name, preprocess_cfg=preprocess_cfg)
     return backbone.to(device).eval().requires_grad_(False)
 
 
+def open_clip_backbone(visual: nn.Module, *, name: str, preprocess_cfg: dict[str, Any]) -> Backbone:
+    """An open_clip image tower behind its adapter: open_clip's own ViT, or a timm trunk."""
+    mean = tuple(preprocess_cfg.get("mean", OPENAI_CLIP_MEAN))
+    std = tuple(preprocess_cfg.get("std", OPENAI_CLIP_STD))
+    trunk = getattr(visual, "trunk", None)
+    if trunk is None:
+        return OpenClipViTBackbone(visual, name=name, mean=mean, std=std)
+    from saev_report.backbones.timm_family import timm_backbone
+
+    backbone = timm_backbone(trunk, name=name)
+    interpolation = preprocess_cfg.get("interpolation", "bicubic")
+    backbone.set_photometry(mean, std, interpolation if interpolation in ("bicubic", "bilinear") else "bicubic", "pil")
+    return backbone
+
+
 def _load_local_dir(open_clip: Any, folder: Path, *, random_init: bool, image_size: int | None, seed: int,
-                    device: torch.device | str) -> OpenClipViTBackbone:
+                    device: torch.device | str) -> Backbone:
     """A checkpoint folder in open_clip's own format (`open_clip_config.json` beside the weights, as
     `hf-hub:` repos hold them), loaded through open_clip's `local-dir:` schema."""
     if not (folder / "open_clip_config.json").is_file():

@@ -11,6 +11,7 @@ can skip, log and count them. `image_rows` applies the same checks to build the
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -157,14 +158,52 @@ def display_path(path: PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def relative_to_cache(path: PathLike, cache_dir: PathLike | None) -> str:
+    """`path` relative to the shared cache when it lies inside it, else absolute (dataset records
+    are resolved already).
+
+    What stage outputs store: a finished stage then still finds the generated demo set after the
+    cache moves, or from another cache holding the same entries (`resolve_in_cache` undoes it)."""
+    absolute = Path(os.path.abspath(path))  # not realpath: a broken symlink keeps its own name
+    if cache_dir is not None:
+        for root in (Path(os.path.realpath(cache_dir)), Path(os.path.abspath(cache_dir))):
+            if absolute.is_relative_to(root):
+                return absolute.relative_to(root).as_posix()
+    return str(absolute)
+
+
+def resolve_in_cache(path: str, cache_dir: PathLike | None) -> str:
+    """A path `relative_to_cache` stored, absolute again: relative ones join the cache of the reader."""
+    if os.path.isabs(path):
+        return path
+    if cache_dir is None:
+        raise ValueError(f"image {path!r} is stored relative to the shared cache; its location is needed")
+    return os.path.realpath(os.path.join(cache_dir, path))
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([0-9a-f]{2})")
+
+
+def path_of_display(shown: str) -> str:
+    """The file `display_path` showed as `shown` (the `images` table's `path`), as a name that opens
+    it: `\\xNN` escapes become their bytes again (kept through `os.fsdecode`'s surrogate escapes).
+    A name that exists as shown (a real backslash in a UTF-8 name) is taken as it is."""
+    if "\\x" not in shown or os.path.lexists(shown):
+        return shown
+    parts = _ESCAPED_BYTE.split(shown)  # text, hex, text, hex, ..., text
+    raw = b"".join(bytes([int(part, 16)]) if i % 2 else part.encode("utf-8") for i, part in enumerate(parts))
+    return os.fsdecode(raw)
+
+
 @contextmanager
 def _checked_image(path: PathLike) -> Iterator[Image.Image]:
     """The decoded image at `path`, after the checks every image passes; BadImage otherwise.
 
     One place for the rules, so that the `images` table's status and the record stage agree.
+    A name that is not valid UTF-8 (an old archive's Latin-1 byte) is no reason to skip a file:
+    `path` keeps its bytes (`os.fsdecode`'s surrogate escapes) for opening it; tables and messages
+    show it through `display_path`.
     """
-    if display_path(path) != os.fsdecode(path):
-        raise BadImage("file name is not valid UTF-8 (rename the file)", display_path(path))
     if os.path.islink(path) and not os.path.exists(path):
         raise BadImage("broken symlink", path)
     try:
@@ -181,18 +220,18 @@ def _checked_image(path: PathLike) -> Iterator[Image.Image]:
     except Image.DecompressionBombError as exc:
         raise BadImage(f"too large: {exc}", path) from None
     except FileNotFoundError:
-        raise BadImage("file not found", path) from None
+        raise BadImage("file not found", display_path(path)) from None
     except Image.UnidentifiedImageError:
-        raise BadImage("not a readable image", path) from None
+        raise BadImage("not a readable image", display_path(path)) from None
     except Exception as exc:  # PIL signals corrupt data with many exception types
-        raise BadImage(f"corrupt image ({type(exc).__name__}: {exc})", path) from None
+        raise BadImage(f"corrupt image ({type(exc).__name__}: {exc})", display_path(path)) from None
 
 
 def load_image(path: PathLike) -> Image.Image:
     """Read an image file as RGB, EXIF orientation applied.
 
     Raises BadImage for missing, corrupt, truncated, animated or non-image files, broken
-    symlinks, file names that are not UTF-8, and images smaller than MIN_SIDE pixels on a side.
+    symlinks, and images smaller than MIN_SIDE pixels on a side. Any file name opens, UTF-8 or not.
     """
     with _checked_image(path) as image:
         try:
@@ -232,8 +271,9 @@ def _header_size(path: PathLike) -> tuple[int | None, int | None]:
         return None, None
 
 
-def image_rows(dataset: ImageDataset, workers: int | None = None) -> list[dict[str, object]]:
-    """One `images` table row per record, each file decoded once (on threads: PIL releases the GIL)."""
+def image_rows(dataset: ImageDataset, workers: int | None = None, cache_dir: PathLike | None = None) -> list[dict[str, object]]:
+    """One `images` table row per record, each file decoded once (on threads: PIL releases the GIL).
+    Paths inside `cache_dir` (the demo set) are stored relative to it (`relative_to_cache`)."""
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         statuses = list(pool.map(inspect_image, [r.path for r in dataset.records]))
     n_bad = sum(info.status != "ok" for info in statuses)
@@ -243,9 +283,9 @@ def image_rows(dataset: ImageDataset, workers: int | None = None) -> list[dict[s
         {
             "dataset": dataset.key,
             "image_idx": record.index,
-            "path": display_path(os.path.abspath(record.path)),  # dataset records are resolved already
+            "path": display_path(relative_to_cache(record.path, cache_dir)),
             "label": record.label,
-            "mask_path": None if record.mask_path is None else display_path(record.mask_path),
+            "mask_path": None if record.mask_path is None else display_path(relative_to_cache(record.mask_path, cache_dir)),
             "width": info.width,
             "height": info.height,
             "status": info.status,

@@ -1,8 +1,8 @@
 """Concept pages: one page per tested concept with dose-response curves (plotly), the controls on
 the same axes, and before/after examples; plus an overview of every concept's strongest edit.
 
-Everything is read from the `experiments` table through DuckDB; the aggregation is SQL, so this
-module needs no stage code. Pages live under `concepts/`.
+Everything is read through DuckDB: the summaries (with bootstrap intervals over images) from
+`experiment_summary`, the examples from `experiments`. Pages live under `concepts/`.
 """
 
 from __future__ import annotations
@@ -40,14 +40,11 @@ ARM_STYLE = {"concept": "solid", "random": "dot", "other": "dash"}
 ARM_NAME = {"concept": "its top features", "random": "random features (frequency-matched)", "other": "another concept's top features"}
 EXAMPLES = 4
 
-# Pooled over images: Σ removed / Σ predicted before (images where the head barely saw the concept weigh little).
 SUMMARY_SQL = """
-SELECT sae_id, head, task, level, concept, arm, m, factor, "where", count(*) AS n_images,
-       sum(concept_px_removed) / nullif(sum(concept_px_before), 0) AS removed_frac,
-       avg(other_changed_frac) AS other_changed_frac,
-       avg(p_delta) AS p_delta, avg(other_p_delta) AS other_p_delta, avg(flipped::INT) AS flip_frac
-FROM experiments GROUP BY ALL ORDER BY level, concept, sae_id, head, "where", arm, m, factor
+SELECT * FROM experiment_summary ORDER BY level, concept, sae_id, head, "where", arm, m, factor
 """
+"""The concept pages read the `claims` stage's one aggregation of the `experiments` rows (with its
+intervals), the same table `saev-report check` and the Claims page read."""
 
 
 def concept_page(level: str, concept: str) -> str:
@@ -76,17 +73,34 @@ def dose_response(rows: list[dict[str, Any]], title: str) -> dict[str, Any]:
             if not line:
                 continue
             name = f"m={m}: {ARM_NAME[arm]}"
+            colour = charts.PALETTE[i % len(charts.PALETTE)]
+            lo, hi = [r.get(f"{key}_lo") for r in line], [r.get(f"{key}_hi") for r in line]
+            if arm != "other" and all(v is not None for v in lo + hi):
+                traces.append({  # the interval over images, as a band under the line
+                    "type": "scatter", "mode": "lines", "name": charts.plotly_text(f"{name}: {CONFIDENCE_NOTE}"),
+                    "x": [r["factor"] for r in line] + [r["factor"] for r in reversed(line)],
+                    "y": charts.round_sig(hi + lo[::-1]), "fill": "toself", "fillcolor": colour, "opacity": 0.15 if arm == "concept" else 0.08,
+                    "line": {"width": 0, "color": colour}, "hoverinfo": "skip", "showlegend": False,
+                })
             traces.append({
                 "type": "scatter", "mode": "lines+markers", "name": charts.plotly_text(name),
                 "x": [r["factor"] for r in line], "y": charts.round_sig([r[key] if r[key] is not None else float("nan") for r in line]),
                 "line": {"color": charts.PALETTE[i % len(charts.PALETTE)], "dash": ARM_STYLE[arm], "width": 2 if arm == "concept" else 1.5},
-                "hovertemplate": charts.plotly_text(name) + "<br>factor %{x}<br>" + y_title + " %{y}<extra></extra>",
+                "customdata": [[_fmt(r.get(f"{key}_lo")), _fmt(r.get(f"{key}_hi"))] for r in line],
+                "hovertemplate": charts.plotly_text(name) + "<br>factor %{x}<br>" + y_title + " %{y} [%{customdata[0]}, %{customdata[1]}]<extra></extra>",
             })
     layout = charts.base_layout(title, "factor the features are scaled by (1 = no edit)", y_title, height=360)
     layout["xaxis"]["autorange"] = "reversed"
     layout["legend"] = {"orientation": "v", "x": 1.02, "xanchor": "left", "y": 1, "font": {"size": 11}}
     layout["margin"]["r"] = 260
     return {"data": traces, "layout": layout}
+
+
+CONFIDENCE_NOTE = "bootstrap interval over images"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
 
 
 def strongest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -102,7 +116,8 @@ def strongest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     key, _ = effect_key(own[0]["task"])
     side = "other_changed_frac" if key == "removed_frac" else "other_p_delta"
     return {"m": m, "factor": factor, "where": where, "key": key,
-            **{f"{arm}_{name}": (at[arm][col] if arm in at else None) for arm in ARM_STYLE for name, col in (("effect", key), ("side", side))},
+            **{f"{arm}_{name}{end}": (at[arm].get(col + end) if arm in at else None)
+               for arm in ARM_STYLE for name, col in (("effect", key), ("side", side)) for end in ("", "_lo", "_hi")},
             "flip_frac": at["concept"].get("flip_frac") if "concept" in at else None}
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from saev_report.datasets.base import path_of_display, resolve_in_cache
 from saev_report.render.addresses import image_file
 
 CROP_FRACTION = 7 / 8  # must match Backbone.preprocess (resize to size·8/7, centre crop)
@@ -129,15 +130,21 @@ def load_thumbnail_source(path: str, px: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class ThumbJob:
-    source: str  # image file
+    source: str  # image file, as the `images` table shows it
     px: int
     site: str  # new site root
     previous: str | None  # previous site root, for reuse
+    cache_dir: str | None = None  # the shared cache, which the table's relative paths (the demo set) are in
 
 
 def make_thumbnail(job: ThumbJob) -> tuple[str, str | None, bool]:
-    """(source, thumbnail name or None if unreadable, rendered now)."""
-    digest = file_digest(job.source)
+    """(source, thumbnail name or None if unreadable, rendered now). `job.source` is a path as the
+    `images` table shows it (odd bytes of a non-UTF-8 name escaped): opened by its real name."""
+    try:
+        source = path_of_display(resolve_in_cache(job.source, job.cache_dir))
+    except ValueError:  # a relative path and no cache to find it in: the placeholder
+        return job.source, None, False
+    digest = file_digest(source)
     if digest is None:
         return job.source, None, False
     name = thumbnail_name(digest, job.px)
@@ -145,7 +152,7 @@ def make_thumbnail(job: ThumbJob) -> tuple[str, str | None, bool]:
     if place(Path(job.site) / rel, Path(job.previous) / rel if job.previous else None):
         return job.source, name, False
     try:
-        image = load_thumbnail_source(job.source, job.px)
+        image = load_thumbnail_source(source, job.px)
         thumb = image.crop(crop_box(*image.size)).resize((job.px, job.px), Image.Resampling.LANCZOS)
     except Exception:  # corrupt or unsupported files get the placeholder, never a failed build
         return job.source, None, False

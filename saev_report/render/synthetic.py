@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from saev_report.tables import write_table
+from saev_report.tables import to_arrow, write_table
 
 SPEC_HASH = "synthetic"
 # scikit-image's bundled photos: astronaut and rocket are NASA (public domain), chelsea and coffee CC0.
@@ -320,10 +320,42 @@ def _write_experiments(tables: Path, run: SyntheticRun, rng: np.random.Generator
                         "before_map": rng.integers(0, 3, cells).tolist(), "after_map": rng.integers(0, 3, cells).tolist(),
                     })
     write_table(tables / "experiments" / "part-0.parquet", "experiments", rows, SPEC_HASH)
+    write_summary(tables, rows)
+    _write_claims(tables, run, rows, rng)
     # the rows it ranked on, computed on the head's training data (`experiments[].rank_on`)
     write_table(tables / "experiment_concepts" / "part-0.parquet", "experiment_concepts", [
         {"experiment": "synthetic", "dataset": "demo_train", "sae_id": sae.sae_id, "feature": f, "concept": run.labels[0], "level": "patch",
          "ap": float(rng.uniform()), "support": 10} for f in range(sae.n_features)], SPEC_HASH)
+
+
+def _write_claims(tables: Path, run: SyntheticRun, rows: list[dict[str, Any]], rng: np.random.Generator) -> None:
+    """Per-image spliced scores of the first SAE, their summary, and one claim with its evidence."""
+    import duckdb
+
+    from saev_report import claims as cl
+    from saev_report.spec import ExperimentClaim, StatsSpec
+    from saev_report.stages.claims import ResolvedClaim
+
+    sae = run.saes[0]
+    splice = [{"sae_id": sae.sae_id, "head": "cls", "task": "classification", "dataset": "demo", "image_idx": i,
+               "clean": [1.0], "spliced": [float(rng.uniform() < 0.8)], "ablated": [float(rng.uniform() < 0.2)]} for i in range(run.n_images)]
+    write_table(tables / "splice_images" / "part-0.parquet", "splice_images", splice, SPEC_HASH)
+    stats = StatsSpec(n_resamples=200)
+    write_table(tables / "splice_summary" / "part-0.parquet", "splice_summary", cl.splice_summary_rows(to_arrow("splice_images", splice), stats, 0), SPEC_HASH)
+    claim = ExperimentClaim.model_validate({"name": "synthetic", "kind": "experiment", "experiment": "synthetic", "setting": {"m": 4, "factor": -2.0},
+                                            "conditions": [{"metric": "removed_frac", "min": 0.5}], "beats": ["random"]})
+    con = duckdb.connect()
+    con.register("experiments", to_arrow("experiments", rows))
+    claims, evidence = cl.evaluate([ResolvedClaim(claim=claim, sae_ids=[sae.sae_id], seeds=[sae.seed])], cl.per_image(con), [], {}, stats, 0)
+    write_table(tables / "claims" / "part-0.parquet", "claims", claims, SPEC_HASH)
+    write_table(tables / "claim_evidence" / "part-0.parquet", "claim_evidence", evidence, SPEC_HASH)
+
+
+def write_summary(tables: Path, rows: list[dict[str, Any]]) -> None:
+    """`experiment_summary` of synthetic `experiments` rows, as the claims stage aggregates them."""
+    from saev_report.claims import summarise_rows
+
+    write_table(tables / "experiment_summary" / "part-0.parquet", "experiment_summary", summarise_rows(rows), SPEC_HASH)
 
 
 def _write_concepts(path: Path, sae: SyntheticSAE, run: SyntheticRun, dead: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
@@ -342,6 +374,11 @@ def _write_concepts(path: Path, sae: SyntheticSAE, run: SyntheticRun, dead: np.n
         "null_ap": null_fc.ravel(), "ap_low": ap_fc.ravel() - 0.01, "ap_high": ap_fc.ravel() + 0.01,
         "base_rate": base_c[concept_fc.ravel()], "ap_lift": lift_fc.ravel(), "null_iou": null_fc.ravel() / 2,
         "fire_rate": np.clip(ap_fc.ravel() * 0.8, 0, 1),
+    }, SPEC_HASH)
+    null_lift_fc = (null_fc - base_c) / (1 - base_c)
+    write_table(path.parent.parent / "concept_nulls" / path.name, "concept_nulls", {  # two permutations: the first is null_ap's
+        "sae_id": [sae.sae_id] * (2 * n_f), "level": ["patch"] * (2 * n_f), "permutation": [0] * n_f + [1] * n_f,
+        "feature": list(range(n_f)) * 2, "best_lift": np.concatenate([null_lift_fc.max(1), null_lift_fc.max(1) * 0.9]),
     }, SPEC_HASH)
     order = np.argsort(-lift_fc, axis=1)
     best, second = order[:, 0], order[:, 1]
@@ -417,6 +454,14 @@ def _write_edits(tables: Path, run: SyntheticRun, rng: np.random.Generator, fact
                 }
             )
     write_table(tables / "edits" / "part-0.parquet", "edits", rows, SPEC_HASH)
+    import duckdb
+
+    from saev_report.claims import edit_summary_rows
+    from saev_report.spec import StatsSpec
+
+    con = duckdb.connect()
+    con.register("edits", to_arrow("edits", rows))
+    write_table(tables / "edit_summary" / "part-0.parquet", "edit_summary", edit_summary_rows(con, StatsSpec(n_resamples=200), 0), SPEC_HASH)
     facts["edits"] = rows
 
 

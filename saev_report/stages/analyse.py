@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saev_report.spec import AnalysisSpec, DatasetSpec, SAESpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_dataset, table_part, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_dataset, table_part, take
 from saev_report.stages.images import ImagesOut
 from saev_report.stages.record import RecordOut
 from saev_report.stages.train import TrainOut
@@ -60,7 +60,8 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
     labels = take(inputs, "images", ImagesOut).labels()
     labels_or_none = labels if any(v is not None for v in labels.values()) else None
     concept_labels = shared_concept_labels(open_dataset(params.dataset_key, params.dataset, params.cache_dir),
-                                           (store.meta.grid_h, store.meta.grid_w), params.seed, out_dir / "concepts" / "patch_labels.npy")
+                                           (store.meta.grid_h, store.meta.grid_w), params.seed, out_dir / "concepts" / "patch_labels.npy",
+                                           params.analysis.null_permutations)
     rows = []
     for config in sae_sweep(params.sae):
         sid = sae_id(params.model_key, params.layer, config)
@@ -81,7 +82,7 @@ def analyse(params: AnalyseParams, inputs: Inputs, out_dir: Path) -> None:
         write_table(table_part(out_dir, "saes"), "saes", rows, params.digest())
 
 
-def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path: Path):
+def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path: Path, n_null: int = 1):
     """The `ImageDataset`'s concept labels (None without masks or classes), read once for every SAE of the sweep.
 
     Under torchrun rank 0 computes them, writing the per-patch mask classes to `patch_path`;
@@ -94,7 +95,7 @@ def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path:
     from saev_report.concepts import dataset_labels
 
     shard = distributed.current()
-    labels = dataset_labels(dataset, grid, seed, patch_path) if shard.is_main else None
+    labels = dataset_labels(dataset, grid, seed, patch_path, n_null) if shard.is_main else None
     if shard.world == 1:
         return labels
     # Everything but the (possibly huge) patch labels goes over the wire; those are on disk.
@@ -108,4 +109,7 @@ def shared_concept_labels(dataset, grid: tuple[int, int], seed: int, patch_path:
 
 # `parallel`: every rank scans a contiguous range of whole batches of the images and
 # `analyse.ScanResult.merge_ranks` merges them exactly; rank 0 writes the tables.
-ANALYSE = StageKind(name="analyse", version=5, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True)
+ANALYSE = StageKind(name="analyse", version=6, params=AnalyseParams, out=AnalyseOut, action=analyse, parallel=True,
+                     reads={"record": Role(RecordOut), "train": Role(TrainOut), "images": Role(ImagesOut)},
+                     writes=("features", "exemplars", "quantile_exemplars", "class_split", "similar_features", "concepts",
+                             "concept_nulls", "saes"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, table_part, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, table_part, take
 from saev_report.stages.record import RecordOut
 from saev_report.stages.train import TrainOut
 
@@ -114,5 +114,9 @@ def _match(comparison: str, params: MatchParams, inputs: Inputs, out_dir: Path) 
     log(f"  {comparison}: {n_matched}/{len(matched)} features of {a.sae_id} matched (median best r {median:.3f}) over {len(common)} images")
 
 
-COMPARE = StageKind(name="compare", version=1, params=MatchParams, out=MatchesOut, action=compare, parallel=True)
-STABILITY = StageKind(name="stability", version=1, params=MatchParams, out=MatchesOut, action=stability, parallel=True)
+# Both sides' recordings and SAEs (a stability stage fills both sides from one model).
+MATCH_READS = {"record_a": Role(RecordOut), "train_a": Role(TrainOut), "record_b": Role(RecordOut), "train_b": Role(TrainOut)}
+COMPARE = StageKind(name="compare", version=1, params=MatchParams, out=MatchesOut, action=compare, parallel=True,
+                    reads=MATCH_READS, writes=("matches",))
+STABILITY = StageKind(name="stability", version=1, params=MatchParams, out=MatchesOut, action=stability, parallel=True,
+                      reads=MATCH_READS, writes=("matches",))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from saev_report.spec import DatasetSpec, EditSpec, ModelSpec
 from saev_report.stages.analyse import AnalyseOut
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
 from saev_report.stages.heads import HeadOut
 from saev_report.stages.record import RecordOut
 from saev_report.stages.tokens import TokensOut
@@ -59,4 +59,7 @@ def edit(params: EditParams, inputs: Inputs, out_dir: Path) -> None:
     log_edit_summary(params.edit.name, rows)
 
 
-EDITS = StageKind(name="edits", version=2, params=EditParams, out=EditsOut, action=edit)
+EDITS = StageKind(name="edits", version=2, params=EditParams, out=EditsOut, action=edit,
+                   reads={"head": Role(HeadOut), "train": Role(TrainOut), "analyse": Role(AnalyseOut), "record": Role(RecordOut),
+                          "tokens": Role(TokensOut)},
+                   writes=("edits",))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from saev_report.spec import DatasetSpec, ExperimentSpec, ModelSpec
 from saev_report.stages.analyse import AnalyseOut
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
 from saev_report.stages.heads import HeadOut
 from saev_report.stages.train import TrainOut
 
@@ -52,8 +52,7 @@ class ExperimentsOut(StageOut):
 
 
 def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
-    from saev_report.experiments import (head_data_concepts, log_summary, rank_batch_size, ranked_features,
-                                         run_experiment, summarise, tested_concepts)
+    from saev_report.experiments import head_data_concepts, rank_batch_size, ranked_features, run_experiment, tested_concepts
     from saev_report.progress import log
     from saev_report.runtime import seed_everything
     from saev_report.tables import write_table
@@ -86,7 +85,7 @@ def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
             log(f"  [yellow]experiment {exp.name}[/]: ranking on {params.rank_dataset_key}, the images it edits too "
                 "(the head has no validation data): the test is circular")
         rank_data = open_dataset(params.rank_dataset_key, params.rank_dataset, params.cache_dir)
-        batch = rank_batch_size(backbone.layout.n_patches, max(saes[c.sae_tag].n_features for c in on_head_data))
+        batch = rank_batch_size(backbone.layer_layout(params.layer).n_patches, max(saes[c.sae_tag].n_features for c in on_head_data))
         work = out_dir / "work"  # memory-mapped patch labels, gone once ranked
         tables = head_data_concepts(backbone, {c.sae_tag: saes[c.sae_tag] for c in on_head_data},
                                     {c.sae_tag: c.sae_id for c in on_head_data}, rank_data, params.layer, params.level,
@@ -106,11 +105,13 @@ def experiment(params: ExperimentParams, inputs: Inputs, out_dir: Path) -> None:
             name=exp.name, backbone=backbone, sae=saes[choice.sae_tag], sae_id=choice.sae_id,
             head=head, head_key=exp.head, dataset=dataset, layer=params.layer, concept_rows=concept_rows,
             feature_rows={int(r["feature"]): r for r in analysis.features(choice.sae_tag)}, level=params.level, ms=exp.m,
-            factors=exp.factors, wheres=exp.where, controls=exp.controls, n_images=exp.n_images, concepts=exp.concepts,
+            factors=exp.factors, wheres=exp.where, controls=exp.controls, n_images=exp.n_images, concepts=exp.concepts, random_draws=exp.random_draws,
             seed=params.seed, tokens_cache=tokens_cache, rank_dataset=rank_dataset,
         )
         write_table(table_part(out_dir, "experiments", choice.sae_tag), "experiments", rows, params.digest())
-        log_summary(exp.name, choice.sae_id, summarise(rows))
+        # Summaries, intervals and verdicts: the `claims` stage (one aggregation of these rows).
 
 
-EXPERIMENTS = StageKind(name="experiments", version=2, params=ExperimentParams, out=ExperimentsOut, action=experiment)
+EXPERIMENTS = StageKind(name="experiments", version=3, params=ExperimentParams, out=ExperimentsOut, action=experiment,
+                         reads={"head": Role(HeadOut), "train": Role(TrainOut), "analyse": Role(AnalyseOut)},
+                         writes=("experiments", "experiment_concepts"))

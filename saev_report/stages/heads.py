@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saev_report.spec import DatasetSpec, HeadSpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_dataset, table_part, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_dataset, table_part, take
 from saev_report.stages.record import RecordOut
 from saev_report.stages.tokens import TokensOut
 
@@ -47,4 +47,5 @@ def train_head_stage(params: HeadParams, inputs: Inputs, out_dir: Path) -> None:
     write_table(table_part(out_dir, "heads"), "heads", [row], params.digest())
 
 
-HEADS = StageKind(name="heads", version=2, params=HeadParams, out=HeadOut, action=train_head_stage)
+HEADS = StageKind(name="heads", version=2, params=HeadParams, out=HeadOut, action=train_head_stage,
+                   reads={"tokens": Role(TokensOut), "record": Role(RecordOut, optional=True)}, writes=("heads",))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from saev_report.progress import log
 from saev_report.spec import DatasetSpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_dataset, table_part
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_dataset, table_part
 
 
 class ImagesParams(StageParams):
@@ -28,9 +28,9 @@ def images(params: ImagesParams, inputs: Inputs, out_dir: Path) -> None:
     from saev_report.tables import write_table
 
     dataset = open_dataset(params.dataset_key, params.dataset, params.cache_dir)
-    rows = image_rows(dataset)  # decodes each file with the record stage's checks
+    rows = image_rows(dataset, cache_dir=params.cache_dir)  # decodes each file with the record stage's checks
     write_table(table_part(out_dir, "images"), "images", rows, params.digest())
     log(f"  {len(rows)} image(s) in {params.dataset_key}")
 
 
-IMAGES = StageKind(name="images", version=2, params=ImagesParams, out=ImagesOut, action=images)
+IMAGES = StageKind(name="images", version=2, params=ImagesParams, out=ImagesOut, action=images, writes=("images",))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saev_report.spec import DatasetSpec, Dtype, ModelSpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_backbone, open_dataset
 
 
 class RecordParams(StageParams):
@@ -40,7 +40,7 @@ class RecordOut(StageOut):
         """(model input size, [(dataset index, resolved path)]) of the recorded dataset."""
         from saev_report.record import read_image_index
 
-        return read_image_index(self.root)
+        return read_image_index(self.root, self.cache_dir)
 
     def token_set(self, layer: int):
         """Every token kind at `layer` of the recorded images, as one `record.TokenSet`."""
@@ -51,6 +51,7 @@ class RecordOut(StageOut):
 
 def record(params: RecordParams, inputs: Inputs, out_dir: Path) -> None:
     from saev_report import distributed
+    from saev_report.record import relocate_image_index
     from saev_report.runtime import seed_everything
     from saev_report.sharded import record_across_ranks
 
@@ -61,6 +62,8 @@ def record(params: RecordParams, inputs: Inputs, out_dir: Path) -> None:
         backbone, dataset, shard=distributed.current(), model_key=params.model_key, layers=params.model.layers, tokens=params.model.tokens,
         out_dir=out_dir, dtype=params.dtype, batch_size=params.batch_size, shard_mb=params.shard_mb, device=device,
     )
+    if distributed.current().is_main:  # paths into the shared cache (the demo set) stored relative to it
+        relocate_image_index(out_dir, params.cache_dir)
 
 
 RECORD = StageKind(name="record", version=2, params=RecordParams, out=RecordOut, action=record, resumable=True,

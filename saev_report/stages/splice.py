@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saev_report.spec import DatasetSpec, ModelSpec, SAESpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_backbone, open_dataset, table_part, take
 from saev_report.stages.heads import HeadOut
 from saev_report.stages.record import RecordOut
 from saev_report.stages.tokens import TokensOut
@@ -32,6 +32,8 @@ class SpliceOut(StageOut):
 
 
 def splice(params: SpliceParams, inputs: Inputs, out_dir: Path) -> None:
+    import numpy as np
+
     from saev_report.experiments import spliced_scores, store_patch_mean
     from saev_report.progress import log
     from saev_report.runtime import seed_everything
@@ -43,6 +45,7 @@ def splice(params: SpliceParams, inputs: Inputs, out_dir: Path) -> None:
     dataset = open_dataset(params.dataset_key, params.dataset, params.cache_dir)
     heads = {key: take(inputs, f"head/{key}", HeadOut).head(device) for key in params.heads}
     rows: dict[str, dict] = {}
+    per_image: list[dict] = []
     for layer in params.model.layers:
         train = take(inputs, "train/L{}".format(layer), TrainOut)
         saes = {sae_id(params.model_key, layer, c): train.sae(c.tag, device) for c in sae_sweep(params.sae)}
@@ -59,9 +62,16 @@ def splice(params: SpliceParams, inputs: Inputs, out_dir: Path) -> None:
                 f"{prefix}_head": head_key, f"{prefix}_clean": s.clean, f"{prefix}_spliced": s.spliced,
                 f"{prefix}_ablated": s.ablated, f"{prefix}_recovered": s.recovered,
             })
+            for i, idx in enumerate(s.image_idx or []):
+                per_image.append({"sae_id": sid, "head": head_key, "task": heads[head_key].task, "dataset": params.dataset_key,
+                                  "image_idx": idx, **{arm: np.atleast_1d(s.per_image[arm][i]).tolist() for arm in ("clean", "spliced", "ablated")}})
             recovered = f", recovered {s.recovered:.2f}" if s.recovered is not None else ""
             log(f"  {sid} × {head_key}: {s.metric} clean {s.clean:.3f}, spliced {s.spliced:.3f}, mean-ablated {s.ablated:.3f}{recovered}")
     write_table(table_part(out_dir, "saes", "splice"), "saes", list(rows.values()), params.digest())
+    write_table(table_part(out_dir, "splice_images"), "splice_images", per_image, params.digest())
 
 
-SPLICE = StageKind(name="splice", version=2, params=SpliceParams, out=SpliceOut, action=splice)
+SPLICE = StageKind(name="splice", version=3, params=SpliceParams, out=SpliceOut, action=splice,
+                    reads={"record": Role(RecordOut), "train": Role(TrainOut, per_key=True), "head": Role(HeadOut, per_key=True),
+                           "tokens": Role(TokensOut, optional=True)},
+                    writes=("saes", "splice_images"))

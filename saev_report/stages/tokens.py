@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saev_report.spec import DatasetSpec, Dtype, ModelSpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, open_backbone, open_dataset
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, open_backbone, open_dataset
 from saev_report.stages.record import RecordOut
 
 
@@ -40,7 +40,7 @@ class TokensOut(StageOut):
         """`record.RecordedTokens` of the final norm, over the recorded and the extra images."""
         from saev_report.record import EXTRA, RecordedTokens, TokenSet, read_image_index
 
-        image_size, extra = read_image_index(self.root / EXTRA)
+        image_size, extra = read_image_index(self.root / EXTRA, self.cache_dir)
         sets = [TokenSet((self.root / EXTRA / "final",), tuple(extra))]
         if record is not None:
             sets.insert(0, TokenSet((self.root / "final",), tuple(record.image_index()[1])))
@@ -50,7 +50,7 @@ class TokensOut(StageOut):
         """`record.RecordedTokens` of every token kind at `layer`, over the recorded and the extra images."""
         from saev_report.record import EXTRA, RecordedTokens, TokenSet, read_image_index
 
-        image_size, extra = read_image_index(self.root / EXTRA)
+        image_size, extra = read_image_index(self.root / EXTRA, self.cache_dir)
         sets = [TokenSet((self.root / EXTRA / f"L{layer}",), tuple(extra))]
         if record is not None:
             sets.insert(0, record.token_set(layer))
@@ -58,7 +58,7 @@ class TokensOut(StageOut):
 
 
 def tokens(params: TokensParams, inputs: Inputs, out_dir: Path) -> None:
-    from saev_report.record import RecordedTokens, record_reach
+    from saev_report.record import EXTRA, RecordedTokens, record_reach, relocate_image_index
     from saev_report.runtime import seed_everything
 
     seed_everything(params.seed)
@@ -75,6 +75,7 @@ def tokens(params: TokensParams, inputs: Inputs, out_dir: Path) -> None:
         edit_layers=params.edit_layers, final=bool(head_data), out_dir=out_dir, dtype=params.dtype,
         batch_size=params.batch_size, shard_mb=params.shard_mb, device=device,
     )
+    relocate_image_index(out_dir / EXTRA, params.cache_dir)  # paths into the shared cache, relative to it
 
 
-TOKENS = StageKind(name="tokens", version=1, params=TokensParams, out=TokensOut, action=tokens)
+TOKENS = StageKind(name="tokens", version=1, params=TokensParams, out=TokensOut, action=tokens, reads={"record": Role(RecordOut, optional=True)})

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from saev_report.spec import SAESpec
-from saev_report.stages.base import Inputs, StageKind, StageOut, StageParams, take
+from saev_report.stages.base import Inputs, Role, StageKind, StageOut, StageParams, take
 from saev_report.stages.record import RecordOut
 
 if TYPE_CHECKING:
@@ -60,4 +60,5 @@ def train(params: TrainParams, inputs: Inputs, out_dir: Path) -> None:
         log(f"  {t.sae_id}: MSE {t.mse:.4f}, L0 {t.l0:.1f} after {t.n_patches:,} patches ({t.seconds:.0f}s)")
 
 
-TRAIN = StageKind(name="train", version=1, params=TrainParams, out=TrainOut, action=train, parallel=True)
+TRAIN = StageKind(name="train", version=1, params=TrainParams, out=TrainOut, action=train, parallel=True,
+                  reads={"record": Role(RecordOut)}, writes=("train_log",))
