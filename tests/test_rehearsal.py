@@ -154,8 +154,11 @@ def _rows(run: Path, sql: str) -> list[dict]:
 def test_every_table_has_rows(built: Path) -> None:
     from saev_report.tables import TABLES
 
+    paper = load_spec(PAPER, check_paths=False)
+    # Tables of a section the paper spec leaves empty have nothing to hold; every other one has rows.
+    unused = {"claims", "claim_evidence"} if not paper.claims else set()
     counts = {t: _rows(built, f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
-    assert all(n > 0 for n in counts.values()), counts
+    assert {t for t, n in counts.items() if n == 0} == unused & set(TABLES), counts
 
 
 @pytest.mark.slow
