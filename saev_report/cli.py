@@ -44,6 +44,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="PATH=VALUE", show_default=False,
     help="Override one spec value, e.g. `--set sae.n_patches=200000 --set run.name=smoke` (repeatable; the value is YAML; "
          "list items by index, `edits.0.value=2`). Checked like the file; a build records its overrides in `manifest.json`.")]
+RehearseOpt = Annotated[bool, typer.Option("--rehearse", help="The spec at miniature scale on CPU: generated data in each dataset kind's real layout, tiny random models of each model's family and class, capped budgets; run `<name>-rehearsal` (docs/guides/rehearsal.md).")]
 
 
 def _debug() -> bool:
@@ -93,14 +94,28 @@ def _disk_full_ends_cleanly(folders: list[Path]) -> Iterator[None]:
               "command again: finished stages and shards are kept, and the build resumes where it stopped.", 1)
 
 
-def _load(path: Path, check_paths: bool = True, overrides: Optional[list[str]] = None):
+def _load(path: Path, check_paths: bool = True, overrides: Optional[list[str]] = None, rehearse: bool = False):
+    """The spec at `path` with its overrides, validated; with `rehearse`, its miniature
+    (`rehearsal.rehearsal_spec`), whose generated data and checkpoints are checked for paths instead."""
     try:
-        return load_spec(path, check_paths=check_paths, overrides=overrides or ())
+        parsed = load_spec(path, check_paths=check_paths and not rehearse, overrides=overrides or ())
     except SpecError as exc:
         for issue in exc.issues:
             err.print(f"[bold red]error:[/] {escape(str(issue))}", highlight=False, soft_wrap=True)
         err.print(f"{len(exc.issues)} problem(s) in {escape(str(path))}", highlight=False)
         raise typer.Exit(2)
+    return _rehearsed(parsed) if rehearse else parsed
+
+
+def _rehearsed(parsed):
+    from saev_report.pipeline import default_cache_dir
+    from saev_report.rehearsal import RehearsalUnsupported, rehearsal_spec
+
+    try:
+        with user_errors(err, _debug()):
+            return rehearsal_spec(parsed, default_cache_dir())
+    except RehearsalUnsupported as exc:
+        _fail(f"--rehearse: {exc}", 2)
 
 
 def _version(value: bool) -> None:
@@ -122,12 +137,13 @@ def validate(
     spec: SpecArg,
     check_paths: Annotated[bool, typer.Option(help="Also check that dataset folders and local model paths exist.")] = True,
     sets: SetOpt = None,
+    rehearse: RehearseOpt = False,
 ) -> None:
     """Check a spec: schema, references between sections, layer ranges and paths.
 
     Problems print as `file:line:column: field.path: message` and exit with code 2.
     """
-    parsed = _load(spec, check_paths, sets)
+    parsed = _load(spec, check_paths, sets, rehearse)
     out.print(f"[green]ok[/] {escape(str(spec))}: {len(parsed.models)} model(s), {len(parsed.datasets)} dataset(s), "
               f"{len(parsed.heads)} head(s), {len(parsed.edits)} edit(s)", highlight=False)
 
@@ -151,11 +167,12 @@ def plan(
     check_paths: Annotated[bool, typer.Option(help="Check that dataset folders exist.")] = False,
     gpus: Annotated[int, typer.Option(help="Also estimate the time on this many GPUs (torchrun ranks, or GPUs per Slurm job).", min=1)] = 1,
     sets: SetOpt = None,
+    rehearse: RehearseOpt = False,
 ) -> None:
     """Show the stages of a build, their cache status, and estimated disk and time for recording and training."""
     from saev_report.plan import against_measured, human_bytes, human_seconds, plan_rows, recording_estimates, training_estimates
 
-    parsed = _load(spec, check_paths, sets)
+    parsed = _load(spec, check_paths, sets, rehearse)
     table = Table(title=f"stages of {parsed.run.name} ({parsed.run_dir})")
     for col in ("stage", "key", "status"):
         table.add_column(col)
@@ -234,12 +251,15 @@ def build(
     gpus: Annotated[Optional[int], typer.Option(help="GPUs per record/train/analyse/compare job (overrides `slurm.gpus`).", min=1)] = None,
     time_min: Annotated[Optional[int], typer.Option(help="Time limit per job in minutes (overrides `slurm.time_min`).", min=1)] = None,
     sets: SetOpt = None,
+    rehearse: RehearseOpt = False,
 ) -> None:
     from saev_report import pipeline
 
-    parsed = _load(spec, overrides=sets)
+    if rehearse and executor is Executor.slurm:
+        _fail("--rehearse runs on this machine's CPU: it does not combine with `--executor slurm`", 2)
+    parsed = _load(spec, overrides=sets, rehearse=rehearse)
     if launcher is Launcher.torchrun:
-        raise typer.Exit(_torchrun(spec, nproc, only, no_site, sets or []))
+        raise typer.Exit(_torchrun(spec, nproc, only, no_site, sets or [], rehearse))
     if executor is Executor.slurm:
         overrides = {k: v for k, v in {"partition": partition, "gpus": gpus, "time_min": time_min}.items() if v is not None}
         _submit_slurm(spec, parsed.model_copy(update={"slurm": parsed.slurm.model_copy(update=overrides)}), only, no_site, sets or [])
@@ -254,14 +274,14 @@ def build(
         out.print(f"site: {escape(str(result.site / 'index.html'))}", highlight=False)
 
 
-def _torchrun(spec: Path, nproc: int, only: Optional[list[str]], no_site: bool, sets: list[str]) -> int:
+def _torchrun(spec: Path, nproc: int, only: Optional[list[str]], no_site: bool, sets: list[str], rehearse: bool = False) -> int:
     """`torchrun --standalone --nproc-per-node N -m saev_report build SPEC ...`; returns its exit code."""
     import subprocess
 
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "saev_report", "build", str(spec), *[a for kind in only or [] for a in ("--only", kind)],
             *[a for flag in sets for a in ("--set", flag)]]
-    return subprocess.call(args + (["--no-site"] if no_site else []))
+    return subprocess.call(args + (["--no-site"] if no_site else []) + (["--rehearse"] if rehearse else []))
 
 
 def _submit_slurm(spec_path: Path, parsed, only: Optional[list[str]], no_site: bool, sets: list[str]) -> None:
@@ -278,11 +298,11 @@ def _submit_slurm(spec_path: Path, parsed, only: Optional[list[str]], no_site: b
 
 
 @app.command()
-def render(spec: SpecArg, sets: SetOpt = None) -> None:
+def render(spec: SpecArg, sets: SetOpt = None, rehearse: RehearseOpt = False) -> None:
     """Re-render only the site from the published tables (after editing templates)."""
     from saev_report.pipeline import rerender
 
-    parsed = _load(spec, check_paths=False, overrides=sets)
+    parsed = _load(spec, check_paths=False, overrides=sets, rehearse=rehearse)
     with _disk_full_ends_cleanly([parsed.run_dir]), user_errors(err, _debug()):
         site = rerender(parsed)
     out.print(f"site: {escape(str(site / 'index.html'))}", highlight=False)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from saev_report.backbones import Backbone
-from saev_report.datasets import ImageDataset
+from saev_report.datasets import BadImage, ImageDataset
 from saev_report.heads import LinearHead, class_map, pixel_classes
 from saev_report.progress import log, track
 from saev_report.spec import EDIT_ACTIONS, EditSpec, ExplicitEdit
@@ -335,14 +335,36 @@ def attributed_features(backbone: Backbone, sae: SAELike, head: LinearHead, capt
     return tuple(int(f) for f in top if attribution_f[f] > 0)
 
 
-def attribution_positions(dataset: ImageDataset, labels: Sequence[str], n: int) -> list[int]:
-    """n image positions, round-robin over `labels`, in index order within each label."""
-    queues = [images_of_label(dataset, label) for label in labels]
-    out: list[int] = []
+def attribution_positions(dataset: ImageDataset, labels: Sequence[str], n: int) -> list[tuple[int, str]]:
+    """n (image position, label) pairs, round-robin over `labels`, in index order within each label
+    (`labelled_positions`: an image of a segmentation set may come once for each class it shows)."""
+    members = labelled_positions(dataset)
+    queues = [[(p, label) for p in members.get(label, [])] for label in labels]
+    out: list[tuple[int, str]] = []
     while len(out) < n and any(queues):
         for queue in queues:
             if queue and len(out) < n:
                 out.append(queue.pop(0))
+    return out
+
+
+def labelled_positions(dataset: ImageDataset) -> dict[str, list[int]]:
+    """Label → positions of the images that show it: their class label; in a set with masks and no
+    labels (ADE20K), the mask classes covering any pixel. Unreadable masks show nothing."""
+    if any(r.label is not None for r in dataset.records) or not dataset.seg_classes:
+        out: dict[str, list[int]] = {}
+        for i, record in enumerate(dataset.records):
+            if record.label is not None:
+                out.setdefault(record.label, []).append(i)
+        return out
+    out = {}
+    for i in range(len(dataset.records)):
+        try:
+            ids = np.unique(dataset.mask(i))
+        except (BadImage, ValueError):
+            continue
+        for class_id in ids[(ids >= 0) & (ids < len(dataset.seg_classes))]:
+            out.setdefault(dataset.seg_classes[int(class_id)], []).append(i)
     return out
 
 
@@ -378,10 +400,6 @@ def max_codes(backbone: Backbone, sae: SAELike, dataset: ImageDataset, positions
         if acts_td is not None:
             out[position] = sae.encode(acts_td[patches].to(backbone.device, torch.float32)).amax(dim=0).cpu()
     return out
-
-
-def images_of_label(dataset: ImageDataset, label: str) -> list[int]:
-    return [i for i, record in enumerate(dataset.records) if record.label == label]
 
 
 def image_position(dataset: ImageDataset, image: int | str) -> int:
@@ -432,13 +450,13 @@ def plan_edits(
     if spec.generate is not None and spec.generate.select == "attribution":
         if head is None:
             raise ValueError(f"edit {spec.name!r}: attribution needs the head")
-        labels = [c for c in head.classes if images_of_label(dataset, c)]
-        for position in attribution_positions(dataset, labels, spec.generate.top_purity * spec.generate.images_per_feature):
+        shown = labelled_positions(dataset)
+        labels = [c for c in head.classes if shown.get(c)]
+        for position, label in attribution_positions(dataset, labels, spec.generate.top_purity * spec.generate.images_per_feature):
             acts_td = tokens.get(dataset.records[position].path)
             if acts_td is None:
                 continue
             captured = captured_from_acts(backbone, sae, acts_td, layer)
-            label = dataset.records[position].label
             group = attributed_features(backbone, sae, head, captured, head.classes.index(label), spec.generate.features_per_edit)
             if group:
                 planned.append((position, FeatureEdit(group, spec.action, spec.value, spec.generate.patches), label))
@@ -446,7 +464,8 @@ def plan_edits(
         if not rows:
             raise ValueError(f"edit {spec.name!r}: generated edits need the SAE's features table")
         chosen = purest_features(rows, spec.generate.top_purity)
-        candidates = {r["top_label"]: images_of_label(dataset, r["top_label"])[:MAX_CANDIDATES] for r in chosen}
+        shown = labelled_positions(dataset)
+        candidates = {r["top_label"]: shown.get(r["top_label"], [])[:MAX_CANDIDATES] for r in chosen}
         scores = max_codes(backbone, sae, dataset, sorted({p for ps in candidates.values() for p in ps}), tokens, layer)
         for row in chosen:
             feature = int(row["feature"])
@@ -457,6 +476,8 @@ def plan_edits(
             for position in scored[: spec.generate.images_per_feature]:
                 group = concept_group(rows, feature, scores[position], spec.generate.features_per_edit)
                 planned.append((position, FeatureEdit(group, spec.action, spec.value, spec.generate.patches), row["top_label"]))
+    if spec.generate is not None and len(planned) == len(spec.explicit):
+        log(f"  [yellow]edit {spec.name}: generated no edit[/] ({_why_none(spec, rows, dataset, head)})")
     # The control repeats the edit (action, value, patch choice) on a frequency-matched random
     # feature; with `active` patches that means where the control feature itself fires.
     jobs = []
@@ -473,6 +494,18 @@ def plan_edits(
                 control = FeatureEdit(tuple(picked), edit.action, edit.value, edit.patches)
         jobs.append(EditJob(number, position, edit, control, label))
     return jobs
+
+
+def _why_none(spec: EditSpec, rows: Mapping[int, Mapping[str, Any]], dataset: ImageDataset, head: LinearHead | None) -> str:
+    """Why generation found nothing to edit, in words a user can act on."""
+    shown = labelled_positions(dataset)
+    if spec.generate is not None and spec.generate.select == "attribution":
+        return f"no image of {dataset.key} shows a class of the head" if not any(shown.get(c) for c in (head.classes if head else [])) else "no feature supports any image's class"
+    chosen = purest_features(rows, spec.generate.top_purity) if spec.generate is not None else []
+    if not chosen:
+        return "no alive, non-dense feature has a top label (see `features.dense`, `analysis.dense_threshold`)"
+    return (f"the purest features' top labels ({', '.join(sorted({str(r['top_label']) for r in chosen})[:3])}, ...) label no image of "
+            f"{dataset.key}: they come from the record dataset; `generate.select: attribution` picks features for the head's own classes")
 
 
 def _patches(explicit: ExplicitEdit) -> PatchChoice:

@@ -338,6 +338,30 @@ def test_load_open_clip_local_weights_file(tmp_path: Path):
         load_open_clip(f"ViT-S-32/{tmp_path}/missing.pt")
 
 
+def test_load_open_clip_local_checkpoint_folder(tmp_path: Path):
+    """`source:` may be a local folder (ModelSpec says so): open_clip's own format, config beside weights.
+    On main this failed with "unknown open_clip architecture" (the rehearsal's first defect)."""
+    from safetensors.torch import save_file
+
+    config = open_clip.get_model_config("ViT-S-32")
+    config["vision_cfg"] |= {"image_size": 64, "width": 32, "layers": 3, "head_width": 16}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}))
+    torch.manual_seed(7)
+    model = open_clip.create_model(f"local-dir:{tmp_path}", pretrained=None, load_weights=False).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    backbone = load_backbone(ModelSpec(family="open_clip", source=str(tmp_path), layers=[3]), tmp_path, torch.device("cpu"))
+    assert (backbone.image_size, backbone.layout.grid, backbone.n_layers, backbone.d_model) == (64, (2, 2), 3, 32)
+    assert (backbone.mean, backbone.std) == ((0.5,) * 3, (0.25,) * 3)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert close(backbone.forward_final(pixels)[:, 0] @ model.visual.proj, model.visual(pixels))
+        twin = load_open_clip(str(tmp_path), random_init=True, seed=1)
+        assert not close(twin.forward_final(pixels), backbone.forward_final(pixels))
+    (tmp_path / "open_clip_config.json").unlink()
+    with pytest.raises(ModelUnavailable, match="open_clip_config.json"):
+        load_open_clip(str(tmp_path))
+
+
 def test_open_clip_source_parsing():
     assert parse_source("ViT-B-16/openai") == ("ViT-B-16", "openai")
     assert parse_source("ViT-B-16//data/clip.pt") == ("ViT-B-16", "/data/clip.pt")

@@ -291,3 +291,24 @@ def test_attribution_finds_the_feature_the_head_reads(backbone, tmp_path):
     for edit in main:
         assert edit["features"] == [planted]
         assert edit["target_class"] == "cat" and edit["target_delta"] < -0.2
+
+
+def test_segmentation_set_without_labels_offers_its_mask_classes(tmp_path):
+    """ADE20K has masks and no image labels: `select: attribution` found no image of any class, so the
+    paper spec's `ade-suppress` generated nothing (found by the rehearsal). Images now show their mask classes."""
+    from PIL import Image
+
+    from saev_report.datasets import ImageDataset, ImageRecord
+
+    masks = [np.array([[0, 0], [2, 255]], np.uint8), np.array([[1, 1], [1, 1]], np.uint8), np.array([[2, 0], [0, 0]], np.uint8)]
+    records = []
+    for i, mask in enumerate(masks):
+        Image.fromarray(mask, "L").save(tmp_path / f"{i}.png")
+        records.append(ImageRecord(i, str(tmp_path / f"{i}.png"), None, str(tmp_path / f"{i}.png")))
+    records.append(ImageRecord(3, str(tmp_path / "3.png"), None, str(tmp_path / "missing.png")))  # unreadable: shows nothing
+    dataset = ImageDataset("seg", records, [], ["sky", "road", "tree"])
+    expected = {name: [i for i, m in enumerate(masks) if k in np.unique(m)] for k, name in enumerate(dataset.seg_classes)}
+    assert edits.labelled_positions(dataset) == expected == {"sky": [0, 2], "road": [1], "tree": [0, 2]}
+    assert edits.attribution_positions(dataset, ["tree", "sky"], 3) == [(0, "tree"), (0, "sky"), (2, "tree")]
+    labelled = ImageDataset("cls", [ImageRecord(0, "a", "cat"), ImageRecord(1, "b", None), ImageRecord(2, "c", "cat")], ["cat"])
+    assert edits.labelled_positions(labelled) == {"cat": [0, 2]}

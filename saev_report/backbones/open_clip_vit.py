@@ -100,6 +100,9 @@ def load_open_clip(
     cache_dir: Path | None = None,
 ) -> Backbone:
     open_clip = _import_open_clip()
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return _load_local_dir(open_clip, local, random_init=random_init, image_size=image_size, seed=seed, device=device)
     arch, pretrained = parse_source(source)
     if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {arch!r} in {source!r} (format: ARCH/PRETRAINED, e.g. ViT-B-16/openai)")
@@ -139,8 +142,11 @@ def load_open_clip(
             repo = "/".join(str(tag_cfg.get("hf_hub") or arch.removeprefix("hf-hub:")).split("/")[:2])
             hint = f"download the weights file and set `source: {arch}//path/to/the/file`"
             raise ModelUnavailable(missing_hub_message(repo, f"open_clip weights for {source!r}", exc, hint)) from None
+    return _backbone(open_clip, model, f"{source} (random)" if random_init else source, device)
+
+
+def _backbone(open_clip: Any, model: nn.Module, name: str, device: torch.device | str) -> Backbone:
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
-    name = f"{source} (random)" if random_init else source
     backbone = open_clip_backbone(model.visual, name=name, preprocess_cfg=preprocess_cfg)
     return backbone.to(device).eval().requires_grad_(False)
 
@@ -158,3 +164,16 @@ def open_clip_backbone(visual: nn.Module, *, name: str, preprocess_cfg: dict[str
     interpolation = preprocess_cfg.get("interpolation", "bicubic")
     backbone.set_photometry(mean, std, interpolation if interpolation in ("bicubic", "bilinear") else "bicubic", "pil")
     return backbone
+
+
+def _load_local_dir(open_clip: Any, folder: Path, *, random_init: bool, image_size: int | None, seed: int,
+                    device: torch.device | str) -> Backbone:
+    """A checkpoint folder in open_clip's own format (`open_clip_config.json` beside the weights, as
+    `hf-hub:` repos hold them), loaded through open_clip's `local-dir:` schema."""
+    if not (folder / "open_clip_config.json").is_file():
+        raise ModelUnavailable(f"{folder} is not an open_clip checkpoint folder: open_clip_config.json is missing "
+                               "(or use `source: ARCH//path/to/weights.pt` for a bare weights file)")
+    kwargs: dict[str, Any] = {} if image_size is None else {"force_image_size": image_size}
+    with seeded(seed):
+        model = open_clip.create_model(f"local-dir:{folder}", pretrained=None, load_weights=not random_init, **kwargs)
+    return _backbone(open_clip, model, f"{folder} (random)" if random_init else str(folder), device)
