@@ -15,24 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from saev_report.backbones.base import Backbone
-from saev_report.backbones.timm_family import square_image_size, timm_preprocessing
+from saev_report.backbones.timm_family import token_model_args
 
 
 class TimmEvaBackbone(Backbone):
     """A `timm.models.eva.Eva`."""
 
     def __init__(self, model: nn.Module, *, name: str, image_size: int | None = None):
-        patch = model.patch_embed.patch_size
-        super().__init__(
-            name=name,
-            d_model=int(model.embed_dim),
-            n_layers=len(model.blocks),
-            patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
-            image_size=square_image_size(model, name),
-            n_cls=0 if model.cls_token is None else 1,
-            n_registers=int(getattr(model, "num_reg_tokens", 0) or 0),
-            **timm_preprocessing(model),
-        )
+        super().__init__(**token_model_args(model, name))
         self.model = model.eval()
 
     def embed(self, pixels_b3hw: Tensor) -> Tensor:

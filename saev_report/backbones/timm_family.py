@@ -48,6 +48,22 @@ def timm_preprocessing(model: nn.Module) -> dict[str, Any]:
     )
 
 
+def token_model_args(model: nn.Module, name: str) -> dict[str, Any]:
+    """`Backbone` constructor arguments of a timm token model (ViT, Eva): width, depth, patch, input
+    size, CLS and register tokens, and the model's own preprocessing."""
+    patch = model.patch_embed.patch_size
+    return dict(
+        name=name,
+        d_model=int(model.embed_dim),
+        n_layers=len(model.blocks),
+        patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
+        image_size=square_image_size(model, name),
+        n_cls=0 if model.cls_token is None else 1,
+        n_registers=int(getattr(model, "num_reg_tokens", 0) or 0),
+        **timm_preprocessing(model),
+    )
+
+
 def square_image_size(model: nn.Module, name: str) -> int:
     """The model's input side (its `patch_embed.img_size`); the project's geometry is square."""
     height, width = model.patch_embed.img_size
